@@ -1,0 +1,53 @@
+# ct-edge: every target installs what it needs first (make setup is idempotent).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   ?=
+EPOCHS ?=
+MODEL  ?= artifacts/model/model.keras
+BUNDLE ?= artifacts/bundle
+QUICK  ?=
+
+DATA_ARG   = $(if $(DATA),--data "$(DATA)")
+EPOCHS_ARG = $(if $(EPOCHS),--epochs $(EPOCHS))
+
+.PHONY: setup demo train convert bench test test-all lint fuzz clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 14
+
+$(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml runtime/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements/dev.txt -c requirements/runtime.txt \
+		-e "./runtime[onnx,dicom]" -e .
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install runtime + training/convert (pinned)
+
+demo: setup  ## the main job on built-in synthetic data: generate, train, convert, classify
+	$(BIN)/python -m training.train --epochs $(or $(EPOCHS),30)
+	$(BIN)/python -m convert --model $(MODEL) --out $(BUNDLE)
+	$(BIN)/ct-edge classify --bundle $(BUNDLE) artifacts/data/synthetic/test/*/000[0-1].png
+
+train: setup  ## train: make train [DATA=dir] [EPOCHS=n]
+	$(BIN)/python -m training.train $(DATA_ARG) $(EPOCHS_ARG)
+
+convert: setup  ## TFLite + ONNX bundle with parity gate: make convert [DATA=dir]
+	$(BIN)/python -m convert --model $(MODEL) --out $(BUNDLE) $(DATA_ARG)
+
+bench: setup  ## latency, size, memory of every artifact: make bench [QUICK=1]
+	$(BIN)/python -m benchmarks.run --bundle $(BUNDLE) $(if $(QUICK),--quick)
+
+test: setup  ## the fast test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-all: setup  ## every test, including slow and real-data ones
+	$(BIN)/python -m pytest -q -m ""
+
+lint: setup  ## ruff
+	$(BIN)/ruff check .
+
+clean:  ## remove generated files (keeps .venv)
+	rm -rf artifacts .pytest_cache .ruff_cache

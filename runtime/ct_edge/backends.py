@@ -1,0 +1,134 @@
+"""One small class per inference engine. Each turns a float32 NHWC batch into probabilities.
+
+They hide what differs between engines: integer input/output quantization (scale and
+zero-point read from the model itself), tensor names (read from the session) and batch size.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from .errors import BundleError
+
+
+class Backend(Protocol):
+    engine: str
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (n, h, w, c) in the input contract -> float32 (n, classes) probabilities."""
+        ...
+
+
+def _tflite_interpreter_class() -> tuple[type, str]:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, "tflite-runtime"
+    except ImportError:
+        raise BundleError("no TFLite engine installed: pip install ai-edge-litert "
+                          "(or ct-edge[tflite-legacy]), or choose --backend onnx") from None
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: np.dtype) -> np.ndarray:
+    info = np.iinfo(dtype)
+    q = np.round(x / scale) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+class TFLiteBackend:
+    """LiteRT (ai-edge-litert) first, tflite-runtime as fallback. One call at a time."""
+
+    def __init__(self, model: bytes, threads: int | None = None) -> None:
+        interpreter_class, self.engine = _tflite_interpreter_class()
+        try:
+            self._interpreter = interpreter_class(model_content=model, num_threads=threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"{self.engine} cannot load the model: {exc}") from None
+        self._input = self._interpreter.get_input_details()[0]
+        outputs = self._interpreter.get_output_details()
+        # Extra outputs (e.g. a feature map for heatmaps) have rank 4; probabilities have rank 2.
+        self._output = next(o for o in outputs if len(o["shape"]) == 2)
+        self._batch = int(self._input["shape"][0])
+        self._lock = threading.Lock()
+
+    def _quantization(self, detail: dict) -> tuple[float, int] | None:
+        if detail["dtype"] in (np.float32, np.float16):
+            return None
+        scale, zero_point = detail["quantization"]
+        return float(scale), int(zero_point)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if batch.shape[0] != self._batch:
+                self._interpreter.resize_tensor_input(self._input["index"], list(batch.shape))
+                self._interpreter.allocate_tensors()
+                self._input = self._interpreter.get_input_details()[0]
+                self._output = next(o for o in self._interpreter.get_output_details()
+                                    if o["index"] == self._output["index"])
+                self._batch = batch.shape[0]
+            params = self._quantization(self._input)
+            if params is None:
+                x = batch.astype(self._input["dtype"], copy=False)
+            else:
+                x = quantize(batch, *params, self._input["dtype"])
+            self._interpreter.set_tensor(self._input["index"], x)
+            self._interpreter.invoke()
+            y = self._interpreter.get_tensor(self._output["index"])
+            params = self._quantization(self._output)
+            return y.astype(np.float32) if params is None else dequantize(y, *params)
+
+
+class OnnxBackend:
+    """onnxruntime on the CPU; tensor names come from the session, never from constants."""
+
+    engine = "onnxruntime"
+
+    def __init__(self, model: bytes, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BundleError("ONNX bundles need onnxruntime: pip install 'ct-edge[onnx]'") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(model, options,
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise BundleError(f"onnxruntime cannot load the model: {exc}") from None
+        self._input = self._session.get_inputs()[0].name
+        self._output = next(o.name for o in self._session.get_outputs() if len(o.shape) == 2)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        (y,) = self._session.run([self._output], {self._input: batch.astype(np.float32, copy=False)})
+        return np.asarray(y, dtype=np.float32)
+
+
+ENGINES: dict[str, Callable[[bytes, int | None], Backend]] = {
+    "tflite": TFLiteBackend,
+    "onnx": OnnxBackend,
+}
+
+
+def open_backend(fmt: str, model: bytes, threads: int | None = None) -> Backend:
+    """The backend for a model format ('tflite' or 'onnx')."""
+    if fmt not in ENGINES:
+        raise BundleError(f"unknown model format {fmt!r}; this ct-edge runs: {', '.join(ENGINES)}")
+    return ENGINES[fmt](model, threads)

@@ -1,0 +1,157 @@
+"""Read and verify a model bundle: a folder with manifest.json and the model files it lists.
+
+The manifest is untrusted input: its schema version must be known, every file must stay inside
+the bundle folder, and a model's bytes must match their sha256 before any engine sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BundleError
+from .preprocess import PreprocessSpec
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ENV_BUNDLE = "CT_EDGE_BUNDLE"
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One model file of a bundle, as the manifest describes it."""
+
+    name: str
+    file: str
+    format: str
+    precision: str
+    sha256: str
+    bytes: int
+    status: str
+    path: Path
+    parity: dict = field(default_factory=dict)
+    failures: tuple[str, ...] = ()
+
+    def read_verified(self) -> bytes:
+        """The model bytes, after checking size and sha256 against the manifest."""
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"cannot read model file {self.path}: {exc.strerror or exc}; "
+                              "rebuild the bundle with `make convert`") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != self.bytes or digest != self.sha256:
+            raise BundleError(f"{self.path} does not match its sha256 in the manifest (tampered or "
+                              "corrupt); it will not be run - rebuild the bundle with `make convert`")
+        return data
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified manifest and the artifacts it lists."""
+
+    root: Path
+    manifest: dict
+    labels: tuple[str, ...]
+    spec: PreprocessSpec
+    artifacts: dict[str, Artifact]
+    default: str | None
+    temperature: float
+    uncertain_below: float
+
+    @classmethod
+    def load(cls, root: str | Path | None = None) -> Bundle:
+        root = resolve_bundle_dir(root)
+        manifest = _read_manifest(root)
+        try:
+            version = manifest.get("schema_version")
+            if version != SCHEMA_VERSION:
+                raise BundleError(f"{root / MANIFEST}: unknown schema_version {version!r} (this "
+                                  f"ct-edge reads {SCHEMA_VERSION}); upgrade ct-edge or rebuild")
+            labels = tuple(str(label) for label in manifest["labels"])
+            spec = PreprocessSpec.from_dict(manifest["preprocess"])
+            shape = [int(d) for d in manifest["input"]["shape"]]
+            if shape[1:] != [spec.size, spec.size, spec.channels]:
+                raise BundleError(f"{root / MANIFEST}: input shape {shape} does not match the "
+                                  "preprocessing spec")
+            if not 2 <= len(labels) <= 1000:
+                raise BundleError(f"{root / MANIFEST}: implausible label list {labels!r}")
+            artifacts = {entry["name"]: _artifact(root, entry) for entry in manifest["artifacts"]}
+            calibration = manifest.get("calibration", {})
+            temperature = float(calibration.get("temperature", 1.0))
+            uncertain_below = float(calibration.get("uncertain_below", 0.0))
+            default = manifest.get("default")
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"{root / MANIFEST}: malformed manifest ({type(exc).__name__}: "
+                              f"{exc}); rebuild the bundle with `make convert`") from None
+        if not 0.01 <= temperature <= 100:
+            raise BundleError(f"{root / MANIFEST}: implausible temperature {temperature}")
+        if default is not None and default not in artifacts:
+            raise BundleError(f"{root / MANIFEST}: default artifact {default!r} is not listed")
+        return cls(root, manifest, labels, spec, artifacts, default, temperature, uncertain_below)
+
+    def select(self, name: str | None = None, fmt: str | None = None) -> Artifact:
+        """The artifact to run: by name, else the default (of a format), else the best passing one."""
+        if name is not None:
+            if name not in self.artifacts:
+                raise BundleError(f"no artifact {name!r} in {self.root}; choose one of: "
+                                  + ", ".join(self.artifacts))
+            return self.artifacts[name]
+        if self.default and (fmt is None or self.artifacts[self.default].format == fmt):
+            return self.artifacts[self.default]
+        passing = [a for a in self.artifacts.values()
+                   if a.status == "passed" and (fmt is None or a.format == fmt)]
+        if not passing:
+            wanted = f" {fmt}" if fmt else ""
+            raise BundleError(f"{self.root} has no{wanted} artifact that passed its parity check")
+        order = {"int8": 0, "dynamic": 1, "fp16": 2, "fp32": 3}
+        return min(passing, key=lambda a: order.get(a.precision, 9))
+
+
+def resolve_bundle_dir(root: str | Path | None) -> Path:
+    """--bundle, else $CT_EDGE_BUNDLE, else ./artifacts/bundle."""
+    if root is None:
+        root = os.environ.get(ENV_BUNDLE) or Path("artifacts") / "bundle"
+    path = Path(root)
+    if not (path / MANIFEST).is_file():
+        raise BundleError(f"no model bundle at {path} (no {MANIFEST}); pass --bundle DIR, set "
+                          f"${ENV_BUNDLE}, or build one with `make demo` / `make convert`")
+    return path
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path}: manifest is implausibly large")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: cannot read the manifest ({exc}); rebuild the bundle") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: manifest is not a JSON object")
+    return manifest
+
+
+def _artifact(root: Path, entry: dict) -> Artifact:
+    file = str(entry["file"])
+    candidate = Path(file)
+    if candidate.is_absolute() or len(candidate.parts) != 1 or file in ("", ".", ".."):
+        raise BundleError(f"{root / MANIFEST}: artifact file {file!r} is outside the bundle")
+    path = root / file
+    if path.is_symlink() and path.resolve().parent != root.resolve():
+        raise BundleError(f"{root / MANIFEST}: artifact file {file!r} links outside the bundle")
+    size = int(entry["bytes"])
+    if not 0 < size <= MAX_MODEL_BYTES:
+        raise BundleError(f"{root / MANIFEST}: artifact {file!r} has implausible size {size}")
+    return Artifact(name=str(entry["name"]), file=file, format=str(entry["format"]),
+                    precision=str(entry["precision"]), sha256=str(entry["sha256"]), bytes=size,
+                    status=str(entry.get("status", "unknown")), path=path,
+                    parity=dict(entry.get("parity") or {}),
+                    failures=tuple(entry.get("failures") or ()))

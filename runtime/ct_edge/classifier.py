@@ -1,0 +1,111 @@
+"""The public API: `Classifier.from_bundle(...).predict("scan.png")`.
+
+Thread safety: one Classifier may be shared between threads; calls into the engine are
+serialised by the backend's lock, decoding runs in parallel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends import Backend, open_backend
+from .bundle import Artifact, Bundle
+from .errors import InputError
+from .preprocess import PreprocessSpec, Source, decode, fit
+
+
+@dataclass
+class Prediction:
+    """One classified input. `error` is set (and `label` None) when the input could not be read."""
+
+    path: str
+    label: str | None
+    probabilities: dict[str, float]
+    uncertain: bool = False
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities[self.label] if self.label else 0.0
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "label": self.label, "confidence": self.confidence,
+                "uncertain": self.uncertain, "probabilities": self.probabilities,
+                "timings_ms": self.timings_ms, "error": self.error}
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature scaling on probabilities: softmax(log p / T) == softmax(z / T) for logits z."""
+    if temperature == 1.0:
+        return probabilities
+    logits = np.log(np.clip(probabilities, 1e-7, 1.0)) / temperature
+    logits -= logits.max(axis=-1, keepdims=True)
+    scaled = np.exp(logits)
+    return (scaled / scaled.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+class Classifier:
+    """A bundle's artifact loaded into its engine, with the bundle's preprocessing."""
+
+    def __init__(self, bundle: Bundle, artifact: Artifact, backend: Backend,
+                 spec: PreprocessSpec | None = None) -> None:
+        self.bundle = bundle
+        self.artifact = artifact
+        self.backend = backend
+        self.labels = bundle.labels
+        self.spec = spec or bundle.spec
+
+    @classmethod
+    def from_bundle(cls, path: str | Path | None = None, artifact: str | None = None,
+                    backend: str | None = None, threads: int | None = None,
+                    window: str | tuple[float, float] | None = None) -> Classifier:
+        """Load and verify a bundle; `backend` ('tflite'|'onnx') picks that format's best artifact."""
+        bundle = Bundle.load(path)
+        chosen = bundle.select(artifact, backend)
+        engine = open_backend(chosen.format, chosen.read_verified(), threads)
+        spec = bundle.spec.with_window(window) if window is not None else None
+        return cls(bundle, chosen, engine, spec)
+
+    def predict_array(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (n, h, w, c) preprocessed inputs -> calibrated probabilities (n, classes)."""
+        return apply_temperature(self.backend.predict(batch), self.bundle.temperature)
+
+    def _result(self, path: str, probabilities: np.ndarray, timings: dict[str, float]) -> Prediction:
+        best = int(np.argmax(probabilities))
+        probs = {label: float(p) for label, p in zip(self.labels, probabilities, strict=True)}
+        return Prediction(path=path, label=self.labels[best], probabilities=probs,
+                          uncertain=bool(probabilities[best] < self.bundle.uncertain_below),
+                          timings_ms=timings)
+
+    def predict(self, source: Source | np.ndarray) -> Prediction:
+        """Classify one file (path or bytes) or one preprocessed array. Raises InputError."""
+        if isinstance(source, np.ndarray):
+            start = time.perf_counter()
+            probabilities = self.predict_array(source[None].astype(np.float32))[0]
+            return self._result("<array>", probabilities,
+                                {"inference": (time.perf_counter() - start) * 1e3})
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
+        t0 = time.perf_counter()
+        image = decode(source, self.spec)
+        t1 = time.perf_counter()
+        x = fit(image, self.spec)
+        t2 = time.perf_counter()
+        probabilities = self.predict_array(x[None])[0]
+        t3 = time.perf_counter()
+        return self._result(name, probabilities, {"decode": (t1 - t0) * 1e3,
+                                                  "preprocess": (t2 - t1) * 1e3,
+                                                  "inference": (t3 - t2) * 1e3})
+
+    def predict_many(self, sources: Iterable[Source]) -> Iterator[Prediction]:
+        """Classify each input in turn; an unreadable one yields a Prediction with `error` set."""
+        for source in sources:
+            try:
+                yield self.predict(source)
+            except InputError as exc:
+                yield Prediction(path=exc.path, label=None, probabilities={}, error=exc.problem)

@@ -1,0 +1,20 @@
+"""One exception family: the CLI maps InputError to exit 1 (per file), BundleError to exit 2."""
+
+from __future__ import annotations
+
+
+class CtEdgeError(Exception):
+    """Base of every error ct-edge raises on purpose."""
+
+
+class InputError(CtEdgeError):
+    """An input file cannot be classified; other files in a batch still are."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class BundleError(CtEdgeError):
+    """The model bundle is missing, unknown, tampered with or unusable."""

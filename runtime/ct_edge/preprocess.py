@@ -1,0 +1,194 @@
+"""The one preprocessing function: any supported file -> the model's input array.
+
+Training, calibration, the parity check and the CLI all call `preprocess`, so what the model
+was trained on is exactly what a device feeds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from struct import error as struct_error
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+Source = str | Path | bytes
+Aspect = Literal["stretch", "letterbox", "crop"]
+
+# A 12,000 x 12,000 image is larger than any chest film; beyond that a file is treated as a bomb.
+MAX_PIXELS = 144_000_000
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+             "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
+
+# (width, level) in Hounsfield units.
+WINDOWS: dict[str, tuple[float, float]] = {"lung": (1500.0, -600.0), "mediastinum": (350.0, 50.0)}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a file becomes the model input; stored in every bundle's manifest."""
+
+    size: int = 128
+    channels: int = 3
+    aspect: Aspect = "crop"
+    resample: str = "bilinear"
+    window: tuple[float, float] = WINDOWS["lung"]
+
+    def __post_init__(self) -> None:
+        if self.aspect not in ("stretch", "letterbox", "crop"):
+            raise ValueError(f"unknown aspect handling {self.aspect!r}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"unknown resample filter {self.resample!r}")
+        if self.channels not in (1, 3) or not 8 <= self.size <= 1024:
+            raise ValueError(f"unsupported input shape {self.size}x{self.size}x{self.channels}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "window": list(self.window), "color": "gray replicated",
+                "range": [0.0, 1.0], "layout": "NHWC", "dtype": "float32"}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessSpec:
+        window = data.get("window", WINDOWS["lung"])
+        return cls(size=int(data["size"]), channels=int(data.get("channels", 3)),
+                   aspect=data.get("aspect", "crop"), resample=data.get("resample", "bilinear"),
+                   window=(float(window[0]), float(window[1])))
+
+    def with_window(self, window: str | tuple[float, float]) -> PreprocessSpec:
+        return PreprocessSpec(self.size, self.channels, self.aspect, self.resample,
+                              parse_window(window))
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def parse_window(window: str | tuple[float, float]) -> tuple[float, float]:
+    """'lung', 'mediastinum' or 'W,L' -> (width, level)."""
+    if isinstance(window, tuple):
+        width, level = window
+    elif window in WINDOWS:
+        width, level = WINDOWS[window]
+    else:
+        try:
+            width, level = (float(part) for part in window.split(","))
+        except ValueError:
+            raise ValueError(f"window must be lung, mediastinum or W,L (got {window!r})") from None
+    if not width > 0:
+        raise ValueError(f"window width must be positive (got {width})")
+    return float(width), float(level)
+
+
+def _read_bytes(source: Source) -> tuple[bytes, str]:
+    if isinstance(source, bytes):
+        return source, "<bytes>"
+    path = Path(source)
+    try:
+        if path.is_dir():
+            raise InputError(path, "is a folder, not an image")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise InputError(path, f"file is {size} bytes, over the {MAX_FILE_BYTES} byte limit")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except PermissionError:
+        raise InputError(path, "permission denied") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise InputError(path, "empty file")
+    return data, str(path)
+
+
+def is_dicom(data: bytes) -> bool:
+    return len(data) > 132 and data[128:132] == b"DICM"
+
+
+def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Image:
+    """Decode a PNG, JPEG or DICOM into a gray image: mode 'L' (0..255) or 'F' (0..1).
+
+    JPEGs are decoded at reduced scale (draft mode) when far larger than the model input.
+    """
+    data, name = _read_bytes(source)
+    if is_dicom(data):
+        from .dicom import decode_dicom  # pydicom is an optional extra
+
+        return decode_dicom(data, name, spec.window, MAX_PIXELS)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise InputError(name, f"{width}x{height} pixels is over the {MAX_PIXELS} "
+                                       "pixel limit (decompression bomb guard)")
+            if image.format not in ("PNG", "JPEG", "MPO", "BMP", "TIFF"):
+                raise InputError(name, f"unsupported image format {image.format}")
+            if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
+                image.draft("L", (spec.size, spec.size))
+            image = ImageOps.exif_transpose(image)
+            return _to_gray(image)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(name, "image too large (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        raise InputError(name, "not a PNG, JPEG or DICOM image") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError,
+            KeyError, ZeroDivisionError, MemoryError, struct_error) as exc:
+        raise InputError(name, f"corrupt or truncated image ({exc})") from None
+
+
+def _to_gray(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        peak = float(pixels.max()) if pixels.size else 0.0
+        # Scale by the bit depth the data uses (12-bit data in a 16-bit PNG is common).
+        bits = max(8, int(np.ceil(np.log2(peak + 1.0)))) if peak > 0 else 8
+        return Image.fromarray(np.clip(pixels / (2.0**bits - 1.0), 0.0, 1.0), mode="F")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(canvas, rgba).convert("L")
+    if image.mode == "L":
+        image.load()
+        return image
+    return image.convert("L")
+
+
+def fit(image: Image.Image, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+    """Gray image -> float32 (size, size, channels) in [0, 1], with the spec's aspect handling."""
+    size, resample = spec.size, _RESAMPLE[spec.resample]
+    width, height = image.size
+    if spec.aspect == "crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.resize((size, size), resample, box=(left, top, left + side, top + side))
+    elif spec.aspect == "letterbox":
+        scale = size / max(width, height)
+        inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+        canvas = Image.new(image.mode, (size, size), 0)
+        canvas.paste(image.resize(inner, resample), ((size - inner[0]) // 2, (size - inner[1]) // 2))
+        image = canvas
+    else:
+        image = image.resize((size, size), resample)
+    pixels = np.asarray(image, dtype=np.float32)
+    if image.mode == "L":
+        pixels = pixels * np.float32(1.0 / 255.0)
+    pixels = np.clip(pixels, 0.0, 1.0)[:, :, None]
+    return np.repeat(pixels, spec.channels, axis=2) if spec.channels > 1 else pixels
+
+
+def preprocess(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+    """Any supported file (path or bytes) -> float32 (size, size, channels) in [0, 1]."""
+    return fit(decode(source, spec), spec)

@@ -1,0 +1,90 @@
+"""One registry of architectures. Every model ends in a softmax layer named 'probabilities'."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+from keras import layers
+
+InputShape = tuple[int, int, int]
+Builder = Callable[[InputShape, int], keras.Model]
+ARCHITECTURES: dict[str, Builder] = {}
+DEFAULT_ARCHITECTURE = "edge-gap"
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    def add(builder: Builder) -> Builder:
+        ARCHITECTURES[name] = builder
+        return builder
+
+    return add
+
+
+def _head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
+    x = layers.Dense(num_classes, name="logits")(x)
+    return layers.Activation("softmax", name="probabilities", dtype="float32")(x)
+
+
+@register("reference")
+def reference(input_shape: InputShape, num_classes: int) -> keras.Model:
+    """The original project's CNN: Conv 32/64/128 + max-pooling, Flatten, Dense 128, Dropout 0.5."""
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    for filters in (32, 64, 128):
+        x = layers.Conv2D(filters, 3, activation="relu")(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    return keras.Model(inputs, _head(x, num_classes), name="reference")
+
+
+def _conv_bn(x: keras.KerasTensor, filters: int, separable: bool = False) -> keras.KerasTensor:
+    conv = layers.SeparableConv2D if separable else layers.Conv2D
+    x = conv(filters, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.ReLU()(x)
+
+
+@register("edge-gap")
+def edge_gap(input_shape: InputShape, num_classes: int) -> keras.Model:
+    """Conv-BN-ReLU blocks 16/32/48/64 with max-pooling, a 96-filter conv, GAP, one Dense."""
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    for filters in (16, 32, 48, 64):
+        x = _conv_bn(x, filters)
+        x = layers.MaxPooling2D()(x)
+    x = _conv_bn(x, 96)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(0.3)(x)
+    return keras.Model(inputs, _head(x, num_classes), name="edge-gap")
+
+
+@register("edge-sep")
+def edge_sep(input_shape: InputShape, num_classes: int) -> keras.Model:
+    """A plain first conv, then depthwise-separable Conv-BN-ReLU blocks up to 128, GAP head."""
+    inputs = keras.Input(input_shape, name="image")
+    x = _conv_bn(inputs, 24)
+    x = layers.MaxPooling2D()(x)
+    for filters in (48, 64, 96):
+        x = _conv_bn(x, filters, separable=True)
+        x = layers.MaxPooling2D()(x)
+    x = _conv_bn(x, 128, separable=True)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(0.3)(x)
+    return keras.Model(inputs, _head(x, num_classes), name="edge-sep")
+
+
+def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: InputShape = (128, 128, 3),
+                num_classes: int = 3) -> keras.Model:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name](input_shape, num_classes)
+
+
+def layer_table(model: keras.Model) -> list[dict]:
+    """Layer name, type, output shape and parameter count, for the README and metrics.json."""
+    return [{"name": layer.name, "type": type(layer).__name__,
+             "output_shape": str(tuple(layer.output.shape)) if hasattr(layer, "output") else "",
+             "params": int(layer.count_params())} for layer in model.layers]

@@ -1,0 +1,293 @@
+"""Train a classifier on a `<root>/<split>/<class>/<image>` folder (default: the built-in data).
+
+    python -m training.train [--data DIR] [--epochs N] [--arch NAME] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ct_edge import DISCLAIMER, LABELS
+from ct_edge.errors import CtEdgeError
+from ct_edge.preprocess import PreprocessSpec
+
+from . import data as data_mod
+from .metrics import (
+    classification_report,
+    expected_calibration_error,
+    fit_temperature,
+    scale_temperature,
+)
+from .models import ARCHITECTURES, DEFAULT_ARCHITECTURE
+
+DEFAULT_OUT = Path("artifacts") / "model"
+BUILTIN_DATA = Path("artifacts") / "data" / "synthetic"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; stored beside the model."""
+
+    data: str | None = None
+    out: str = str(DEFAULT_OUT)
+    arch: str = DEFAULT_ARCHITECTURE
+    epochs: int = 50
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    patience: int = 10
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    augment: bool = True
+    class_weights: bool = True
+    spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
+    cache: str = str(data_mod.DEFAULT_CACHE)
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.spec)
+
+    def key(self) -> str:
+        """Identifies a run for resuming: same command, same key."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def builtin_data(root: Path = BUILTIN_DATA) -> Path:
+    """The embedded default data set, generated on first use."""
+    from .synthetic import generate_dataset
+
+    return generate_dataset(root)
+
+
+def augmenter(seed: int):
+    """Rotation, zoom, horizontal flip, brightness: training batches only."""
+    from keras import Sequential, layers
+
+    return Sequential([
+        layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
+        layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 1),
+        layers.RandomFlip("horizontal", seed=seed + 2),
+        layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed + 3),
+    ], name="augment")
+
+
+def _atomic_save(model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".keras")
+    os.close(fd)
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _callbacks(config: TrainConfig, out: Path, val_available: bool) -> list:
+    import keras
+
+    monitor = "val_loss" if val_available else "loss"
+
+    class AtomicBestCheckpoint(keras.callbacks.Callback):
+        """Keeps the best epoch's model; written to a temp file then renamed."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = np.inf
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            value = (logs or {}).get(monitor, np.inf)
+            if value < self.best:
+                self.best = value
+                _atomic_save(self.model, out / "checkpoint.keras")
+
+    return [
+        keras.callbacks.BackupAndRestore(str(out / f"backup-{config.key()}")),
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience,
+                                      restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5,
+                                          patience=max(2, config.patience // 3), min_lr=1e-5),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        AtomicBestCheckpoint(),
+    ]
+
+
+def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
+              x_val: np.ndarray, y_val: np.ndarray, out: Path | None = None,
+              verbose: int | None = None):
+    """Build and fit one model; returns (model, history dict). Used by training and evaluation."""
+    import keras
+    import tensorflow as tf
+
+    from .models import build_model
+
+    keras.utils.set_random_seed(config.seed)
+    spec = config.preprocess_spec()
+    model = build_model(config.arch, (spec.size, spec.size, spec.channels), len(LABELS))
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    one_hot = np.eye(len(LABELS), dtype=np.float32)
+    train = tf.data.Dataset.from_tensor_slices((x_train, one_hot[y_train]))
+    train = train.shuffle(len(x_train), seed=config.seed, reshuffle_each_iteration=True)
+    train = train.batch(config.batch_size)
+    if config.augment:
+        augment = augmenter(config.seed)
+        train = train.map(lambda x, y: (augment(x, training=True), y),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    train = train.prefetch(tf.data.AUTOTUNE)
+    val = (x_val, one_hot[y_val]) if len(y_val) else None
+    weights = None
+    if config.class_weights:
+        counts = np.bincount(y_train, minlength=len(LABELS)).astype(np.float64)
+        weights = {i: float(len(y_train) / (len(LABELS) * c)) for i, c in enumerate(counts) if c}
+    callbacks = _callbacks(config, out, val is not None) if out is not None else [
+        keras.callbacks.EarlyStopping(monitor="val_loss" if val else "loss",
+                                      patience=config.patience, restore_best_weights=True)]
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    history = model.fit(train, validation_data=val, epochs=config.epochs, class_weight=weights,
+                        callbacks=callbacks, verbose=verbose, shuffle=False)
+    checkpoint = out / "checkpoint.keras" if out is not None else None
+    if checkpoint is not None and checkpoint.is_file():
+        # A resumed run's EarlyStopping forgot the best epoch; the checkpoint did not.
+        model.set_weights(keras.models.load_model(checkpoint).get_weights())
+    return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """history.csv (all epochs, also those before a resume) as columns."""
+    import csv
+
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    latest: dict[int, dict] = {int(row["epoch"]): row for row in rows}  # a resume may repeat one
+    ordered = [latest[e] for e in sorted(latest)]
+    return {key: [float(r[key]) for r in ordered] for key in ordered[0] if key != "epoch"}
+
+
+def train(config: TrainConfig) -> dict:
+    """The whole job: data, fit, test, calibration, reports. Returns metrics.json's content."""
+    from .report import confusion_matrix_plot, learning_curves
+
+    started = time.time()
+    spec = config.preprocess_spec()
+    root = Path(config.data) if config.data else builtin_data()
+    splits = data_mod.load_splits(root, config.val_fraction, config.test_fraction, config.seed)
+    cache = Path(config.cache)
+    arrays = {}
+    skipped: list[tuple[str, str]] = []
+    for name in ("train", "val", "test"):
+        x, y, bad = data_mod.load_arrays(getattr(splits, name), spec, cache, desc=f"decode {name}")
+        arrays[name] = (x, y)
+        skipped += bad
+    data_mod.warn_skipped(skipped)
+    for name in ("train", "test"):
+        data_mod.check_classes(arrays[name][1], name)
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resumed = (out / f"backup-{config.key()}").is_dir()
+    if not resumed:
+        for stale in ("history.csv", "checkpoint.keras"):
+            (out / stale).unlink(missing_ok=True)
+    print(f"training {config.arch} on {root} ({len(arrays['train'][1])} train, "
+          f"{len(arrays['val'][1])} validation, {len(arrays['test'][1])} test images; "
+          f"test split: {splits.test_source})" + (" - resuming" if resumed else ""), flush=True)
+    model, _ = fit_model(config, *arrays["train"], *arrays["val"], out=out)
+
+    x_test, y_test = arrays["test"]
+    test_probs = model.predict(x_test, verbose=0)
+    report = classification_report(test_probs, y_test, LABELS)
+    calibration = {"temperature": 1.0}
+    if len(arrays["val"][1]):
+        val_probs = model.predict(arrays["val"][0], verbose=0)
+        temperature = fit_temperature(val_probs, arrays["val"][1])
+        calibration = {
+            "temperature": temperature,
+            "fitted_on": "validation split",
+            "test_ece_before": expected_calibration_error(test_probs, y_test),
+            "test_ece_after": expected_calibration_error(
+                scale_temperature(test_probs, temperature), y_test),
+        }
+    history = read_history(out / "history.csv")
+    monitor = history.get("val_loss") or history["loss"]
+    best_epoch = int(np.argmin(monitor)) + 1
+
+    _atomic_save(model, out / "model.keras")
+    (out / "checkpoint.keras").unlink(missing_ok=True)
+    metrics = {
+        "test_accuracy": report["accuracy"], "test_loss": report["loss"], "test": report,
+        "best_epoch": best_epoch, "epochs_run": len(monitor),
+        "params": int(model.count_params()), "architecture": config.arch,
+        "labels": list(LABELS), "class_counts": splits.counts(),
+        "data": str(root), "data_fingerprint": splits.fingerprint(),
+        "test_source": splits.test_source, "skipped": skipped, "calibration": calibration,
+        "seed": config.seed, "seconds": round(time.time() - started, 1),
+    }
+    data_mod.write_json(out / "metrics.json", metrics)
+    data_mod.write_json(out / CONFIG_FILE, {**asdict(config), "data": str(root),
+                                            "calibration": calibration})
+    learning_curves(history, best_epoch, out / "learning_curves.png",
+                    f"{config.arch} on {root.name}")
+    confusion_matrix_plot(report["confusion_matrix"], LABELS, out / "confusion_matrix.png",
+                          f"test split ({report['n']} images), accuracy {report['accuracy']:.1%}")
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m training.train\n"
+               "  python -m training.train --data ../shared/data/covid19-xray --epochs 50")
+    add = parser.add_argument
+    add("--data", default=None, help="data folder <root>/<split>/<class>/<image>; default: the "
+        f"built-in synthetic set (generated into {BUILTIN_DATA})")
+    add("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
+    add("--arch", default=defaults.arch, choices=sorted(ARCHITECTURES),
+        help=f"architecture (default: {defaults.arch})")
+    add("--epochs", type=int, default=defaults.epochs,
+        help=f"maximum epochs; early stopping usually ends sooner (default: {defaults.epochs})")
+    add("--batch-size", type=int, default=defaults.batch_size,
+        help=f"batch size (default: {defaults.batch_size})")
+    add("--lr", type=float, default=defaults.learning_rate,
+        help=f"Adam learning rate (default: {defaults.learning_rate})")
+    add("--patience", type=int, default=defaults.patience,
+        help=f"early-stopping patience in epochs (default: {defaults.patience})")
+    add("--seed", type=int, default=defaults.seed, help=f"seed for splits and weights "
+        f"(default: {defaults.seed})")
+    add("--aspect", default=PreprocessSpec().aspect, choices=["crop", "letterbox", "stretch"],
+        help=f"how non-square images become square (default: {PreprocessSpec().aspect})")
+    add("--no-augment", action="store_true", help="train without augmentation (default: augment)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    spec = PreprocessSpec(aspect=args.aspect)
+    config = TrainConfig(data=args.data, out=args.out, arch=args.arch, epochs=args.epochs,
+                         batch_size=args.batch_size, learning_rate=args.lr,
+                         patience=args.patience, seed=args.seed, augment=not args.no_augment,
+                         spec=spec.to_dict())
+    try:
+        metrics = train(config)
+    except (CtEdgeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(config.out)
+    print(f"\ntest accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.3f}  "
+          f"({metrics['test']['n']} test images, {metrics['test_source']}; best epoch "
+          f"{metrics['best_epoch']} of {metrics['epochs_run']}; {metrics['params']:,} parameters)")
+    print(f"wrote {out / 'model.keras'}, metrics.json, learning_curves.png, confusion_matrix.png")
+    print(DISCLAIMER)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
