@@ -1,0 +1,136 @@
+"""The data loader: layout, class-name mapping, content-hash splits, bad files, the cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ct_edge import LABELS
+from ct_edge.preprocess import PreprocessSpec
+from training import data
+
+
+def _write(path: Path, value: int, size: tuple[int, int] = (40, 32)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 255, size[::-1], dtype=np.uint8)).save(path)
+
+
+def _folder(root: Path, per_class: int = 10, names=("Covid", "Normal", "Viral Pneumonia")) -> Path:
+    for c, name in enumerate(names):
+        for i in range(per_class):
+            _write(root / "train" / name / f"{i:03}.png", 1000 * c + i)
+    return root
+
+
+@pytest.mark.parametrize(("folder", "label"), [
+    ("Covid", "COVID-19"), ("COVID19", "COVID-19"), ("covid-19", "COVID-19"),
+    ("normal", "Normal"), ("NORMAL", "Normal"),
+    ("Viral Pneumonia", "Viral Pneumonia"), ("viral_pneumonia", "Viral Pneumonia"),
+    ("Viral-Pneumonia", "Viral Pneumonia"),
+])
+def test_class_folder_names_map_to_canonical_labels(folder: str, label: str) -> None:
+    assert data.canonical_label(folder) == label
+
+
+def test_unknown_class_folder_is_refused(tmp_path: Path) -> None:
+    root = _folder(tmp_path)
+    _write(root / "train" / "Bacterial" / "x.png", 1)
+    with pytest.raises(data.DataError, match="unknown class folder 'Bacterial'"):
+        data.load_splits(root)
+
+
+def test_missing_data_folder_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_splits(tmp_path / "nowhere")
+
+
+def test_carved_splits_are_stratified_disjoint_and_deterministic(tmp_path: Path) -> None:
+    root = _folder(tmp_path, per_class=20)
+    splits = data.load_splits(root, val_fraction=0.15, test_fraction=0.2, seed=3)
+    counts = splits.counts()
+    assert all(counts["test"][label] == 4 for label in LABELS)
+    assert all(counts["val"][label] == 3 for label in LABELS)
+    assert sum(sum(c.values()) for c in counts.values()) == 60
+    hashes = [{s.sha256 for s in getattr(splits, n)} for n in ("train", "val", "test")]
+    assert not (hashes[0] & hashes[1] or hashes[0] & hashes[2] or hashes[1] & hashes[2])
+    again = data.load_splits(root, val_fraction=0.15, test_fraction=0.2, seed=3)
+    assert again.fingerprint() == splits.fingerprint()
+    other = data.load_splits(root, val_fraction=0.15, test_fraction=0.2, seed=4)
+    assert other.fingerprint() != splits.fingerprint()
+
+
+def test_duplicate_files_never_straddle_a_split(tmp_path: Path) -> None:
+    root = _folder(tmp_path, per_class=12)
+    normal = root / "train" / "Normal"
+    for i in range(6):  # six exact copies under other names
+        shutil.copy(normal / f"{i:03}.png", normal / f"copy{i}.png")
+    for seed in range(5):
+        splits = data.load_splits(root, seed=seed)
+        sides = {}
+        for name in ("train", "val", "test"):
+            for s in getattr(splits, name):
+                sides.setdefault(s.sha256, set()).add(name)
+        assert all(len(v) == 1 for v in sides.values())
+
+
+def test_existing_test_folder_is_used_and_leaks_are_removed(tmp_path: Path) -> None:
+    root = _folder(tmp_path, per_class=10)
+    for c, name in enumerate(("Covid", "Normal", "Viral Pneumonia")):
+        _write(root / "test" / name / "t.png", 5000 + c)
+    shutil.copy(root / "train" / "Covid" / "000.png", root / "test" / "Covid" / "leak.png")
+    splits = data.load_splits(root)
+    assert splits.test_source == "test/ folder"
+    assert len(splits.test) == 4
+    test_hashes = {s.sha256 for s in splits.test}
+    assert not any(s.sha256 in test_hashes for s in splits.train + splits.val)
+
+
+def test_kfold_covers_every_image_once_by_content(tmp_path: Path) -> None:
+    samples = data.scan_split(_folder(tmp_path, per_class=10) / "train")
+    folds = data.kfold_hash_splits(samples, k=5, seed=0)
+    tested = [s.path for _, test in folds for s in test]
+    assert sorted(tested) == sorted(s.path for s in samples)
+    for train, test in folds:
+        assert {s.label for s in test} == {0, 1, 2}
+        assert not {s.sha256 for s in train} & {s.sha256 for s in test}
+
+
+def test_bad_files_are_skipped_and_listed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = _folder(tmp_path, per_class=4)
+    (root / "train" / "Normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (root / "train" / "Covid" / "empty.jpg").write_bytes(b"")
+    splits = data.load_splits(root, test_fraction=0.0, val_fraction=0.0)
+    x, y, skipped = data.load_arrays(splits.train, PreprocessSpec(size=32), tmp_path / "cache")
+    assert x.shape == (12, 32, 32, 3) and len(y) == 12
+    assert sorted(Path(p).name for p, _ in skipped) == ["broken.png", "empty.jpg"]
+    data.warn_skipped(skipped)
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable file(s)" in err and "empty file" in err
+
+
+def test_empty_class_is_an_error(tmp_path: Path) -> None:
+    root = _folder(tmp_path, per_class=3)
+    for f in (root / "train" / "Normal").iterdir():
+        f.write_bytes(b"garbage")
+    splits = data.load_splits(root, test_fraction=0.0, val_fraction=0.0)
+    _, y, _ = data.load_arrays(splits.train, PreprocessSpec(size=32), tmp_path / "cache")
+    with pytest.raises(data.DataError, match="no readable images of Normal"):
+        data.check_classes(y, "train")
+
+
+def test_cache_returns_the_same_array_without_decoding_again(tmp_path: Path) -> None:
+    root = _folder(tmp_path, per_class=2)
+    samples = data.scan_split(root / "train")
+    spec = PreprocessSpec(size=32)
+    first, _, _ = data.load_arrays(samples, spec, tmp_path / "cache")
+    for s in samples:  # the originals are gone: only the cache can answer now
+        s.path.unlink()
+    second, _, skipped = data.load_arrays(samples, spec, tmp_path / "cache")
+    assert not skipped
+    np.testing.assert_array_equal(first, second)
+    assert len(list((tmp_path / "cache" / spec.fingerprint()).glob("*.npy"))) == 6

@@ -1,0 +1,74 @@
+"""A tiny end-to-end training run: every artifact written, readable and consistent."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ct_edge import LABELS
+from training import metrics
+from training.train import TrainConfig, main, read_history
+
+
+def test_training_writes_every_artifact(tiny_model: Path) -> None:
+    for name in ("model.keras", "history.csv", "metrics.json", "config.json",
+                 "learning_curves.png", "confusion_matrix.png"):
+        assert (tiny_model / name).is_file(), name
+    assert not (tiny_model / "checkpoint.keras").exists()
+    assert not list(tiny_model.glob("backup-*")), "a finished run leaves no backup behind"
+    with Image.open(tiny_model / "learning_curves.png") as img:
+        assert img.width > 400
+
+
+def test_metrics_are_consistent_with_the_confusion_matrix(tiny_model: Path) -> None:
+    m = json.loads((tiny_model / "metrics.json").read_text())
+    matrix = np.asarray(m["test"]["confusion_matrix"])
+    assert matrix.shape == (3, 3) and matrix.sum() == m["test"]["n"] == 18
+    assert m["test_accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert m["labels"] == list(LABELS)
+    assert set(m["class_counts"]) == {"train", "val", "test"}
+    assert m["test_source"] == "test/ folder"
+    assert 1 <= m["best_epoch"] <= m["epochs_run"] <= 3
+    assert len(m["data_fingerprint"]) == 16
+
+
+def test_saved_model_reloads_and_predicts(tiny_model: Path) -> None:
+    import keras
+
+    model = keras.models.load_model(tiny_model / "model.keras")
+    p = np.asarray(model(np.zeros((1, 128, 128, 3), np.float32)))
+    assert p.shape == (1, 3)
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert TrainConfig(**{k: v for k, v in config.items() if k != "calibration"}).preprocess_spec()
+
+
+def test_history_has_one_row_per_epoch(tiny_model: Path) -> None:
+    history = read_history(tiny_model / "history.csv")
+    with (tiny_model / "history.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(history["loss"])
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
+
+
+def test_missing_data_folder_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    assert main(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "does not exist" in err and "\n" not in err
+
+
+def test_temperature_scaling_lowers_nll_of_overconfident_probabilities() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    logits = rng.normal(size=(400, 3))
+    logits[np.arange(400), y] += 1.0
+    overconfident = np.exp(4 * logits) / np.exp(4 * logits).sum(axis=1, keepdims=True)
+    t = metrics.fit_temperature(overconfident, y)
+    assert 2.5 < t < 6
+    scaled = metrics.scale_temperature(overconfident, t)
+    assert metrics.cross_entropy(scaled, y) < metrics.cross_entropy(overconfident, y)
+    assert metrics.expected_calibration_error(scaled, y) < metrics.expected_calibration_error(
+        overconfident, y)
