@@ -43,7 +43,7 @@ def reference(input_shape: InputShape, num_classes: int) -> keras.Model:
 def _conv_bn(x: keras.KerasTensor, filters: int, separable: bool = False) -> keras.KerasTensor:
     conv = layers.SeparableConv2D if separable else layers.Conv2D
     x = conv(filters, 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=0.9)(x)
     return layers.ReLU()(x)
 
 
