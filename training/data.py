@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from ct_edge import LABELS
 from ct_edge.errors import CtEdgeError, InputError
 from ct_edge.preprocess import PreprocessSpec, preprocess

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+
 from ct_edge.classifier import apply_temperature as scale_temperature
 
 EPS = 1e-7

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from ct_edge import DISCLAIMER, LABELS
 from ct_edge.errors import CtEdgeError
 from ct_edge.preprocess import PreprocessSpec
