@@ -27,6 +27,7 @@ from .metrics import classification_report, expected_calibration_error, fit_temp
 from .train import TrainConfig, fit_model
 
 DEFAULT_OUT = Path("artifacts") / "evaluate"
+SPEC_KEYS = {"size", "aspect", "contrast", "resample"}
 
 # Each experiment changes one thing against the default recipe (or reproduces the reference).
 EXPERIMENTS: dict[str, dict] = {
@@ -41,8 +42,8 @@ EXPERIMENTS: dict[str, dict] = {
 
 
 def _config(base: TrainConfig, settings: dict) -> TrainConfig:
-    spec = replace(base.preprocess_spec(), aspect=settings.get("aspect", base.spec["aspect"]))
-    fields = {k: v for k, v in settings.items() if k != "aspect"}
+    spec = replace(base.preprocess_spec(), **{k: v for k, v in settings.items() if k in SPEC_KEYS})
+    fields = {k: v for k, v in settings.items() if k not in SPEC_KEYS}
     return replace(base, spec=spec.to_dict(), **fields)
 
 

@@ -6,13 +6,13 @@ was trained on is exactly what a device feeds it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
-import warnings
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from struct import error as struct_error
 from typing import Literal
 
 import numpy as np
@@ -22,10 +22,15 @@ from .errors import InputError
 
 Source = str | Path | bytes
 Aspect = Literal["stretch", "letterbox", "crop"]
+Contrast = Literal["none", "stretch"]
 
-# A 12,000 x 12,000 image is larger than any chest film; beyond that a file is treated as a bomb.
-MAX_PIXELS = 144_000_000
+# 8,000 x 8,000 is about four times the largest chest film (~4,300 x 3,500 px); beyond it a file is
+# treated as a decompression bomb. It stays below Pillow's own warning threshold (~89 M pixels), so
+# no accepted image ever trips Pillow's DecompressionBombWarning, and without touching the
+# process-wide `warnings` filters (not thread-safe; decoding runs in threads).
+MAX_PIXELS = 64_000_000
 MAX_FILE_BYTES = 512 * 1024 * 1024
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
@@ -43,10 +48,13 @@ class PreprocessSpec:
     aspect: Aspect = "crop"
     resample: str = "bilinear"
     window: tuple[float, float] = WINDOWS["lung"]
+    contrast: Contrast = "none"
 
     def __post_init__(self) -> None:
         if self.aspect not in ("stretch", "letterbox", "crop"):
             raise ValueError(f"unknown aspect handling {self.aspect!r}")
+        if self.contrast not in ("none", "stretch"):
+            raise ValueError(f"unknown contrast handling {self.contrast!r}")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"unknown resample filter {self.resample!r}")
         if self.channels not in (1, 3) or not 8 <= self.size <= 1024:
@@ -61,11 +69,11 @@ class PreprocessSpec:
         window = data.get("window", WINDOWS["lung"])
         return cls(size=int(data["size"]), channels=int(data.get("channels", 3)),
                    aspect=data.get("aspect", "crop"), resample=data.get("resample", "bilinear"),
+                   contrast=data.get("contrast", "none"),
                    window=(float(window[0]), float(window[1])))
 
     def with_window(self, window: str | tuple[float, float]) -> PreprocessSpec:
-        return PreprocessSpec(self.size, self.channels, self.aspect, self.resample,
-                              parse_window(window))
+        return dataclasses.replace(self, window=parse_window(window))
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
@@ -90,14 +98,19 @@ def parse_window(window: str | tuple[float, float]) -> tuple[float, float]:
 
 def _read_bytes(source: Source) -> tuple[bytes, str]:
     if isinstance(source, bytes):
+        if not source:
+            raise InputError("<bytes>", "empty file")
         return source, "<bytes>"
     path = Path(source)
     try:
-        if path.is_dir():
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
             raise InputError(path, "is a folder, not an image")
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise InputError(path, f"file is {size} bytes, over the {MAX_FILE_BYTES} byte limit")
+        if not stat.S_ISREG(info.st_mode):
+            # A FIFO or device would block or never end; only regular files are read.
+            raise InputError(path, "not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise InputError(path, f"file is {info.st_size} bytes, over the {MAX_FILE_BYTES} byte limit")
         data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
@@ -111,42 +124,52 @@ def _read_bytes(source: Source) -> tuple[bytes, str]:
 
 
 def is_dicom(data: bytes) -> bool:
+    """True for a DICOM Part 10 file (128-byte preamble, then 'DICM')."""
     return len(data) > 132 and data[128:132] == b"DICM"
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line: library messages can span lines or be empty."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Image:
     """Decode a PNG, JPEG or DICOM into a gray image: mode 'L' (0..255) or 'F' (0..1).
 
     JPEGs are decoded at reduced scale (draft mode) when far larger than the model input.
+    Any problem with the file raises InputError; nothing else escapes for a bad file.
     """
     data, name = _read_bytes(source)
-    if is_dicom(data):
+    # Files without the DICOM preamble (old ACR-NEMA style) are recognised by their suffix.
+    if is_dicom(data) or name.lower().endswith(DICOM_SUFFIXES):
         from .dicom import decode_dicom  # pydicom is an optional extra
 
         return decode_dicom(data, name, spec.window, MAX_PIXELS)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise InputError(name, f"{width}x{height} pixels is over the {MAX_PIXELS} "
-                                       "pixel limit (decompression bomb guard)")
-            if image.format not in ("PNG", "JPEG", "MPO", "BMP", "TIFF"):
-                raise InputError(name, f"unsupported image format {image.format}")
-            if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
-                image.draft("L", (spec.size, spec.size))
-            image = ImageOps.exif_transpose(image)
-            return _to_gray(image)
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise InputError(name, f"{width}x{height} pixels is over the {MAX_PIXELS} pixel limit "
+                                   "(decompression bomb guard)")
+        if image.format not in ("PNG", "JPEG", "MPO", "BMP", "TIFF"):
+            raise InputError(name, f"unsupported image format {image.format}; use PNG, JPEG or DICOM")
+        if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
+            image.draft("L", (spec.size, spec.size))
+        image = ImageOps.exif_transpose(image)
+        return _to_gray(image)
     except InputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(name, "image too large (decompression bomb guard)") from None
+    except Image.DecompressionBombError:
+        # Pillow's own hard limit (2x its MAX_IMAGE_PIXELS) fires inside Image.open.
+        raise InputError(name, f"image dimensions are over the {MAX_PIXELS} pixel limit "
+                               "(decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise InputError(name, "not a PNG, JPEG or DICOM image") from None
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError,
-            KeyError, ZeroDivisionError, MemoryError, struct_error) as exc:
-        raise InputError(name, f"corrupt or truncated image ({exc})") from None
+    except MemoryError:
+        raise InputError(name, "not enough memory to decode this image") from None
+    except Exception as exc:  # Pillow's plugins raise many unrelated types for damaged files
+        raise InputError(name, f"corrupt or truncated image ({one_line(exc)})") from None
 
 
 def _to_gray(image: Image.Image) -> Image.Image:
@@ -185,6 +208,11 @@ def fit(image: Image.Image, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarr
     pixels = np.asarray(image, dtype=np.float32)
     if image.mode == "L":
         pixels = pixels * np.float32(1.0 / 255.0)
+    if spec.contrast == "stretch":
+        # Films from different sources differ in exposure; stretch the 1st-99th percentile range.
+        low, high = np.percentile(pixels, (1.0, 99.0))
+        if high > low:
+            pixels = (pixels - low) * np.float32(1.0 / (high - low))
     pixels = np.clip(pixels, 0.0, 1.0)[:, :, None]
     return np.repeat(pixels, spec.channels, axis=2) if spec.channels > 1 else pixels
 
