@@ -86,9 +86,12 @@ class TFLiteBackend:
                 x = batch.astype(self._input["dtype"], copy=False)
             else:
                 x = quantize(batch, *params, self._input["dtype"])
-            self._interpreter.set_tensor(self._input["index"], x)
-            self._interpreter.invoke()
-            y = self._interpreter.get_tensor(self._output["index"])
+            try:
+                self._interpreter.set_tensor(self._input["index"], x)
+                self._interpreter.invoke()
+                y = self._interpreter.get_tensor(self._output["index"])
+            except (RuntimeError, ValueError) as exc:
+                raise BundleError(f"{self.engine} failed to run the model: {exc}") from None
             params = self._quantization(self._output)
             return y.astype(np.float32) if params is None else dequantize(y, *params)
 
@@ -117,7 +120,10 @@ class OnnxBackend:
         self._output = next(o.name for o in self._session.get_outputs() if len(o.shape) == 2)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        (y,) = self._session.run([self._output], {self._input: batch.astype(np.float32, copy=False)})
+        try:
+            (y,) = self._session.run([self._output], {self._input: batch.astype(np.float32, copy=False)})
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise BundleError(f"onnxruntime failed to run the model: {exc}") from None
         return np.asarray(y, dtype=np.float32)
 
 

@@ -1,0 +1,98 @@
+"""Convert the trained Keras model into a TFLite + ONNX bundle, each artifact parity-checked.
+
+exit status: 0 bundle written, gate passed; 1 bundle written, but tflite-int8 (or every
+artifact) failed the parity gate; 2 nothing written (missing model, unusable data or options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ct_edge import DISCLAIMER
+from ct_edge.errors import CtEdgeError
+
+from .errors import ParityError
+from .formats import DEFAULT_ARTIFACT, FORMATS
+from .pipeline import DEFAULT_CALIBRATION_IMAGES, PARITY_MD, convert_model
+
+DEFAULT_MODEL = Path("artifacts") / "model" / "model.keras"
+DEFAULT_OUT = Path("artifacts") / "bundle"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _names(values: list[str]) -> list[str]:
+    return [name for value in values for name in value.split(",") if name]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    names = ", ".join(row.name for row in FORMATS)
+    parser = argparse.ArgumentParser(
+        prog="python -m convert", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m convert\n"
+               "  python -m convert --data ../shared/data/covid19-xray\n"
+               "  python -m convert --formats tflite-int8 onnx-fp32 --out /tmp/bundle\n\n"
+               + __doc__.split("\n\n")[1])
+    add = parser.add_argument
+    add("--model", type=Path, default=DEFAULT_MODEL,
+        help=f"trained Keras model; config.json beside it names the data (default: {DEFAULT_MODEL})")
+    add("--out", type=Path, default=DEFAULT_OUT,
+        help=f"bundle folder, replaced only when the new bundle is complete (default: {DEFAULT_OUT})")
+    add("--data", type=Path, default=None,
+        help="data folder for the test split and calibration (default: the one in config.json)")
+    add("--formats", nargs="+", metavar="NAME", default=None,
+        help=f"formats to write, space or comma separated (default: all: {names})")
+    add("--calibration-images", type=_positive, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+        help="training images for int8 calibration, all when fewer "
+             f"(default: {DEFAULT_CALIBRATION_IMAGES})")
+    add("--threads", type=_positive, default=None, metavar="N",
+        help="inference threads for the parity runs (default: the engine's own choice)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    formats = _names(args.formats) if args.formats is not None else None
+    status = 0
+    try:
+        manifest = convert_model(args.model, args.out, args.data, formats, args.calibration_images,
+                                 threads=args.threads)
+    except ParityError as exc:
+        manifest, status = exc.manifest, 1
+        failure = exc
+    except CtEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {args.out} was left as it was", file=sys.stderr)
+        return 130
+    print()
+    print((args.out / PARITY_MD).read_text(encoding="utf-8").rstrip())
+    files = len(manifest["artifacts"])
+    print(f"\nwrote {args.out}/: manifest.json, {PARITY_MD}, parity.json and {files} model file(s); "
+          f"default artifact: {manifest['default'] or 'none'}")
+    if status:
+        for reason in failure.reasons:
+            print(f"error: {reason}", file=sys.stderr)
+        print(f"error: parity gate failed ({DEFAULT_ARTIFACT} is the intended default); the reports "
+              f"above say which threshold broke", file=sys.stderr)
+    print(DISCLAIMER)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
