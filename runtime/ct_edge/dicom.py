@@ -1,9 +1,15 @@
-"""DICOM decoding (optional extra `ct-edge[dicom]`).
+"""DICOM decoding (optional extra `ct-edge[dicom]`, pydicom >= 3).
 
-CT: stored values -> Hounsfield units (RescaleSlope/Intercept) -> the spec's window (lung by
-default). Projection X-ray (CR/DX/...): the file's own VOI LUT/window when present, else the
-full range. MONOCHROME1 is inverted so air is always dark. Multi-frame: the middle frame is
-classified. Colour (RGB/YBR): converted to luminance.
+What each kind of file becomes (docs/inputs.md says the same for users):
+
+- CT: stored values -> Hounsfield units (modality LUT: RescaleSlope/RescaleIntercept) -> the spec's
+  window (lung, W 1500 / L -600, by default; `--window` changes it) -> [0, 1].
+- Other grayscale modalities (CR, DX, MR, ...): modality LUT, then the file's own VOI LUT or window
+  when present, then its min..max range -> [0, 1].
+- MONOCHROME1 (white = low values) is inverted so air is always dark.
+- Multi-frame: only the middle frame (0-based index n // 2) is decoded and classified.
+- Colour (RGB, YBR_* which pydicom converts to RGB, PALETTE COLOR through its lookup table):
+  luminance 0.299 R + 0.587 G + 0.114 B, scaled by the stored bit depth.
 """
 
 from __future__ import annotations
@@ -14,58 +20,88 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .preprocess import one_line
+
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def decode_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels: int) -> Image.Image:
-    """DICOM bytes -> gray 'F' image in [0, 1]."""
+    """DICOM bytes -> gray 'F' image in [0, 1]. Raises InputError for anything it cannot use."""
     try:
         import pydicom
-        from pydicom.pixels import apply_voi_lut
+        from pydicom import uid
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
     except ImportError:
-        raise InputError(name, "DICOM support needs pydicom: pip install 'ct-edge[dicom]'") from None
+        raise InputError(name, "DICOM support needs pydicom 3: pip install 'ct-edge[dicom]'") from None
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        if "PixelData" not in ds:
-            raise InputError(name, "DICOM file has no pixel data")
-        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        if "TransferSyntaxUID" not in ds.file_meta:  # no file meta (ACR-NEMA style): as read
+            implicit, little = ds.original_encoding
+            ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                              uid.ExplicitVRLittleEndian if little else
+                                              uid.ExplicitVRBigEndian)
+        if not any(tag in ds for tag in _PIXEL_TAGS):
+            raise InputError(name, "DICOM file has no pixel data (not an image)")
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if rows <= 0 or cols <= 0:
             raise InputError(name, "DICOM file has no image size (Rows/Columns)")
-        if rows * cols > max_pixels or frames > 4096:
-            raise InputError(name, f"DICOM image {cols}x{rows}x{frames} is over the size limit")
-        pixels = ds.pixel_array
+        if rows * cols > max_pixels:
+            raise InputError(name, f"DICOM image {cols}x{rows} is over the {max_pixels} pixel limit")
+        # Decode only the frame we use: a 500-slice volume must not be expanded in memory.
+        pixels = pixel_array(ds, index=frames // 2 if frames > 1 else None)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+        scaled = _to_unit_range(ds, pixels, photometric, window,
+                                apply_color_lut, apply_modality_lut, apply_voi_lut)
     except InputError:
         raise
-    except Exception as exc:  # pydicom and its pixel handlers raise many unrelated types
-        raise InputError(name, f"corrupt or unsupported DICOM ({type(exc).__name__}: {exc})") from None
-
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if frames > 1:
-        pixels = pixels[frames // 2]
-    if pixels.ndim == 3:  # colour: RGB or YBR after pydicom's conversion
-        if photometric.startswith("YBR"):
-            pixels = pixels[..., 0]
-        else:
-            pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        photometric = "MONOCHROME2"
-    if pixels.ndim != 2:
-        raise InputError(name, f"unsupported DICOM pixel array shape {pixels.shape}")
-
-    pixels = pixels.astype(np.float32)
-    if str(ds.get("Modality", "")).upper() == "CT":
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        width, level = window
-        low = level - width / 2.0
-        scaled = (pixels * slope + intercept - low) / width
-    else:
-        if "WindowCenter" in ds or "VOILUTSequence" in ds:
-            pixels = apply_voi_lut(pixels, ds).astype(np.float32)
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-    scaled = np.clip(scaled, 0.0, 1.0).astype(np.float32)
-    if photometric == "MONOCHROME1":
-        scaled = 1.0 - scaled
+    except MemoryError:
+        raise InputError(name, "not enough memory to decode this DICOM file") from None
+    except Exception as exc:  # pydicom and its pixel decoders raise many unrelated types
+        raise InputError(name, f"cannot decode the DICOM pixel data ({_syntax(data)}{one_line(exc)})") \
+            from None
+    if scaled.ndim != 2:
+        raise InputError(name, f"unsupported DICOM pixel array shape {scaled.shape}")
     if not np.isfinite(scaled).all():
         raise InputError(name, "DICOM pixel values are not finite")
-    return Image.fromarray(np.ascontiguousarray(scaled), mode="F")
+    return Image.fromarray(np.ascontiguousarray(scaled, dtype=np.float32), mode="F")
+
+
+def _to_unit_range(ds, pixels: np.ndarray, photometric: str, window: tuple[float, float],
+                   apply_color_lut, apply_modality_lut, apply_voi_lut) -> np.ndarray:
+    """Decoded pixels of one frame -> float32 (rows, cols) in [0, 1], air dark."""
+    if photometric == "PALETTE COLOR" and pixels.ndim == 2:
+        pixels = apply_color_lut(pixels, ds)
+        peak = float(np.iinfo(pixels.dtype).max) if pixels.dtype.kind in "ui" else 1.0
+        return np.clip((pixels[..., :3].astype(np.float32) @ _LUMA) / peak, 0.0, 1.0)
+    if pixels.ndim == 3:  # colour; pydicom has already converted YBR_* to RGB
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return np.clip((pixels[..., :3].astype(np.float32) @ _LUMA) / (2.0**bits - 1.0), 0.0, 1.0)
+    if pixels.ndim != 2:
+        return pixels
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)  # CT: Hounsfield units
+    if str(ds.get("Modality", "")).strip().upper() == "CT":
+        width, level = window
+        scaled = (values - (level - width / 2.0)) / width
+    else:
+        if "WindowCenter" in ds or "VOILUTSequence" in ds:
+            values = np.asarray(apply_voi_lut(values, ds), dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    scaled = np.clip(scaled, 0.0, 1.0).astype(np.float32)
+    return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
+
+
+def _syntax(data: bytes) -> str:
+    """'JPEG 2000 Image Compression: ' for compressed files (their decoder may be missing), else ''."""
+    try:
+        import pydicom
+
+        uid = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True) \
+            .file_meta.get("TransferSyntaxUID")
+        if uid is not None and uid.is_compressed:
+            return f"{uid.name} may need a pydicom decoder plugin, e.g. pylibjpeg; "
+    except Exception:  # only decorates a message that is already an error
+        pass
+    return ""

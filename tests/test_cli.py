@@ -1,0 +1,622 @@
+"""`ct-edge` CLI contract: output formats, exit codes, bad inputs, bundle errors, help and info.
+
+Most tests call `cli.main(argv)` in-process (fast); a few run the real console script or a fresh
+interpreter where the process boundary is the point (no traceback, no TensorFlow imported).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from ct_edge import DISCLAIMER, LABELS, __version__, cli
+from ct_edge.preprocess import PreprocessSpec
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GOOD = sorted(p for p in FIXTURES.iterdir() if p.suffix in (".png", ".jpg", ".dcm"))
+JSON_KEYS = {"path", "label", "confidence", "uncertain", "probabilities", "error"}
+SHARED_BUNDLE = os.environ.get("CT_EDGE_TEST_SHARED_BUNDLE") == "1"
+
+
+# --- a bundle for the tests ----------------------------------------------------------------
+
+
+def make_test_bundle(root: Path, uncertain_below: float = 0.5) -> Path:
+    """A real, tiny bundle in `root`: an untrained Keras CNN (fixed seed) converted to fp32 TFLite,
+    plus a hand-built ONNX model when `onnx` is installed, and a manifest as bundle.py reads it.
+
+    Stands in for conftest's `tiny_bundle` (a trained one, ~1 minute to build); set
+    CT_EDGE_TEST_SHARED_BUNDLE=1 to run these tests on that one instead.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    spec = PreprocessSpec()
+    root.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(7)
+    # Large dense weights, so random features still give confident, image-dependent answers.
+    model = keras.Sequential([
+        keras.Input((spec.size, spec.size, spec.channels)),
+        keras.layers.Conv2D(8, 5, strides=4, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(len(LABELS), activation="softmax",
+                           kernel_initializer=keras.initializers.RandomNormal(stddev=20.0, seed=7)),
+    ])
+    files = {"model_fp32.tflite": tf.lite.TFLiteConverter.from_keras_model(model).convert()}
+    artifacts = [("tflite-fp32", "model_fp32.tflite", "tflite")]
+    try:
+        files["model_fp32.onnx"] = _onnx_model(np.random.default_rng(7))
+        artifacts.append(("onnx-fp32", "model_fp32.onnx", "onnx"))
+    except ImportError:
+        pass
+    entries = []
+    for name, file, fmt in artifacts:
+        data = files[file]
+        (root / file).write_bytes(data)
+        entries.append({"name": name, "file": file, "format": fmt, "precision": "fp32",
+                        "engine": "litert" if fmt == "tflite" else "onnxruntime",
+                        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                        "status": "passed", "failures": [],
+                        "parity": {"accuracy": 1.0, "agreement": 1.0, "max_abs_diff": 0.0}})
+    manifest = {
+        "schema_version": 1,
+        "labels": list(LABELS),
+        "input": {"shape": [1, spec.size, spec.size, spec.channels], "dtype": "float32",
+                  "layout": "NHWC", "range": [0.0, 1.0]},
+        "preprocess": spec.to_dict(),
+        "calibration": {"temperature": 1.0, "uncertain_below": uncertain_below},
+        "artifacts": entries,
+        "default": "tflite-fp32",
+        "provenance": {"model_sha256": hashlib.sha256(files["model_fp32.tflite"]).hexdigest(),
+                       "data_fingerprint": "none (untrained test model)",
+                       "versions": {"tensorflow": tf.__version__},
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return root
+
+
+def _onnx_model(rng) -> bytes:
+    """mean and mean square of the image -> linear -> softmax, as a hand-built ONNX graph."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = rng.normal(0.0, 8.0, (2, len(LABELS))).astype(np.float32)
+    bias = rng.normal(0.0, 1.0, (len(LABELS),)).astype(np.float32)
+    nodes = [
+        helper.make_node("ReduceMean", ["image", "axes"], ["mean4"], keepdims=1),
+        helper.make_node("Flatten", ["mean4"], ["mean"], axis=1),
+        helper.make_node("Mul", ["image", "image"], ["square"]),
+        helper.make_node("ReduceMean", ["square", "axes"], ["square4"], keepdims=1),
+        helper.make_node("Flatten", ["square4"], ["mean_square"], axis=1),
+        helper.make_node("Concat", ["mean", "mean_square"], ["features"], axis=1),
+        helper.make_node("Gemm", ["features", "w", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "ct_edge_test",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 128, 128, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", len(LABELS)])],
+        [numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+         numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                             ir_version=8).SerializeToString()
+
+
+@pytest.fixture(scope="session")
+def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle every test reads (never modified; copy it with `bundle_copy` to tamper)."""
+    if SHARED_BUNDLE:
+        return request.getfixturevalue("tiny_bundle")
+    return make_test_bundle(tmp_path_factory.mktemp("cli") / "bundle")
+
+
+@pytest.fixture
+def bundle_copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
+
+
+@pytest.fixture
+def manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    """`ct-edge ARGV` in-process -> (exit code, stdout, stderr)."""
+    code = cli.main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def records(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def without_warnings(err: str) -> list[str]:
+    """stderr lines, less `warning:` ones (a bundle whose artifact missed parity adds one)."""
+    return [line for line in err.splitlines() if not line.startswith("warning: ")]
+
+
+# --- classify: output contracts ------------------------------------------------------------
+
+
+def test_json_lines_contract(capsys, bundle: Path, manifest: dict) -> None:
+    code, out, err = run(capsys, "classify", "--json", "--bundle", bundle, *GOOD)
+    assert code == 0, err
+    rows = records(out)
+    assert [row["path"] for row in rows] == [str(p) for p in GOOD]
+    for row in rows:
+        assert set(row) == JSON_KEYS
+        assert row["error"] is None
+        assert set(row["probabilities"]) == set(manifest["labels"])
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+        assert row["confidence"] == row["probabilities"][row["label"]]
+        assert isinstance(row["uncertain"], bool)
+    assert DISCLAIMER in err  # stdout stays pure JSON
+
+
+@pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
+def test_every_format_fixture_classifies(capsys, bundle: Path, path: Path) -> None:
+    code, out, err = run(capsys, "classify", "--json", "--bundle", bundle, path)
+    assert code == 0 and without_warnings(err) == [DISCLAIMER]
+    (row,) = records(out)
+    assert row["error"] is None and row["label"] in LABELS
+
+
+def test_human_table(capsys, bundle: Path) -> None:
+    code, out, err = run(capsys, "classify", "--bundle", bundle, *GOOD)
+    assert code == 0 and without_warnings(err) == []
+    lines = out.splitlines()
+    assert lines[0].split() == ["FILE", "LABEL", "CONF", "OTHERS"]
+    assert lines[-1] == DISCLAIMER
+    rows = lines[1:1 + len(GOOD)]
+    for path, line in zip(GOOD, rows, strict=True):
+        assert line.startswith(str(path))
+        assert line.split()[1].rstrip("?") in LABELS or line.split()[2].rstrip("?") in LABELS
+        assert "%" in line
+    # Aligned: the confidence column ends at the same place on every row.
+    ends = {line.index("%") for line in rows}
+    assert len(ends) == 1
+
+
+def test_top_k(capsys, bundle: Path) -> None:
+    code, out, _ = run(capsys, "classify", "--json", "--top-k", "1", "--bundle", bundle, GOOD[0])
+    (row,) = records(out)
+    assert code == 0 and list(row["probabilities"]) == [row["label"]]
+    code, out, _ = run(capsys, "classify", "--json", "--top-k", "2", "--bundle", bundle, GOOD[0])
+    (row,) = records(out)
+    assert len(row["probabilities"]) == 2 and next(iter(row["probabilities"])) == row["label"]
+    values = list(row["probabilities"].values())
+    assert values == sorted(values, reverse=True)
+    # Table: the label plus K-1 others; K larger than the number of classes means all of them.
+    _, out, _ = run(capsys, "classify", "--top-k", "2", "--bundle", bundle, GOOD[0])
+    assert out.splitlines()[1].count("%") == 2
+    _, out, _ = run(capsys, "classify", "--top-k", "99", "--bundle", bundle, GOOD[0])
+    assert out.splitlines()[1].count("%") == len(LABELS)
+    _, out, _ = run(capsys, "classify", "--top-k", "1", "--bundle", bundle, GOOD[0])
+    assert out.splitlines()[0].split() == ["FILE", "LABEL", "CONF"]
+
+
+def test_csv(capsys, bundle: Path, manifest: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    code, out, _ = run(capsys, "classify", "--csv", "--bundle", bundle, GOOD[0], bad)
+    assert code == 1
+    table = list(csv.reader(io.StringIO(out)))
+    assert table[0] == ["path", "label", "confidence", "uncertain", *manifest["labels"], "error"]
+    ok, failed = (dict(zip(table[0], row, strict=True)) for row in table[1:])
+    assert ok["path"] == str(GOOD[0]) and ok["label"] in LABELS and ok["error"] == ""
+    assert float(ok["confidence"]) == pytest.approx(max(float(ok[label]) for label in LABELS))
+    assert ok["uncertain"] in ("true", "false")
+    assert failed["label"] == "" and failed["error"] == "empty file"
+    # --top-k leaves the other classes' cells empty, the columns stay the same.
+    _, out, _ = run(capsys, "classify", "--csv", "--top-k", "1", "--bundle", bundle, GOOD[0])
+    header, row = list(csv.reader(io.StringIO(out)))
+    assert header == table[0] and sum(cell != "" for cell in row[4:-1]) == 1
+
+
+def test_quiet(capsys, bundle: Path) -> None:
+    code, out, err = run(capsys, "classify", "--quiet", "--bundle", bundle, *GOOD[:2])
+    assert code == 0 and err == ""
+    assert len(out.splitlines()) == 2 and DISCLAIMER not in out
+    code, out, err = run(capsys, "classify", "-q", "--json", "--bundle", bundle, GOOD[0])
+    assert code == 0 and err == "" and len(records(out)) == 1
+
+
+def test_uncertain_results_are_marked(capsys, bundle_copy: Path) -> None:
+    manifest_path = bundle_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["calibration"]["uncertain_below"] = 1.0  # nothing is ever that sure
+    manifest_path.write_text(json.dumps(manifest))
+    _, out, _ = run(capsys, "classify", "--json", "--bundle", bundle_copy, GOOD[0])
+    assert records(out)[0]["uncertain"] is True
+    _, out, _ = run(capsys, "classify", "--bundle", bundle_copy, GOOD[0])
+    lines = out.splitlines()
+    assert lines[1].split()[1].endswith("?")
+    assert lines[-2].startswith("? uncertain: confidence below 100%")
+
+
+def test_onnx_backend_and_artifact_choice(capsys, bundle: Path, manifest: dict) -> None:
+    formats = {a["format"]: a["name"] for a in manifest["artifacts"]}
+    if "onnx" not in formats:
+        pytest.skip("bundle has no ONNX artifact (onnx not installed)")
+    code, out, err = run(capsys, "classify", "--json", "--backend", "onnx", "--threads", "1",
+                         "--bundle", bundle, *GOOD)
+    assert code == 0, err
+    assert all(row["error"] is None for row in records(out))
+    code, out, _ = run(capsys, "classify", "--json", "--artifact", formats["onnx"],
+                       "--bundle", bundle, GOOD[0])
+    assert code == 0 and records(out)[0]["label"] in LABELS
+    code, _, err = run(capsys, "classify", "--artifact", formats["tflite"], "--backend", "onnx",
+                       "--bundle", bundle, GOOD[0])
+    assert code == 2 and len(err.splitlines()) == 1 and "drop --backend" in err
+
+
+def test_window_option_reaches_dicom(capsys, bundle: Path) -> None:
+    dicom = FIXTURES / "ct_small.dcm"
+    outputs = {}
+    for window in ("lung", "mediastinum", "400,40"):
+        code, out, err = run(capsys, "classify", "--json", "--window", window, "--bundle", bundle,
+                             dicom)
+        assert code == 0, err
+        outputs[window] = records(out)[0]["probabilities"]
+    assert outputs["lung"] != outputs["mediastinum"]
+
+
+# --- classify: inputs ----------------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, Path]:
+    """A folder with nested images, a hidden file, a non-image and an extensionless DICOM."""
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    files = {
+        "png": root / "a" / "scan.png",
+        "jpg": root / "a" / "deep" / "scan.JPG",
+        "dcm": root / "a" / "deep" / "IM0001",
+    }
+    shutil.copy(FIXTURES / "gray8.png", files["png"])
+    shutil.copy(FIXTURES / "rgb.jpg", files["jpg"])
+    shutil.copy(FIXTURES / "ct_small.dcm", files["dcm"])
+    shutil.copy(FIXTURES / "gray8.png", root / ".hidden" / "skip.png")
+    (root / "a" / "._scan.png").write_bytes(b"\0\5\26\7 mac resource fork")
+    (root / "a" / "notes.txt").write_text("not an image")
+    os.mkfifo(root / "a" / "fifo")  # no suffix: sniffed for DICOM, and must not block the walk
+    return files
+
+
+def test_folders_are_searched_recursively(capsys, bundle: Path, tmp_path: Path) -> None:
+    files = _tree(tmp_path / "scans")
+    code, out, err = run(capsys, "classify", "--json", "--bundle", bundle, tmp_path / "scans")
+    assert code == 0, err
+    assert sorted(row["path"] for row in records(out)) == sorted(map(str, files.values()))
+
+
+def test_globs_are_expanded(capsys, bundle: Path, tmp_path: Path) -> None:
+    files = _tree(tmp_path / "scans")
+    code, out, _ = run(capsys, "classify", "--json", "--bundle", bundle,
+                       f"{tmp_path}/scans/**/*.png", f"{tmp_path}/scans/a/deep/*.JPG")
+    assert code == 0
+    assert [row["path"] for row in records(out)] == [str(files["png"]), str(files["jpg"])]
+    code, out, err = run(capsys, "classify", "--json", "--bundle", bundle, f"{tmp_path}/*.nothing")
+    assert code == 1 and error_lines(err) == [f"error: {tmp_path}/*.nothing: no files match this pattern"]
+
+
+def test_duplicates_are_classified_once(capsys, bundle: Path) -> None:
+    _, out, _ = run(capsys, "classify", "--json", "--bundle", bundle, GOOD[0], GOOD[0], FIXTURES)
+    paths = [row["path"] for row in records(out)]
+    assert len(paths) == len(set(paths)) == len(GOOD)
+
+
+def test_empty_folder_is_an_input_error_and_others_still_run(capsys, bundle: Path,
+                                                             tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    code, out, err = run(capsys, "classify", "--json", "--bundle", bundle, empty, GOOD[0])
+    assert code == 1
+    assert error_lines(err) == [f"error: {empty}: folder contains no PNG, JPEG or DICOM images"]
+    bad, good = records(out)
+    assert bad == {"path": str(empty), "label": None, "confidence": None, "uncertain": None,
+                   "probabilities": {}, "error": "folder contains no PNG, JPEG or DICOM images"}
+    assert good["label"] in LABELS
+
+
+@pytest.mark.parametrize("case", ["empty file", "truncated png", "truncated jpeg", "text named .png",
+                                  "dicom without pixel data", "png bomb 50000x50000",
+                                  "png over own limit", "missing path", "fifo", "gif"])
+def test_bad_input_is_one_line_and_exit_1(capsys, bundle: Path, tmp_path: Path, case: str) -> None:
+    from test_preprocess import BAD_INPUTS
+
+    make, fragment = BAD_INPUTS[case]
+    bad = make(tmp_path)
+    for fmt in ("--json", "--csv", None):
+        argv = ["classify", "--bundle", bundle, GOOD[0], bad, GOOD[1]]
+        code, out, err = run(capsys, *argv, *([fmt] if fmt else []))
+        assert code == 1
+        (line,) = error_lines(err)
+        assert line.startswith(f"error: {bad}: ") and fragment in line
+        assert "Traceback" not in err
+        if fmt == "--json":
+            good1, failed, good2 = records(out)
+            assert good1["label"] in LABELS and good2["label"] in LABELS
+            assert failed["error"] and failed["label"] is None
+        elif fmt is None:  # the table still lists both good files, and says one failed
+            assert str(GOOD[0]) in out and str(GOOD[1]) in out
+            assert "1 of 3 inputs could not be classified" in out
+
+
+def test_permission_denied_is_one_line(capsys, bundle: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    locked = tmp_path / "locked.png"
+    shutil.copy(FIXTURES / "gray8.png", locked)
+    if os.geteuid() != 0:
+        locked.chmod(0)
+    else:  # root reads any file: make the read fail the way chmod 000 would
+        real = Path.read_bytes
+
+        def read_bytes(self: Path) -> bytes:
+            if self.name == "locked.png":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    code, out, err = run(capsys, "classify", "--json", "--bundle", bundle, locked, GOOD[0])
+    assert code == 1 and error_lines(err) == [f"error: {locked}: permission denied"]
+    assert records(out)[1]["label"] in LABELS
+
+
+def test_unexpected_exception_for_one_file_does_not_stop_the_batch(
+        capsys, bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ct_edge import classifier as module
+
+    real = module.decode
+
+    def decode(source, spec):
+        if str(source).endswith("gray8.png"):
+            raise RuntimeError("a bug")
+        return real(source, spec)
+
+    monkeypatch.setattr(module, "decode", decode)
+    code, out, err = run(capsys, "classify", "--json", "--bundle", bundle, *GOOD)
+    assert code == 1
+    (line,) = error_lines(err)
+    assert "gray8.png: unexpected RuntimeError: a bug" in line
+    assert sum(row["error"] is None for row in records(out)) == len(GOOD) - 1
+
+
+# --- bundle errors: exit 2, one line, the model never runs ----------------------------------
+
+
+def _no_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ct_edge import classifier
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an engine was opened on a bundle that should have been refused")
+
+    monkeypatch.setattr(classifier, "open_backend", refuse)
+
+
+def test_missing_bundle(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CT_EDGE_BUNDLE", raising=False)
+    code, out, err = run(capsys, "classify", GOOD[0])
+    assert code == 2 and out == ""
+    assert err.splitlines() == [err.strip()] and err.startswith("error: no model bundle at")
+    assert "--bundle" in err and "CT_EDGE_BUNDLE" in err
+    code, _, err = run(capsys, "info", "--bundle", tmp_path / "nowhere")
+    assert code == 2 and err.startswith("error: no model bundle at")
+
+
+def test_unknown_schema_version(capsys, bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_engine(monkeypatch)
+    path = bundle_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["schema_version"] = 99
+    path.write_text(json.dumps(manifest))
+    for command in ("classify", "info"):
+        code, out, err = run(capsys, command, "--bundle", bundle_copy,
+                             *([GOOD[0]] if command == "classify" else []))
+        assert code == 2 and out == ""
+        assert len(err.splitlines()) == 1 and "unknown schema_version 99" in err
+        assert "upgrade ct-edge or rebuild" in err
+
+
+def test_tampered_model_is_never_run(capsys, bundle_copy: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from ct_edge.bundle import Bundle
+
+    default = Bundle.load(bundle_copy).select()  # what `classify` would run
+    _no_engine(monkeypatch)
+    model = default.path
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    model.write_bytes(bytes(data))
+    code, out, err = run(capsys, "classify", "--bundle", bundle_copy, GOOD[0])
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1
+    assert "does not match its sha256" in err and "will not be run" in err and "rebuild" in err
+    # info shows which file is bad, and fails too.
+    code, out, err = run(capsys, "info", "--bundle", bundle_copy)
+    assert code == 2 and "sha256 mismatch" in out
+    assert error_lines(err) == [err.strip()] and default.name in err
+
+
+def test_bundle_from_environment_then_default_folder(capsys, bundle: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CT_EDGE_BUNDLE", str(bundle))
+    code, out, _ = run(capsys, "classify", "--json", GOOD[0])
+    assert code == 0 and records(out)[0]["label"] in LABELS
+    monkeypatch.delenv("CT_EDGE_BUNDLE")
+    shutil.copytree(bundle, tmp_path / "artifacts" / "bundle")
+    code, out, _ = run(capsys, "classify", "--json", GOOD[0])
+    assert code == 0 and records(out)[0]["label"] in LABELS
+
+
+# --- usage ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["classify"], ["classify", "--top-k", "0", "x.png"], ["classify", "--threads", "two", "x.png"],
+    ["classify", "--window", "bone", "x.png"], ["classify", "--json", "--csv", "x.png"],
+    ["classify", "--backend", "tensorrt", "x.png"], ["frobnicate"], ["info", "extra"],
+])
+def test_usage_errors_exit_2_with_one_line(capsys, argv: list[str]) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert "error:" in err.splitlines()[-1] and "Traceback" not in err
+    assert len(err.splitlines()) <= 2  # `ct-edge` alone also prints the usage line
+
+
+def test_unknown_artifact(capsys, bundle: Path) -> None:
+    code, _, err = run(capsys, "classify", "--artifact", "nope", "--bundle", bundle, GOOD[0])
+    assert code == 2 and len(err.splitlines()) == 1 and "choose one of" in err
+
+
+def test_version(capsys) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"ct-edge {__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["classify"], ["info"]])
+def test_help_has_examples_and_every_default(capsys, command: list[str]) -> None:
+    code, out, _ = run(capsys, *command, "--help")
+    assert code == 0 and "examples:" in out and "ct-edge " in out
+    parser = cli.build_parser()
+    if command:
+        parser = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction)) \
+            .choices[command[0]]
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "version"):
+            assert "default" in action.help, action.option_strings
+
+
+# --- info ----------------------------------------------------------------------------------
+
+
+def test_info_text(capsys, bundle: Path, manifest: dict) -> None:
+    code, out, err = run(capsys, "info", "--bundle", bundle)
+    assert code == 0 and err == ""
+    assert ", ".join(manifest["labels"]) in out
+    assert "128x128" in out and "float32" in out and "NHWC" in out
+    assert "1500,-600" in out and "lung" in out
+    assert f"default       {manifest['default'] or '(none'}" in out
+    for artifact in manifest["artifacts"]:
+        (line,) = [row for row in out.splitlines() if row.startswith(artifact["name"] + " ")]
+        assert artifact["format"] in line and artifact["status"] in line and " ok " in line
+        assert any(unit in line for unit in (" B ", "KiB", "MiB"))
+    assert "provenance" in out
+    for value in manifest.get("provenance", {}).values():
+        if isinstance(value, str):
+            assert value in out
+
+
+def test_info_json(capsys, bundle: Path, manifest: dict) -> None:
+    code, out, _ = run(capsys, "info", "--json", "--bundle", bundle)
+    data = json.loads(out)
+    assert code == 0 and data["manifest"] == manifest
+    assert data["checks"] == {a["name"]: "ok" for a in manifest["artifacts"]}
+
+
+# --- the real process ----------------------------------------------------------------------
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).with_name("ct-edge")
+    if not script.exists():
+        pytest.skip("ct-edge console script not installed next to this interpreter")
+    return str(script)
+
+
+def test_console_script_end_to_end(bundle: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    result = subprocess.run([_console_script(), "classify", "--bundle", str(bundle),
+                             str(GOOD[0]), str(empty)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert without_warnings(result.stderr) == [f"error: {empty}: empty file"]  # no engine INFO
+    assert result.stdout.splitlines()[-1] == DISCLAIMER
+    result = subprocess.run([_console_script(), "classify", "--bundle", str(tmp_path), str(GOOD[0])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_classification_never_imports_tensorflow(bundle: Path) -> None:
+    code = (
+        "import sys\n"
+        "from ct_edge.classifier import Classifier\n"
+        f"c = Classifier.from_bundle({str(bundle)!r})\n"
+        f"p = c.predict({str(GOOD[0])!r})\n"
+        "assert p.label\n"
+        "from ct_edge import cli\n"
+        f"assert cli.main(['classify', '-q', '--bundle', {str(bundle)!r}, {str(FIXTURES)!r}]) == 0\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False False"
+
+
+def test_help_starts_without_numpy() -> None:
+    code = ("import sys\nfrom ct_edge import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('numpy', 'PIL', 'ai_edge_litert', 'onnxruntime') "
+            "if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+# --- the progress bar ----------------------------------------------------------------------
+
+
+def test_progress_bar_draws_and_clears() -> None:
+    stream = io.StringIO()
+    bar = cli.Progress(40, stream, enabled=True, interval=0.0)
+    for _ in range(20):
+        bar.update()
+    assert "20/40" in stream.getvalue() and "#" * 12 in stream.getvalue()
+    bar.clear()
+    assert stream.getvalue().endswith("\r")
+    bar.update(20)
+    bar.close()
+    assert "40/40" in stream.getvalue() and stream.getvalue().endswith("\r")
+    quiet = io.StringIO()
+    off = cli.Progress(40, quiet, enabled=False)
+    off.update(40)
+    off.close()
+    assert quiet.getvalue() == ""
+
+
+def test_progress_only_on_a_terminal_with_many_files(capsys, bundle: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(cli.PROGRESS_MIN_FILES + 1):
+        shutil.copy(FIXTURES / "gray8.png", tmp_path / f"{i:03}.png")
+    drawn = []
+    monkeypatch.setattr(cli.Progress, "draw", lambda self, now=None: drawn.append(self.done))
+    monkeypatch.setattr(cli, "_isatty", lambda stream: stream is sys.stderr)
+    code, _, _ = run(capsys, "classify", "--json", "--bundle", bundle, tmp_path)
+    assert code == 0 and drawn and drawn[-1] == cli.PROGRESS_MIN_FILES + 1
+    drawn.clear()
+    run(capsys, "classify", "--json", "--quiet", "--bundle", bundle, tmp_path)
+    run(capsys, "classify", "--json", "--bundle", bundle, *GOOD)  # too few files
+    assert drawn == []
