@@ -12,7 +12,7 @@ QUICK  ?=
 DATA_ARG   = $(if $(DATA),--data "$(DATA)")
 EPOCHS_ARG = $(if $(EPOCHS),--epochs $(EPOCHS))
 
-.PHONY: setup demo train convert bench test test-all lint fuzz clean help
+.PHONY: setup demo train convert evaluate bench test test-all lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 14
@@ -29,13 +29,16 @@ setup: $(STAMP)  ## create .venv and install runtime + training/convert (pinned)
 demo: setup  ## the main job on built-in synthetic data: generate, train, convert, classify
 	$(BIN)/python -m training.train --epochs $(or $(EPOCHS),30)
 	$(BIN)/python -m convert --model $(MODEL) --out $(BUNDLE)
-	$(BIN)/ct-edge classify --bundle $(BUNDLE) artifacts/data/synthetic/test/*/000[0-1].png
+	$(BIN)/ct-edge classify --bundle $(BUNDLE) artifacts/data/synthetic/test/*/0000[01].png
 
 train: setup  ## train: make train [DATA=dir] [EPOCHS=n]
 	$(BIN)/python -m training.train $(DATA_ARG) $(EPOCHS_ARG)
 
 convert: setup  ## TFLite + ONNX bundle with parity gate: make convert [DATA=dir]
 	$(BIN)/python -m convert --model $(MODEL) --out $(BUNDLE) $(DATA_ARG)
+
+evaluate: setup  ## cross-validated comparison of recipes: make evaluate [DATA=dir] [EXPERIMENTS=a,b]
+	$(BIN)/python -m training.evaluate $(DATA_ARG) $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS))
 
 bench: setup  ## latency, size, memory of every artifact: make bench [QUICK=1]
 	$(BIN)/python -m benchmarks.run --bundle $(BUNDLE) $(if $(QUICK),--quick)
