@@ -1,0 +1,53 @@
+"""What the figures were measured on: CPU, cores, memory, load, Python and package versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("ct-edge", "ai-edge-litert", "tflite-runtime", "onnxruntime", "tensorflow",
+            "tensorflow-cpu", "keras", "numpy", "pillow", "pydicom", "matplotlib")
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def describe() -> dict:
+    memory = _proc_field("/proc/meminfo", "MemTotal")
+    return {
+        "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "memory_total_mb": round(int(memory.split()[0]) / 1024) if memory else None,
+        "machine": platform.machine(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "packages": versions(),
+        "load_average_start": load_average(),
+    }

@@ -1,0 +1,188 @@
+"""Smoke test of the benchmark harness: its quickest mode on a tiny bundle fills every field.
+
+No test here asserts a time: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ct_edge import LABELS
+from ct_edge.preprocess import PreprocessSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Dotted paths; "*" means every key of that mapping.
+ARTIFACT_FIELDS = [
+    "file", "format", "precision", "status", "size_bytes", "load_ms", "memory.peak_rss_mb",
+    *(f"latency.{t}.{k}" for t in ("1_thread", "all_cores")
+      for k in ("runs", "p50_ms", "p95_ms", "p99_ms", "load_ms", "first_inference_ms")),
+    "vs_keras.size_ratio_x", "vs_keras.rss_ratio_x", "vs_keras.speedup_1_thread_x",
+    "vs_keras.speedup_all_cores_x", "vs_keras.speedup_vs_predict_1_thread_x",
+]
+KERAS_FIELDS = ["import_s", "load_ms", "size_bytes", "memory.peak_rss_mb",
+                *(f"{api}.latency.{t}.{k}" for api in ("call", "predict")
+                  for t in ("1_thread", "all_cores") for k in ("runs", "p50_ms", "p95_ms", "p99_ms"))]
+SPLIT_FIELDS = ["decode_ms", "preprocess_ms", "inference_ms", "total_ms", "naive.decode_resize_ms",
+                "naive.inference_ms", "naive.total_ms", "speedup_x"]
+PROFILE_FIELDS = ["python_start_ms", "total_s", "peak_rss_mb", "stages"]
+COLD_FIELDS = ["median_s", "median_to_first_output_s", "peak_rss_mb", "runs", "command"]
+FIELDS = [
+    "schema", "created", "mode", "plan.runs", "wall_s", "units",
+    *(f"machine.{k}" for k in ("cpu_model", "cores", "cores_available", "memory_total_mb", "python",
+                               "packages.numpy", "load_average_start", "load_average_end")),
+    "bundle.path", "bundle.default", "keras_model.path", "keras_model.sha256",
+    *(f"artifacts.*.{k}" for k in ARTIFACT_FIELDS),
+    "artifacts.*.throughput",
+    *(f"keras.{k}" for k in KERAS_FIELDS),
+    *(f"end_to_end.per_image.*.{k}" for k in SPLIT_FIELDS),
+    *(f"end_to_end.cold_start_profile.{k}" for k in PROFILE_FIELDS),
+    "pi_profile.note", "pi_profile.cpus",
+    "pi_profile.artifacts.*.latency.1_thread.p50_ms", "pi_profile.artifacts.*.vs_keras.speedup_1_thread_x",
+    "pi_profile.keras.call.latency.1_thread.p50_ms", "pi_profile.keras.predict.latency.1_thread.p50_ms",
+    *(f"pi_profile.end_to_end.per_image.*.{k}" for k in SPLIT_FIELDS),
+    *(f"pi_profile.end_to_end.cold_start_profile.{k}" for k in PROFILE_FIELDS),
+]
+CLI_FIELDS = [
+    *(f"end_to_end.cold_start.{k}" for k in COLD_FIELDS),
+    *(f"pi_profile.end_to_end.cold_start.{k}" for k in COLD_FIELDS),
+    *(f"folder.{run}.{k}" for run in ("all_cores", "one_core")
+      for k in ("images", "answers", "wall_s", "images_per_s")),
+    "folder.speedup_x",
+]
+INPUTS = ("jpeg-1000", "jpeg-2000", "jpeg-4000", "png16-2048", "dicom-ct-512")
+
+
+def make_private_bundle(root: Path) -> tuple[Path, Path]:
+    """A random-weight Keras model (128x128x3 -> softmax over 3) and an fp32 TFLite bundle of it."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((128, 128, 3)), keras.layers.Conv2D(4, 3, strides=4),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(len(LABELS), activation="softmax")])
+    root.mkdir(parents=True)
+    model_path = root.parent / "model.keras"
+    model.save(model_path)
+    data = bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    (root / "model_fp32.tflite").write_bytes(data)
+    spec = PreprocessSpec()
+    manifest = {
+        "schema_version": 1, "labels": list(LABELS),
+        "input": {"shape": [1, spec.size, spec.size, spec.channels], "dtype": "float32",
+                  "layout": "NHWC", "range": [0.0, 1.0]},
+        "preprocess": spec.to_dict(),
+        "calibration": {"temperature": 1.0, "uncertain_below": 0.6},
+        "artifacts": [{"name": "tflite-fp32", "file": "model_fp32.tflite", "format": "tflite",
+                       "precision": "fp32", "engine": "litert",
+                       "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                       "status": "passed", "failures": [], "parity": {}}],
+        "default": "tflite-fp32",
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return root, model_path
+
+
+@pytest.fixture(scope="module")
+def bench_bundle(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(bundle, model.keras): the shared converted bundle when it builds, else a private one."""
+    try:
+        bundle = request.getfixturevalue("tiny_bundle")
+        model = request.getfixturevalue("tiny_model") / "model.keras"
+        if (bundle / "manifest.json").is_file() and model.is_file():
+            return bundle, model
+    except Exception:  # the shared fixture is missing or its converter is not there yet
+        pass
+    return make_private_bundle(tmp_path_factory.mktemp("bench") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def bench_run(bench_bundle: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`python -m benchmarks.run --smoke --json` as a user would run it (a fresh process)."""
+    bundle, model = bench_bundle
+    out = tmp_path_factory.mktemp("results")
+    cmd = [sys.executable, "-m", "benchmarks.run", "--bundle", str(bundle), "--model", str(model),
+           "--out", str(out), "--inputs", str(tmp_path_factory.mktemp("inputs")), "--smoke", "--json"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"out": out, "stdout": done.stdout, "stderr": done.stderr,
+            "results": json.loads((out / "latest.json").read_text())}
+
+
+def lookup(data: object, path: str) -> list[tuple[str, object]]:
+    """Every (concrete path, value) a dotted path with "*" names; fails on a missing key."""
+    found = [("", data)]
+    for part in path.split("."):
+        step = []
+        for where, value in found:
+            assert isinstance(value, dict), f"{where or '<root>'} is not an object: {value!r}"
+            if part == "*":
+                assert value, f"{where} is empty"
+                step += [(f"{where}.{key}", item) for key, item in value.items()]
+            else:
+                assert part in value, f"{where}.{part} is missing (have {sorted(value)})"
+                step.append((f"{where}.{part}", value[part]))
+        found = step
+    return found
+
+
+def test_every_field_is_present(bench_run: dict) -> None:
+    results = bench_run["results"]
+    cli = importlib.util.find_spec("ct_edge.cli") is not None
+    for path in FIELDS + (CLI_FIELDS if cli else []):
+        for where, value in lookup(results, path):
+            assert value is not None, f"{where} is null"
+            if where.endswith(("_ms", "_s", "_mb", "_x", "_bytes", "images_per_s")):
+                assert isinstance(value, (int, float)) and value >= 0, f"{where} = {value!r}"
+    if not cli:
+        assert "error" in results["end_to_end"]["cold_start"]
+    assert results["errors"] == []
+    assert results["mode"] == "smoke"
+
+
+def test_inputs_and_artifacts_are_all_measured(bench_run: dict, bench_bundle: tuple[Path, Path]) -> None:
+    from ct_edge.bundle import Bundle
+
+    results = bench_run["results"]
+    assert set(results["artifacts"]) == set(Bundle.load(bench_bundle[0]).artifacts)
+    assert set(results["pi_profile"]["artifacts"]) == set(results["artifacts"])
+    per_image = results["end_to_end"]["per_image"]
+    assert set(INPUTS) <= set(per_image)
+    for name in per_image:
+        assert per_image[name]["naive"].get("total_ms") is not None, name
+    for entry in results["artifacts"].values():
+        assert {t["batch"] for t in entry["throughput"]} == {16, 32}
+        assert entry["memory"]["tensorflow_imported"] is False  # the runtime's own footprint
+    assert results["keras_model"]["path"] == str(bench_bundle[1])
+
+
+def test_goals_are_reported(bench_run: dict) -> None:
+    goals = bench_run["results"]["goals"]
+    assert [g["id"] for g in goals] == ["int8_p50", "cold_start", "rss", "e2e_2000", "speedup_2000"]
+    for goal in goals:
+        assert goal["status"] in ("met", "missed", "not measured")
+        assert goal["unit"] and goal["target"] > 0
+
+
+def test_report_files(bench_run: dict) -> None:
+    from PIL import Image
+
+    out = bench_run["out"]
+    text = (out / "latest.md").read_text()
+    for heading in ("## Goals", "## Artifacts", "## End to end", "## Folder throughput",
+                    "## Pi-class profile"):
+        assert heading in text
+    assert "not a Raspberry Pi" in text
+    with Image.open(out / "latency_size.png") as chart:
+        assert chart.width > 400
+    assert json.loads(bench_run["stdout"])["schema"] == bench_run["results"]["schema"]
+    assert "[bench" in bench_run["stderr"]  # progress is visible
