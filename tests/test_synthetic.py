@@ -84,6 +84,22 @@ def test_same_seed_differs_between_classes_only_in_the_lungs() -> None:
     np.testing.assert_array_equal(normal, render_slice("Normal", _rng(11), SIZE))
 
 
+def test_findings_are_mostly_salient_with_a_subtle_tail() -> None:
+    # The demo set must be learnable (most sick slices show clear findings) but not trivial (a
+    # tail of faint early cases). Measured as the share of pixels that change visibly against
+    # the same patient rendered Normal.
+    n = 40
+    for label in ("COVID-19", "Viral Pneumonia"):
+        changed = []
+        for i in range(n):
+            base = render_slice("Normal", _rng(21, i), SIZE).astype(int)
+            sick = render_slice(label, _rng(21, i), SIZE).astype(int)
+            changed.append((np.abs(sick - base) > 8).mean())
+        visible = np.array(changed) > 0.025
+        assert visible.mean() >= 0.75, (label, sorted(changed))
+        assert not visible.all(), f"{label} has no subtle cases"
+
+
 def test_global_brightness_does_not_reveal_the_class() -> None:
     n = 24
     means = {

@@ -6,7 +6,9 @@ splits ``train`` and ``test`` and class folders named exactly as in `CLASSES`.
 Every slice has the same anatomy model (body, fat rim, chest wall, lungs, heart, aorta, spine,
 ribs, vessels, sometimes a table) with randomised pose, size, intensity and noise. Only the
 findings depend on the class: peripheral bilateral ground-glass patches for COVID-19, central or
-lobar consolidation with thickened bronchial walls for Viral Pneumonia, nothing for Normal.
+lobar consolidation with thickened bronchial walls for Viral Pneumonia, nothing for Normal. Most
+sick slices show clearly visible findings; a tail of faint early cases (`_SUBTLE_RATE`) keeps the
+set from being trivially separable.
 
     python -m training.synthetic --out data/synthetic
 """
@@ -34,7 +36,7 @@ STAMP_NAME = "synthetic.json"
 MIN_SIZE = 32
 
 # Bump when the rendering changes so stale data sets on disk get regenerated.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _SPLIT_IDS = {"train": 0, "test": 1}
 # float32 halves the cost of every full-grid operation; 8-bit output needs no more.
 _F = np.float32
@@ -427,10 +429,10 @@ def _anatomy(frame: _Frame, rng: np.random.Generator) -> _Anatomy:
     dependent = rng.uniform(0.0, 0.05) * np.clip(frame.q / b + 0.2, 0.0, 1.0)
     texture = rng.uniform(0.006, 0.018) * _smooth_noise(rng, size, 1.5 * frame.scale)
     parenchyma = lung_v + dependent + texture
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         # Faint dependent subpleural band, present in every class as a benign look-alike.
         band = (1.0 - _smoothstep(0.5, 0.75, depth)) * _smoothstep(0.1, 0.5, frame.q / b)
-        parenchyma = parenchyma + rng.uniform(0.02, 0.07) * band
+        parenchyma = parenchyma + rng.uniform(0.02, 0.05) * band
 
     # Splats are collected per line width so that each width costs a single blur.
     vessel_v = rng.uniform(0.25, 0.42)
@@ -519,11 +521,22 @@ def _no_findings(size: int) -> _Findings:
     return _Findings(zero, zero, 0.0, zero, zero)
 
 
+# Share of COVID-19 and Viral Pneumonia slices drawn as subtle early disease: the hard tail that
+# keeps the set from being trivially separable. The rest show clearly visible findings.
+_SUBTLE_RATE = 0.1
+
+
+def _severity(rng: np.random.Generator, subtle: tuple[float, float], overt: tuple[float, float]) -> float:
+    """Disease severity in [0, 1]: a faint early case with probability `_SUBTLE_RATE`."""
+    low, high = subtle if rng.random() < _SUBTLE_RATE else overt
+    return float(rng.uniform(low, high))
+
+
 def _covid(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings:
     """Bilateral, peripheral, patchy ground-glass opacities."""
     size = frame.size
-    severity = rng.uniform(0.0, 1.0)
-    amp = 0.06 + 0.2 * severity
+    severity = _severity(rng, (0.0, 0.25), (0.55, 1.0))
+    amp = 0.1 + 0.2 * severity
     peripheral = 1.0 - _smoothstep(0.55, 0.9, anat.depth)
     # Posterior and lateral pleura are favoured over the mediastinal surface.
     posterior = 0.5 + _smoothstep(-0.4, 0.6, frame.q / frame.b)
@@ -531,10 +544,10 @@ def _covid(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings
     blobs = np.zeros((size, size), _F)
     for lung in anat.lungs:
         weight = lung * peripheral * posterior * (0.2 + lateral)
-        n = 1 + int(rng.poisson(0.5 + 2.5 * severity))
+        n = 1 + int(rng.poisson(1.0 + 3.0 * severity))
         cols, rows = _sample_pixels(rng, weight, n)
         for col, row in zip(cols, rows, strict=True):
-            r_big = (0.035 + 0.085 * severity * rng.uniform(0.5, 1.2)) * size
+            r_big = (0.055 + 0.07 * severity * rng.uniform(0.6, 1.2)) * size
             r_small = r_big * rng.uniform(0.45, 0.9)
             strength = rng.uniform(0.6, 1.0)
             blob = _pixel_blob(frame, col, row, r_big, r_small, rng.uniform(0, np.pi))
@@ -553,11 +566,13 @@ def _covid(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings
 def _viral(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings:
     """Central or lobar consolidation with a peribronchial pattern around the hilum."""
     size = frame.size
-    severity = rng.uniform(0.0, 1.0) ** 1.3
+    severity = _severity(rng, (0.0, 0.2), (0.45, 1.0))
     both = rng.random() < 0.3
     first = int(rng.integers(0, 2))
     sides = [first, 1 - first] if both else [first]
-    central = _smoothstep(0.6, 0.9, anat.depth)
+    # Well inside the lung, so that small consolidations stand out against aerated lung
+    # instead of merging with the mediastinum.
+    central = _smoothstep(0.72, 0.95, anat.depth)
     noise = 0.8 * _smooth_noise(rng, size, 5.0 * frame.scale)
     noise += 0.4 * _smooth_noise(rng, size, 1.5 * frame.scale)
     solid = np.zeros((size, size), _F)
@@ -568,33 +583,40 @@ def _viral(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings
         dp, dq = frame.p - hp, frame.q - hq
         from_hilum = np.sqrt(dp * dp + dq * dq)
         if rng.random() < 0.5:
-            # Lobar: the part of the lung beyond a fissure-like line near the hilum, out to a
-            # reach that grows with the extent.
-            ang = rng.uniform(0.0, 2 * np.pi)
+            # Lobar: the part of the lung beyond a fissure-like line between the hilum and the
+            # middle of the lung, facing away from the mediastinum, out to a reach that grows
+            # with the extent.
+            mass = float(lung.sum()) + 1e-6
+            mp = float((lung * frame.p).sum()) / mass
+            mq = float((lung * frame.q).sum()) / mass
+            cp, cq = hp + 0.5 * (mp - hp), hq + 0.5 * (mq - hq)
+            lp, lq = frame.p - cp, frame.q - cq
+            ang = (np.pi if idx == 0 else 0.0) + rng.uniform(-1.4, 1.4)
             offset = rng.uniform(-0.03, 0.08) - 0.06 * extent
-            along = dp * float(np.cos(ang)) + dq * float(np.sin(ang))
-            reach = (0.15 + 0.35 * extent) * frame.a
+            along = lp * float(np.cos(ang)) + lq * float(np.sin(ang))
+            reach = (0.18 + 0.4 * extent) * frame.a
             lobe = _smoothstep(offset, offset + 0.01, along)
-            lobe *= 1.0 - _smoothstep(0.7 * reach, reach, from_hilum)
+            lobe *= 1.0 - _smoothstep(0.7 * reach, reach, np.sqrt(lp * lp + lq * lq))
             field = lobe * (0.75 + 0.15 * noise) + 0.1 * noise
         else:
             near_hilum = np.exp(from_hilum * from_hilum * float(-0.5 / (0.25 * frame.a) ** 2))
             cols, rows = _sample_pixels(rng, lung * central * (0.2 + near_hilum), 1)
-            r_big = (0.045 + 0.1 * extent * rng.uniform(0.7, 1.2)) * size
+            r_big = (0.05 + 0.1 * extent * rng.uniform(0.7, 1.2)) * size
             r_small = r_big * rng.uniform(0.5, 0.9)
             blob = _pixel_blob(frame, cols[0], rows[0], r_big, r_small, rng.uniform(0, np.pi))
             field = blob + 0.18 * noise
         solid = np.maximum(solid, _smoothstep(0.45, 0.6, field) * lung)
     # Soft halo around the dense core, as partially filled airspaces.
     solid = np.clip(0.8 * solid + 0.5 * _blur(solid, 2.5 * frame.scale), 0.0, 1.0) * anat.lung
-    density = 0.45 + 0.5 * severity
-    target = rng.uniform(0.42, 0.55) + 0.02 * noise
+    # Consolidation approaches soft-tissue density, well above ground glass.
+    density = 0.5 + 0.5 * severity
+    target = rng.uniform(0.48, 0.6) + 0.02 * noise
     solid_value = anat.parenchyma + density * (target - anat.parenchyma)
 
     # Thickened bronchial walls read as tram lines (wide minus narrow line) plus a cuff of haze.
     walls = np.zeros((size, size), _F)
     bronchogram = np.zeros((size, size), _F)
-    wall_v = 0.08 + 0.2 * severity
+    wall_v = 0.08 + 0.22 * severity
     for idx in sides:
         hp, hq = anat.hila[idx]
         heading = np.pi if idx == 0 else 0.0
