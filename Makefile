@@ -27,9 +27,10 @@ $(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml runtime/p
 setup: $(STAMP)  ## create .venv and install runtime + training/convert (pinned)
 
 demo: setup  ## the main job on built-in synthetic data: generate, train, convert, classify
-	$(BIN)/python -m training.train --epochs $(or $(EPOCHS),30)
+	$(BIN)/python -m training.train $(EPOCHS_ARG)
 	$(BIN)/python -m convert --model $(MODEL) --out $(BUNDLE)
 	$(BIN)/ct-edge classify --bundle $(BUNDLE) artifacts/data/synthetic/test/*/0000[01].png
+	$(BIN)/ct-edge explain --bundle $(BUNDLE) artifacts/data/synthetic/test/*/00000.png -o artifacts/explain/
 
 train: setup  ## train: make train [DATA=dir] [EPOCHS=n]
 	$(BIN)/python -m training.train $(DATA_ARG) $(EPOCHS_ARG)
@@ -54,3 +55,16 @@ lint: setup  ## ruff
 
 clean:  ## remove generated files (keeps .venv)
 	rm -rf artifacts .pytest_cache .ruff_cache
+
+# --- robustness (issue 8; docs/robustness.md) ---
+.PHONY: fuzz arm64-check
+FUZZ_CASES ?= 10000
+FUZZ_SEED  ?= 0
+
+fuzz: setup  ## fuzz inputs + manifest, >= 10,000 cases: make fuzz [FUZZ_CASES=n] [FUZZ_SEED=n]
+	$(BIN)/python -m tools.fuzz --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) \
+		--save artifacts/fuzz/found --json artifacts/fuzz/summary.json
+
+arm64-check: setup  ## the runtime on aarch64 (QEMU) gives the x86 answers [BUNDLE=dir]
+	bash tools/arm64/setup.sh $(BIN)/python
+	$(BIN)/python tools/arm64/check.py $(if $(filter-out artifacts/bundle,$(BUNDLE)),--bundle "$(BUNDLE)")

@@ -79,7 +79,8 @@ def artifact_entry(row: Format, sha256: str, size: int, status: str, failures: l
 
 def build_manifest(labels: tuple[str, ...], spec: PreprocessSpec, temperature: float,
                    artifacts: list[dict], default: str | None, provenance: dict,
-                   failed_conversions: list[dict] | None = None) -> dict:
+                   failed_conversions: list[dict] | None = None,
+                   explain: dict | None = None) -> dict:
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "labels": list(labels),
@@ -90,6 +91,9 @@ def build_manifest(labels: tuple[str, ...], spec: PreprocessSpec, temperature: f
         "default": default,
         "provenance": provenance,
     }
+    if explain:
+        # How `ct-edge explain` makes heatmaps with these artifacts (training.gradcam.describe).
+        manifest["explain"] = explain
     if failed_conversions:
         # No file, so not an artifact the runtime could list; kept so the failure is on record.
         manifest["failed_conversions"] = failed_conversions

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 OPSET = 17
 METADATA_KEY = "ct_edge_manifest"
 OUTPUT_NAME = "probabilities"
+MAPS_NAME = "class_maps"  # the optional rank-4 output of a CAM-ready head (training.gradcam)
 
 
 def keras_function(model: Any) -> Any:
@@ -36,7 +37,10 @@ def _fp32_proto(ctx: WriteContext) -> Any:
         function = keras_function(ctx.model)
         proto, _ = tf2onnx.convert.from_function(function, input_signature=function.input_signature,
                                                  opset=OPSET)
-    _rename_output(proto, OUTPUT_NAME)
+    if len(proto.graph.output) == 2:
+        _rename_by_rank(proto)
+    else:
+        _rename_output(proto, OUTPUT_NAME)
     return proto
 
 
@@ -52,6 +56,21 @@ def _rename_output(proto: Any, new: str) -> None:
                 if name == old:
                     names[i] = new
     graph.output[0].name = new
+
+
+def _rename_by_rank(proto: Any) -> None:
+    """Two outputs: the rank-2 one is 'probabilities', the rank-4 one 'class_maps'."""
+    renames = {}
+    for output in proto.graph.output:
+        rank = len(output.type.tensor_type.shape.dim)
+        renames[output.name] = OUTPUT_NAME if rank == 2 else MAPS_NAME
+    for node in proto.graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name in renames:
+                    names[i] = renames[name]
+    for output in proto.graph.output:
+        output.name = renames[output.name]
 
 
 def write_fp32(ctx: WriteContext) -> bytes:

@@ -18,6 +18,7 @@ import numpy as np
 from ct_edge import LABELS
 from ct_edge.bundle import MANIFEST, Bundle
 from ct_edge.preprocess import PreprocessSpec
+from training.gradcam import cam_model, describe
 
 from . import dataset, parity, report, staging
 from .errors import ConvertError, ParityError
@@ -115,6 +116,9 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
             raise ConvertError(f"calibration images have shape {images.shape[1:]}, the model "
                                f"takes {x_test.shape[1:]}")
     keras_model = _load_keras(model, record.spec)
+    # CAM-ready head: every artifact also outputs class-activation maps (GAP heads only); parity
+    # still compares the probabilities with the plain model's.
+    maps_model = cam_model(keras_model)
     reference = parity.Reference(_keras_predict(keras_model, x_test), y_test, LABELS)
     log(f"converting {model} -> {shown_out}: {len(rows)} format(s); test split {len(y_test)} images "
         f"({splits.test_source}) from {root}; int8 calibration: {calibration_note}")
@@ -130,13 +134,13 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
         "versions": versions(), "created": created,
     }
     build = _Build(rows, record.spec, record.temperature, provenance, x_test, reference, threads,
-                   log)
+                   log, explain=describe(keras_model, maps_model))
     staged = staging.prepare(out)
     try:
         # Scratch beside the bundle too, so the next run also clears a killed run's scratch.
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.convert-{os.getpid()}-work-",
                                          dir=out.parent) as work:
-            context = WriteContext(keras_model, images, Path(work))
+            context = WriteContext(maps_model or keras_model, images, Path(work))
             for index, row in enumerate(rows, 1):
                 meta = model_metadata(row, LABELS, record.spec, record.temperature, model_sha,
                                       created)
@@ -158,8 +162,9 @@ class _Build:
 
     def __init__(self, rows: Sequence[Format], spec: PreprocessSpec, temperature: float,
                  provenance: dict, x_test: np.ndarray, reference: parity.Reference,
-                 threads: int | None, log: Log) -> None:
+                 threads: int | None, log: Log, explain: dict | None = None) -> None:
         self.rows, self.spec, self.temperature = rows, spec, temperature
+        self.explain = explain
         self.provenance, self.threads, self.log = provenance, threads, log
         self.x_test, self.reference = x_test, reference
         self.reference_figures = reference.figures()
@@ -215,7 +220,7 @@ class _Build:
     def _write_manifest(self, staged: Path, default: str | None, final: bool = False) -> dict:
         written, missing = self._entries(final)
         manifest = build_manifest(LABELS, self.spec, self.temperature, written, default,
-                                  self.provenance, missing)
+                                  self.provenance, missing, explain=self.explain)
         _write_json(staged / MANIFEST, manifest)
         return manifest
 

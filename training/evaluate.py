@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,58 @@ from .train import TrainConfig, fit_model
 DEFAULT_OUT = Path("artifacts") / "evaluate"
 SPEC_KEYS = {"size", "aspect", "contrast", "resample"}
 
-# Each experiment changes one thing against the default recipe (or reproduces the reference).
-EXPERIMENTS: dict[str, dict] = {
+# The recipe every experiment starts from, pinned here (not read from the TrainConfig/PreprocessSpec
+# defaults) so a row of the table means the same thing after the defaults change. It is the
+# recipe of the first measurement (edge-gap, centre crop, default augmentation).
+BASE: dict = {
+    "arch": "edge-gap", "aspect": "crop", "contrast": "none", "size": 128,
+    "epochs": 50, "learning_rate": 1e-3, "batch_size": 16, "patience": 10, "class_weights": True,
+    "augment": True, "aug_rotation": 0.05, "aug_zoom": 0.1, "aug_translate": 0.0,
+    "aug_flip": True, "aug_brightness": 0.1, "aug_contrast": 0.0,
+}
+STRONG_AUG = {"aug_rotation": 0.08, "aug_zoom": 0.15, "aug_translate": 0.08,
+              "aug_brightness": 0.2, "aug_contrast": 0.2}
+WEAK_AUG = {"aug_rotation": 0.02, "aug_zoom": 0.05, "aug_brightness": 0.05}
+
+# Each experiment changes one thing against BASE (or reproduces the reference).
+_CHANGES: dict[str, dict] = {
+    # frame / aspect handling and contrast
     "reference-stretch": {"arch": "reference", "aspect": "stretch"},
     "reference-crop": {"arch": "reference", "aspect": "crop"},
-    "edge-gap-stretch": {"arch": "edge-gap", "aspect": "stretch"},
-    "edge-gap-letterbox": {"arch": "edge-gap", "aspect": "letterbox"},
-    "edge-gap-crop": {"arch": "edge-gap", "aspect": "crop"},
-    "edge-gap-crop-noaug": {"arch": "edge-gap", "aspect": "crop", "augment": False},
-    "edge-sep-crop": {"arch": "edge-sep", "aspect": "crop"},
+    "edge-gap-stretch": {"aspect": "stretch"},
+    "edge-gap-letterbox": {"aspect": "letterbox"},
+    "edge-gap-crop": {},
+    "edge-gap-crop-contrast": {"contrast": "stretch"},
+    # augmentation
+    "edge-gap-crop-noaug": {"augment": False},
+    "edge-gap-crop-weakaug": WEAK_AUG,
+    "edge-gap-crop-strongaug": STRONG_AUG,
+    "edge-gap-crop-noflip": {"aug_flip": False},
+    # optimisation
+    "edge-gap-crop-p20": {"patience": 20, "epochs": 80},
+    "edge-gap-crop-lr3e-3": {"learning_rate": 3e-3},
+    "edge-gap-crop-bs32": {"batch_size": 32},
+    "edge-gap-crop-nocw": {"class_weights": False},
+    # architectures (edge-sized) and regularisation
+    "edge-sep-crop": {"arch": "edge-sep"},
+    "edge-gap-wide-crop": {"arch": "edge-gap-wide"},
+    "edge-gap-deep-crop": {"arch": "edge-gap-deep"},
+    "edge-gap-se-crop": {"arch": "edge-gap-se"},
+    "edge-gap-deep-se-crop": {"arch": "edge-gap-deep-se"},
+    "edge-gap-l2-crop": {"arch": "edge-gap-l2"},
+    "edge-gap-sdrop-crop": {"arch": "edge-gap-sdrop"},
+    "edge-gap-drop5-crop": {"arch": "edge-gap-drop5"},
+    # combinations of the changes that helped
+    "edge-gap-deep-crop-p20": {"arch": "edge-gap-deep", "patience": 20, "epochs": 80},
+    "edge-gap-se-crop-p20": {"arch": "edge-gap-se", "patience": 20, "epochs": 80},
+    "edge-gap-deep-se-crop-p20": {"arch": "edge-gap-deep-se", "patience": 20, "epochs": 80},
+    "edge-gap-crop-p20-strongaug": {"patience": 20, "epochs": 80, **STRONG_AUG},
+    "edge-gap-deep-crop-p20-strongaug": {"arch": "edge-gap-deep", "patience": 20, "epochs": 80,
+                                         **STRONG_AUG},
 }
+EXPERIMENTS: dict[str, dict] = {name: {**BASE, **change} for name, change in _CHANGES.items()}
+# The current defaults of TrainConfig/PreprocessSpec, whatever they are (what `make train` uses).
+EXPERIMENTS["default"] = {}
 
 
 def _config(base: TrainConfig, settings: dict) -> TrainConfig:
@@ -64,9 +107,13 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
         fit_part, val_part = data_mod.stratified_hash_split(train_part, 0.15, config.seed + fold)
         pick = lambda part: np.asarray([index[s.path] for s in part])  # noqa: E731
         started = time.time()
-        model, history = fit_model(replace(config, seed=config.seed + fold),
-                                   x_all[pick(fit_part)], y_all[pick(fit_part)],
-                                   x_all[pick(val_part)], y_all[pick(val_part)], verbose=0)
+        # With an output folder, fit_model uses exactly the callbacks of `make train` (early
+        # stopping, ReduceLROnPlateau, best-epoch checkpoint); the folder is thrown away.
+        with tempfile.TemporaryDirectory(prefix="ct-edge-cv-") as scratch:
+            model, history = fit_model(replace(config, seed=config.seed + fold),
+                                       x_all[pick(fit_part)], y_all[pick(fit_part)],
+                                       x_all[pick(val_part)], y_all[pick(val_part)],
+                                       out=Path(scratch), verbose=0)
         y_test, y_val = y_all[pick(test_part)], y_all[pick(val_part)]
         test_probs = model.predict(x_all[pick(test_part)], verbose=0)
         temperature = fit_temperature(model.predict(x_all[pick(val_part)], verbose=0), y_val)
@@ -100,19 +147,33 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
+def _changes(config: dict) -> str:
+    """What a run's recipe changes against BASE, e.g. 'patience=20, epochs=80'."""
+    flat = {k: v for k, v in config.items() if k not in ("spec", "data", "seed", "out", "cache")}
+    flat.update({k: config["spec"][k] for k in SPEC_KEYS if k in config.get("spec", {})})
+    diff = [f"{k}={flat[k]}" for k in BASE if k in flat and flat[k] != BASE[k]
+            and k not in ("arch", "aspect", "augment")]
+    return ", ".join(diff) or "-"
+
+
 def markdown_table(runs: dict[str, dict]) -> str:
-    head = ("| experiment | arch | aspect | augment | params | accuracy | loss | "
-            + " | ".join(f"recall {label}" for label in LABELS) + " | ECE before → after |")
+    head = ("| experiment | arch | aspect | augment | other changes | seed | params | accuracy | "
+            "loss | " + " | ".join(f"recall {label}" for label in LABELS)
+            + " | ECE before → after | epochs | s/fold |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, run in runs.items():
         s, c = run["summary"], run["config"]
         recall = " | ".join(f"{s['recall'][label]['mean']:.1%} ± {s['recall'][label]['std']:.1%}"
                             for label in LABELS)
+        epochs = np.mean([f["epochs"] for f in run["folds"]])
+        seconds = np.mean([f["seconds"] for f in run["folds"]])
         lines.append(
             f"| {name} | {c['arch']} | {c['spec']['aspect']} | {'yes' if c['augment'] else 'no'} | "
+            f"{_changes(c)} | {c.get('seed', 0)} | "
             f"{run['params']:,} | {s['accuracy']['mean']:.1%} ± {s['accuracy']['std']:.1%} | "
             f"{s['loss']['mean']:.3f} ± {s['loss']['std']:.3f} | {recall} | "
-            f"{s['ece_before']['mean']:.3f} → {s['ece_after']['mean']:.3f} |")
+            f"{s['ece_before']['mean']:.3f} → {s['ece_after']['mean']:.3f} | {epochs:.0f} | "
+            f"{seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -127,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated names from: " + ", ".join(EXPERIMENTS)
                         + " (default: all)")
     parser.add_argument("--folds", type=int, default=5, help="k of k-fold (default: 5)")
-    parser.add_argument("--epochs", type=int, default=50, help="maximum epochs (default: 50)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="maximum epochs, overriding the experiment's (default: its own)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help=f"results folder (default: {DEFAULT_OUT})")
@@ -145,14 +207,20 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         runs: dict[str, dict] = {}
         for name in names:
-            config = _config(TrainConfig(epochs=args.epochs, seed=args.seed,
-                                         spec=PreprocessSpec().to_dict()), EXPERIMENTS[name])
-            print(f"{name}: {args.folds}-fold cross-validation on {root}", flush=True)
+            config = _config(TrainConfig(seed=args.seed, spec=PreprocessSpec().to_dict()),
+                             EXPERIMENTS[name])
+            if args.epochs is not None:
+                config = replace(config, epochs=args.epochs)
+            label = name if args.seed == 0 else f"{name}@seed{args.seed}"
+            print(f"{label}: {args.folds}-fold cross-validation on {root}", flush=True)
             run = cross_validate(root, config, args.folds)
-            run["config"] = {"arch": config.arch, "spec": config.spec, "augment": config.augment,
-                             "epochs": config.epochs, "seed": config.seed, "data": str(root)}
-            data_mod.write_json(out / root.name / f"{name}.json", run)
-            runs[name] = run
+            run["config"] = {**asdict(config), "data": str(root)}
+            run["command"] = (f"python -m training.evaluate --data {root} --experiments {name}"
+                              + (f" --seed {args.seed}" if args.seed else "")
+                              + (f" --epochs {args.epochs}" if args.epochs is not None else "")
+                              + (f" --folds {args.folds}" if args.folds != 5 else ""))
+            data_mod.write_json(out / root.name / f"{label}.json", run)
+            runs[label] = run
         existing = {p.stem: json.loads(p.read_text()) for p in sorted((out / root.name).glob("*.json"))}
         table = markdown_table(existing)
         (out / root.name / "summary.md").write_text(table)

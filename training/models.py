@@ -40,11 +40,67 @@ def reference(input_shape: InputShape, num_classes: int) -> keras.Model:
     return keras.Model(inputs, _head(x, num_classes), name="reference")
 
 
-def _conv_bn(x: keras.KerasTensor, filters: int, separable: bool = False) -> keras.KerasTensor:
+def _conv_bn(x: keras.KerasTensor, filters: int, separable: bool = False,
+             l2: float = 0.0) -> keras.KerasTensor:
     conv = layers.SeparableConv2D if separable else layers.Conv2D
-    x = conv(filters, 3, padding="same", use_bias=False)(x)
+    kwargs = {}
+    if l2:
+        key = "pointwise_regularizer" if separable else "kernel_regularizer"
+        kwargs[key] = keras.regularizers.L2(l2)
+    x = conv(filters, 3, padding="same", use_bias=False, **kwargs)(x)
     x = layers.BatchNormalization(momentum=0.9)(x)
     return layers.ReLU()(x)
+
+
+def _squeeze_excite(x: keras.KerasTensor, ratio: int = 4) -> keras.KerasTensor:
+    """Channel attention: GAP -> Dense(c/ratio, relu) -> Dense(c, sigmoid) -> rescale."""
+    channels = x.shape[-1]
+    s = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    s = layers.Conv2D(max(4, channels // ratio), 1, activation="relu")(s)
+    s = layers.Conv2D(channels, 1, activation="sigmoid")(s)
+    return layers.Multiply()([x, s])
+
+
+def _gap_net(input_shape: InputShape, num_classes: int, name: str,
+             filters: tuple[int, ...] = (16, 32, 48, 64), top: int = 96, dropout: float = 0.3,
+             spatial_dropout: float = 0.0, l2: float = 0.0, se: bool = False) -> keras.Model:
+    """Conv-BN-ReLU(+SE) blocks with max-pooling, a `top`-filter conv, GAP, dropout, one Dense."""
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    for i, width in enumerate(filters):
+        x = _conv_bn(x, width, l2=l2)
+        if se and i > 0:
+            x = _squeeze_excite(x)
+        x = layers.MaxPooling2D()(x)
+        if spatial_dropout and i > 0:
+            x = layers.SpatialDropout2D(spatial_dropout)(x)
+    x = _conv_bn(x, top, l2=l2)
+    if se:
+        x = _squeeze_excite(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    if dropout:
+        x = layers.Dropout(dropout)(x)
+    return keras.Model(inputs, _head(x, num_classes), name=name)
+
+
+# Edge-sized variants of edge-gap: one change each (width, depth, regularisation, attention).
+_GAP_VARIANTS: dict[str, dict] = {
+    "edge-gap-wide": {"filters": (32, 32, 48, 64)},          # wider early filters
+    "edge-gap-deep": {"filters": (16, 24, 32, 48, 64)},      # one more block: 4x4 before the top
+    "edge-gap-se": {"se": True},                            # Squeeze-Excitation after blocks 2..5
+    "edge-gap-l2": {"l2": 1e-4},                            # mild L2 on conv kernels
+    "edge-gap-sdrop": {"spatial_dropout": 0.1},             # SpatialDropout2D after blocks 2..4
+    "edge-gap-drop5": {"dropout": 0.5},                     # head dropout 0.5 instead of 0.3
+    "edge-gap-deep-se": {"filters": (16, 24, 32, 48, 64), "se": True},
+}
+
+
+def _register_variant(name: str, settings: dict) -> None:
+    @register(name)
+    def build(input_shape: InputShape, num_classes: int) -> keras.Model:
+        return _gap_net(input_shape, num_classes, name, **settings)
+
+    build.__doc__ = f"edge-gap with {settings}."
 
 
 @register("edge-gap")
@@ -74,6 +130,10 @@ def edge_sep(input_shape: InputShape, num_classes: int) -> keras.Model:
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(0.3)(x)
     return keras.Model(inputs, _head(x, num_classes), name="edge-sep")
+
+
+for _name, _settings in _GAP_VARIANTS.items():
+    _register_variant(_name, _settings)
 
 
 def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: InputShape = (128, 128, 3),

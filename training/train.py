@@ -50,6 +50,13 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     augment: bool = True
+    # Augmentation strength (training batches only; used when augment is True).
+    aug_rotation: float = 0.05    # max rotation, fraction of a full turn (0.05 = 18 degrees)
+    aug_zoom: float = 0.1         # max zoom in/out, fraction
+    aug_translate: float = 0.0    # max shift, fraction of height/width
+    aug_flip: bool = True         # random horizontal flip
+    aug_brightness: float = 0.1   # max brightness shift in [0, 1] units
+    aug_contrast: float = 0.0     # max contrast factor change
     class_weights: bool = True
     spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
     cache: str = str(data_mod.DEFAULT_CACHE)
@@ -69,16 +76,28 @@ def builtin_data(root: Path = BUILTIN_DATA) -> Path:
     return generate_dataset(root)
 
 
-def augmenter(seed: int):
-    """Rotation, zoom, horizontal flip, brightness: training batches only."""
+def augmenter(seed: int, config: TrainConfig | None = None):
+    """Rotation, zoom, shift, horizontal flip, brightness, contrast (strengths from the config;
+    a zero strength leaves that step out): training batches only."""
     from keras import Sequential, layers
 
-    return Sequential([
-        layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
-        layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 1),
-        layers.RandomFlip("horizontal", seed=seed + 2),
-        layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed + 3),
-    ], name="augment")
+    c = config or TrainConfig()
+    steps = []
+    if c.aug_rotation:
+        steps.append(layers.RandomRotation(c.aug_rotation, fill_mode="constant", seed=seed))
+    if c.aug_zoom:
+        steps.append(layers.RandomZoom(c.aug_zoom, fill_mode="constant", seed=seed + 1))
+    if c.aug_translate:
+        steps.append(layers.RandomTranslation(c.aug_translate, c.aug_translate,
+                                              fill_mode="constant", seed=seed + 4))
+    if c.aug_flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed + 2))
+    if c.aug_brightness:
+        steps.append(layers.RandomBrightness(c.aug_brightness, value_range=(0.0, 1.0),
+                                             seed=seed + 3))
+    if c.aug_contrast:
+        steps.append(layers.RandomContrast(c.aug_contrast, value_range=(0.0, 1.0), seed=seed + 5))
+    return Sequential(steps or [layers.Identity()], name="augment")
 
 
 def _atomic_save(model, path: Path) -> None:
@@ -112,7 +131,7 @@ def _callbacks(config: TrainConfig, out: Path, val_available: bool) -> list:
         keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5,
-                                          patience=max(2, config.patience // 3), min_lr=1e-5),
+                                          patience=max(3, config.patience // 2), min_lr=1e-5),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         AtomicBestCheckpoint(),
     ]
@@ -137,7 +156,7 @@ def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     train = train.shuffle(len(x_train), seed=config.seed, reshuffle_each_iteration=True)
     train = train.batch(config.batch_size)
     if config.augment:
-        augment = augmenter(config.seed)
+        augment = augmenter(config.seed, config)
         train = train.map(lambda x, y: (augment(x, training=True), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
     train = train.prefetch(tf.data.AUTOTUNE)
@@ -237,6 +256,9 @@ def train(config: TrainConfig) -> dict:
                     f"{config.arch} on {root.name}")
     confusion_matrix_plot(report["confusion_matrix"], LABELS, out / "confusion_matrix.png",
                           f"test split ({report['n']} images), accuracy {report['accuracy']:.1%}")
+    from .gradcam import gradcam_grid  # Grad-CAM of correct and wrong test predictions per class
+
+    gradcam_grid(model, x_test, y_test, out / "gradcam.png")
     return metrics
 
 
@@ -285,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntest accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.3f}  "
           f"({metrics['test']['n']} test images, {metrics['test_source']}; best epoch "
           f"{metrics['best_epoch']} of {metrics['epochs_run']}; {metrics['params']:,} parameters)")
-    print(f"wrote {out / 'model.keras'}, metrics.json, learning_curves.png, confusion_matrix.png")
+    print(f"wrote {out / 'model.keras'}, metrics.json, learning_curves.png, confusion_matrix.png, "
+          "gradcam.png")
     print(DISCLAIMER)
     return 0
 

@@ -63,8 +63,11 @@ class TFLiteBackend:
         outputs = self._interpreter.get_output_details()
         # Extra outputs (e.g. a feature map for heatmaps) have rank 4; probabilities have rank 2.
         self._output = next(o for o in outputs if len(o["shape"]) == 2)
+        # Class-activation maps (n, h, w, classes), exported for heatmaps (ct_edge.explain).
+        self._maps = next((o for o in outputs if len(o["shape"]) == 4), None)
         self._batch = int(self._input["shape"][0])
-        self._lock = threading.Lock()
+        # Re-entrant: predict_with_maps reads the maps after predict, under the same hold.
+        self._lock = threading.RLock()
 
     def _quantization(self, detail: dict) -> tuple[float, int] | None:
         if detail["dtype"] in (np.float32, np.float16):
@@ -95,6 +98,24 @@ class TFLiteBackend:
             params = self._quantization(self._output)
             return y.astype(np.float32) if params is None else dequantize(y, *params)
 
+    @property
+    def has_maps(self) -> bool:
+        return self._maps is not None
+
+    def predict_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (n, classes) and class-activation maps (n, h, w, classes), one run."""
+        if self._maps is None:
+            raise BundleError("this model has no class-activation-map output")
+        with self._lock:
+            probabilities = self.predict(batch)
+            try:
+                maps = self._interpreter.get_tensor(self._maps["index"])
+            except (RuntimeError, ValueError) as exc:
+                raise BundleError(f"{self.engine} failed to run the model: {exc}") from None
+        # An int8 model quantizes the maps with their own scale and zero-point.
+        params = self._quantization(self._maps)
+        return probabilities, maps.astype(np.float32) if params is None else dequantize(maps, *params)
+
 
 class OnnxBackend:
     """onnxruntime on the CPU; tensor names come from the session, never from constants."""
@@ -118,6 +139,7 @@ class OnnxBackend:
             raise BundleError(f"onnxruntime cannot load the model: {exc}") from None
         self._input = self._session.get_inputs()[0].name
         self._output = next(o.name for o in self._session.get_outputs() if len(o.shape) == 2)
+        self._maps = next((o.name for o in self._session.get_outputs() if len(o.shape) == 4), None)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         try:
@@ -125,6 +147,21 @@ class OnnxBackend:
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise BundleError(f"onnxruntime failed to run the model: {exc}") from None
         return np.asarray(y, dtype=np.float32)
+
+    @property
+    def has_maps(self) -> bool:
+        return self._maps is not None
+
+    def predict_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (n, classes) and class-activation maps (n, h, w, classes), one run."""
+        if self._maps is None:
+            raise BundleError("this model has no class-activation-map output")
+        try:
+            y, maps = self._session.run([self._output, self._maps],
+                                        {self._input: batch.astype(np.float32, copy=False)})
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise BundleError(f"onnxruntime failed to run the model: {exc}") from None
+        return np.asarray(y, dtype=np.float32), np.asarray(maps, dtype=np.float32)
 
 
 ENGINES: dict[str, Callable[[bytes, int | None], Backend]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +39,32 @@ class Artifact:
     failures: tuple[str, ...] = ()
 
     def read_verified(self) -> bytes:
-        """The model bytes, after checking size and sha256 against the manifest."""
+        """The model bytes, after checking size and sha256 against the manifest.
+
+        Only a regular file inside the bundle folder, of the size the manifest states, is read:
+        a FIFO would block forever, and a huge (e.g. sparse) file would exhaust memory.
+        """
         try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"cannot read model file {self.path}: {exc.strerror or exc}; "
+            if self.path.resolve().parent != self.path.parent.resolve():
+                raise BundleError(f"{self.path} links outside the bundle; it will not be run")
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise BundleError(f"{self.path} is not a regular file; rebuild the bundle "
+                                      "with `make convert`")
+                if info.st_size != self.bytes:
+                    raise BundleError(f"{self.path} does not match its size and sha256 in the "
+                                      f"manifest ({info.st_size} bytes, the manifest says "
+                                      f"{self.bytes}: tampered or corrupt); it will not be run - "
+                                      "rebuild the bundle with `make convert`")
+                with os.fdopen(os.dup(fd), "rb") as handle:
+                    data = handle.read(self.bytes + 1)
+            finally:
+                os.close(fd)
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL in the name
+            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise BundleError(f"cannot read model file {self.path}: {problem}; "
                               "rebuild the bundle with `make convert`") from None
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != self.bytes or digest != self.sha256:
@@ -70,9 +92,11 @@ class Bundle:
         manifest = _read_manifest(root)
         try:
             version = manifest.get("schema_version")
-            if version != SCHEMA_VERSION:
+            if type(version) is not int or version != SCHEMA_VERSION:  # true == 1.0 == 1 in Python
                 raise BundleError(f"{root / MANIFEST}: unknown schema_version {version!r} (this "
                                   f"ct-edge reads {SCHEMA_VERSION}); upgrade ct-edge or rebuild")
+            if not isinstance(manifest["labels"], list):
+                raise BundleError(f"{root / MANIFEST}: labels must be a list")
             labels = tuple(str(label) for label in manifest["labels"])
             spec = PreprocessSpec.from_dict(manifest["preprocess"])
             shape = [int(d) for d in manifest["input"]["shape"]]
@@ -88,12 +112,14 @@ class Bundle:
             default = manifest.get("default")
         except BundleError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
             raise BundleError(f"{root / MANIFEST}: malformed manifest ({type(exc).__name__}: "
                               f"{exc}); rebuild the bundle with `make convert`") from None
         if not 0.01 <= temperature <= 100:
             raise BundleError(f"{root / MANIFEST}: implausible temperature {temperature}")
-        if default is not None and default not in artifacts:
+        if not 0.0 <= uncertain_below <= 1.0:
+            raise BundleError(f"{root / MANIFEST}: implausible uncertain_below {uncertain_below}")
+        if default is not None and (not isinstance(default, str) or default not in artifacts):
             raise BundleError(f"{root / MANIFEST}: default artifact {default!r} is not listed")
         return cls(root, manifest, labels, spec, artifacts, default, temperature, uncertain_below)
 
@@ -132,8 +158,11 @@ def _read_manifest(root: Path) -> dict:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise BundleError(f"{path}: manifest is implausibly large")
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: cannot read the manifest ({exc}); rebuild the bundle") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        # ValueError: also JSONDecodeError, UnicodeDecodeError and over-long integer literals;
+        # RecursionError: arrays nested thousands deep.
+        raise BundleError(f"{path}: cannot read the manifest ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); rebuild the bundle") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: manifest is not a JSON object")
     return manifest
@@ -142,10 +171,16 @@ def _read_manifest(root: Path) -> dict:
 def _artifact(root: Path, entry: dict) -> Artifact:
     file = str(entry["file"])
     candidate = Path(file)
-    if candidate.is_absolute() or len(candidate.parts) != 1 or file in ("", ".", ".."):
+    if candidate.is_absolute() or len(candidate.parts) != 1 or file in ("", ".", "..") \
+            or "\x00" in file:
         raise BundleError(f"{root / MANIFEST}: artifact file {file!r} is outside the bundle")
     path = root / file
-    if path.is_symlink() and path.resolve().parent != root.resolve():
+    try:
+        outside = path.is_symlink() and path.resolve().parent != root.resolve()
+    except (OSError, RuntimeError) as exc:  # e.g. a name too long, a symlink loop
+        raise BundleError(f"{root / MANIFEST}: artifact file {file[:100]!r} cannot be checked "
+                          f"({exc})") from None
+    if outside:
         raise BundleError(f"{root / MANIFEST}: artifact file {file!r} links outside the bundle")
     size = int(entry["bytes"])
     if not 0 < size <= MAX_MODEL_BYTES:

@@ -10,13 +10,17 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .backends import Backend, open_backend
 from .bundle import Artifact, Bundle
-from .errors import InputError
+from .errors import BundleError, InputError
 from .preprocess import PreprocessSpec, Source, decode, fit
+
+if TYPE_CHECKING:
+    from .explain import Explanation
 
 
 @dataclass
@@ -75,6 +79,28 @@ class Classifier:
     def predict_array(self, batch: np.ndarray) -> np.ndarray:
         """float32 (n, h, w, c) preprocessed inputs -> calibrated probabilities (n, classes)."""
         return apply_temperature(self.backend.predict(batch), self.bundle.temperature)
+
+    @property
+    def has_maps(self) -> bool:
+        """True when the artifact carries a class-activation-map output (see ct_edge.explain)."""
+        return bool(getattr(self.backend, "has_maps", False))
+
+    def predict_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities (n, classes) and raw class maps (n, h, w, classes). BundleError
+        when the artifact has no map output (check `has_maps`)."""
+        if not self.has_maps:
+            raise BundleError(f"artifact {self.artifact.name!r} has no class-activation-map output; "
+                              "rebuild the bundle with `make convert` (GAP models only) or use "
+                              "occlusion")
+        probabilities, maps = self.backend.predict_with_maps(batch)  # type: ignore[attr-defined]
+        return apply_temperature(probabilities, self.bundle.temperature), maps
+
+    def explain(self, source: Source, method: str | None = None,
+                target: str | None = None) -> Explanation:
+        """A heatmap of where the answer comes from; see `ct_edge.explain.explain`."""
+        from .explain import explain
+
+        return explain(self, source, method=method, target=target)
 
     def _result(self, path: str, probabilities: np.ndarray, timings: dict[str, float]) -> Prediction:
         best = int(np.argmax(probabilities))

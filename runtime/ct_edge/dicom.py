@@ -15,12 +15,13 @@ What each kind of file becomes (docs/inputs.md says the same for users):
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .preprocess import one_line
+from .preprocess import MAX_FILE_BYTES, one_line
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -34,6 +35,7 @@ def decode_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels
         from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
     except ImportError:
         raise InputError(name, "DICOM support needs pydicom 3: pip install 'ct-edge[dicom]'") from None
+    _check_inflated_size(data, name)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
         if "TransferSyntaxUID" not in ds.file_meta:  # no file meta (ACR-NEMA style): as read
@@ -91,6 +93,48 @@ def _to_unit_range(ds, pixels: np.ndarray, photometric: str, window: tuple[float
         scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
     scaled = np.clip(scaled, 0.0, 1.0).astype(np.float32)
     return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
+
+
+def _check_inflated_size(data: bytes, name: str, limit: int = MAX_FILE_BYTES) -> None:
+    """Refuse a deflated DICOM whose dataset inflates past `limit` (a decompression bomb).
+
+    pydicom inflates a Deflated Explicit VR Little Endian dataset in one go, in memory, before
+    anything can be checked: ~1 MiB of file can claim a gigabyte. So the inflated size is measured
+    first, streaming, with nothing kept; the same limit as for an uncompressed file applies. The
+    dataset starts where pydicom's own reader of the preamble and file meta group leaves off.
+    """
+    if b"1.2.840.10008.1.2.1.99" not in data:  # the file meta group is never compressed
+        return
+    try:
+        from pydicom import uid
+        from pydicom.filereader import (
+            _read_command_set_elements,
+            _read_file_meta_info,
+            read_preamble,
+        )
+
+        stream = io.BytesIO(data)
+        read_preamble(stream, True)
+        meta = _read_file_meta_info(stream)
+        if meta.get("TransferSyntaxUID") != uid.DeflatedExplicitVRLittleEndian:
+            return
+        _read_command_set_elements(stream)
+        start = stream.tell()
+    except (ImportError, AttributeError):  # another pydicom: fail safe, refuse what can't be sized
+        raise InputError(name, "deflated DICOM is not supported by this pydicom version") from None
+    except Exception:  # an unreadable file meta group: pydicom's own read reports it
+        return
+    inflater, total, chunk = zlib.decompressobj(-zlib.MAX_WBITS), 0, 1 << 20
+    try:
+        pending = inflater.decompress(memoryview(data)[start:], chunk)
+        while pending:
+            total += len(pending)
+            if total > limit:
+                raise InputError(name, f"deflated DICOM data inflates to over {limit} bytes "
+                                       "(decompression bomb guard)")
+            pending = inflater.decompress(inflater.unconsumed_tail, chunk)
+    except zlib.error:
+        pass  # not a valid deflate stream: pydicom reports it
 
 
 def _syntax(data: bytes) -> str:

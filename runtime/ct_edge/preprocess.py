@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ Contrast = Literal["none", "stretch"]
 # no accepted image ever trips Pillow's DecompressionBombWarning, and without touching the
 # process-wide `warnings` filters (not thread-safe; decoding runs in threads).
 MAX_PIXELS = 64_000_000
+# Pillow's decoders spend time and memory per row: a 72-byte PNG claiming 1 x 64,000,000 pixels
+# took 5 s and 1.3 GB (found by tools/fuzz.py). No scan is anywhere near this long on one side.
+MAX_SIDE = 16_384
 MAX_FILE_BYTES = 512 * 1024 * 1024
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -59,6 +63,10 @@ class PreprocessSpec:
             raise ValueError(f"unknown resample filter {self.resample!r}")
         if self.channels not in (1, 3) or not 8 <= self.size <= 1024:
             raise ValueError(f"unsupported input shape {self.size}x{self.size}x{self.channels}")
+        width, level = self.window
+        if not (math.isfinite(width) and width > 0 and math.isfinite(level)):
+            raise ValueError(f"window width must be finite and positive, level finite "
+                             f"(got {self.window})")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "window": list(self.window), "color": "gray replicated",
@@ -152,12 +160,15 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
         if width * height > MAX_PIXELS:
             raise InputError(name, f"{width}x{height} pixels is over the {MAX_PIXELS} pixel limit "
                                    "(decompression bomb guard)")
+        if max(width, height) > MAX_SIDE:
+            raise InputError(name, f"{width}x{height} pixels: a side is over the {MAX_SIDE} pixel "
+                                   "limit (decompression bomb guard)")
         if image.format not in ("PNG", "JPEG", "MPO", "BMP", "TIFF"):
             raise InputError(name, f"unsupported image format {image.format}; use PNG, JPEG or DICOM")
         if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
             image.draft("L", (spec.size, spec.size))
         image = ImageOps.exif_transpose(image)
-        return _to_gray(image)
+        return _to_gray(image, name)
     except InputError:
         raise
     except Image.DecompressionBombError:
@@ -172,9 +183,11 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
         raise InputError(name, f"corrupt or truncated image ({one_line(exc)})") from None
 
 
-def _to_gray(image: Image.Image) -> Image.Image:
+def _to_gray(image: Image.Image, name: str = "<image>") -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(pixels).all():  # a float TIFF may hold NaN or infinity
+            raise InputError(name, "pixel values are not finite (NaN or infinity)")
         peak = float(pixels.max()) if pixels.size else 0.0
         # Scale by the bit depth the data uses (12-bit data in a 16-bit PNG is common).
         bits = max(8, int(np.ceil(np.log2(peak + 1.0)))) if peak > 0 else 8
@@ -210,7 +223,8 @@ def fit(image: Image.Image, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarr
         pixels = pixels * np.float32(1.0 / 255.0)
     if spec.contrast == "stretch":
         # Films from different sources differ in exposure; stretch the 1st-99th percentile range.
-        low, high = np.percentile(pixels, (1.0, 99.0))
+        # float32 bounds: numpy's float64 percentiles would turn the whole array into float64.
+        low, high = (np.float32(v) for v in np.percentile(pixels, (1.0, 99.0)))
         if high > low:
             pixels = (pixels - low) * np.float32(1.0 / (high - low))
     pixels = np.clip(pixels, 0.0, 1.0)[:, :, None]

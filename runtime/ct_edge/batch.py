@@ -1,0 +1,838 @@
+"""`ct-edge batch`: score a whole image archive on Ray, into Parquet, resumably.
+
+The same runtime code as `ct-edge classify`, spread over a pool of Ray actors:
+
+    driver                                      every actor (one engine each)
+    ------                                      -----------------------------
+    expand folders / globs / list files         __init__(manifest bytes, model bytes):
+    read the paths already in --out/*.parquet       check both against the sha256 the driver
+    ray.data.from_items(the paths still to do)      read, load the engine once
+      .map_batches(_Scorer, ActorPoolStrategy)  __call__(a block of paths):
+    write each result block as one Parquet part     decode + classify each file (exactly
+      (temp name + rename: a part is all there      `classify`'s code), a bad file becomes an
+       or not there at all)                         error row
+
+Files are decoded inside the actors from their paths (never shipped through the object store), so
+inputs must be readable at the same path on every node. Results come back to the driver, which
+alone writes --out. A job killed part-way loses only the blocks in flight: run it again and it
+scores only what no part holds yet. `ray.data.read_images` is not used on purpose: it drops
+unreadable files without a row, and with an actor pool holding every CPU it can hang.
+
+Ray is an optional extra (`pip install 'ct-edge[ray]'`): this module imports only the standard
+library at module level (the CLI builds the `batch` parser from it) and Ray and pyarrow inside
+the functions that need them, so `ct-edge classify` never loads either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import BundleError, CtEdgeError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+TMP_PREFIX = ".tmp-"
+LOCK_NAME = ".ct-edge-batch.lock"
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+DEFAULT_PART_ROWS = 1000
+# How long the actor pool may take to start (a runtime_env with pip packages can take minutes).
+ACTOR_START_TIMEOUT_S = 600
+# Small jobs still get a few blocks per actor, so every actor has work and a kill loses little.
+BLOCKS_PER_ACTOR = 4
+# Fixed columns; then one float column per label, in the bundle's label order, after `uncertain`.
+FIXED_COLUMNS = ("path", "label", "confidence", "uncertain", "error", "artifact",
+                 "artifact_sha256", "bundle_sha256", "node_id")
+
+
+class BatchError(CtEdgeError):
+    """The batch job cannot start or go on (no Ray, a cluster problem, an --out folder in use)."""
+
+
+@dataclass(frozen=True)
+class ModelPayload:
+    """What every actor receives in its constructor: the bundle as bytes, and what they must hash to."""
+
+    manifest: bytes
+    model: bytes
+    artifact: str
+    manifest_sha256: str
+    labels: tuple[str, ...]
+    artifact_sha256: str
+    artifact_format: str
+    artifact_status: str
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path | None, artifact: str | None,
+                    backend: str | None = None) -> ModelPayload:
+        """Load and verify the bundle on the driver (the actors verify the bytes again)."""
+        from .bundle import MANIFEST, Bundle
+
+        bundle = Bundle.load(bundle_dir)
+        chosen = bundle.select(artifact, backend)
+        model = chosen.read_verified()
+        try:
+            manifest = (bundle.root / MANIFEST).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"cannot read {bundle.root / MANIFEST}: {exc}") from None
+        return cls(manifest=manifest, model=model, artifact=chosen.name,
+                   manifest_sha256=hashlib.sha256(manifest).hexdigest(), labels=bundle.labels,
+                   artifact_sha256=chosen.sha256, artifact_format=chosen.format,
+                   artifact_status=chosen.status)
+
+
+def result_schema(labels: Sequence[str]) -> pa.Schema:
+    """The Parquet schema of every part: fixed columns plus one probability column per label."""
+    import pyarrow as pa
+
+    clash = sorted(set(labels) & set(FIXED_COLUMNS))
+    if clash:
+        raise BundleError(f"label(s) {clash} collide with result column names; rename the labels")
+    fields = [pa.field("path", pa.string(), nullable=False),
+              pa.field("label", pa.string()),
+              pa.field("confidence", pa.float64()),
+              pa.field("uncertain", pa.bool_()),
+              *(pa.field(label, pa.float64()) for label in labels),
+              pa.field("error", pa.string()),
+              pa.field("artifact", pa.string()),
+              pa.field("artifact_sha256", pa.string()),
+              pa.field("bundle_sha256", pa.string()),
+              pa.field("node_id", pa.string())]
+    return pa.schema(fields)
+
+
+def rows_to_table(rows: list[dict[str, Any]], labels: Sequence[str]) -> pa.Table:
+    import pyarrow as pa
+
+    schema = result_schema(labels)
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def error_row(path: str, error: str, payload: ModelPayload, node_id: str | None = None) -> dict:
+    return {"path": path, "label": None, "confidence": None, "uncertain": None,
+            **dict.fromkeys(payload.labels), "error": error, "artifact": payload.artifact,
+            "artifact_sha256": payload.artifact_sha256, "bundle_sha256": payload.manifest_sha256,
+            "node_id": node_id}
+
+
+# --- the actor -------------------------------------------------------------------------------
+
+
+class _Scorer:
+    """One Ray actor: the verified bundle in one engine, classifying blocks of paths.
+
+    Ray Data builds it from `fn_constructor_kwargs`; it must be importable by name on every node
+    (`ct_edge.batch._Scorer`), which is why the package has to be installed there.
+    """
+
+    def __init__(self, payload: ModelPayload, threads: int | None = 1,
+                 window: tuple[float, float] | None = None, decode_workers: int = 1) -> None:
+        from .backends import open_backend
+        from .bundle import MANIFEST, Bundle
+        from .classifier import Classifier
+
+        if hashlib.sha256(payload.manifest).hexdigest() != payload.manifest_sha256:
+            raise BundleError("the manifest bytes the actor received do not match their sha256")
+        # Bundle.load checks the manifest exactly as on a device; it reads a folder, so the
+        # manifest (only: the model stays in memory) goes to a private temporary one.
+        with tempfile.TemporaryDirectory(prefix="ct-edge-actor-") as folder:
+            Path(folder, MANIFEST).write_bytes(payload.manifest)
+            bundle = Bundle.load(folder)
+        artifact = bundle.select(payload.artifact)
+        digest = hashlib.sha256(payload.model).hexdigest()
+        if len(payload.model) != artifact.bytes or digest != artifact.sha256:
+            raise BundleError(f"the model bytes of {artifact.name!r} the actor received do not match "
+                              "the manifest's sha256; it will not be run")
+        engine = open_backend(artifact.format, payload.model, threads)
+        spec = bundle.spec.with_window(window) if window is not None else None
+        self.classifier = Classifier(bundle, artifact, engine, spec)
+        self.payload = payload
+        self.decode_workers = decode_workers
+        self.node_id = None
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():  # else a test calls the class directly
+            self.node_id = ray.get_runtime_context().get_node_id()
+
+    def score(self, paths: Sequence[str]) -> list[dict[str, Any]]:
+        """One row per path, in order; a file that cannot be classified is an error row."""
+        from .cli import predictions  # the very code `ct-edge classify` runs per file
+
+        payload = self.payload
+        rows = []
+        for prediction in predictions(self.classifier, [(str(p), None) for p in paths],
+                                      workers=self.decode_workers):
+            if prediction.error is not None:
+                rows.append(error_row(prediction.path, prediction.error, payload, self.node_id))
+                continue
+            rows.append({"path": prediction.path, "label": prediction.label,
+                         "confidence": prediction.confidence, "uncertain": prediction.uncertain,
+                         **{label: prediction.probabilities[label] for label in payload.labels},
+                         "error": None, "artifact": payload.artifact,
+                         "artifact_sha256": payload.artifact_sha256,
+                         "bundle_sha256": payload.manifest_sha256, "node_id": self.node_id})
+        return rows
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        return rows_to_table(self.score(list(batch["path"])), self.payload.labels)
+
+
+# --- inputs and the --out folder -----------------------------------------------------------
+
+
+def expand_batch_inputs(args: Sequence[str]) -> list[tuple[str, str | None]]:
+    """INPUT arguments -> (absolute path, error or None), without duplicates.
+
+    Folders and globs expand as in `ct-edge classify`. A file ending in .txt, .lst or .list is a
+    list: one image path per line (blank lines and lines starting with '#' skipped; relative
+    paths are relative to the current folder). Listed paths are not checked here: on a cluster
+    they are read by the actors, and a missing one becomes an error row.
+    """
+    from .cli import expand_inputs
+
+    items: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+
+    def add(path: str, error: str | None) -> None:
+        key = os.path.abspath(path)  # the key for resuming, and what every node opens
+        if key not in seen:
+            seen.add(key)
+            items.append((key, error))
+
+    plain: list[str] = []
+
+    def flush() -> None:
+        for path, error in expand_inputs(plain):
+            add(path, error)
+        plain.clear()
+
+    for arg in args:
+        if arg.lower().endswith(LIST_SUFFIXES) and os.path.isfile(arg):
+            flush()
+            try:
+                with open(arg, encoding="utf-8") as handle:
+                    for line in handle:
+                        line = line.strip()
+                        if line and not line.startswith("#"):
+                            add(line, None)
+            except (OSError, UnicodeDecodeError) as exc:
+                add(arg, f"cannot read the list file ({getattr(exc, 'strerror', None) or exc})")
+        else:
+            plain.append(arg)
+    flush()
+    return items
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob(f"{PART_PREFIX}*{PART_SUFFIX}") if p.is_file())
+
+
+def read_done(out: Path, payload: ModelPayload) -> set[str]:
+    """Paths that parts in `out` already hold; refuses parts written with another model."""
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    for part in part_files(out):
+        try:
+            table = pq.read_table(part, columns=["path", "bundle_sha256", "artifact_sha256"])
+        except Exception as exc:  # a part is renamed into place whole, so this is outside damage
+            raise BatchError(f"{part}: unreadable result part ({exc}); move it away and run "
+                             "again to rescore its inputs") from None
+        for column, mine in (("bundle_sha256", payload.manifest_sha256),
+                             ("artifact_sha256", payload.artifact_sha256)):
+            theirs = set(table.column(column).to_pylist()) - {mine}
+            if theirs:
+                raise BatchError(f"{out} holds results of another model ({column} "
+                                 f"{sorted(theirs)[0][:12]}..., this run {mine[:12]}...); score "
+                                 "into a new --out folder or use the same bundle and --artifact")
+        done.update(table.column("path").to_pylist())
+    return done
+
+
+class PartWriter:
+    """Writes result tables into `out` as part files, each atomically (temp name, then rename)."""
+
+    def __init__(self, out: Path, run_id: str) -> None:
+        self.out, self.run_id = out, run_id
+        self.count = 0
+
+    def write(self, table: pa.Table) -> Path:
+        import pyarrow.parquet as pq
+
+        self.count += 1
+        name = f"{PART_PREFIX}{self.run_id}-{self.count:06d}{PART_SUFFIX}"
+        tmp = self.out / f"{TMP_PREFIX}{name}"
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as handle:  # on disk before the name says it is complete
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.out / name)
+        with contextlib.suppress(OSError):  # make the rename itself durable where possible
+            fd = os.open(self.out, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return self.out / name
+
+
+@contextlib.contextmanager
+def locked_out(out: Path) -> Iterator[None]:
+    """Create `out`, take its lock (one job per folder) and drop temp files a killed run left."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole job
+    except OSError as exc:
+        raise BatchError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BatchError(f"another ct-edge batch job is writing to {out}; wait for it or "
+                             "choose another --out") from None
+        for stale in out.glob(f"{TMP_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        yield
+
+
+# --- the cluster ---------------------------------------------------------------------------
+
+
+def require_ray() -> None:
+    """Fail early, before --out is touched, when the [ray] extra is not installed (cheap)."""
+    import importlib.util
+
+    for module in ("ray", "pyarrow"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # e.g. sys.modules[module] is None
+            found = False
+        if not found:
+            raise BatchError("ct-edge batch needs Ray: pip install 'ct-edge[ray]' "
+                             "(ray[data] and pyarrow)")
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise BatchError("ct-edge batch needs Ray: pip install 'ct-edge[ray]' "
+                         "(ray[data] and pyarrow)") from None
+    return ray
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Cluster:
+    """How this job reached Ray: started a local cluster (and owns it) or joined one."""
+
+    started: bool
+    seconds: float
+    address: str | None
+    cpus: int
+    temp_dir: str | None = None
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None = None, num_cpus: int | None = None,
+                runtime_env: dict | None = None, verbose: bool = False) -> Iterator[Cluster]:
+    """Start a private local Ray cluster (no address) or join one (`auto`, `ray://host:port`).
+
+    A local cluster gets its own temp folder and, unless $RAY_AUTH_MODE says otherwise, token
+    authentication with a fresh random token held in the environment only (left alone, Ray 2.60
+    would write a token to ~/.ray). Both go away with the cluster. When Ray is already
+    initialised in this process (a test, a notebook), that connection is used as it is.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        yield Cluster(started=False, seconds=0.0, address=None, cpus=_cluster_cpus(ray))
+        return
+    start = time.perf_counter()
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    temp_dir = None
+    kwargs: dict[str, Any] = {"log_to_driver": verbose,
+                              "logging_level": "INFO" if verbose else "WARNING"}
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    if address is None:
+        # "local": a new cluster even when $RAY_ADDRESS names one (joining takes --address).
+        kwargs.update(address="local", include_dashboard=False)
+        if "RAY_AUTH_MODE" not in os.environ:
+            _set_auth_env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _process_token()})
+        if not os.environ.get("RAY_TMPDIR"):
+            # Short on purpose: Ray's socket paths under it must stay below ~107 characters.
+            temp_dir = tempfile.mkdtemp(prefix="ct-edge-ray-",
+                                        dir="/tmp" if os.path.isdir("/tmp") else None)
+            kwargs["_temp_dir"] = temp_dir
+        kwargs["num_cpus"] = num_cpus or available_cpus()
+    else:
+        kwargs["address"] = address
+    try:
+        ray = import_ray()
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # ConnectionError, RuntimeError, ValueError... from Ray
+            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+            raise BatchError(f"cannot start or reach {where}: "
+                             f"{' '.join(str(exc).split())[:300]}") from None
+        try:
+            yield Cluster(started=address is None, seconds=time.perf_counter() - start,
+                          address=address, cpus=_cluster_cpus(ray), temp_dir=temp_dir)
+        finally:
+            ray.shutdown()
+    finally:
+        if saved != {key: os.environ.get(key) for key in saved}:
+            _set_auth_env(saved)
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+_TOKEN: list[str] = []
+
+
+def _process_token() -> str:
+    """One random token per process: Ray's native side caches the first token it reads."""
+    if not _TOKEN:
+        _TOKEN.append(secrets.token_hex(32))
+    return _TOKEN[0]
+
+
+def _set_auth_env(values: dict[str, str | None]) -> None:
+    """Set (or unset, for None) Ray's auth variables, and make an imported Ray see the change.
+
+    Ray reads $RAY_AUTH_MODE into its native config when it is imported; `ray.init` refreshes it
+    only when it turns token auth on itself, so the refresh is repeated here.
+    """
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if "ray" in sys.modules:
+        with contextlib.suppress(Exception):  # a private API: without it, import Ray later
+            from ray._raylet import Config
+
+            Config.initialize("")
+
+
+def _cluster_cpus(ray: Any) -> int:
+    return int(ray.cluster_resources().get("CPU", 0))
+
+
+# --- the job -------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    out: Path
+    inputs: int              # distinct inputs named this run
+    skipped: int             # already scored by an earlier run (left alone)
+    rows: int                # rows written by this run
+    errors: int              # of which error rows
+    parts: int               # part files written by this run
+    seconds: float           # scoring, from submitting the dataset to the last part written
+    startup_seconds: float   # starting or joining Ray (0 when it was already up)
+    actors: int
+    total_rows: int          # rows in --out after this run
+    complete: bool           # every input now has a row in --out
+    nodes: dict[str, int] = field(default_factory=dict)  # rows per Ray node id
+    error_samples: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        if self.rows == 0:
+            return (f"batch: nothing to score: all {self.inputs} inputs already scored; "
+                    f"{self.total_rows} rows in {self.out}")
+        return (f"batch: {self.rows} rows, {self.errors} errors, {self.seconds:.1f} s, "
+                f"{self.images_per_second:.1f} images/s on {self.actors} "
+                f"actor{'' if self.actors == 1 else 's'} "
+                f"(+{self.startup_seconds:.1f} s Ray start-up); {self.skipped} already scored; "
+                f"{self.total_rows} rows in {self.out}")
+
+
+def plan_blocks(todo: int, actors: int, part_rows: int) -> int:
+    """Rows per block (= per part file): at most part_rows, small enough for every actor to work."""
+    return max(1, min(part_rows, math.ceil(todo / (actors * BLOCKS_PER_ACTOR))))
+
+
+def run_batch(inputs: Sequence[str], out: str | Path, *, bundle: str | Path | None = None,
+              artifact: str | None = None, actors: int | None = None, threads: int | None = 1,
+              address: str | None = None, window: tuple[float, float] | None = None,
+              part_rows: int = DEFAULT_PART_ROWS, runtime_env: dict | None = None,
+              verbose: bool = False, stop_after_parts: int | None = None,
+              on_start: Callable[[int, ModelPayload], None] | None = None,
+              on_cluster: Callable[[Cluster], None] | None = None,
+              on_part: Callable[[int], None] | None = None) -> BatchResult:
+    """Score `inputs` into Parquet parts in `out`, skipping what `out` already holds.
+
+    `stop_after_parts` ends the job after that many parts, as a kill would (tests of resuming).
+    `on_start(rows to write, payload)` is called once the work is known, `on_cluster(cluster)`
+    once Ray is up, `on_part(rows)` after each part is written (a progress bar).
+    """
+    if actors is not None and actors < 1:
+        raise BatchError("--actors must be 1 or more")
+    threads = threads or 1
+    out = Path(out)
+    require_ray()
+    payload = ModelPayload.from_bundle(bundle, artifact)
+    result_schema(payload.labels)  # label names that clash with fixed columns fail here
+    items = expand_batch_inputs(inputs)
+    with locked_out(out):
+        done = read_done(out, payload)
+        pending = [(path, error) for path, error in items if path not in done]
+        run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{secrets.token_hex(3)}"
+        writer = PartWriter(out, run_id)
+        result = BatchResult(out=out, inputs=len(items), skipped=len(items) - len(pending), rows=0,
+                             errors=0, parts=0, seconds=0.0, startup_seconds=0.0, actors=0,
+                             total_rows=len(done), complete=False)
+
+        def record(table: pa.Table) -> None:
+            writer.write(table)
+            errors = [(p, e) for p, e in zip(table.column("path").to_pylist(),
+                                             table.column("error").to_pylist(), strict=True)
+                      if e is not None]
+            result.parts += 1
+            result.rows += table.num_rows
+            result.total_rows += table.num_rows
+            result.errors += len(errors)
+            room = 20 - len(result.error_samples)
+            result.error_samples.extend(errors[:max(0, room)])
+            for node in table.column("node_id").to_pylist():
+                if node is not None:
+                    result.nodes[node] = result.nodes.get(node, 0) + 1
+            if on_part is not None:
+                on_part(table.num_rows)
+
+        # Inputs that are wrong before any file is opened (a glob matching nothing, a folder
+        # without images) are error rows written here, without Ray.
+        early = [error_row(path, error, payload) for path, error in pending if error is not None]
+        todo = [path for path, error in pending if error is None]
+        if on_start is not None:
+            on_start(len(pending), payload)
+        start = time.perf_counter()
+        if early:
+            record(rows_to_table(early, payload.labels))
+        if todo and not (stop_after_parts is not None and result.parts >= stop_after_parts):
+            want_cpus = (actors or 0) * threads
+            with ray_cluster(address, num_cpus=max(available_cpus(), want_cpus) if want_cpus else None,
+                             runtime_env=runtime_env, verbose=verbose) as cluster:
+                result.startup_seconds = cluster.seconds
+                if on_cluster is not None:
+                    on_cluster(cluster)
+                start = time.perf_counter()
+                n_actors = actors or max(1, cluster.cpus // threads)
+                if cluster.cpus and n_actors * threads > cluster.cpus:
+                    print(f"warning: {n_actors} actors x {threads} threads need "
+                          f"{n_actors * threads} CPUs, the cluster has {cluster.cpus}; some actors "
+                          "wait for an autoscaler", file=sys.stderr)
+                n_actors = min(n_actors, len(todo))
+                result.actors = n_actors
+                with quiet_ray(verbose):
+                    for table in _score(todo, payload, n_actors, threads, window, part_rows,
+                                        verbose):
+                        record(table)
+                        if stop_after_parts is not None and result.parts >= stop_after_parts:
+                            break
+        result.seconds = time.perf_counter() - start
+        result.complete = result.rows == len(pending)
+    return result
+
+
+def _score(paths: list[str], payload: ModelPayload, actors: int, threads: int,
+           window: tuple[float, float] | None, part_rows: int, verbose: bool) -> Iterator[pa.Table]:
+    """The Ray Data pipeline: paths -> blocks -> actor pool -> result tables, as they finish."""
+    import ray
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    # Start every actor before the first block: work then spreads over all of them (and all
+    # nodes), and a cluster that cannot host the pool fails with a message instead of waiting.
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    rows_per_block = plan_blocks(len(paths), actors, part_rows)
+    dataset = ray.data.from_items([{"path": p} for p in paths],
+                                  override_num_blocks=math.ceil(len(paths) / rows_per_block))
+    scored = dataset.map_batches(
+        _Scorer,
+        # The bundle as bytes: Ray Data puts the constructor arguments into the object store
+        # once per job, and every actor (on every node) receives and verifies them.
+        fn_constructor_kwargs={"payload": payload, "threads": threads, "window": window},
+        batch_size=rows_per_block,
+        batch_format="numpy",
+        # One block at a time per actor: blocks then go to whichever actor is free, rather than
+        # queueing on the actors next to the (tiny) input data; files are read by path anyway.
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+        num_cpus=threads,
+    )
+    try:
+        yield from scored.iter_batches(batch_size=None, batch_format="pyarrow")
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        raise BatchError(f"the Ray job failed ({type(exc).__name__}: {_last_line(exc)}); the "
+                         "parts written so far are kept: run the same command again to resume "
+                         "(--verbose shows Ray's logs)") from exc
+
+
+def _last_line(exc: BaseException) -> str:
+    """The gist of a Ray error: its text ends with the remote exception's own last line."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return last if len(last) <= 300 else last[:297] + "..."
+
+
+# Lines Ray's native code prints on the driver's stderr that are no news to a ct-edge user.
+BENIGN_NATIVE_LINES = (
+    # Ray Data passes its own operator state to pool actors by reference, and keeps actor
+    # restarts on; the driver owns those objects for the whole job, so restarts do work.
+    "has constructor arguments in the object store",
+)
+
+
+@contextlib.contextmanager
+def quiet_ray(verbose: bool) -> Iterator[None]:
+    """Keep stderr for ct-edge's own lines: Ray Data's INFO logs and known-benign native lines off.
+
+    While the job runs, fd 2 is a pipe read by a thread that passes everything on to the real
+    stderr at once, except whole lines holding one of BENIGN_NATIVE_LINES.
+    """
+    import logging
+    import threading
+
+    if verbose:
+        yield
+        return
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.ERROR)
+    # Ray Data re-reads its logging config when a dataset starts; this variable outranks it.
+    env_level = os.environ.get("RAY_DATA_LOG_LEVEL")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    try:
+        fd = sys.stderr.fileno()
+        sys.stderr.flush()
+    except (AttributeError, ValueError, OSError):  # stderr is not a real file (pytest capture)
+        fd = None
+    if fd is None:
+        try:
+            yield
+        finally:
+            _restore_env("RAY_DATA_LOG_LEVEL", env_level)
+            data_logger.setLevel(level)
+        return
+    saved = os.dup(fd)
+    read_end, write_end = os.pipe()
+
+    def pump() -> None:
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            kept = [line + b"\n" for line in lines
+                    if not any(p.encode() in line for p in BENIGN_NATIVE_LINES)]
+            if pending and not pending.startswith(b"["):  # a progress bar, not a native log line
+                kept.append(pending)
+                pending = b""
+            if kept:
+                os.write(saved, b"".join(kept))
+        if pending:
+            os.write(saved, pending)
+        os.close(read_end)
+
+    thread = threading.Thread(target=pump, name="ct-edge-stderr", daemon=True)
+    thread.start()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, fd)  # drops the pipe's last write end: the pump reads EOF and stops
+        thread.join(timeout=5)
+        os.close(saved)
+        _restore_env("RAY_DATA_LOG_LEVEL", env_level)
+        data_logger.setLevel(level)
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def read_results(out: str | Path) -> pa.Table:
+    """Every part in `out` as one table (for tests, notebooks and the benchmark)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = part_files(Path(out))
+    if not parts:
+        return pa.table({})
+    return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def parse_runtime_env(text: str | None) -> dict | None:
+    """--runtime-env: JSON text, or the path of a JSON file."""
+    if not text:
+        return None
+    try:
+        if os.path.isfile(text):
+            text = Path(text).read_text(encoding="utf-8")
+        value = json.loads(text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BatchError(f"--runtime-env: not JSON or a JSON file ({exc})") from None
+    if not isinstance(value, dict):
+        raise BatchError("--runtime-env: expected a JSON object, e.g. '{\"pip\": [\"ct-edge[ray]\"]}'")
+    return value
+
+
+# --- the command line ----------------------------------------------------------------------
+
+BATCH_EXAMPLES = """\
+examples:
+  ct-edge batch scans/ --out results/                     (a local Ray cluster on this machine)
+  ct-edge batch 'archive/**/*.dcm' --out results/ --actors 2 --threads 1
+  ct-edge batch paths.txt --out results/ --address auto   (join the cluster of `ray start`)
+  ct-edge batch paths.txt --out results/ --address ray://head:10001
+  python -c "import pandas; print(pandas.read_parquet('results/'))"
+
+INPUT: files, folders (searched recursively), globs, or list files (.txt, .lst, .list: one path
+per line, '#' comments). Every node must be able to read each input at the same absolute path.
+
+output: Parquet parts in --out, one row per input: path (absolute), label, confidence,
+uncertain, one probability column per class, error (null, or why the input was not
+classified), artifact, artifact_sha256, bundle_sha256 (of manifest.json) and node_id (the Ray
+node that scored it). Run the same command again after a kill: it scores only inputs no part
+holds yet. A summary line goes to stdout.
+exit codes: 0 every input has a row (error rows included), 2 usage, bundle or cluster error,
+130 interrupted (the parts written so far are kept).
+"""
+
+
+def add_batch_parser(commands: Any, formatter_class: Any, bundle_help: str) -> None:
+    """The `batch` subcommand (parser only: nothing heavy is imported until it runs)."""
+    from .cli import _positive_int, _window
+
+    batch = commands.add_parser(
+        "batch", help="score an image archive on Ray into Parquet (needs ct-edge[ray])",
+        formatter_class=formatter_class, epilog=BATCH_EXAMPLES,
+        description="Score many images with a pool of Ray actors, on this machine or a cluster; "
+                    "results go to Parquet files, resumably.")
+    batch.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="file, folder, glob pattern, or .txt/.lst list of paths")
+    batch.add_argument("--out", required=True, metavar="DIR",
+                       help="folder for the Parquet parts (created; a rerun resumes in it)")
+    batch.add_argument("--address", metavar="auto|ray://HOST:PORT",
+                       help="join this Ray cluster (default: start a local one on this machine)")
+    batch.add_argument("--actors", type=_positive_int, metavar="N",
+                       help="actors, each with its own engine (default: the cluster's CPUs / "
+                            "--threads)")
+    batch.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                       help="engine threads (and CPUs reserved) per actor (default: 1)")
+    batch.add_argument("--bundle", metavar="DIR", help=bundle_help)
+    batch.add_argument("--artifact", metavar="NAME",
+                       help="artifact to run, as listed by 'ct-edge info' (default: the bundle's "
+                            "default, else the smallest that passed its parity check)")
+    batch.add_argument("--window", type=_window, metavar="lung|mediastinum|W,L",
+                       help="CT window for DICOM (default: the bundle's)")
+    batch.add_argument("--part-rows", type=_positive_int, default=DEFAULT_PART_ROWS, metavar="N",
+                       help=f"at most N rows per Parquet part; a kill loses at most the parts in "
+                            f"flight (default: {DEFAULT_PART_ROWS}, fewer for small jobs)")
+    batch.add_argument("--runtime-env", metavar="JSON|FILE",
+                       help="Ray runtime_env for the job, e.g. '{\"pip\": [\"ct-edge[ray]\"]}' "
+                            "(default: none: the package is installed on every node)")
+    batch.add_argument("--verbose", "-v", action="store_true",
+                       help="show Ray's own logs and progress bars (default: off)")
+    batch.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress bar, error lines or disclaimer; the summary line is "
+                            "still printed (default: off)")
+    batch.set_defaults(handler=cmd_batch)
+
+
+ERROR_LINES = 20
+
+
+def cmd_batch(args: Any) -> int:
+    from . import DISCLAIMER
+    from .cli import Progress, _error, _isatty
+
+    progress: list[Progress] = []
+
+    def on_start(rows: int, payload: ModelPayload) -> None:
+        if payload.artifact_status != "passed" and not args.quiet:
+            print(f"warning: artifact {payload.artifact!r} has parity status "
+                  f"{payload.artifact_status!r}; its answers may differ from the reference model",
+                  file=sys.stderr)
+        progress.append(Progress(rows, sys.stderr, enabled=not args.quiet and rows > 0
+                                 and _isatty(sys.stderr)))
+
+    def on_part(rows: int) -> None:
+        if progress:
+            progress[0].update(rows)
+
+    import signal
+
+    previous: list[Any] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # ends like Ctrl-C: Ray shut down, finished parts kept
+
+    def on_cluster(cluster: Cluster) -> None:
+        # After ray.init, which installs a native SIGTERM handler that only logs and dies.
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous.append(signal.signal(signal.SIGTERM, stop))
+
+    try:
+        result = run_batch(args.inputs, args.out, bundle=args.bundle, artifact=args.artifact,
+                           actors=args.actors, threads=args.threads, address=args.address,
+                           window=args.window, part_rows=args.part_rows,
+                           runtime_env=parse_runtime_env(args.runtime_env), verbose=args.verbose,
+                           on_start=on_start, on_cluster=on_cluster, on_part=on_part)
+    except KeyboardInterrupt:
+        if progress:
+            progress[0].close()
+        print(f"\ninterrupted: the parts written so far stay in {args.out}; run the same "
+              "command again to score the rest", file=sys.stderr)
+        return 130
+    finally:
+        if previous:
+            signal.signal(signal.SIGTERM, previous[0])
+        if progress:
+            progress[0].close()
+    if not args.quiet:
+        for path, problem in result.error_samples[:ERROR_LINES]:
+            _error(f"{path}: {problem}")
+        if result.errors > ERROR_LINES:
+            _error(f"... and {result.errors - ERROR_LINES} more: see the 'error' column in "
+                   f"{result.out}")
+    print(result.summary(), flush=True)
+    if not args.quiet:
+        print(DISCLAIMER, file=sys.stderr)
+    return 0
