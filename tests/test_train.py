@@ -72,3 +72,10 @@ def test_temperature_scaling_lowers_nll_of_overconfident_probabilities() -> None
     assert metrics.cross_entropy(scaled, y) < metrics.cross_entropy(overconfident, y)
     assert metrics.expected_calibration_error(scaled, y) < metrics.expected_calibration_error(
         overconfident, y)
+
+
+def test_temperature_never_sharpens_a_perfectly_classified_validation_split() -> None:
+    y = np.array([0, 1, 2, 0, 1, 2])
+    confident_and_right = np.full((6, 3), 0.1)
+    confident_and_right[np.arange(6), y] = 0.8
+    assert metrics.fit_temperature(confident_and_right, y) == metrics.MIN_TEMPERATURE

@@ -42,12 +42,20 @@ def classification_report(probabilities: np.ndarray, y: np.ndarray,
             "confusion_matrix": matrix.tolist()}
 
 
+MIN_TEMPERATURE = 1.0
+
+
 def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
-    """The temperature minimising validation NLL (log-spaced grid, then a finer one)."""
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
-    best = min(grid, key=lambda t: cross_entropy(scale_temperature(probabilities, t), y))
-    fine = best * np.exp(np.linspace(-0.05, 0.05, 41))
-    return float(min(fine, key=lambda t: cross_entropy(scale_temperature(probabilities, t), y)))
+    """The temperature >= 1 minimising validation NLL (log-spaced grid, then a finer one).
+
+    Only softening is allowed: on a small validation split that the model gets entirely right,
+    the NLL optimum runs to T -> 0 and would make every prediction, mistakes included, ~100% sure.
+    """
+    nll = lambda t: cross_entropy(scale_temperature(probabilities, t), y)  # noqa: E731
+    grid = np.exp(np.linspace(np.log(MIN_TEMPERATURE), np.log(20.0), 81))
+    best = min(grid, key=nll)
+    fine = np.clip(best * np.exp(np.linspace(-0.05, 0.05, 41)), MIN_TEMPERATURE, None)
+    return float(min(fine, key=nll))
 
 
 def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
