@@ -21,7 +21,7 @@ $(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml runtime/p
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements/dev.txt -c requirements/runtime.txt \
-		-e "./runtime[onnx,dicom]" -e .
+		-e "./runtime[onnx,dicom,ray]" -e .
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install runtime + training/convert (pinned)
@@ -43,6 +43,7 @@ evaluate: setup  ## cross-validated comparison of recipes: make evaluate [DATA=d
 
 bench: setup  ## latency, size, memory of every artifact: make bench [QUICK=1]
 	$(BIN)/python -m benchmarks.run --bundle $(BUNDLE) $(if $(QUICK),--quick)
+	$(BIN)/python -m benchmarks.ray_batch --bundle $(BUNDLE) $(if $(QUICK),--quick)
 
 test: setup  ## the fast test suite (what CI runs)
 	$(BIN)/python -m pytest -q

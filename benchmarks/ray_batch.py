@@ -41,14 +41,16 @@ SUMMARY = re.compile(r"batch: (?P<rows>\d+) rows, (?P<errors>\d+) errors, (?P<se
 
 
 def make_images(root: Path, count: int, log=lambda _: None) -> Path:
-    """`count` small chest-like 8-bit PNGs under root (made once, reused by later runs)."""
+    """A folder of `count` small chest-like 8-bit PNGs under root, made once and reused: the images
+    live in one pool, and each count's folder holds hard links to the first `count` of them."""
     from PIL import Image
 
-    folder = root / f"ray-batch-v{VERSION}" / f"png{SIDE}-{count}"
-    missing = [i for i in range(count) if not (folder / f"{i:05d}.png").is_file()]
+    base = root / f"ray-batch-v{VERSION}"
+    pool, folder = base / f"png{SIDE}", base / f"png{SIDE}-{count}"
+    missing = [i for i in range(count) if not (pool / f"{i:05d}.png").is_file()]
     if missing:
-        log(f"making {len(missing)} PNGs of {SIDE} px in {folder}")
-        folder.mkdir(parents=True, exist_ok=True)
+        log(f"making {len(missing)} PNGs of {SIDE} px in {pool}")
+        pool.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[-1:1:complex(0, SIDE), -1:1:complex(0, SIDE)].astype(np.float32)
     for i in missing:
         rng = np.random.default_rng(i)
@@ -57,9 +59,17 @@ def make_images(root: Path, count: int, log=lambda _: None) -> Path:
                             - ((yy + 0.05) / 0.62) ** 2, 0, 1) ** 0.5 for cx in (-0.4, 0.4))
         image = 0.08 + 0.6 * body - 0.45 * lungs + rng.normal(0, 0.03, body.shape)
         pixels = np.clip(image * 255, 0, 255).astype(np.uint8)
-        tmp = folder / f".{i:05d}.png.tmp"
+        tmp = pool / f".{i:05d}.png.tmp"
         Image.fromarray(pixels).save(tmp, format="PNG")
-        os.replace(tmp, folder / f"{i:05d}.png")
+        os.replace(tmp, pool / f"{i:05d}.png")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        link = folder / f"{i:05d}.png"
+        if not link.is_file():
+            try:
+                os.link(pool / link.name, link)
+            except OSError:  # no hard links here: a copy
+                shutil.copyfile(pool / link.name, link)
     return folder
 
 

@@ -1117,14 +1117,17 @@ def run_campaign(cases: Iterator[Case], *, time_limit: float = TIME_LIMIT,
 # Regression files
 # --------------------------------------------------------------------------------------------
 
+FILE_SUFFIXES = (".png", ".jpg", ".dcm", ".dicom", ".bmp", ".tif")
+
+
 def save_case(case: Case, folder: Path) -> Path:
-    """input: <generator>-<hash><suffix or .bin>[.specN]; manifest: a .case.json with the layout."""
+    """input: input-<generator>-<hash>[.specN][<suffix>].bin (always .bin, so no folder walk
+    takes it for an image); manifest: manifest-<generator>-<hash>.case.json with the layout."""
     folder.mkdir(parents=True, exist_ok=True)
     tag = case.generator.replace(":", "-").replace("/", "-")
     if case.target == "input":
-        ext = case.suffix or ".bin"
         spec = f".spec{case.spec}" if case.spec else ""
-        path = folder / f"input-{tag}-{case.digest()[:12]}{spec}{ext}"
+        path = folder / f"input-{tag}-{case.digest()[:12]}{spec}{case.suffix}.bin"
         path.write_bytes(case.data)
     else:
         path = folder / f"manifest-{tag}-{case.digest()[:12]}.case.json"
@@ -1139,12 +1142,13 @@ def load_case(path: Path) -> Case:
         doc = json.loads(path.read_text())
         return Case("manifest", f"regression:{name}", base64.b64decode(doc["manifest_base64"]),
                     fs=doc["fs"])
-    stem, ext = os.path.splitext(name)
+    stem = name.removesuffix(".bin")
+    suffix = next((s for s in FILE_SUFFIXES if stem.endswith(s)), "")
+    stem = stem.removesuffix(suffix) if suffix else stem
     spec = 0
-    if ".spec" in stem:
-        stem, _, number = stem.rpartition(".spec")
-        spec = int(number)
-    return Case("input", f"regression:{name}", path.read_bytes(), "" if ext == ".bin" else ext, spec)
+    if ".spec" in stem and stem.rpartition(".spec")[2].isdigit():
+        spec = int(stem.rpartition(".spec")[2])
+    return Case("input", f"regression:{name}", path.read_bytes(), suffix, spec)
 
 
 def regression_cases(folder: Path = REGRESSIONS) -> list[Case]:

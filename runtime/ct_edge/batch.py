@@ -402,12 +402,22 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None,
             yield Cluster(started=address is None, seconds=time.perf_counter() - start,
                           address=address, cpus=_cluster_cpus(ray), temp_dir=temp_dir)
         finally:
-            ray.shutdown()
+            if address is None:  # wait for our raylet & co, so none writes into temp_dir after
+                try:
+                    ray.shutdown(wait_for_processes=True)
+                except TypeError:  # an older Ray
+                    ray.shutdown()
+            else:
+                ray.shutdown()
     finally:
         if saved != {key: os.environ.get(key) for key in saved}:
             _set_auth_env(saved)
         if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            for _ in range(10):  # a dying worker may still write a log line
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                if not os.path.exists(temp_dir):
+                    break
+                time.sleep(0.2)
 
 
 _TOKEN: list[str] = []
