@@ -49,6 +49,14 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
+def _probabilities_output(outputs: list, shape_of: Callable[[object], list]) -> object:
+    """The rank-2 (batch, classes) output; a model without one is not a ct-edge classifier."""
+    for output in outputs:
+        if len(shape_of(output)) == 2:
+            return output
+    raise BundleError("the model has no (batch, classes) output; rebuild the bundle with `make convert`")
+
+
 class TFLiteBackend:
     """LiteRT (ai-edge-litert) first, tflite-runtime as fallback. One call at a time."""
 
@@ -62,7 +70,9 @@ class TFLiteBackend:
         self._input = self._interpreter.get_input_details()[0]
         outputs = self._interpreter.get_output_details()
         # Extra outputs (e.g. a feature map for heatmaps) have rank 4; probabilities have rank 2.
-        self._output = next(o for o in outputs if len(o["shape"]) == 2)
+        self._output = _probabilities_output(outputs, lambda o: o["shape"])
+        self.input_shape = tuple(int(d) for d in self._input["shape"][1:])
+        self.num_classes = int(self._output["shape"][-1])
         # Class-activation maps (n, h, w, classes), exported for heatmaps (ct_edge.explain).
         self._maps = next((o for o in outputs if len(o["shape"]) == 4), None)
         self._batch = int(self._input["shape"][0])
@@ -137,8 +147,11 @@ class OnnxBackend:
                                                  providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise BundleError(f"onnxruntime cannot load the model: {exc}") from None
-        self._input = self._session.get_inputs()[0].name
-        self._output = next(o.name for o in self._session.get_outputs() if len(o.shape) == 2)
+        model_input = self._session.get_inputs()[0]
+        output = _probabilities_output(self._session.get_outputs(), lambda o: o.shape)
+        self._input, self._output = model_input.name, output.name
+        self.input_shape = tuple(d if isinstance(d, int) else -1 for d in model_input.shape[1:])
+        self.num_classes = output.shape[-1] if isinstance(output.shape[-1], int) else -1
         self._maps = next((o.name for o in self._session.get_outputs() if len(o.shape) == 4), None)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

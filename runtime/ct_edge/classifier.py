@@ -54,6 +54,19 @@ def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarr
     return (scaled / scaled.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def _check_contract(bundle: Bundle, artifact: Artifact, engine: Backend) -> None:
+    """The model file must match the manifest's labels and input shape before it runs."""
+    expected = (bundle.spec.size, bundle.spec.size, bundle.spec.channels)
+    shape = getattr(engine, "input_shape", expected)
+    if any(d not in (e, -1) for d, e in zip(shape, expected, strict=False)) or len(shape) != 3:
+        raise BundleError(f"{artifact.path}: model input {shape} does not match the manifest's "
+                          f"{expected}; rebuild the bundle with `make convert`")
+    classes = getattr(engine, "num_classes", len(bundle.labels))
+    if classes not in (len(bundle.labels), -1):
+        raise BundleError(f"{artifact.path}: model has {classes} outputs but the manifest lists "
+                          f"{len(bundle.labels)} labels; rebuild the bundle with `make convert`")
+
+
 class Classifier:
     """A bundle's artifact loaded into its engine, with the bundle's preprocessing."""
 
@@ -73,6 +86,7 @@ class Classifier:
         bundle = Bundle.load(path)
         chosen = bundle.select(artifact, backend)
         engine = open_backend(chosen.format, chosen.read_verified(), threads)
+        _check_contract(bundle, chosen, engine)
         spec = bundle.spec.with_window(window) if window is not None else None
         return cls(bundle, chosen, engine, spec)
 
