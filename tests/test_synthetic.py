@@ -240,9 +240,9 @@ def test_cli_module_help_shows_defaults() -> None:
     )
     text = " ".join(result.stdout.split())
     for flag, default in (
-        ("--out", "data/synthetic"),
-        ("--train-per-class", "120"),
-        ("--test-per-class", "40"),
+        ("--out", "artifacts/data/synthetic"),
+        ("--train-per-class", "300"),
+        ("--test-per-class", "60"),
         ("--seed", "0"),
         ("--size", "192"),
     ):

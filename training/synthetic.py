@@ -31,6 +31,11 @@ import numpy as np
 from PIL import Image
 
 CLASSES: tuple[str, ...] = ("COVID-19", "Normal", "Viral Pneumonia")
+# 300 + 60 per class: with 120 + 40 the demo model landed anywhere from 82% to 94% between runs;
+# 300 + 60 keeps it in the mid 90s within the same 50 epochs (about two minutes here).
+TRAIN_PER_CLASS = 300
+TEST_PER_CLASS = 60
+DEFAULT_ROOT = Path("artifacts") / "data" / "synthetic"
 SPLITS: tuple[str, ...] = ("train", "test")
 STAMP_NAME = "synthetic.json"
 MIN_SIZE = 32
@@ -738,8 +743,8 @@ def _install(tmp: Path, root: Path, params: dict) -> None:
 
 def generate_dataset(
     root: Path,
-    train_per_class: int = 120,
-    test_per_class: int = 40,
+    train_per_class: int = TRAIN_PER_CLASS,
+    test_per_class: int = TEST_PER_CLASS,
     seed: int = 0,
     size: int = 192,
 ) -> Path:
@@ -806,9 +811,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Write the built-in synthetic chest CT data set (<out>/<split>/<class>/<name>.png).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=Path("data/synthetic"), help="output folder")
-    parser.add_argument("--train-per-class", type=_count, default=120, help="training images per class")
-    parser.add_argument("--test-per-class", type=_count, default=40, help="test images per class")
+    parser.add_argument("--out", type=Path, default=DEFAULT_ROOT, help="output folder")
+    parser.add_argument("--train-per-class", type=_count, default=TRAIN_PER_CLASS,
+                        help="training images per class")
+    parser.add_argument("--test-per-class", type=_count, default=TEST_PER_CLASS,
+                        help="test images per class")
     parser.add_argument("--seed", type=_count, default=0, help="random seed (>= 0)")
     parser.add_argument("--size", type=_size, default=192, help="image side in pixels")
     args = parser.parse_args(argv)

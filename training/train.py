@@ -29,9 +29,10 @@ from .metrics import (
     scale_temperature,
 )
 from .models import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from .synthetic import DEFAULT_ROOT as BUILTIN_DATA
 
 DEFAULT_OUT = Path("artifacts") / "model"
-BUILTIN_DATA = Path("artifacts") / "data" / "synthetic"
+
 CONFIG_FILE = "config.json"
 
 
