@@ -56,6 +56,7 @@ lint: setup  ## ruff
 
 clean:  ## remove generated files (keeps .venv)
 	rm -rf artifacts .pytest_cache .ruff_cache
+	find benchmarks/results -type f ! -name .gitkeep -delete
 
 # --- robustness (issue 8; docs/robustness.md) ---
 .PHONY: fuzz arm64-check

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ct_edge import IMAGE_SUFFIXES
+
 # Bump when the generated content changes: files live under v<VERSION>/ and are made only if missing.
 VERSION = 1
 JPEG_SIDES = (1000, 2000, 4000)
@@ -21,7 +23,6 @@ PNG16_SIDE = 2048
 DICOM_SIDE = 512
 FOLDER_SIDE = 512
 REAL_PER_CLASS = 1
-REAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
 
 @dataclass
@@ -111,7 +112,7 @@ def real_files(root: Path, per_class: int = REAL_PER_CLASS) -> list[Path]:
     """The first file(s) in sorted order of each class folder under root/train."""
     found: list[Path] = []
     for folder in sorted(p for p in (root / "train").iterdir() if p.is_dir()):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in REAL_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         found.extend(files[:per_class])
     return found
 

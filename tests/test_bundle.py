@@ -43,3 +43,31 @@ def test_the_unedited_bundle_loads(tiny_bundle: Path) -> None:
     classifier = Classifier.from_bundle(tiny_bundle, artifact="tflite-int8")
     assert classifier.backend.num_classes == len(classifier.labels) == 3
     assert classifier.backend.input_shape == (128, 128, 3)
+
+
+def test_a_model_that_fails_at_run_time_is_a_bundle_error_not_a_file_error(
+        tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from ct_edge import cli
+    from ct_edge.backends import TFLiteBackend
+
+    def broken(self, batch):
+        raise BundleError("litert failed to run the model: simulated")
+
+    monkeypatch.setattr(TFLiteBackend, "predict", broken)
+    fixture = Path(__file__).parent / "fixtures" / "gray8.png"
+    code = cli.main(["classify", "--bundle", str(tiny_bundle), "--artifact", "tflite-int8",
+                     str(fixture), str(fixture.with_name("rgb.jpg"))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert [line for line in err if line.startswith("error:")] == [
+        "error: litert failed to run the model: simulated"]
+
+
+def test_info_on_a_manifest_with_malformed_fields_is_one_line_and_exit_2(
+        tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from ct_edge import cli
+
+    bundle = _edited(tiny_bundle, tmp_path, lambda m: m.update(provenance=["not", "a", "dict"]))
+    assert cli.main(["info", "--bundle", str(bundle)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "malformed manifest" in err and "\n" not in err

@@ -100,15 +100,15 @@ def test_contrast_stretch_returns_float32() -> None:
         assert array.dtype == np.float32
 
 
-def test_float_image_with_nan_is_an_input_error() -> None:
-    """Found: a float TIFF holding NaN became a NaN model input."""
+def test_float_tiff_with_nan_is_an_input_error() -> None:
+    """Found: a float TIFF holding NaN became a NaN model input. TIFF is now refused outright."""
     from PIL import Image
 
     pixels = np.full((16, 16), 0.5, np.float32)
     pixels[3, 4] = np.nan
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "TIFF")
-    with pytest.raises(InputError, match="not finite"):
+    with pytest.raises(InputError, match="unsupported image format TIFF"):
         preprocess(buffer.getvalue())
 
 

@@ -390,7 +390,7 @@ def gen_jpeg(rng: np.random.Generator, seeds: dict[str, bytes]) -> Case:
 
 
 # --------------------------------------------------------------------------------------------
-# TIFF and BMP (accepted by decode(), so fuzzed as hard as PNG/JPEG)
+# TIFF and BMP (refused by decode(); fuzzed to show the refusal is always a clean InputError)
 # --------------------------------------------------------------------------------------------
 
 TIFF_TAGS = [256, 257, 258, 259, 262, 273, 274, 277, 278, 279, 284, 317, 322, 323, 324, 325,

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ct_edge import LABELS
+from ct_edge import IMAGE_SUFFIXES, LABELS
 from ct_edge.errors import CtEdgeError, InputError
 from ct_edge.preprocess import PreprocessSpec, preprocess
 
 DEFAULT_CACHE = Path("artifacts") / "cache"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ""}
 
 _ALIASES = {
     "covid": "COVID-19", "covid19": "COVID-19", "covid2019": "COVID-19", "sarscov2": "COVID-19",

@@ -5,6 +5,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 LABELS: tuple[str, ...] = ("COVID-19", "Normal", "Viral Pneumonia")
+# What a folder walk picks up, in training and in `ct-edge classify` alike (a file named on the
+# command line is tried whatever its suffix; DICOM without a suffix is recognised by content).
+DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", *DICOM_SUFFIXES)
 DISCLAIMER = "ct-edge is a research tool, not a diagnostic device; do not use it for clinical decisions."
 
 __all__ = ["DISCLAIMER", "LABELS", "__version__"]

@@ -189,4 +189,4 @@ def _artifact(root: Path, entry: dict) -> Artifact:
                     precision=str(entry["precision"]), sha256=str(entry["sha256"]), bytes=size,
                     status=str(entry.get("status", "unknown")), path=path,
                     parity=dict(entry.get("parity") or {}),
-                    failures=tuple(entry.get("failures") or ()))
+                    failures=tuple(str(f) for f in entry.get("failures") or ()))

@@ -17,15 +17,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
 
-from . import DISCLAIMER, __version__
+from . import DISCLAIMER, IMAGE_SUFFIXES, __version__
+from .errors import CtEdgeError
 
 if TYPE_CHECKING:  # imported lazily at run time
     from .bundle import Artifact, Bundle
     from .classifier import Classifier, Prediction
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE = 0, 1, 2
-# What a folder walk picks up; a file named on the command line is tried whatever its suffix.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".dcm", ".dicom")
 PROGRESS_MIN_FILES = 20
 DECODE_WORKERS = 2  # decode the next file while the engine runs the current one
 
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("ct-edge: error: choose a command: classify or info (see 'ct-edge --help')",
+        print("ct-edge: error: choose a command: classify, info, explain or batch (see 'ct-edge --help')",
               file=sys.stderr)
         return EXIT_USAGE
     from .errors import CtEdgeError
@@ -338,6 +337,8 @@ def _classify_one(classifier: Classifier, path: str, error: str | None) -> Predi
         try:
             # predict_many turns an InputError into a Prediction with `error` set.
             prediction = next(iter(classifier.predict_many([path])))
+        except CtEdgeError:
+            raise  # a model that cannot run is the bundle's problem (exit 2), not this file's
         except Exception as exc:  # a bug, but one bad file must not stop the batch
             prediction = Prediction(path=path, label=None, probabilities={},
                                     error=f"unexpected {type(exc).__name__}: {exc} "
@@ -508,6 +509,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import json
 
     from .bundle import Bundle
+    from .errors import BundleError
 
     bundle = Bundle.load(args.bundle)
     checks = {name: check_artifact(artifact) for name, artifact in bundle.artifacts.items()}
@@ -515,7 +517,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps({"path": str(bundle.root), "manifest": bundle.manifest, "checks": checks},
                          indent=2, ensure_ascii=False))
     else:
-        print(render_info(bundle, checks))
+        try:
+            text = render_info(bundle, checks)
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            # Fields only `info` shows (provenance, parity figures) are checked here, not on load.
+            raise BundleError(f"{bundle.root / 'manifest.json'}: malformed manifest "
+                              f"({type(exc).__name__}: {exc}); rebuild the bundle") from None
+        print(text)
     bad = {name: check for name, check in checks.items() if check != "ok"}
     if bad:
         _error("; ".join(f"artifact {name!r}: {check}" for name, check in bad.items())

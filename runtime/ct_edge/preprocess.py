@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import DICOM_SUFFIXES
 from .errors import InputError
 
 Source = str | Path | bytes
@@ -34,7 +35,7 @@ MAX_PIXELS = 64_000_000
 # took 5 s and 1.3 GB (found by tools/fuzz.py). No scan is anywhere near this long on one side.
 MAX_SIDE = 16_384
 MAX_FILE_BYTES = 512 * 1024 * 1024
-DICOM_SUFFIXES = (".dcm", ".dicom")
+
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
@@ -163,7 +164,7 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
         if max(width, height) > MAX_SIDE:
             raise InputError(name, f"{width}x{height} pixels: a side is over the {MAX_SIDE} pixel "
                                    "limit (decompression bomb guard)")
-        if image.format not in ("PNG", "JPEG", "MPO", "BMP", "TIFF"):
+        if image.format not in ("PNG", "JPEG", "MPO"):
             raise InputError(name, f"unsupported image format {image.format}; use PNG, JPEG or DICOM")
         if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
             image.draft("L", (spec.size, spec.size))
