@@ -685,7 +685,10 @@ def quiet_ray(verbose: bool) -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(saved, fd)  # drops the pipe's last write end: the pump reads EOF and stops
         thread.join(timeout=5)
-        os.close(saved)
+        # A Ray process that inherited the pipe can keep it open; the pump then lives on and
+        # must keep a valid fd to write to, so `saved` (and the read end) are left to it.
+        if not thread.is_alive():
+            os.close(saved)
         _restore_env("RAY_DATA_LOG_LEVEL", env_level)
         data_logger.setLevel(level)
 
