@@ -79,3 +79,19 @@ def test_temperature_never_sharpens_a_perfectly_classified_validation_split() ->
     confident_and_right = np.full((6, 3), 0.1)
     confident_and_right[np.arange(6), y] = 0.8
     assert metrics.fit_temperature(confident_and_right, y) == metrics.MIN_TEMPERATURE
+
+
+def test_a_backup_cut_off_mid_write_is_repaired_or_dropped(tmp_path: Path) -> None:
+    from training.train import _usable_backup
+
+    backup = tmp_path / "backup-abc"
+    assert not _usable_backup(backup)
+    backup.mkdir()
+    (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": -1}')
+    assert _usable_backup(backup)
+    (backup / "training_metadata.json").write_text('{"epo')  # killed mid-write
+    (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": -1}')
+    assert _usable_backup(backup)
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
+    (backup / "training_metadata.json").write_text("")
+    assert not _usable_backup(backup) and not backup.exists()

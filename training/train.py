@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -128,7 +129,10 @@ def _callbacks(config: TrainConfig, out: Path, val_available: bool) -> list:
                 _atomic_save(self.model, out / "checkpoint.keras")
 
     return [
-        keras.callbacks.BackupAndRestore(str(out / f"backup-{config.key()}")),
+        # double_checkpoint: a kill while the weights are written leaves the previous epoch's
+        # copy, which Keras falls back to instead of failing the resumed run.
+        keras.callbacks.BackupAndRestore(str(out / f"backup-{config.key()}"),
+                                         double_checkpoint=True),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5,
@@ -191,6 +195,33 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return {key: [float(r[key]) for r in ordered] for key in ordered[0] if key != "epoch"}
 
 
+def _usable_backup(backup: Path) -> bool:
+    """True when a resumable backup exists; a backup killed mid-write is repaired or dropped.
+
+    Keras falls back to the previous weights itself (double_checkpoint) but not to the previous
+    epoch counter, so a half-written training_metadata.json is handled here.
+    """
+    if not backup.is_dir():
+        return False
+    metadata = backup / "training_metadata.json"
+
+    def parses(path: Path) -> bool:
+        try:
+            return isinstance(json.loads(path.read_text())["epoch"], int)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    if not metadata.exists() or parses(metadata):
+        return True
+    previous = metadata.with_name(metadata.name + ".bkp")
+    if parses(previous):
+        os.replace(previous, metadata)
+        return True
+    print(f"warning: {backup} was cut off mid-write; starting this run over", file=sys.stderr)
+    shutil.rmtree(backup, ignore_errors=True)
+    return False
+
+
 def train(config: TrainConfig) -> dict:
     """The whole job: data, fit, test, calibration, reports. Returns metrics.json's content."""
     from .report import confusion_matrix_plot, learning_curves
@@ -212,7 +243,7 @@ def train(config: TrainConfig) -> dict:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    resumed = (out / f"backup-{config.key()}").is_dir()
+    resumed = _usable_backup(out / f"backup-{config.key()}")
     if not resumed:
         for stale in ("history.csv", "checkpoint.keras"):
             (out / stale).unlink(missing_ok=True)
