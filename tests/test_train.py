@@ -95,3 +95,16 @@ def test_a_backup_cut_off_mid_write_is_repaired_or_dropped(tmp_path: Path) -> No
     assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
     (backup / "training_metadata.json").write_text("")
     assert not _usable_backup(backup) and not backup.exists()
+
+
+def test_the_same_training_twice_gives_the_same_model() -> None:
+    from training.train import fit_model
+
+    rng = np.random.default_rng(0)
+    x = rng.random((24, 128, 128, 3), dtype=np.float32)
+    y = np.arange(24) % 3
+    config = TrainConfig(epochs=2, batch_size=8)
+    first, _ = fit_model(config, x[:18], y[:18], x[18:], y[18:], verbose=0)
+    second, _ = fit_model(config, x[:18], y[:18], x[18:], y[18:], verbose=0)
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
