@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from easy_images import write_easy_images
 
 from ct_edge import LABELS
 from ct_edge.bundle import Bundle
@@ -26,28 +26,6 @@ SIZE = 32  # model input side: small enough to train and convert in seconds
 ALL = ("tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx-fp32", "onnx-int8")
 
 
-def _write_easy_images(root: Path, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
-    """Class-dependent gray images a small CNN separates confidently within seconds of training:
-    a bright disc (COVID-19), plain noise (Normal), horizontal stripes (Viral Pneumonia)."""
-    rng = np.random.default_rng(seed)
-    side = 48
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for label_index, label in enumerate(LABELS):
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i in range(count):
-                img = 0.3 + 0.1 * rng.standard_normal((side, side))
-                if label_index == 0:
-                    cx, cy = rng.uniform(0.3, 0.7, 2)
-                    img += 0.5 * (((xx - cx) ** 2 + (yy - cy) ** 2) < 0.04)
-                elif label_index == 2:
-                    img += 0.4 * (np.sin(yy * rng.uniform(15, 25) + rng.uniform(0, 6)) > 0)
-                pixels = np.clip(img * 255, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def easy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model.keras + config.json from a ~3 s training run (reference CNN, 32 px, no augmentation)."""
@@ -55,7 +33,7 @@ def easy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.train import TrainConfig, train
 
     base = tmp_path_factory.mktemp("convert")
-    data = _write_easy_images(base / "data", train_per_class=30, test_per_class=20)
+    data = write_easy_images(base / "data", train_per_class=30, test_per_class=20)
     out = base / "model"
     train(TrainConfig(data=str(data), out=str(out), arch="reference", epochs=10, patience=10,
                       augment=False, cache=str(base / "cache"),

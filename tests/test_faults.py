@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from easy_images import write_easy_images
 
 from ct_edge.bundle import Bundle
 from ct_edge.errors import BundleError
@@ -196,36 +197,9 @@ def _history_epochs(path: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
-def _easy_images(root: Path, train_per_class: int, test_per_class: int) -> Path:
-    """Three classes a small CNN learns in a few epochs (a disc, plain noise, stripes), so that
-    "within noise of an uninterrupted run" compares two models that have learnt something."""
-    import numpy as np
-    from PIL import Image
-
-    from ct_edge import LABELS
-
-    rng = np.random.default_rng(0)
-    side = 48
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for index, label in enumerate(LABELS):
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i in range(count):
-                img = 0.3 + 0.1 * rng.standard_normal((side, side))
-                if index == 0:
-                    cy, cx = rng.uniform(0.3, 0.7, 2)
-                    img += 0.5 * (((yy - cy) ** 2 + (xx - cx) ** 2) < 0.04)
-                elif index == 2:
-                    img += 0.4 * (np.sin(yy * rng.uniform(20, 30)) > 0)
-                pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-    return root
-
-
 @pytest.mark.slow
 def test_training_killed_mid_epoch_resumes_and_finishes(tmp_path: Path) -> None:
-    data = _easy_images(tmp_path / "data", train_per_class=30, test_per_class=20)
+    data = write_easy_images(tmp_path / "data", train_per_class=30, test_per_class=20)
     epochs = 10
     command = [sys.executable, "-m", "training.train", "--data", str(data), "--epochs", str(epochs),
                "--patience", str(epochs), "--arch", "reference", "--no-augment"]
