@@ -1,4 +1,4 @@
-"""The manifest must describe the model it ships with: labels and input shape are checked on load."""
+"""The manifest must describe the model it ships with; what the classifier makes of model outputs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from ct_edge.classifier import Classifier
+from ct_edge.classifier import Classifier, apply_temperature
 from ct_edge.errors import BundleError
 
 
@@ -71,3 +72,11 @@ def test_info_on_a_manifest_with_malformed_fields_is_one_line_and_exit_2(
     assert cli.main(["info", "--bundle", str(bundle)]) == 2
     err = capsys.readouterr().err.strip()
     assert "malformed manifest" in err and "\n" not in err
+
+
+def test_int8_probabilities_are_renormalised_to_sum_to_one() -> None:
+    steps = np.array([[128, 60, 67], [0, 0, 256]], dtype=np.float32) / 256  # an int8 output
+    probabilities = apply_temperature(steps, 1.0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    assert probabilities.argmax(axis=1).tolist() == [0, 2]
+    np.testing.assert_allclose(probabilities[0], steps[0] / steps[0].sum(), rtol=1e-5)

@@ -38,7 +38,10 @@ BASE: dict = {
     "epochs": 50, "learning_rate": 1e-3, "batch_size": 16, "patience": 10, "class_weights": True,
     "augment": True, "aug_rotation": 0.05, "aug_zoom": 0.1, "aug_translate": 0.0,
     "aug_flip": True, "aug_brightness": 0.1, "aug_contrast": 0.0,
+    "schedule": "plateau", "warmup_epochs": 0, "label_smoothing": 0.0, "weight_decay": 0.0,
+    "ema": False, "mixup": 0.0,
 }
+COSINE = {"schedule": "cosine"}
 STRONG_AUG = {"aug_rotation": 0.08, "aug_zoom": 0.15, "aug_translate": 0.08,
               "aug_brightness": 0.2, "aug_contrast": 0.2}
 WEAK_AUG = {"aug_rotation": 0.02, "aug_zoom": 0.05, "aug_brightness": 0.05}
@@ -71,6 +74,16 @@ _CHANGES: dict[str, dict] = {
     "edge-gap-l2-crop": {"arch": "edge-gap-l2"},
     "edge-gap-sdrop-crop": {"arch": "edge-gap-sdrop"},
     "edge-gap-drop5-crop": {"arch": "edge-gap-drop5"},
+    # a fixed cosine schedule instead of early stopping on ~30 validation images, and what
+    # usually goes with it
+    "cos": COSINE,
+    "cos-noaug": {**COSINE, "augment": False},
+    "cos-strongaug": {**COSINE, **STRONG_AUG},
+    "cos-ls": {**COSINE, "label_smoothing": 0.1},
+    "cos-ema": {**COSINE, "ema": True},
+    "cos-mixup": {**COSINE, "mixup": 0.2},
+    "cos-wd": {**COSINE, "weight_decay": 0.05},
+    "cos-e80": {**COSINE, "epochs": 80},
     # combinations of the changes that helped
     "edge-gap-deep-crop-p20": {"arch": "edge-gap-deep", "patience": 20, "epochs": 80},
     "edge-gap-se-crop-p20": {"arch": "edge-gap-se", "patience": 20, "epochs": 80},
@@ -90,9 +103,21 @@ def _config(base: TrainConfig, settings: dict) -> TrainConfig:
     return replace(base, spec=spec.to_dict(), **fields)
 
 
+def _predict(model, x: np.ndarray, tta: bool) -> np.ndarray:
+    probs = model.predict(x, verbose=0)
+    if tta:  # mean with the horizontally flipped image, as the augmentation flips too
+        probs = (probs + model.predict(x[:, :, ::-1], verbose=0)) / 2
+    return probs
+
+
 def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
-                   cache: Path = data_mod.DEFAULT_CACHE) -> dict:
-    """Train and test one recipe on k folds; per-fold and summary figures."""
+                   cache: Path = data_mod.DEFAULT_CACHE, members: int = 1,
+                   tta: bool = False) -> dict:
+    """Train and test one recipe on k folds; per-fold and summary figures.
+
+    `members` > 1 trains that many models per fold (other seeds) and averages their
+    probabilities (an ensemble); `tta` also averages over a horizontal flip.
+    """
     spec = config.preprocess_spec()
     train_dir = root / "train" if (root / "train").is_dir() else root
     samples = data_mod.scan_split(train_dir)
@@ -107,26 +132,36 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
         fit_part, val_part = data_mod.stratified_hash_split(train_part, 0.15, config.seed + fold)
         pick = lambda part: np.asarray([index[s.path] for s in part])  # noqa: E731
         started = time.time()
-        # With an output folder, fit_model uses exactly the callbacks of `make train` (early
-        # stopping, ReduceLROnPlateau, best-epoch checkpoint); the folder is thrown away.
-        with tempfile.TemporaryDirectory(prefix="ct-edge-cv-") as scratch:
-            model, history = fit_model(replace(config, seed=config.seed + fold),
-                                       x_all[pick(fit_part)], y_all[pick(fit_part)],
-                                       x_all[pick(val_part)], y_all[pick(val_part)],
-                                       out=Path(scratch), verbose=0)
         y_test, y_val = y_all[pick(test_part)], y_all[pick(val_part)]
-        test_probs = model.predict(x_all[pick(test_part)], verbose=0)
-        temperature = fit_temperature(model.predict(x_all[pick(val_part)], verbose=0), y_val)
+        test_probs, val_probs, epochs = [], [], []
+        for member in range(members):
+            # With an output folder, fit_model uses exactly the callbacks of `make train` (early
+            # stopping, ReduceLROnPlateau, best-epoch checkpoint); the folder is thrown away.
+            with tempfile.TemporaryDirectory(prefix="ct-edge-cv-") as scratch:
+                model, history = fit_model(replace(config, seed=config.seed + fold + 1000 * member),
+                                           x_all[pick(fit_part)], y_all[pick(fit_part)],
+                                           x_all[pick(val_part)], y_all[pick(val_part)],
+                                           out=Path(scratch), verbose=0)
+            test_probs.append(_predict(model, x_all[pick(test_part)], tta))
+            val_probs.append(_predict(model, x_all[pick(val_part)], tta))
+            epochs.append(len(history["loss"]))
+        test_probs, val_probs = np.mean(test_probs, axis=0), np.mean(val_probs, axis=0)
+        temperature = fit_temperature(val_probs, y_val)
         report = classification_report(test_probs, y_test, LABELS)
         result = {
             "fold": fold, "accuracy": report["accuracy"], "loss": report["loss"],
             "recall": {k: v["recall"] for k, v in report["per_class"].items()},
             "confusion_matrix": report["confusion_matrix"], "n_test": report["n"],
-            "epochs": len(history["loss"]), "temperature": temperature,
+            "epochs": float(np.mean(epochs)), "temperature": temperature,
             "ece_before": expected_calibration_error(test_probs, y_test),
             "ece_after": expected_calibration_error(scale_temperature(test_probs, temperature),
                                                     y_test),
             "seconds": round(time.time() - started, 1),
+            # Which images a recipe gets wrong: the same ones in every recipe point at the data.
+            "errors": [{"path": str(s.path), "true": LABELS[t], "predicted": LABELS[int(p.argmax())],
+                        "confidence": round(float(p.max()), 4)}
+                       for s, t, p in zip(test_part, y_test, test_probs, strict=True)
+                       if int(p.argmax()) != t],
         }
         results.append(result)
         print(f"  fold {fold + 1}/{folds}: accuracy {result['accuracy']:.1%}  loss "
@@ -191,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help="maximum epochs, overriding the experiment's (default: its own)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    parser.add_argument("--members", type=int, default=1,
+                        help="models per fold, probabilities averaged (default: 1)")
+    parser.add_argument("--tta", action="store_true",
+                        help="also average over a horizontal flip at test time (default: off)")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help=f"results folder (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -211,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
                              EXPERIMENTS[name])
             if args.epochs is not None:
                 config = replace(config, epochs=args.epochs)
-            label = name if args.seed == 0 else f"{name}@seed{args.seed}"
+            label = (name + (f"+ens{args.members}" if args.members > 1 else "")
+                     + ("+tta" if args.tta else "") + (f"@seed{args.seed}" if args.seed else ""))
             print(f"{label}: {args.folds}-fold cross-validation on {root}", flush=True)
-            run = cross_validate(root, config, args.folds)
-            run["config"] = {**asdict(config), "data": str(root)}
+            run = cross_validate(root, config, args.folds, members=args.members, tta=args.tta)
+            run["config"] = {**asdict(config), "data": str(root), "members": args.members,
+                             "tta": args.tta}
             run["command"] = (f"python -m training.evaluate --data {root} --experiments {name}"
                               + (f" --seed {args.seed}" if args.seed else "")
+                              + (f" --members {args.members}" if args.members > 1 else "")
+                              + (" --tta" if args.tta else "")
                               + (f" --epochs {args.epochs}" if args.epochs is not None else "")
                               + (f" --folds {args.folds}" if args.folds != 5 else ""))
             data_mod.write_json(out / root.name / f"{label}.json", run)

@@ -60,6 +60,14 @@ class TrainConfig:
     aug_brightness: float = 0.1   # max brightness shift in [0, 1] units
     aug_contrast: float = 0.0     # max contrast factor change
     class_weights: bool = True
+    # Optimisation: "plateau" = early stopping on validation loss (best epoch restored) with
+    # ReduceLROnPlateau; "cosine" = a fixed cosine-decay schedule over all epochs, last epoch kept.
+    schedule: str = "plateau"
+    warmup_epochs: int = 0        # linear warm-up (cosine schedule only)
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0     # decoupled (AdamW) when > 0
+    ema: bool = False             # evaluate/save an exponential moving average of the weights
+    mixup: float = 0.0            # Beta(a, a) mixup of training batches when a > 0
     spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
     cache: str = str(data_mod.DEFAULT_CACHE)
 
@@ -114,6 +122,15 @@ def _callbacks(config: TrainConfig, out: Path, val_available: bool) -> list:
     import keras
 
     monitor = "val_loss" if val_available else "loss"
+    resume = [
+        # double_checkpoint: a kill while the weights are written leaves the previous epoch's
+        # copy, which Keras falls back to instead of failing the resumed run.
+        keras.callbacks.BackupAndRestore(str(out / f"backup-{config.key()}"),
+                                         double_checkpoint=True),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+    ]
+    if config.schedule == "cosine":
+        return resume
 
     class AtomicBestCheckpoint(keras.callbacks.Callback):
         """Keeps the best epoch's model; written to a temp file then renamed."""
@@ -129,17 +146,46 @@ def _callbacks(config: TrainConfig, out: Path, val_available: bool) -> list:
                 _atomic_save(self.model, out / "checkpoint.keras")
 
     return [
-        # double_checkpoint: a kill while the weights are written leaves the previous epoch's
-        # copy, which Keras falls back to instead of failing the resumed run.
-        keras.callbacks.BackupAndRestore(str(out / f"backup-{config.key()}"),
-                                         double_checkpoint=True),
+        *resume,
         keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5,
                                           patience=max(3, config.patience // 2), min_lr=1e-5),
-        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         AtomicBestCheckpoint(),
     ]
+
+
+def _optimizer(config: TrainConfig, steps_per_epoch: int):
+    import keras
+
+    rate = config.learning_rate
+    if config.schedule == "cosine":
+        warmup = config.warmup_epochs * steps_per_epoch
+        rate = keras.optimizers.schedules.CosineDecay(
+            rate if not warmup else rate / 10, (config.epochs - config.warmup_epochs)
+            * steps_per_epoch, warmup_target=rate if warmup else None, warmup_steps=warmup)
+    elif config.schedule != "plateau":
+        raise ValueError(f"unknown schedule {config.schedule!r}; use plateau or cosine")
+    options = {"use_ema": config.ema}
+    if config.weight_decay:
+        return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay, **options)
+    return keras.optimizers.Adam(rate, **options)
+
+
+def _mixup(alpha: float, seed: int):
+    """Mixes each batch with a shuffled copy of itself, weight ~ Beta(alpha, alpha)."""
+    import tensorflow as tf
+
+    def mix(x, y):
+        n = tf.shape(x)[0]
+        a = tf.random.gamma([1], alpha, seed=seed)
+        b = tf.random.gamma([1], alpha, seed=seed + 1)
+        lam = tf.maximum(a / (a + b), b / (a + b))  # the original image stays the larger part
+        order = tf.random.shuffle(tf.range(n), seed=seed + 2)
+        return (lam * x + (1 - lam) * tf.gather(x, order),
+                lam * y + (1 - lam) * tf.gather(y, order))
+
+    return mix
 
 
 def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
@@ -157,8 +203,11 @@ def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     tf.config.experimental.enable_op_determinism()
     spec = config.preprocess_spec()
     model = build_model(config.arch, (spec.size, spec.size, spec.channels), len(LABELS))
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                  loss="categorical_crossentropy", metrics=["accuracy"])
+    steps_per_epoch = -(-len(x_train) // config.batch_size)
+    model.compile(optimizer=_optimizer(config, steps_per_epoch),
+                  loss=keras.losses.CategoricalCrossentropy(
+                      label_smoothing=config.label_smoothing),
+                  metrics=["accuracy"])
     one_hot = np.eye(len(LABELS), dtype=np.float32)
     train = tf.data.Dataset.from_tensor_slices((x_train, one_hot[y_train]))
     train = train.shuffle(len(x_train), seed=config.seed, reshuffle_each_iteration=True)
@@ -167,15 +216,22 @@ def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         augment = augmenter(config.seed, config)
         train = train.map(lambda x, y: (augment(x, training=True), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
+    if config.mixup:
+        train = train.map(_mixup(config.mixup, config.seed))
     train = train.prefetch(tf.data.AUTOTUNE)
     val = (x_val, one_hot[y_val]) if len(y_val) else None
     weights = None
     if config.class_weights:
         counts = np.bincount(y_train, minlength=len(LABELS)).astype(np.float64)
         weights = {i: float(len(y_train) / (len(LABELS) * c)) for i, c in enumerate(counts) if c}
-    callbacks = _callbacks(config, out, val is not None) if out is not None else [
-        keras.callbacks.EarlyStopping(monitor="val_loss" if val else "loss",
-                                      patience=config.patience, restore_best_weights=True)]
+    if out is not None:
+        callbacks = _callbacks(config, out, val is not None)
+    elif config.schedule == "plateau":
+        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss" if val else "loss",
+                                                   patience=config.patience,
+                                                   restore_best_weights=True)]
+    else:
+        callbacks = []
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     history = model.fit(train, validation_data=val, epochs=config.epochs, class_weight=weights,
@@ -271,7 +327,7 @@ def train(config: TrainConfig) -> dict:
         }
     history = read_history(out / "history.csv")
     monitor = history.get("val_loss") or history["loss"]
-    best_epoch = int(np.argmin(monitor)) + 1
+    best_epoch = len(monitor) if config.schedule == "cosine" else int(np.argmin(monitor)) + 1
 
     _atomic_save(model, out / "model.keras")
     (out / "checkpoint.keras").unlink(missing_ok=True)

@@ -45,9 +45,11 @@ class Prediction:
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature scaling on probabilities: softmax(log p / T) == softmax(z / T) for logits z."""
-    if temperature == 1.0:
-        return probabilities
+    """Temperature scaling on probabilities: softmax(log p / T) == softmax(z / T) for logits z.
+
+    Also at T = 1 the rows are renormalised: an int8 output moves in steps of 1/256 and its
+    dequantised probabilities need not sum to 1.
+    """
     logits = np.log(np.clip(probabilities, 1e-7, 1.0)) / temperature
     logits -= logits.max(axis=-1, keepdims=True)
     scaled = np.exp(logits)

@@ -95,8 +95,9 @@ def choose_artifacts(bundle_dir: Path) -> list[str]:
     return names
 
 
-def inputs(limit_synthetic: int = 6) -> list[Path]:
-    """Every fixture kind (PNG 8/16-bit, RGBA, palette, JPEG RGB/gray/CMYK, DICOM CT) + a few scans."""
+def inputs(limit_synthetic: int = 6, extra: list[Path] = (), limit_extra: int = 60) -> list[Path]:
+    """Every fixture kind (PNG 8/16-bit, RGBA, palette, JPEG RGB/gray/CMYK, DICOM CT), a few
+    synthetic scans, and up to `limit_extra` images spread evenly over the `extra` files/folders."""
     files = sorted(FIXTURES.glob("*.png")) + sorted(FIXTURES.glob("*.jpg")) + \
         sorted(FIXTURES.glob("*.dcm"))
     for root in (REPO / "artifacts" / "data" / "synthetic" / "test", CACHE / "data" / "test"):
@@ -105,7 +106,12 @@ def inputs(limit_synthetic: int = 6) -> list[Path]:
             step = max(1, len(scans) // limit_synthetic)
             files += scans[::step][:limit_synthetic]
             break
-    return files
+    from ct_edge import IMAGE_SUFFIXES
+
+    more = sorted(f for e in extra for f in ([e] if e.is_file() else e.rglob("*"))
+                  if f.suffix.lower() in IMAGE_SUFFIXES)
+    step = max(1, len(more) // limit_extra) if more else 1
+    return files + more[::step][:limit_extra]
 
 
 def run(command: list[str], env: dict[str, str], what: str, timeout: float) -> tuple[dict, float]:
@@ -170,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: see above)")
     parser.add_argument("--rootfs", type=Path, default=CACHE / "rootfs")
     parser.add_argument("--site", type=Path, default=CACHE / "site")
+    parser.add_argument("--images", type=Path, nargs="*", default=[],
+                        help="more inputs: image files or folders (default: none)")
+    parser.add_argument("--max-images", type=int, default=60,
+                        help="at most this many of --images, spread evenly (default: 60)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     parser.add_argument("--report", type=Path, default=CACHE / "report.json")
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("arm64-check: run tools/arm64/setup.sh first (qemu-aarch64, rootfs, wheels)")
     source = find_bundle(args.bundle)
     names = choose_artifacts(source)
-    images = inputs()
+    images = inputs(extra=args.images, limit_extra=args.max_images)
     with tempfile.TemporaryDirectory(prefix="ct-edge-arm64-") as tmp:
         # Both runs read one private copy: a bundle replaced meanwhile cannot split the comparison.
         bundle = Path(tmp) / "bundle"
