@@ -5,7 +5,6 @@ No test here asserts a time: the figures depend on the machine and its load.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import subprocess
@@ -13,9 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from ct_edge import LABELS
-from ct_edge.preprocess import PreprocessSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,49 +56,16 @@ CLI_FIELDS = [
 INPUTS = ("jpeg-1000", "jpeg-2000", "jpeg-4000", "png16-2048", "dicom-ct-512")
 
 
-def make_private_bundle(root: Path) -> tuple[Path, Path]:
-    """A random-weight Keras model (128x128x3 -> softmax over 3) and an fp32 TFLite bundle of it."""
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((128, 128, 3)), keras.layers.Conv2D(4, 3, strides=4),
-                              keras.layers.GlobalAveragePooling2D(),
-                              keras.layers.Dense(len(LABELS), activation="softmax")])
-    root.mkdir(parents=True)
-    model_path = root.parent / "model.keras"
-    model.save(model_path)
-    data = bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    (root / "model_fp32.tflite").write_bytes(data)
-    spec = PreprocessSpec()
-    manifest = {
-        "schema_version": 1, "labels": list(LABELS),
-        "input": {"shape": [1, spec.size, spec.size, spec.channels], "dtype": "float32",
-                  "layout": "NHWC", "range": [0.0, 1.0]},
-        "preprocess": spec.to_dict(),
-        "calibration": {"temperature": 1.0, "uncertain_below": 0.6},
-        "artifacts": [{"name": "tflite-fp32", "file": "model_fp32.tflite", "format": "tflite",
-                       "precision": "fp32", "engine": "litert",
-                       "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                       "status": "passed", "failures": [], "parity": {}}],
-        "default": "tflite-fp32",
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return root, model_path
-
-
 @pytest.fixture(scope="module")
-def bench_bundle(request: pytest.FixtureRequest,
-                 tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(bundle, model.keras): the shared converted bundle when it builds, else a private one."""
-    try:
-        bundle = request.getfixturevalue("tiny_bundle")
-        model = request.getfixturevalue("tiny_model") / "model.keras"
-        if (bundle / "manifest.json").is_file() and model.is_file():
-            return bundle, model
-    except Exception:  # the shared fixture is missing or its converter is not there yet
-        pass
-    return make_private_bundle(tmp_path_factory.mktemp("bench") / "bundle")
+def bench_bundle(tiny_bundle: Path, tiny_model: Path) -> tuple[Path, Path]:
+    """(bundle, model.keras): conftest's converted `tiny_bundle` and its source model."""
+    # No fallback to a stand-in bundle: tiny_bundle already tolerates a missed parity gate, so if it
+    # fails, training or the converter is broken; that must show as an error here, not as a passing
+    # benchmark of a smaller stand-in (one fp32 artifact, no int8 or ONNX).
+    model = tiny_model / "model.keras"
+    assert (tiny_bundle / "manifest.json").is_file(), f"tiny_bundle wrote no manifest in {tiny_bundle}"
+    assert model.is_file(), f"tiny_model wrote no {model}"
+    return tiny_bundle, model
 
 
 @pytest.fixture(scope="module")

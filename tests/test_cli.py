@@ -6,6 +6,7 @@ interpreter where the process boundary is the point (no traceback, no TensorFlow
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -14,10 +15,10 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from bundle_helpers import manifest_for, provenance_for, write_bundle
 
 from ct_edge import DISCLAIMER, LABELS, __version__, cli
 from ct_edge.preprocess import PreprocessSpec
@@ -33,7 +34,7 @@ SHARED_BUNDLE = os.environ.get("CT_EDGE_TEST_SHARED_BUNDLE") == "1"
 
 def make_test_bundle(root: Path, uncertain_below: float = 0.5) -> Path:
     """A real, tiny bundle in `root`: an untrained Keras CNN (fixed seed) converted to fp32 TFLite,
-    plus a hand-built ONNX model when `onnx` is installed, and a manifest as bundle.py reads it.
+    plus a hand-built ONNX model when `onnx` is installed, and the manifest `make convert` writes.
 
     Stands in for conftest's `tiny_bundle` (a trained one, ~1 minute to build); set
     CT_EDGE_TEST_SHARED_BUNDLE=1 to run these tests on that one instead.
@@ -44,7 +45,6 @@ def make_test_bundle(root: Path, uncertain_below: float = 0.5) -> Path:
     import tensorflow as tf
 
     spec = PreprocessSpec()
-    root.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(7)
     # Large dense weights, so random features still give confident, image-dependent answers.
     model = keras.Sequential([
@@ -54,38 +54,16 @@ def make_test_bundle(root: Path, uncertain_below: float = 0.5) -> Path:
         keras.layers.Dense(len(LABELS), activation="softmax",
                            kernel_initializer=keras.initializers.RandomNormal(stddev=20.0, seed=7)),
     ])
-    files = {"model_fp32.tflite": tf.lite.TFLiteConverter.from_keras_model(model).convert()}
-    artifacts = [("tflite-fp32", "model_fp32.tflite", "tflite")]
-    try:
-        files["model_fp32.onnx"] = _onnx_model(np.random.default_rng(7))
-        artifacts.append(("onnx-fp32", "model_fp32.onnx", "onnx"))
-    except ImportError:
-        pass
-    entries = []
-    for name, file, fmt in artifacts:
-        data = files[file]
-        (root / file).write_bytes(data)
-        entries.append({"name": name, "file": file, "format": fmt, "precision": "fp32",
-                        "engine": "litert" if fmt == "tflite" else "onnxruntime",
-                        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                        "status": "passed", "failures": [],
-                        "parity": {"accuracy": 1.0, "agreement": 1.0, "max_abs_diff": 0.0}})
-    manifest = {
-        "schema_version": 1,
-        "labels": list(LABELS),
-        "input": {"shape": [1, spec.size, spec.size, spec.channels], "dtype": "float32",
-                  "layout": "NHWC", "range": [0.0, 1.0]},
-        "preprocess": spec.to_dict(),
-        "calibration": {"temperature": 1.0, "uncertain_below": uncertain_below},
-        "artifacts": entries,
-        "default": "tflite-fp32",
-        "provenance": {"model_sha256": hashlib.sha256(files["model_fp32.tflite"]).hexdigest(),
-                       "data_fingerprint": "none (untrained test model)",
-                       "versions": {"tensorflow": tf.__version__},
-                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return root
+    models = {"tflite-fp32": tf.lite.TFLiteConverter.from_keras_model(model).convert()}
+    with contextlib.suppress(ImportError):  # no ONNX artifact without `onnx`
+        models["onnx-fp32"] = _onnx_model(np.random.default_rng(7))
+    manifest = manifest_for(
+        models, "tflite-fp32",
+        provenance_for(hashlib.sha256(models["tflite-fp32"]).hexdigest(),
+                       data_fingerprint="none (untrained test model)"),
+        uncertain_below=uncertain_below,
+        parity={"accuracy": 1.0, "agreement": 1.0, "max_abs_diff": 0.0})
+    return write_bundle(root, models, manifest)
 
 
 def _onnx_model(rng) -> bytes:

@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bundle_helpers import manifest_for, provenance_for, write_bundle  # noqa: E402
+
 from ct_edge.bundle import Bundle  # noqa: E402
 from ct_edge.errors import BundleError, InputError  # noqa: E402
 from ct_edge.preprocess import MAX_SIDE, PreprocessSpec, preprocess  # noqa: E402
@@ -134,14 +136,18 @@ def test_deflated_dicom_bomb_is_refused_and_a_small_one_decodes() -> None:
         preprocess(bomb)
 
 
+# tools/fuzz.py's stand-in model files, by artifact name (Bundle.load never parses a model).
+MODELS = {name: fuzz.artifact_bytes(file) for name, (file, *_) in fuzz.MODEL_FILES.items()}
+
+
+def _manifest() -> dict:
+    """A valid manifest for MODELS, as `make convert` writes it (a fresh copy to edit)."""
+    return manifest_for(MODELS, "tflite-int8", provenance_for("0" * 64), temperature=0.91,
+                        parity={"accuracy": 0.9, "agreement": 1.0, "max_abs_diff": 1e-6})
+
+
 def _bundle(tmp_path: Path, manifest: dict | str) -> Path:
-    root = tmp_path / "bundle"
-    root.mkdir(exist_ok=True)
-    for file, *_ in fuzz.MODEL_FILES.values():
-        (root / file).write_bytes(fuzz.artifact_bytes(file))
-    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
-    (root / "manifest.json").write_text(text)
-    return root
+    return write_bundle(tmp_path / "bundle", MODELS, manifest)
 
 
 @pytest.mark.parametrize("change", [
@@ -154,7 +160,7 @@ def _bundle(tmp_path: Path, manifest: dict | str) -> Path:
     {"input": {"shape": [1, float("inf"), 128, 3]}},
 ], ids=lambda change: json.dumps(change, default=str)[:60])
 def test_malformed_manifest_values_are_bundle_errors(tmp_path: Path, change: dict) -> None:
-    manifest = {**fuzz.base_manifest(), **change}
+    manifest = {**_manifest(), **change}
     with pytest.raises(BundleError):
         Bundle.load(_bundle(tmp_path, json.dumps(manifest)))
 
@@ -174,7 +180,7 @@ def test_hostile_artifact_files_are_bundle_errors(tmp_path: Path, layout: str) -
     """A FIFO once hung read_verified, a sparse 8 GiB file exhausted memory, a loop raised."""
     root = tmp_path / "b" / "bundle"
     root.parent.mkdir()
-    fuzz._layout(root, json.dumps(fuzz.base_manifest()).encode(), layout)
+    fuzz._layout(root, json.dumps(_manifest()).encode(), layout)
     start = time.perf_counter()
     with pytest.raises(BundleError):  # from load (a link out or a loop) or from read_verified
         Bundle.load(root).artifacts["tflite-int8"].read_verified()
@@ -186,7 +192,7 @@ def test_hostile_artifact_files_are_bundle_errors(tmp_path: Path, layout: str) -
 def test_artifact_names_cannot_leave_the_bundle(tmp_path: Path) -> None:
     for file in ("../outside.bin", str(tmp_path / "outside.bin"), "sub/x.tflite", "..", "",
                  "a\x00b", "x" * 300):
-        manifest = fuzz.base_manifest()
+        manifest = _manifest()
         manifest["artifacts"][0]["file"] = file
         with pytest.raises(BundleError):
             bundle = Bundle.load(_bundle(tmp_path, manifest))
@@ -253,7 +259,7 @@ KEYS = st.sampled_from(["schema_version", "labels", "input", "preprocess", "cali
     st.sampled_from(["name", "file", "format", "bytes", "sha256", "status", "parity"]), JSON, max_size=2))
 def test_manifest_with_any_values_loads_or_is_a_bundle_error(tmp_path: Path, changes: dict,
                                                              entry: dict) -> None:
-    manifest = fuzz.base_manifest()
+    manifest = _manifest()
     manifest["artifacts"][0].update(entry)
     manifest.update(changes)
     root = _bundle(tmp_path, json.dumps(manifest))
