@@ -51,19 +51,21 @@ def test_labels_must_be_the_same() -> None:
     assert any("x86 says" in p for p in problems)
 
 
-def test_int8_output_may_be_one_quantization_step_apart_if_reference_kernels_agree() -> None:
+def test_int8_output_one_quantization_step_apart_fails_and_says_so() -> None:
+    """The issue asks for 1e-5 on the default (full-int8) artifact too: one output step (1/256)
+    is a failure; the report names the steps and whether the reference kernels agree."""
     step = 1 / 256
     host = _run("x86_64", [-109 * step, -50 * step, 30 * step], P, step=step, reference=[[-109, -50, 30]])
+    same = _run("aarch64", [-109 * step, -50 * step, 30 * step], P, step=step,
+                reference=[[-109, -50, 30]])
+    problems, summary = check.compare(host, same, 1e-5)
+    assert problems == [] and summary["model"]["max_raw_diff_steps"] == 0.0
     one_step = _run("aarch64", [-109 * step, -49 * step, 30 * step], _shift(P, 0.003), step=step,
                     reference=[[-109, -50, 30]])
     problems, summary = check.compare(host, one_step, 1e-5)
-    assert problems == [] and summary["model"]["max_raw_diff_steps"] == 1.0
-    two_steps = _run("aarch64", [-109 * step, -48 * step, 30 * step], _shift(P, 0.006), step=step,
-                     reference=[[-109, -50, 30]])
-    assert any("quantization steps" in p for p in check.compare(host, two_steps, 1e-5)[0])
-    other_reference = _run("aarch64", [-109 * step, -50 * step, 30 * step], P, step=step,
-                           reference=[[-109, -49, 30]])
-    assert any("reference kernels" in p for p in check.compare(host, other_reference, 1e-5)[0])
+    assert len(problems) == 1 and "1 step(s) apart" in problems[0]
+    assert summary["model"]["max_raw_diff_steps"] == 1.0
+    assert summary["model"]["reference_kernels_identical"] is True
 
 
 def test_the_emulated_run_must_really_be_aarch64() -> None:
