@@ -1,4 +1,5 @@
-"""The data loader: layout, class-name mapping, content-hash splits, bad files, the cache."""
+"""The data loader: layout, class-name mapping, content-hash and near-duplicate splits, bad
+files, the cache."""
 
 from __future__ import annotations
 
@@ -98,6 +99,26 @@ def test_kfold_covers_every_image_once_by_content(tmp_path: Path) -> None:
     for train, test in folds:
         assert {s.label for s in test} == {0, 1, 2}
         assert not {s.sha256 for s in train} & {s.sha256 for s in test}
+
+
+def test_a_rescaled_recompressed_copy_lands_on_the_same_side_of_every_split(
+        tmp_path: Path) -> None:
+    root = _folder(tmp_path, per_class=10)
+    smooth = Image.fromarray(np.random.default_rng(5).integers(0, 255, (8, 8), dtype=np.uint8))
+    smooth.resize((200, 160), Image.Resampling.BICUBIC).save(root / "train" / "Covid" / "x.png")
+    smooth.resize((150, 120), Image.Resampling.BICUBIC).convert("RGB").save(
+        root / "train" / "Covid" / "x-copy.jpg", quality=85)
+    samples = data.scan_split(root / "train")
+    by_name = {s.path.name: s for s in samples}
+    assert by_name["x.png"].sha256 != by_name["x-copy.jpg"].sha256
+    assert by_name["x.png"].key == by_name["x-copy.jpg"].key
+    assert len({s.key for s in samples}) == len(samples) - 1  # the noise images stay apart
+    for seed in range(4):
+        for _, test in data.kfold_hash_splits(samples, k=5, seed=seed):
+            assert ({"x.png", "x-copy.jpg"} <= {s.path.name for s in test}
+                    or not {"x.png", "x-copy.jpg"} & {s.path.name for s in test})
+        rest, held = data.stratified_hash_split(samples, 0.3, seed)
+        assert len({s.key for s in rest} & {s.key for s in held}) == 0
 
 
 def test_bad_files_are_skipped_and_listed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,11 @@ class Sample:
     path: Path
     label: int
     sha256: str
+    group: str = ""  # samples with one group always land on the same side of a split
+
+    @property
+    def key(self) -> str:
+        return self.group or self.sha256
 
 
 @dataclass
@@ -97,44 +102,90 @@ def _files(class_dir: Path) -> list[Path]:
 
 
 def scan_split(split_dir: Path) -> list[Sample]:
-    """Every file of one split folder, labelled and content-hashed (not yet decoded)."""
+    """Every file of one split folder, labelled, content-hashed and grouped with its near
+    duplicates (decoded only as a small thumbnail)."""
     samples = []
     for label, class_dir in _class_dirs(split_dir).items():
         for path in _files(class_dir):
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             samples.append(Sample(path, LABELS.index(label), sha))
-    return samples
+    groups = near_duplicate_groups(samples)
+    return [replace(s, group=groups[s.sha256]) for s in samples]
+
+
+NEAR_DUPLICATE = 0.98  # correlation of 32x32 thumbnails; re-encoded or rescaled copies score ~0.99+
+_THUMBNAIL = PreprocessSpec(size=32, channels=1)
+
+
+def near_duplicate_groups(samples: Sequence[Sample],
+                          threshold: float = NEAR_DUPLICATE) -> dict[str, str]:
+    """sha256 -> group key: the smallest sha256 among the files whose centre-cropped grey
+    thumbnails correlate at `threshold` or more, directly or through others.
+
+    Byte-identical files share a sha256; the same X-ray saved twice at another size or JPEG
+    quality does not (in the real data: Covid 057/078, COVID-00033/00037), and would otherwise
+    sit on both sides of a split.
+    """
+    unique = sorted({s.sha256: s for s in samples}.values(), key=lambda s: s.sha256)
+    kept, rows = [], []
+    for sample in unique:
+        try:
+            thumb = preprocess(sample.path, _THUMBNAIL).ravel()
+        except InputError:
+            continue  # unreadable: reported when the images are loaded; its own group
+        thumb = thumb - thumb.mean()
+        norm = float(np.linalg.norm(thumb))
+        if norm > 0:
+            kept.append(sample.sha256)
+            rows.append(thumb / norm)
+    parent = {s.sha256: s.sha256 for s in unique}
+
+    def root(sha: str) -> str:
+        while parent[sha] != sha:
+            sha = parent[sha]
+        return sha
+
+    if rows:
+        similar = np.stack(rows) @ np.stack(rows).T
+        for i, j in zip(*np.nonzero(np.triu(similar >= threshold, k=1)), strict=True):
+            a, b = root(kept[i]), root(kept[j])
+            parent[max(a, b)] = min(a, b)
+    return {sha: root(sha) for sha in parent}
 
 
 def stratified_hash_split(samples: Sequence[Sample], fraction: float,
                           seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(rest, held) with `fraction` of each class held out; duplicates stay on one side."""
-    held_hashes: set[str] = set()
-    for hashes in _groups_by_class(samples, seed):
-        held_hashes.update(hashes[: round(len(hashes) * fraction)])
-    rest = [s for s in samples if s.sha256 not in held_hashes]
-    held = [s for s in samples if s.sha256 in held_hashes]
+    """(rest, held) with `fraction` of each class held out; (near) duplicates stay on one side."""
+    held_keys: set[str] = set()
+    for keys in _groups_by_class(samples, seed):
+        held_keys.update(keys[: round(len(keys) * fraction)])
+    rest = [s for s in samples if s.key not in held_keys]
+    held = [s for s in samples if s.key in held_keys]
     return rest, held
 
 
 def kfold_hash_splits(samples: Sequence[Sample], k: int,
                       seed: int) -> list[tuple[list[Sample], list[Sample]]]:
-    """k (train, test) pairs, stratified by class, by content hash."""
+    """k (train, test) pairs, stratified by class, by near-duplicate group."""
     folds: list[set[str]] = [set() for _ in range(k)]
-    for hashes in _groups_by_class(samples, seed):
-        for i, sha in enumerate(hashes):
-            folds[i % k].add(sha)
-    return [([s for s in samples if s.sha256 not in fold], [s for s in samples if s.sha256 in fold])
+    for keys in _groups_by_class(samples, seed):
+        for i, key in enumerate(keys):
+            folds[i % k].add(key)
+    return [([s for s in samples if s.key not in fold], [s for s in samples if s.key in fold])
             for fold in folds]
 
 
 def _groups_by_class(samples: Sequence[Sample], seed: int) -> list[list[str]]:
-    """Per class, its unique content hashes in a seeded order."""
+    """Per class, its group keys in a seeded order. A group counts for the class of its
+    first member (by sha256), so a group spanning two classes is placed once."""
     rng = np.random.default_rng(seed)
+    label_of: dict[str, int] = {}
+    for s in sorted(samples, key=lambda s: s.sha256):
+        label_of.setdefault(s.key, s.label)
     groups = []
     for label in range(len(LABELS)):
-        hashes = sorted({s.sha256 for s in samples if s.label == label})
-        groups.append([hashes[i] for i in rng.permutation(len(hashes))])
+        keys = sorted(k for k, lab in label_of.items() if lab == label)
+        groups.append([keys[i] for i in rng.permutation(len(keys))])
     return groups
 
 
@@ -148,8 +199,8 @@ def load_splits(root: Path, val_fraction: float = 0.15, test_fraction: float = 0
     samples = scan_split(train_dir)
     if (root / "test").is_dir():
         test = scan_split(root / "test")
-        test_hashes = {s.sha256 for s in test}
-        samples = [s for s in samples if s.sha256 not in test_hashes]
+        test_keys = {s.sha256 for s in test}
+        samples = [s for s in samples if s.sha256 not in test_keys]
         source = "test/ folder"
     else:
         samples, test = stratified_hash_split(samples, test_fraction, seed)

@@ -80,6 +80,7 @@ _CHANGES: dict[str, dict] = {
     "cos-noaug": {**COSINE, "augment": False},
     "cos-strongaug": {**COSINE, **STRONG_AUG},
     "cos-ls": {**COSINE, "label_smoothing": 0.1},
+    "cos-ls-noaug": {**COSINE, "label_smoothing": 0.1, "augment": False},
     "cos-ema": {**COSINE, "ema": True},
     "cos-mixup": {**COSINE, "mixup": 0.2},
     "cos-wd": {**COSINE, "weight_decay": 0.05},
