@@ -112,6 +112,14 @@ def test_every_artifact_has_class_maps_and_the_manifest_records_them(tiny_bundle
 # --- explain(): API --------------------------------------------------------------------------------
 
 
+def test_info_says_how_explain_works(tiny_bundle: Path, capsys) -> None:
+    from ct_edge import cli
+
+    assert cli.main(["info", "--bundle", str(tiny_bundle)]) == 0
+    (line,) = [row for row in capsys.readouterr().out.splitlines() if row.startswith("explain ")]
+    assert "cam from the" in line and "class maps of layer" in line and "fallback occlusion" in line
+
+
 def test_explain_api_both_methods(tiny_bundle: Path, synthetic_root: Path,
                                   tmp_path: Path) -> None:
     classifier = Classifier.from_bundle(tiny_bundle)

@@ -568,6 +568,7 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
         ("calibration", f"temperature {bundle.temperature:g}, uncertain below "
                         f"{bundle.uncertain_below:.0%}"),
         ("default", str(bundle.default or "(none: smallest artifact that passed parity)")),
+        ("explain", _explain_line(manifest.get("explain"))),
     ]
     out = [f"{key:<13} {value}" for key, value in lines]
 
@@ -591,6 +592,17 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
         for key, value in provenance.items():
             out.append(f"  {key:<{width}}{_plain(value)}")
     return "\n".join(out)
+
+
+def _explain_line(explain: dict | None) -> str:
+    """How `ct-edge explain` makes heatmaps with this bundle."""
+    if not explain:
+        return "occlusion (the models export no class maps)"
+    maps = explain.get("class_maps") or {}
+    shape = "x".join(str(d) for d in (maps.get("shape") or [])[1:3])
+    return (f"{explain.get('method', '?')}" + (f" from the {shape} class maps of layer "
+                                               f"{maps.get('layer', '?')}" if maps else "")
+            + (f", fallback {explain['fallback']}" if explain.get("fallback") else ""))
 
 
 def _size(n: int) -> str:
