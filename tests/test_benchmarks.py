@@ -149,3 +149,30 @@ def test_report_files(bench_run: dict) -> None:
         assert chart.width > 400
     assert json.loads(bench_run["stdout"])["schema"] == bench_run["results"]["schema"]
     assert "[bench" in bench_run["stderr"]  # progress is visible
+
+
+def test_architectures_table_from_a_hand_made_result() -> None:
+    """benchmarks.architectures renders its table and report without training anything."""
+    from benchmarks.architectures import render_markdown, render_table
+
+    def row(arch: str, int8: dict, latency: dict, reasons: list[str]) -> dict:
+        return {"arch": arch, "params": 103123, "keras_test_accuracy": 0.9189, "test_images": 37,
+                "test_source": "carved", "artifacts": {"tflite-int8": int8}, "latency": latency,
+                "gate": {"passed": not reasons, "reasons": reasons}}
+
+    passed = {"bytes": 117384, "accuracy": 0.9189, "agreement": 1.0, "status": "passed"}
+    failed = {"bytes": 3321192, "accuracy": 0.8919, "agreement": 0.973, "status": "failed"}
+    results = {"data": "d", "runs": 1000, "warmup": 50, "train_config": {"seed": 0},
+               "machine": {"load_average_start": [1.0, 1.0, 1.0]}, "architectures": [
+                   row("edge-gap", passed, {"tflite-int8": {"p50_ms": 1.234},
+                                            "onnx-fp32": {"p50_ms": 2.5}}, []),
+                   row("reference", failed, {"tflite-int8": {"error": "boom"}},
+                       ["tflite-int8 cannot be the default: agreement"])]}
+    lines = render_table(results).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| architecture | parameters |")
+    assert lines[2] == ("| edge-gap | 103,123 | 91.9% | 117,384 | 91.9% | 100.0% | passed | 1.23 "
+                        "| 2.50 |")
+    assert lines[3] == ("| reference | 103,123 | 91.9% | 3,321,192 | 89.2% | 97.3% | failed | - "
+                        "| - |")
+    text = render_markdown(results)
+    assert "- reference: tflite-int8 cannot be the default" in text and "37 images" in text
