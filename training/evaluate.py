@@ -213,6 +213,44 @@ def markdown_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seed_of(label: str) -> tuple[str, int]:
+    name, _, seed = label.partition("@seed")
+    return name, int(seed or 0)
+
+
+def pooled_accuracy(run: dict) -> float:
+    """Share of all images right: each image is in exactly one test fold."""
+    tested = sum(f["n_test"] for f in run["folds"])
+    return 1.0 - sum(round((1 - f["accuracy"]) * f["n_test"]) for f in run["folds"]) / tested
+
+
+def seed_table(runs: dict[str, dict], baseline: str = "edge-gap-crop") -> str:
+    """Recipes measured with several seeds (other folds each): accuracy over all images per seed,
+    mean ± std over seeds, and the paired difference to `baseline` on the same seeds."""
+    by_name: dict[str, dict[int, dict]] = {}
+    for label, run in runs.items():
+        name, seed = _seed_of(label)
+        by_name.setdefault(name, {})[seed] = run
+    head = ("| experiment | seeds | params | accuracy per seed (all images) | mean ± std over seeds | "
+            f"Δ vs {baseline}, same seeds (pts) | loss (mean of folds) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    base = by_name.get(baseline, {})
+    for name, seeds in sorted(by_name.items()):
+        if len(seeds) < 2:
+            continue
+        order = sorted(seeds)
+        acc = [pooled_accuracy(seeds[s]) for s in order]
+        paired = [100 * (pooled_accuracy(seeds[s]) - pooled_accuracy(base[s]))
+                  for s in order if s in base]
+        delta = (f"{np.mean(paired):+.1f} ± {np.std(paired, ddof=1):.1f} ({len(paired)} seeds)"
+                 if len(paired) > 1 and name != baseline else "—")
+        loss = np.mean([f["loss"] for s in order for f in seeds[s]["folds"]])
+        lines.append(f"| {name} | {', '.join(map(str, order))} | {seeds[order[0]]['params']:,} | "
+                     + " / ".join(f"{a:.1%}" for a in acc)
+                     + f" | {np.mean(acc):.1%} ± {np.std(acc, ddof=1):.1%} | {delta} | {loss:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate",
                                      description=__doc__.split("\n\n")[0],
@@ -266,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             data_mod.write_json(out / root.name / f"{label}.json", run)
             runs[label] = run
         existing = {p.stem: json.loads(p.read_text()) for p in sorted((out / root.name).glob("*.json"))}
-        table = markdown_table(existing)
+        table = markdown_table(existing) + "\nSeveral seeds:\n\n" + seed_table(existing)
         (out / root.name / "summary.md").write_text(table)
         print("\n" + table + f"\nwrote {out / root.name}/summary.md")
     except CtEdgeError as exc:
