@@ -12,7 +12,7 @@ QUICK  ?=
 DATA_ARG   = $(if $(DATA),--data "$(DATA)")
 EPOCHS_ARG = $(if $(EPOCHS),--epochs $(EPOCHS))
 
-.PHONY: setup demo train convert evaluate bench test test-all lint clean help
+.PHONY: setup demo train convert evaluate architectures bench test test-all lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 14
@@ -38,8 +38,12 @@ train: setup  ## train: make train [DATA=dir] [EPOCHS=n]
 convert: setup  ## TFLite + ONNX bundle with parity gate: make convert [DATA=dir]
 	$(BIN)/python -m convert --model $(MODEL) --out $(BUNDLE) $(DATA_ARG)
 
-evaluate: setup  ## cross-validated comparison of recipes: make evaluate [DATA=dir] [EXPERIMENTS=a,b]
-	$(BIN)/python -m training.evaluate $(DATA_ARG) $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS))
+evaluate: setup  ## cross-validated comparison of recipes: make evaluate [DATA=dir] [EXPERIMENTS=a,b] [SEEDS="0 1 2"]
+	for seed in $(or $(SEEDS),0); do $(BIN)/python -m training.evaluate $(DATA_ARG) --seed $$seed \
+	  $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS)) || exit 1; done
+
+architectures: setup  ## per architecture: train, convert, int8 size/agreement, latency [DATA=dir]
+	$(BIN)/python -m benchmarks.architectures $(DATA_ARG)
 
 bench: setup  ## latency, size, memory of every artifact: make bench [QUICK=1]
 	$(BIN)/python -m benchmarks.run --bundle $(BUNDLE) $(if $(QUICK),--quick)
