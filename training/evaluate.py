@@ -251,6 +251,24 @@ def seed_table(runs: dict[str, dict], baseline: str = "edge-gap-crop") -> str:
     return "\n".join(lines) + "\n"
 
 
+def hard_images(runs: dict[str, dict], share: float = 0.8) -> str:
+    """Images wrong in at least `share` of the runs that tested them (every run tests every image
+    once): the same misses under every recipe point at the images, not at a recipe."""
+    wrong: dict[str, list[str]] = {}
+    with_errors = [run for run in runs.values() if all("errors" in f for f in run["folds"])]
+    for run in with_errors:
+        for fold in run["folds"]:
+            for error in fold["errors"]:
+                wrong.setdefault(error["path"], []).append(error["predicted"])
+    rows = sorted((path, predicted) for path, predicted in wrong.items()
+                  if len(predicted) >= share * len(with_errors))
+    lines = [f"{len(rows)} image(s) wrong in at least {share:.0%} of {len(with_errors)} runs:", ""]
+    lines += [f"- {Path(path).parent.name}/{Path(path).name}: wrong {len(predicted)}x, taken for "
+              + ", ".join(f"{label} {predicted.count(label)}x" for label in sorted(set(predicted)))
+              for path, predicted in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate",
                                      description=__doc__.split("\n\n")[0],
@@ -304,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             data_mod.write_json(out / root.name / f"{label}.json", run)
             runs[label] = run
         existing = {p.stem: json.loads(p.read_text()) for p in sorted((out / root.name).glob("*.json"))}
-        table = markdown_table(existing) + "\nSeveral seeds:\n\n" + seed_table(existing)
+        table = (markdown_table(existing) + "\nSeveral seeds:\n\n" + seed_table(existing)
+                 + "\nHard images:\n\n" + hard_images(existing))
         (out / root.name / "summary.md").write_text(table)
         print("\n" + table + f"\nwrote {out / root.name}/summary.md")
     except CtEdgeError as exc:

@@ -1,0 +1,62 @@
+"""Cross-validated evaluation: recipes, the tables made from runs, and one tiny real run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ct_edge.preprocess import PreprocessSpec
+from training import evaluate
+from training.train import TrainConfig
+
+
+def _run(fold_accuracies: list[float], n_test: int = 10, wrong: list[str] = ()) -> dict:
+    folds = [{"accuracy": a, "n_test": n_test, "loss": 0.5,
+              "errors": [{"path": f"/d/train/Covid/{name}", "true": "COVID-19",
+                          "predicted": "Normal", "confidence": 0.9}
+                         for name in (wrong if i == 0 else [])]}
+             for i, a in enumerate(fold_accuracies)]
+    return {"folds": folds, "params": 1234}
+
+
+def test_every_experiment_is_base_plus_its_change() -> None:
+    cosine = evaluate._config(TrainConfig(spec=PreprocessSpec().to_dict()),
+                              evaluate.EXPERIMENTS["cos-ls"])
+    assert cosine.schedule == "cosine" and cosine.label_smoothing == 0.1
+    assert cosine.arch == "edge-gap" and cosine.preprocess_spec().aspect == "crop"
+    stretch = evaluate._config(TrainConfig(), evaluate.EXPERIMENTS["reference-stretch"])
+    assert stretch.arch == "reference" and stretch.preprocess_spec().aspect == "stretch"
+    assert stretch.schedule == "plateau" and stretch.augment
+
+
+def test_seed_table_pools_images_and_pairs_seeds() -> None:
+    runs = {"base": _run([0.9, 1.0]), "base@seed1": _run([0.8, 0.9]),
+            "better": _run([1.0, 1.0]), "better@seed1": _run([0.9, 1.0]),
+            "one-seed-only": _run([1.0, 1.0])}
+    assert evaluate.pooled_accuracy(runs["base"]) == pytest.approx(0.95)
+    table = evaluate.seed_table(runs, baseline="base")
+    (better,) = [line for line in table.splitlines() if line.startswith("| better ")]
+    assert "100.0% / 95.0%" in better and "97.5% ± 3.5%" in better
+    assert "+7.5 ± 3.5 (2 seeds)" in better  # +5 and +10 points
+    assert "one-seed-only" not in table
+
+
+def test_hard_images_are_the_ones_every_run_gets_wrong() -> None:
+    runs = {"a": _run([0.9], wrong=["x.png", "y.png"]), "b": _run([0.9], wrong=["x.png"])}
+    text = evaluate.hard_images(runs)
+    assert text.startswith("1 image(s)") and "Covid/x.png: wrong 2x, taken for Normal 2x" in text
+    assert "y.png" not in text
+
+
+def test_a_tiny_cross_validation_with_an_ensemble_and_flip(synthetic_root: Path,
+                                                           tmp_path: Path) -> None:
+    config = TrainConfig(epochs=1, patience=1, cache=str(tmp_path / "cache"))
+    run = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache",
+                                  members=2, tta=True)
+    assert [f["fold"] for f in run["folds"]] == [0, 1] and run["k"] == 2
+    assert sum(f["n_test"] for f in run["folds"]) == run["n_images"] == 36
+    for fold in run["folds"]:
+        assert fold["epochs"] == 1
+        assert len(fold["errors"]) == round((1 - fold["accuracy"]) * fold["n_test"])
+    assert 0.0 <= run["summary"]["accuracy"]["mean"] <= 1.0
