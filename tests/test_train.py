@@ -108,3 +108,40 @@ def test_the_same_training_twice_gives_the_same_model() -> None:
     second, _ = fit_model(config, x[:18], y[:18], x[18:], y[18:], verbose=0)
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cosine_schedule_runs_every_epoch_and_decays_the_rate() -> None:
+    """No early stopping with the fixed schedule; EMA, AdamW, label smoothing and mixup together."""
+    from training.train import fit_model
+
+    rng = np.random.default_rng(1)
+    x = rng.random((24, 128, 128, 3), dtype=np.float32)
+    y = np.arange(24) % 3
+    config = TrainConfig(epochs=3, batch_size=8, patience=1, schedule="cosine", warmup_epochs=1,
+                         label_smoothing=0.1, weight_decay=0.05, ema=True, mixup=0.2)
+    model, history = fit_model(config, x[:18], y[:18], x[18:], y[18:], verbose=0)
+    assert len(history["loss"]) == 3
+    rate = model.optimizer.learning_rate
+    assert float(rate.numpy() if hasattr(rate, "numpy") else rate) < config.learning_rate / 2
+    assert np.isfinite(model.predict(x[:2], verbose=0)).all()
+
+
+def test_mixup_keeps_labels_distributions_and_the_image_mostly_itself() -> None:
+    import tensorflow as tf
+
+    from training.train import _mixup
+
+    x = tf.constant(np.arange(8, dtype=np.float32).reshape(8, 1, 1, 1))
+    y = tf.one_hot(np.arange(8) % 3, 3)
+    mixed_x, mixed_y = _mixup(0.2, seed=0)(x, y)
+    np.testing.assert_allclose(mixed_y.numpy().sum(axis=1), 1.0, rtol=1e-6)
+    # lam >= 0.5: each row's own label keeps at least half the weight.
+    assert (np.take_along_axis(mixed_y.numpy(), (np.arange(8) % 3)[:, None], 1) >= 0.5 - 1e-6).all()
+    assert mixed_x.shape == x.shape
+
+
+def test_an_unknown_schedule_is_refused() -> None:
+    from training.train import _optimizer
+
+    with pytest.raises(ValueError, match="unknown schedule"):
+        _optimizer(TrainConfig(schedule="bogus"), steps_per_epoch=3)
