@@ -137,7 +137,7 @@ def test_deflated_dicom_bomb_is_refused_and_a_small_one_decodes() -> None:
 
 
 # tools/fuzz.py's stand-in model files, by artifact name (Bundle.load never parses a model).
-MODELS = {name: fuzz.artifact_bytes(file) for name, (file, *_) in fuzz.MODEL_FILES.items()}
+MODELS = {name: fuzz.artifact_bytes(file) for name, file in fuzz.model_files().items()}
 
 
 def _manifest() -> dict:

@@ -799,9 +799,7 @@ def truncations(seeds: dict[str, bytes], stride: int) -> Iterator[Case]:
 # Manifest cases
 # --------------------------------------------------------------------------------------------
 
-MODEL_FILES = {"tflite-int8": ("model_int8.tflite", "tflite", "int8", "litert"),
-               "tflite-fp32": ("model_fp32.tflite", "tflite", "fp32", "litert"),
-               "onnx-fp32": ("model_fp32.onnx", "onnx", "fp32", "onnxruntime")}
+FUZZED_ARTIFACTS = ("tflite-int8", "tflite-fp32", "onnx-fp32")  # names from convert.formats
 OUTSIDE = "outside.bin"  # beside the bundle folder; holds the bytes of model_int8.tflite
 OUTSIDE_ABS = "@OUTSIDE@"  # replaced by the absolute path of OUTSIDE in the worker
 
@@ -811,23 +809,29 @@ def artifact_bytes(file: str) -> bytes:
     return hashlib.sha256(file.encode()).digest() * 64
 
 
+def model_files() -> dict[str, str]:
+    """Artifact name -> file name, as convert.formats names them."""
+    from convert.formats import FORMATS
+
+    return {row.name: row.file for row in FORMATS if row.name in FUZZED_ARTIFACTS}
+
+
 def base_manifest() -> dict:
+    """A valid manifest, written by the converter's own code, over stand-in model files."""
+    from convert.formats import FORMATS
+    from convert.manifest import artifact_entry, build_manifest
+    from ct_edge import LABELS
     from ct_edge.preprocess import PreprocessSpec
 
     artifacts = []
-    for name, (file, fmt, precision, engine) in MODEL_FILES.items():
-        data = artifact_bytes(file)
-        artifacts.append({"name": name, "file": file, "format": fmt, "precision": precision,
-                          "engine": engine, "sha256": hashlib.sha256(data).hexdigest(),
-                          "bytes": len(data), "status": "passed", "failures": [],
-                          "parity": {"accuracy": 0.9, "agreement": 1.0, "max_abs_diff": 1e-6}})
-    return {"schema_version": 1, "labels": ["COVID-19", "Normal", "Viral Pneumonia"],
-            "input": {"shape": [1, 128, 128, 3], "dtype": "float32", "layout": "NHWC",
-                      "range": [0.0, 1.0], "color": "gray replicated"},
-            "preprocess": PreprocessSpec().to_dict(),
-            "calibration": {"temperature": 0.91, "uncertain_below": 0.6},
-            "artifacts": artifacts, "default": "tflite-int8",
-            "provenance": {"model_sha256": "0" * 64, "created": "2026-01-01T00:00:00+00:00"}}
+    for row in FORMATS:
+        if row.name in FUZZED_ARTIFACTS:
+            data = artifact_bytes(row.file)
+            artifacts.append(artifact_entry(
+                row, hashlib.sha256(data).hexdigest(), len(data), "passed", [],
+                {"accuracy": 0.9, "agreement": 1.0, "max_abs_diff": 1e-6}))
+    return build_manifest(LABELS, PreprocessSpec(), 0.91, artifacts, "tflite-int8",
+                          {"model_sha256": "0" * 64, "created": "2026-01-01T00:00:00+00:00"})
 
 
 JSON_VALUES: list = [None, True, False, 0, -1, 1, 2, 3, 2**31, 2**63, 2**64 + 1, 1e308, -1e308,
@@ -1224,7 +1228,7 @@ def _layout(root: Path, manifest: bytes, fs: str) -> None:
     outside = root.parent / OUTSIDE
     outside.write_bytes(artifact_bytes("model_int8.tflite"))
     root.mkdir()
-    for file, *_ in MODEL_FILES.values():
+    for file in model_files().values():
         (root / file).write_bytes(artifact_bytes(file))
     text = manifest.replace(OUTSIDE_ABS.encode(), str(outside).encode())
     (root / "manifest.json").write_bytes(text)
