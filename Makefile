@@ -12,6 +12,8 @@ QUICK  ?=
 DATA_ARG   = $(if $(DATA),--data "$(DATA)")
 EPOCHS_ARG = $(if $(EPOCHS),--epochs $(EPOCHS))
 
+comma := ,
+
 .PHONY: setup demo train convert evaluate architectures bench test test-all lint clean help
 
 help:  ## list the targets
@@ -38,8 +40,8 @@ train: setup  ## train: make train [DATA=dir] [EPOCHS=n]
 convert: setup  ## TFLite + ONNX bundle with parity gate: make convert [DATA=dir]
 	$(BIN)/python -m convert --model $(MODEL) --out $(BUNDLE) $(DATA_ARG)
 
-evaluate: setup  ## cross-validated comparison of recipes: make evaluate [DATA=dir] [EXPERIMENTS=a,b] [SEEDS="0 1 2"]
-	for seed in $(or $(SEEDS),0); do $(BIN)/python -m training.evaluate $(DATA_ARG) --seed $$seed \
+evaluate: setup  ## cross-validated comparison of recipes: make evaluate [DATA=dir] [EXPERIMENTS=a,b] [SEEDS=0,1,2]
+	for seed in $(or $(subst $(comma), ,$(SEEDS)),0); do $(BIN)/python -m training.evaluate $(DATA_ARG) --seed $$seed \
 	  $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS)) || exit 1; done
 
 architectures: setup  ## per architecture: train, convert, int8 size/agreement, latency [DATA=dir]

@@ -99,3 +99,20 @@ def test_arm64_check_passes_on_the_test_bundle(tiny_bundle: Path) -> None:
                             capture_output=True, text=True, timeout=3600)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+
+def test_a_nan_probability_is_a_failure() -> None:
+    nan = _shift(P, float("nan"))
+    problems, _ = check.compare(_run("x86_64", [0.1, 0.7, 0.2], P),
+                                _run("aarch64", [0.1, 0.7, 0.2], nan), 1e-5)
+    assert any("differ" in p for p in problems)
+
+
+def test_extra_images_are_spread_evenly_and_a_missing_path_is_refused(tmp_path: Path) -> None:
+    for i in range(10):
+        (tmp_path / f"{i}.png").write_bytes(b"x")
+    picked = check.inputs(extra=[tmp_path], limit_extra=4)
+    names = [p.name for p in picked if p.parent == tmp_path]
+    assert names[0] == "0.png" and names[-1] == "9.png" and len(names) == 4
+    with pytest.raises(SystemExit, match="no such file"):
+        check.inputs(extra=[tmp_path / "nowhere"])

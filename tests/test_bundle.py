@@ -80,3 +80,15 @@ def test_int8_probabilities_are_renormalised_to_sum_to_one() -> None:
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
     assert probabilities.argmax(axis=1).tolist() == [0, 2]
     np.testing.assert_allclose(probabilities[0], steps[0] / steps[0].sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("explain", ["cam", 5, [], {"class_maps": 3}, {"class_maps": {"shape": 1}},
+                                     {"method": "cam", "class_maps": {"shape": [1, 8]}}])
+def test_info_shows_a_malformed_explain_field_as_unknown_and_still_exits_0(
+        tiny_bundle: Path, tmp_path: Path, capsys, explain: object) -> None:
+    from ct_edge import cli
+
+    bundle = _edited(tiny_bundle, tmp_path, lambda m: m.__setitem__("explain", explain))
+    assert cli.main(["info", "--bundle", str(bundle)]) == 0
+    (line,) = [row for row in capsys.readouterr().out.splitlines() if row.startswith("explain ")]
+    assert "?" in line

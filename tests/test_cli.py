@@ -497,7 +497,7 @@ def test_info_text(capsys, bundle: Path, manifest: dict) -> None:
     assert "128x128" in out and "float32" in out and "NHWC" in out
     assert "1500,-600" in out and "lung" in out
     assert f"default       {manifest['default'] or '(none'}" in out
-    explain = "cam from the" if manifest.get("explain") else "occlusion (the models export no"
+    explain = "cam from the" if manifest.get("explain") else "not recorded (explain uses class"
     assert f"explain       {explain}" in out
     for artifact in manifest["artifacts"]:
         (line,) = [row for row in out.splitlines() if row.startswith(artifact["name"] + " ")]

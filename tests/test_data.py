@@ -121,6 +121,19 @@ def test_a_rescaled_recompressed_copy_lands_on_the_same_side_of_every_split(
         assert len({s.key for s in rest} & {s.key for s in held}) == 0
 
 
+def test_a_copy_of_a_test_folder_image_in_train_is_dropped(tmp_path: Path) -> None:
+    root = _folder(tmp_path, per_class=6)
+    for name in ("Covid", "Normal", "Viral Pneumonia"):
+        _write(root / "test" / name / "t.png", 7000 + len(name))
+    smooth = Image.fromarray(np.random.default_rng(5).integers(0, 255, (8, 8), dtype=np.uint8))
+    smooth.resize((200, 160), Image.Resampling.BICUBIC).save(root / "test" / "Covid" / "x.png")
+    smooth.resize((150, 120), Image.Resampling.BICUBIC).convert("RGB").save(
+        root / "train" / "Covid" / "x-copy.jpg", quality=85)
+    splits = data.load_splits(root)
+    assert "x-copy.jpg" not in {s.path.name for s in splits.train + splits.val}
+    assert len(splits.train) + len(splits.val) == 18
+
+
 def test_bad_files_are_skipped_and_listed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = _folder(tmp_path, per_class=4)
     (root / "train" / "Normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")

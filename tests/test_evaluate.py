@@ -60,3 +60,6 @@ def test_a_tiny_cross_validation_with_an_ensemble_and_flip(synthetic_root: Path,
         assert fold["epochs"] == 1
         assert len(fold["errors"]) == round((1 - fold["accuracy"]) * fold["n_test"])
     assert 0.0 <= run["summary"]["accuracy"]["mean"] <= 1.0
+    single = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache")
+    assert single["folds"][0]["n_test"] == run["folds"][0]["n_test"]  # the same folds...
+    assert [f["loss"] for f in single["folds"]] != [f["loss"] for f in run["folds"]]  # ...averaged

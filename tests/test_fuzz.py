@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bundle_helpers import manifest_for, provenance_for, write_bundle  # noqa: E402
+from bundle_helpers import write_bundle  # noqa: E402
 
 from ct_edge.bundle import Bundle  # noqa: E402
 from ct_edge.errors import BundleError, InputError  # noqa: E402
@@ -141,9 +141,16 @@ MODELS = {name: fuzz.artifact_bytes(file) for name, file in fuzz.model_files().i
 
 
 def _manifest() -> dict:
-    """A valid manifest for MODELS, as `make convert` writes it (a fresh copy to edit)."""
-    return manifest_for(MODELS, "tflite-int8", provenance_for("0" * 64), temperature=0.91,
-                        parity={"accuracy": 0.9, "agreement": 1.0, "max_abs_diff": 1e-6})
+    """The fuzzer's valid starting manifest (written by convert.manifest; a fresh copy to edit)."""
+    return fuzz.base_manifest()
+
+
+def test_the_fuzzers_base_manifest_loads_and_every_artifact_verifies(tmp_path: Path) -> None:
+    """Else every manifest case would be a 'clean error' and the campaign green for nothing."""
+    bundle = Bundle.load(_bundle(tmp_path, _manifest()))
+    assert sorted(bundle.artifacts) == sorted(MODELS)
+    for artifact in bundle.artifacts.values():
+        assert artifact.read_verified() == MODELS[artifact.name]
 
 
 def _bundle(tmp_path: Path, manifest: dict | str) -> Path:

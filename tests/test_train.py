@@ -121,6 +121,10 @@ def test_cosine_schedule_runs_every_epoch_and_decays_the_rate() -> None:
                          label_smoothing=0.1, weight_decay=0.05, ema=True, mixup=0.2)
     model, history = fit_model(config, x[:18], y[:18], x[18:], y[18:], verbose=0)
     assert len(history["loss"]) == 3
+    import keras
+
+    assert isinstance(model.optimizer, keras.optimizers.AdamW) and model.optimizer.use_ema
+    assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
     rate = model.optimizer.learning_rate
     assert float(rate.numpy() if hasattr(rate, "numpy") else rate) < config.learning_rate / 2
     assert np.isfinite(model.predict(x[:2], verbose=0)).all()
@@ -140,8 +144,13 @@ def test_mixup_keeps_labels_distributions_and_the_image_mostly_itself() -> None:
     assert mixed_x.shape == x.shape
 
 
-def test_an_unknown_schedule_is_refused() -> None:
+def test_an_unknown_schedule_and_cosine_only_options_are_refused() -> None:
     from training.train import _optimizer
 
     with pytest.raises(ValueError, match="unknown schedule"):
         _optimizer(TrainConfig(schedule="bogus"), steps_per_epoch=3)
+    # With early stopping the raw best-epoch weights would silently replace the average.
+    with pytest.raises(ValueError, match="need schedule='cosine'"):
+        _optimizer(TrainConfig(ema=True), steps_per_epoch=3)
+    with pytest.raises(ValueError, match="warmup_epochs must be"):
+        _optimizer(TrainConfig(schedule="cosine", epochs=2, warmup_epochs=2), steps_per_epoch=3)

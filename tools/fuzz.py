@@ -1226,13 +1226,14 @@ def run_input(data: bytes, suffix: str, spec_index: int, scratch: Path) -> tuple
 
 def _layout(root: Path, manifest: bytes, fs: str) -> None:
     outside = root.parent / OUTSIDE
-    outside.write_bytes(artifact_bytes("model_int8.tflite"))
+    int8 = model_files()["tflite-int8"]
+    outside.write_bytes(artifact_bytes(int8))
     root.mkdir()
     for file in model_files().values():
         (root / file).write_bytes(artifact_bytes(file))
     text = manifest.replace(OUTSIDE_ABS.encode(), str(outside).encode())
     (root / "manifest.json").write_bytes(text)
-    target = root / "model_int8.tflite"
+    target = root / int8
     if fs in ("symlink-out", "symlink-chain-out", "symlink-loop", "dangling", "symlink-in", "fifo",
               "directory", "missing"):
         target.unlink()
@@ -1242,12 +1243,12 @@ def _layout(root: Path, manifest: bytes, fs: str) -> None:
         (root / "link.tflite").symlink_to(outside)
         target.symlink_to("link.tflite")
     elif fs == "symlink-loop":
-        (root / "loop.tflite").symlink_to("model_int8.tflite")
+        (root / "loop.tflite").symlink_to(int8)
         target.symlink_to("loop.tflite")
     elif fs == "dangling":
         target.symlink_to(root / "nowhere")
     elif fs == "symlink-in":
-        (root / "real_int8.tflite").write_bytes(artifact_bytes("model_int8.tflite"))
+        (root / "real_int8.tflite").write_bytes(artifact_bytes(int8))
         target.symlink_to("real_int8.tflite")
     elif fs == "fifo":
         os.mkfifo(target)

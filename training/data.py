@@ -199,8 +199,11 @@ def load_splits(root: Path, val_fraction: float = 0.15, test_fraction: float = 0
     samples = scan_split(train_dir)
     if (root / "test").is_dir():
         test = scan_split(root / "test")
-        test_keys = {s.sha256 for s in test}
-        samples = [s for s in samples if s.sha256 not in test_keys]
+        # Grouped together, so a re-encoded copy of a test image is dropped from training too.
+        groups = near_duplicate_groups([*samples, *test])
+        test_groups = {groups[s.sha256] for s in test}
+        samples = [replace(s, group=groups[s.sha256]) for s in samples
+                   if groups[s.sha256] not in test_groups]
         source = "test/ folder"
     else:
         samples, test = stratified_hash_split(samples, test_fraction, seed)

@@ -2,9 +2,10 @@
 
     python -m training.evaluate --data ../shared/data/covid19-xray [--experiments a,b] [--folds 5]
 
-Protocol: stratified k-fold over unique file contents (duplicates stay in one fold). In each
-fold, 15% of the training part (by content hash) is held out for early stopping and temperature
-fitting; the test fold is never seen by training. Figures are mean ± standard deviation over folds.
+Protocol: stratified k-fold over near-duplicate groups (identical files and re-encoded or
+rescaled copies stay in one fold). In each fold, 15% of the training part (same grouping) is held
+out for early stopping and temperature fitting; the test fold is never seen by training. Figures
+are mean ± standard deviation over folds; with several seeds, over seeds too.
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
         y_test, y_val = y_all[pick(test_part)], y_all[pick(val_part)]
         test_probs, val_probs, epochs = [], [], []
         for member in range(members):
-            # With an output folder, fit_model uses exactly the callbacks of `make train` (early
-            # stopping, ReduceLROnPlateau, best-epoch checkpoint); the folder is thrown away.
+            # With an output folder, fit_model uses exactly the callbacks `make train` uses for
+            # the recipe (plateau: early stopping, ReduceLROnPlateau, best-epoch checkpoint;
+            # cosine: none of these); the folder is thrown away.
             with tempfile.TemporaryDirectory(prefix="ct-edge-cv-") as scratch:
                 model, history = fit_model(replace(config, seed=config.seed + fold + 1000 * member),
                                            x_all[pick(fit_part)], y_all[pick(fit_part)],
@@ -259,14 +261,23 @@ def hard_images(runs: dict[str, dict], share: float = 0.8) -> str:
     for run in with_errors:
         for fold in run["folds"]:
             for error in fold["errors"]:
-                wrong.setdefault(error["path"], []).append(error["predicted"])
+                # class folder/file name: the same image whatever --data path the run was given
+                image = "/".join(Path(error["path"]).parts[-2:])
+                wrong.setdefault(image, []).append(error["predicted"])
     rows = sorted((path, predicted) for path, predicted in wrong.items()
                   if len(predicted) >= share * len(with_errors))
     lines = [f"{len(rows)} image(s) wrong in at least {share:.0%} of {len(with_errors)} runs:", ""]
-    lines += [f"- {Path(path).parent.name}/{Path(path).name}: wrong {len(predicted)}x, taken for "
+    lines += [f"- {path}: wrong {len(predicted)}x, taken for "
               + ", ".join(f"{label} {predicted.count(label)}x" for label in sorted(set(predicted)))
               for path, predicted in rows]
     return "\n".join(lines) + "\n"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help="maximum epochs, overriding the experiment's (default: its own)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    parser.add_argument("--members", type=int, default=1,
+    parser.add_argument("--members", type=_positive, default=1,
                         help="models per fold, probabilities averaged (default: 1)")
     parser.add_argument("--tta", action="store_true",
                         help="also average over a horizontal flip at test time (default: off)")

@@ -66,7 +66,8 @@ class TrainConfig:
     warmup_epochs: int = 0        # linear warm-up (cosine schedule only)
     label_smoothing: float = 0.0
     weight_decay: float = 0.0     # decoupled (AdamW) when > 0
-    ema: bool = False             # evaluate/save an exponential moving average of the weights
+    ema: bool = False             # cosine only: the final model holds an exponential moving
+                                  # average of the weights (validation during training: raw ones)
     mixup: float = 0.0            # Beta(a, a) mixup of training batches when a > 0
     spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
     cache: str = str(data_mod.DEFAULT_CACHE)
@@ -159,6 +160,11 @@ def _optimizer(config: TrainConfig, steps_per_epoch: int):
     import keras
 
     rate = config.learning_rate
+    if config.schedule != "cosine" and (config.ema or config.warmup_epochs):
+        # EarlyStopping/the best checkpoint would put the raw best-epoch weights back.
+        raise ValueError("ema and warmup_epochs need schedule='cosine'")
+    if config.schedule == "cosine" and not 0 <= config.warmup_epochs < config.epochs:
+        raise ValueError(f"warmup_epochs must be in [0, epochs), got {config.warmup_epochs}")
     if config.schedule == "cosine":
         warmup = config.warmup_epochs * steps_per_epoch
         rate = keras.optimizers.schedules.CosineDecay(
@@ -379,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--aspect", default=PreprocessSpec().aspect, choices=["crop", "letterbox", "stretch"],
         help=f"how non-square images become square (default: {PreprocessSpec().aspect})")
     add("--no-augment", action="store_true", help="train without augmentation (default: augment)")
+    add("--schedule", default=defaults.schedule, choices=["plateau", "cosine"],
+        help="plateau: early stopping on validation loss, best epoch kept, LR halved on plateaus; "
+        f"cosine: fixed cosine decay over all epochs, last epoch kept (default: {defaults.schedule})")
+    add("--label-smoothing", type=float, default=defaults.label_smoothing,
+        help=f"label smoothing of the cross-entropy (default: {defaults.label_smoothing})")
     return parser
 
 
@@ -388,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(data=args.data, out=args.out, arch=args.arch, epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.lr,
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,
+                         schedule=args.schedule, label_smoothing=args.label_smoothing,
                          spec=spec.to_dict())
     try:
         metrics = train(config)

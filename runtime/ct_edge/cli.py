@@ -594,15 +594,22 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
     return "\n".join(out)
 
 
-def _explain_line(explain: dict | None) -> str:
-    """How `ct-edge explain` makes heatmaps with this bundle."""
-    if not explain:
-        return "occlusion (the models export no class maps)"
-    maps = explain.get("class_maps") or {}
-    shape = "x".join(str(d) for d in (maps.get("shape") or [])[1:3])
-    return (f"{explain.get('method', '?')}" + (f" from the {shape} class maps of layer "
-                                               f"{maps.get('layer', '?')}" if maps else "")
-            + (f", fallback {explain['fallback']}" if explain.get("fallback") else ""))
+def _explain_line(explain: object) -> str:
+    """What the manifest says about heatmaps (an optional field: '?' where it is malformed)."""
+    if explain is None:
+        return "not recorded (explain uses class maps when the model exports them, else occlusion)"
+    if not isinstance(explain, dict) or not explain:
+        return "? (malformed)"
+    maps = explain.get("class_maps")
+    line = str(explain.get("method", "?"))
+    if isinstance(maps, dict):
+        shape = maps.get("shape")
+        size = ("x".join(map(str, shape[1:3])) if isinstance(shape, list) and len(shape) == 4
+                else "?")
+        line += f" from the {size} class maps of layer {maps.get('layer', '?')}"
+    if explain.get("fallback"):
+        line += f", fallback {explain['fallback']}"
+    return line
 
 
 def _size(n: int) -> str:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "runtime")]  # this checkout's code, whatever is installed
 CACHE = REPO / "artifacts" / "arm64"
@@ -107,10 +109,16 @@ def inputs(limit_synthetic: int = 6, extra: list[Path] = (), limit_extra: int = 
             break
     from ct_edge import IMAGE_SUFFIXES
 
-    more = sorted(f for e in extra for f in ([e] if e.is_file() else e.rglob("*"))
-                  if f.suffix.lower() in IMAGE_SUFFIXES)
-    step = max(1, len(more) // limit_extra) if more else 1
-    return files + more[::step][:limit_extra]
+    more: list[Path] = []
+    for entry in extra:
+        found = sorted(f for f in ([entry] if entry.is_file() else entry.rglob("*"))
+                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise SystemExit(f"arm64-check: --images {entry}: no such file, or no images in it")
+        more += found
+    if len(more) > limit_extra:  # spread evenly, first and last included
+        more = [more[i] for i in sorted({round(i) for i in np.linspace(0, len(more) - 1, limit_extra)})]
+    return files + more
 
 
 def run(command: list[str], env: dict[str, str], what: str, timeout: float) -> tuple[dict, float]:
@@ -145,11 +153,13 @@ def compare(host: dict, arm: dict, tolerance: float) -> tuple[list[str], dict]:
             same += a["label"] == b["label"]
             if a["label"] != b["label"]:
                 problems.append(f"{name}: {a['path']}: x86 says {a['label']}, aarch64 {b['label']}")
-            diff = max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"])
+            # np.max, not max(): a NaN must propagate, not lose every comparison
+            diff = float(np.max(np.abs([a["probabilities"][k] - b["probabilities"][k]
+                                        for k in a["probabilities"]])))
             raw = max(abs(p - q) for p, q in zip(a["raw"], b["raw"], strict=True))
             worst, worst_raw = max(worst, diff), max(worst_raw, raw)
             exact += diff <= tolerance
-            if diff > tolerance:
+            if not diff <= tolerance:  # NaN included
                 steps = f"; raw int8 outputs {raw / step:.0f} step(s) apart" if step else ""
                 problems.append(f"{name}: {a['path']}: probabilities differ by {diff:.2e} "
                                 f"(> {tolerance:g}){steps}")
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, default=CACHE / "site")
     parser.add_argument("--images", type=Path, nargs="*", default=[],
                         help="more inputs: image files or folders (default: none)")
-    parser.add_argument("--max-images", type=int, default=60,
+    parser.add_argument("--max-images", type=lambda t: max(1, int(t)), default=60,
                         help="at most this many of --images, spread evenly (default: 60)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
