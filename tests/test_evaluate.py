@@ -63,3 +63,15 @@ def test_a_tiny_cross_validation_with_an_ensemble_and_flip(synthetic_root: Path,
     single = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache")
     assert single["folds"][0]["n_test"] == run["folds"][0]["n_test"]  # the same folds...
     assert [f["loss"] for f in single["folds"]] != [f["loss"] for f in run["folds"]]  # ...averaged
+
+
+def test_int8_check_converts_each_fold_and_runs_it_in_the_runtime(synthetic_root: Path,
+                                                                   tmp_path: Path) -> None:
+    config = TrainConfig(epochs=1, patience=1, cache=str(tmp_path / "cache"))
+    run = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache",
+                                  int8=True)
+    for fold in run["folds"]:
+        assert 0.0 <= fold["int8_accuracy"] <= 1.0 and 0.0 <= fold["int8_agreement"] <= 1.0
+    assert "int8_agreement" in run["summary"]
+    with pytest.raises(ValueError, match="single model"):
+        evaluate.cross_validate(synthetic_root, config, folds=2, members=2, int8=True)

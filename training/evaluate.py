@@ -112,14 +112,36 @@ def _predict(model, x: np.ndarray, tta: bool) -> np.ndarray:
     return probs
 
 
+CALIBRATION_IMAGES = 300  # as `make convert` (convert.pipeline.DEFAULT_CALIBRATION_IMAGES)
+
+
+def int8_probabilities(model, calibration: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """What the shipped full-int8 TFLite artifact answers: the converter's own writer and
+    CAM-ready head, run by the runtime's own backend."""
+    from convert.formats import FORMATS, WriteContext
+    from ct_edge.backends import TFLiteBackend
+
+    from .gradcam import cam_model
+
+    row = next(f for f in FORMATS if f.name == "tflite-int8")
+    with tempfile.TemporaryDirectory(prefix="ct-edge-cv-int8-") as scratch:
+        data = row.writer(WriteContext(cam_model(model) or model, calibration, Path(scratch)))
+    backend = TFLiteBackend(data, threads=None)
+    return np.concatenate([backend.predict(x[i : i + 1]) for i in range(len(x))])
+
+
 def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
                    cache: Path = data_mod.DEFAULT_CACHE, members: int = 1,
-                   tta: bool = False) -> dict:
+                   tta: bool = False, int8: bool = False) -> dict:
     """Train and test one recipe on k folds; per-fold and summary figures.
 
     `members` > 1 trains that many models per fold (other seeds) and averages their
-    probabilities (an ensemble); `tta` also averages over a horizontal flip.
+    probabilities (an ensemble); `tta` also averages over a horizontal flip. `int8` also
+    converts each fold's model to full-int8 TFLite (calibrated on that fold's training images)
+    and records its accuracy and top-1 agreement with Keras on the test fold.
     """
+    if int8 and (members > 1 or tta):
+        raise ValueError("int8 checks a single model without flip averaging")
     spec = config.preprocess_spec()
     train_dir = root / "train" if (root / "train").is_dir() else root
     samples = data_mod.scan_split(train_dir)
@@ -151,6 +173,15 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
         test_probs, val_probs = np.mean(test_probs, axis=0), np.mean(val_probs, axis=0)
         temperature = fit_temperature(val_probs, y_val)
         report = classification_report(test_probs, y_test, LABELS)
+        quantized = {}
+        if int8:
+            fit_x = x_all[pick(fit_part)]
+            order = np.random.default_rng(config.seed + fold).permutation(len(fit_x))
+            int8_probs = int8_probabilities(model, fit_x[order[:CALIBRATION_IMAGES]],
+                                            x_all[pick(test_part)])
+            quantized = {"int8_accuracy": float((int8_probs.argmax(1) == y_test).mean()),
+                         "int8_agreement": float((int8_probs.argmax(1)
+                                                  == test_probs.argmax(1)).mean())}
         result = {
             "fold": fold, "accuracy": report["accuracy"], "loss": report["loss"],
             "recall": {k: v["recall"] for k, v in report["per_class"].items()},
@@ -159,6 +190,7 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
             "ece_before": expected_calibration_error(test_probs, y_test),
             "ece_after": expected_calibration_error(scale_temperature(test_probs, temperature),
                                                     y_test),
+            **quantized,
             "seconds": round(time.time() - started, 1),
             # Which images a recipe gets wrong: the same ones in every recipe point at the data.
             "errors": [{"path": str(s.path), "true": LABELS[t], "predicted": LABELS[int(p.argmax())],
@@ -167,8 +199,10 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
                        if int(p.argmax()) != t],
         }
         results.append(result)
+        int8_note = (f"  int8 {result['int8_accuracy']:.1%}, agreement {result['int8_agreement']:.1%}"
+                     if int8 else "")
         print(f"  fold {fold + 1}/{folds}: accuracy {result['accuracy']:.1%}  loss "
-              f"{result['loss']:.3f}  ({result['epochs']} epochs, {result['seconds']} s)",
+              f"{result['loss']:.3f}{int8_note}  ({result['epochs']} epochs, {result['seconds']} s)",
               flush=True)
     return {"folds": results, "summary": summarise(results), "params": int(model.count_params()),
             "n_images": len(samples), "k": folds}
@@ -182,6 +216,9 @@ def summarise(results: list[dict]) -> dict:
     summary = {key: stat([r[key] for r in results])
                for key in ("accuracy", "loss", "ece_before", "ece_after")}
     summary["recall"] = {label: stat([r["recall"][label] for r in results]) for label in LABELS}
+    for key in ("int8_accuracy", "int8_agreement"):
+        if all(key in r for r in results):
+            summary[key] = stat([r[key] for r in results])
     return summary
 
 
@@ -197,7 +234,7 @@ def _changes(config: dict) -> str:
 def markdown_table(runs: dict[str, dict]) -> str:
     head = ("| experiment | arch | aspect | augment | other changes | seed | params | accuracy | "
             "loss | " + " | ".join(f"recall {label}" for label in LABELS)
-            + " | ECE before → after | epochs | s/fold |")
+            + " | ECE before → after | int8 agreement (int8 accuracy) | epochs | s/fold |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, run in runs.items():
         s, c = run["summary"], run["config"]
@@ -205,12 +242,14 @@ def markdown_table(runs: dict[str, dict]) -> str:
                             for label in LABELS)
         epochs = np.mean([f["epochs"] for f in run["folds"]])
         seconds = np.mean([f["seconds"] for f in run["folds"]])
+        int8 = (f"{s['int8_agreement']['mean']:.1%} ({s['int8_accuracy']['mean']:.1%})"
+                if "int8_agreement" in s else "—")
         lines.append(
             f"| {name} | {c['arch']} | {c['spec']['aspect']} | {'yes' if c['augment'] else 'no'} | "
             f"{_changes(c)} | {c.get('seed', 0)} | "
             f"{run['params']:,} | {s['accuracy']['mean']:.1%} ± {s['accuracy']['std']:.1%} | "
             f"{s['loss']['mean']:.3f} ± {s['loss']['std']:.3f} | {recall} | "
-            f"{s['ece_before']['mean']:.3f} → {s['ece_after']['mean']:.3f} | {epochs:.0f} | "
+            f"{s['ece_before']['mean']:.3f} → {s['ece_after']['mean']:.3f} | {int8} | {epochs:.0f} | "
             f"{seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -296,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--members", type=_positive, default=1,
                         help="models per fold, probabilities averaged (default: 1)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also convert each fold's model to full-int8 TFLite and measure its "
+                        "accuracy and agreement with Keras on the test fold (default: off)")
     parser.add_argument("--tta", action="store_true",
                         help="also average over a horizontal flip at test time (default: off)")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
@@ -321,13 +363,15 @@ def main(argv: list[str] | None = None) -> int:
             label = (name + (f"+ens{args.members}" if args.members > 1 else "")
                      + ("+tta" if args.tta else "") + (f"@seed{args.seed}" if args.seed else ""))
             print(f"{label}: {args.folds}-fold cross-validation on {root}", flush=True)
-            run = cross_validate(root, config, args.folds, members=args.members, tta=args.tta)
+            run = cross_validate(root, config, args.folds, members=args.members, tta=args.tta,
+                                 int8=args.int8)
             run["config"] = {**asdict(config), "data": str(root), "members": args.members,
                              "tta": args.tta}
             run["command"] = (f"python -m training.evaluate --data {root} --experiments {name}"
                               + (f" --seed {args.seed}" if args.seed else "")
                               + (f" --members {args.members}" if args.members > 1 else "")
                               + (" --tta" if args.tta else "")
+                              + (" --int8" if args.int8 else "")
                               + (f" --epochs {args.epochs}" if args.epochs is not None else "")
                               + (f" --folds {args.folds}" if args.folds != 5 else ""))
             data_mod.write_json(out / root.name / f"{label}.json", run)
