@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ct_edge.cli import positive_int
 from ct_edge.errors import CtEdgeError
 from training.synthetic import DEFAULT_ROOT as BUILTIN_DATA
 
 from . import machine
-from .latency import summarize, time_calls
+from .latency import time_calls
 
 SCHEMA = "ct-edge-architectures/1"
 DEFAULT_ARCHS = ("reference", "edge-gap", "edge-sep", "edge-gap-se")
@@ -91,18 +92,8 @@ def time_artifact(bundle_dir: Path, name: str, x: np.ndarray, runs: int, warmup:
     with quiet():  # LiteRT announces its XNNPACK delegate on stderr
         classifier = Classifier.from_bundle(bundle_dir, artifact=name, threads=1)
     batch = np.ascontiguousarray(x[None], dtype=np.float32)
-    predict = classifier.backend.predict
-    samples: list[float] = []
-
-    def call() -> None:  # records the engine call alone, so p90 can be taken from the samples
-        start = time.perf_counter()
-        predict(batch)
-        samples.append(time.perf_counter() - start)
-
-    time_calls(call, runs, warmup)
-    timed = samples[warmup:]
-    return {"threads": 1, "batch": 1, "warmup": warmup, **summarize(timed),
-            "p90_ms": float(np.percentile(np.asarray(timed) * 1e3, 90))}
+    return {"threads": 1, "batch": 1, "warmup": warmup,
+            **time_calls(lambda: classifier.backend.predict(batch), runs, warmup)}
 
 
 def measure_arch(arch: str, data: Path | None, out: Path, runs: int, warmup: int, log: Log,
@@ -216,13 +207,6 @@ def run(data: Path | None, archs: Sequence[str], out: Path, runs: int, warmup: i
     return results
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.architectures", description=__doc__.split("\n\n")[0],
@@ -237,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", type=Path, default=DEFAULT_OUT,
         help="output folder: <arch>/model, <arch>/bundle, architectures.json/.md "
              "(default: %(default)s)")
-    add("--runs", type=_positive, default=RUNS,
+    add("--runs", type=positive_int, default=RUNS,
         help="timed calls per latency figure (default: %(default)s)")
-    add("--warmup", type=_positive, default=WARMUP,
+    add("--warmup", type=positive_int, default=WARMUP,
         help="untimed calls before them (default: %(default)s)")
     return parser
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ct_edge import DISCLAIMER
+from ct_edge.cli import positive_int
 from ct_edge.errors import CtEdgeError
 
 from .errors import ParityError
@@ -19,16 +20,6 @@ from .pipeline import DEFAULT_CALIBRATION_IMAGES, PARITY_MD, convert_model
 
 DEFAULT_MODEL = Path("artifacts") / "model" / "model.keras"
 DEFAULT_OUT = Path("artifacts") / "bundle"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def _names(values: list[str]) -> list[str]:
@@ -53,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="data folder for the test split and calibration (default: the one in config.json)")
     add("--formats", nargs="+", metavar="NAME", default=None,
         help=f"formats to write, space or comma separated (default: all: {names})")
-    add("--calibration-images", type=_positive, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+    add("--calibration-images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
         help="training images for int8 calibration, all when fewer "
              f"(default: {DEFAULT_CALIBRATION_IMAGES})")
-    add("--threads", type=_positive, default=None, metavar="N",
+    add("--threads", type=positive_int, default=None, metavar="N",
         help="inference threads for the parity runs (default: the engine's own choice)")
     return parser
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ct_edge import LABELS
+from ct_edge.cli import positive_int
 from ct_edge.errors import CtEdgeError
 from ct_edge.preprocess import PreprocessSpec
 
@@ -112,9 +113,6 @@ def _predict(model, x: np.ndarray, tta: bool) -> np.ndarray:
     return probs
 
 
-CALIBRATION_IMAGES = 300  # as `make convert` (convert.pipeline.DEFAULT_CALIBRATION_IMAGES)
-
-
 def int8_probabilities(model, calibration: np.ndarray, x: np.ndarray) -> np.ndarray:
     """What the shipped full-int8 TFLite artifact answers: the converter's own writer and
     CAM-ready head, run by the runtime's own backend."""
@@ -175,9 +173,11 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
         report = classification_report(test_probs, y_test, LABELS)
         quantized = {}
         if int8:
+            from convert.pipeline import DEFAULT_CALIBRATION_IMAGES  # as `make convert`
+
             fit_x = x_all[pick(fit_part)]
             order = np.random.default_rng(config.seed + fold).permutation(len(fit_x))
-            int8_probs = int8_probabilities(model, fit_x[order[:CALIBRATION_IMAGES]],
+            int8_probs = int8_probabilities(model, fit_x[order[:DEFAULT_CALIBRATION_IMAGES]],
                                             x_all[pick(test_part)])
             quantized = {"int8_accuracy": float((int8_probs.argmax(1) == y_test).mean()),
                          "int8_agreement": float((int8_probs.argmax(1)
@@ -312,13 +312,6 @@ def hard_images(runs: dict[str, dict], share: float = 0.8) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate",
                                      description=__doc__.split("\n\n")[0],
@@ -333,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help="maximum epochs, overriding the experiment's (default: its own)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    parser.add_argument("--members", type=_positive, default=1,
+    parser.add_argument("--members", type=positive_int, default=1,
                         help="models per fold, probabilities averaged (default: 1)")
     parser.add_argument("--int8", action="store_true",
                         help="also convert each fold's model to full-int8 TFLite and measure its "

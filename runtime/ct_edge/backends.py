@@ -57,7 +57,21 @@ def _probabilities_output(outputs: list, shape_of: Callable[[object], list]) -> 
     raise BundleError("the model has no (batch, classes) output; rebuild the bundle with `make convert`")
 
 
-class TFLiteBackend:
+class _ClassMaps:
+    """The class-activation-map output both engines may expose (`_maps`: None when absent)."""
+
+    _maps: object
+
+    @property
+    def has_maps(self) -> bool:
+        return self._maps is not None
+
+    def _require_maps(self) -> None:
+        if self._maps is None:
+            raise BundleError("this model has no class-activation-map output")
+
+
+class TFLiteBackend(_ClassMaps):
     """LiteRT (ai-edge-litert) first, tflite-runtime as fallback. One call at a time."""
 
     def __init__(self, model: bytes, threads: int | None = None) -> None:
@@ -108,14 +122,9 @@ class TFLiteBackend:
             params = self._quantization(self._output)
             return y.astype(np.float32) if params is None else dequantize(y, *params)
 
-    @property
-    def has_maps(self) -> bool:
-        return self._maps is not None
-
     def predict_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (n, classes) and class-activation maps (n, h, w, classes), one run."""
-        if self._maps is None:
-            raise BundleError("this model has no class-activation-map output")
+        self._require_maps()
         with self._lock:
             probabilities = self.predict(batch)
             try:
@@ -127,7 +136,7 @@ class TFLiteBackend:
         return probabilities, maps.astype(np.float32) if params is None else dequantize(maps, *params)
 
 
-class OnnxBackend:
+class OnnxBackend(_ClassMaps):
     """onnxruntime on the CPU; tensor names come from the session, never from constants."""
 
     engine = "onnxruntime"
@@ -161,14 +170,9 @@ class OnnxBackend:
             raise BundleError(f"onnxruntime failed to run the model: {exc}") from None
         return np.asarray(y, dtype=np.float32)
 
-    @property
-    def has_maps(self) -> bool:
-        return self._maps is not None
-
     def predict_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (n, classes) and class-activation maps (n, h, w, classes), one run."""
-        if self._maps is None:
-            raise BundleError("this model has no class-activation-map output")
+        self._require_maps()
         try:
             y, maps = self._session.run([self._output, self._maps],
                                         {self._input: batch.astype(np.float32, copy=False)})

@@ -751,7 +751,7 @@ exit codes: 0 every input has a row (error rows included), 2 usage, bundle or cl
 
 def add_batch_parser(commands: Any, formatter_class: Any, bundle_help: str) -> None:
     """The `batch` subcommand (parser only: nothing heavy is imported until it runs)."""
-    from .cli import _positive_int, _window
+    from .cli import _window, positive_int
 
     batch = commands.add_parser(
         "batch", help="score an image archive on Ray into Parquet (needs ct-edge[ray])",
@@ -764,10 +764,10 @@ def add_batch_parser(commands: Any, formatter_class: Any, bundle_help: str) -> N
                        help="folder for the Parquet parts (created; a rerun resumes in it)")
     batch.add_argument("--address", metavar="auto|ray://HOST:PORT",
                        help="join this Ray cluster (default: start a local one on this machine)")
-    batch.add_argument("--actors", type=_positive_int, metavar="N",
+    batch.add_argument("--actors", type=positive_int, metavar="N",
                        help="actors, each with its own engine (default: the cluster's CPUs / "
                             "--threads)")
-    batch.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+    batch.add_argument("--threads", type=positive_int, default=1, metavar="N",
                        help="engine threads (and CPUs reserved) per actor (default: 1)")
     batch.add_argument("--bundle", metavar="DIR", help=bundle_help)
     batch.add_argument("--artifact", metavar="NAME",
@@ -775,7 +775,7 @@ def add_batch_parser(commands: Any, formatter_class: Any, bundle_help: str) -> N
                             "default, else the smallest that passed its parity check)")
     batch.add_argument("--window", type=_window, metavar="lung|mediastinum|W,L",
                        help="CT window for DICOM (default: the bundle's)")
-    batch.add_argument("--part-rows", type=_positive_int, default=DEFAULT_PART_ROWS, metavar="N",
+    batch.add_argument("--part-rows", type=positive_int, default=DEFAULT_PART_ROWS, metavar="N",
                        help=f"at most N rows per Parquet part; a kill loses at most the parts in "
                             f"flight (default: {DEFAULT_PART_ROWS}, fewer for small jobs)")
     batch.add_argument("--runtime-env", metavar="JSON|FILE",

@@ -75,7 +75,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (also used by the training/convert CLIs)."""
     try:
         value = int(text)
     except ValueError:
@@ -116,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--backend", choices=("tflite", "onnx"),
                           help="engine: tflite (LiteRT) or onnx (onnxruntime) (default: the format "
                                "of the bundle's default artifact)")
-    classify.add_argument("--threads", type=_positive_int, metavar="N",
+    classify.add_argument("--threads", type=positive_int, metavar="N",
                           help="engine threads (default: the engine's own choice)")
-    classify.add_argument("--top-k", type=_positive_int, metavar="K",
+    classify.add_argument("--top-k", type=positive_int, metavar="K",
                           help="classes reported per input: the label and K-1 others "
                                "(default: all classes)")
     classify.add_argument("--window", type=_window, metavar="lung|mediastinum|W,L",
@@ -685,7 +686,7 @@ def add_explain_parser(commands: Any, formatter: Any, bundle_help: str) -> None:
                          help="class to explain (default: the predicted one)")
     explain.add_argument("--window", type=_window, metavar="lung|mediastinum|W,L",
                          help="CT window for DICOM (default: the bundle's)")
-    explain.add_argument("--threads", type=_positive_int, metavar="N",
+    explain.add_argument("--threads", type=positive_int, metavar="N",
                          help="engine threads (default: the engine's own choice)")
     explain.add_argument("--json", action="store_true",
                          help="JSON Lines on stdout, one object per input (default: one line of "

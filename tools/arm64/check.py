@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, default=CACHE / "site")
     parser.add_argument("--images", type=Path, nargs="*", default=[],
                         help="more inputs: image files or folders (default: none)")
-    parser.add_argument("--max-images", type=lambda t: max(1, int(t)), default=60,
+    from ct_edge.cli import positive_int
+
+    parser.add_argument("--max-images", type=positive_int, default=60,
                         help="at most this many of --images, spread evenly (default: 60)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
