@@ -1,0 +1,195 @@
+"""The results store: schema and migrations, rows, heatmap files, filters, threads, data folder."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from ct_edge import store as store_module
+from ct_edge.classifier import Prediction
+from ct_edge.store import MIGRATIONS, Store, StoreError, default_data_dir, schema_version
+
+PNG = b"\x89PNG\r\n\x1a\nfake heatmap bytes"
+
+
+def _add(store: Store, **overrides) -> int:
+    fields = {"source": "scan.png", "origin": "test", "status": "ok", "label": "Normal",
+              "probabilities": {"COVID-19": 0.1, "Normal": 0.8, "Viral Pneumonia": 0.1},
+              "timings_ms": {"inference": 1.5}, "sha256": "ab" * 32}
+    return store.add(**{**fields, **overrides})
+
+
+def test_new_store_is_migrated_and_wal(tmp_path: Path) -> None:
+    with Store(tmp_path / "data") as store:
+        assert store.version == len(MIGRATIONS)
+    db = sqlite3.connect(tmp_path / "data" / "results.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert schema_version(db) == len(MIGRATIONS)
+    versions = [row[0] for row in db.execute("SELECT version FROM schema_version ORDER BY version")]
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+
+
+def test_reopening_applies_only_missing_migrations(tmp_path: Path, monkeypatch) -> None:
+    Store(tmp_path).close()
+    calls: list[int] = []
+
+    def v_next(db: sqlite3.Connection) -> None:
+        calls.append(1)
+        db.execute("CREATE TABLE extra (x INTEGER)")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, v_next])
+    with Store(tmp_path) as store:
+        assert store.version == len(MIGRATIONS) + 1
+    with Store(tmp_path):
+        pass
+    assert calls == [1]
+
+
+def test_failed_migration_leaves_the_previous_version(tmp_path: Path, monkeypatch) -> None:
+    Store(tmp_path).close()
+
+    def broken(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE half (x INTEGER)")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, broken])
+    with pytest.raises(RuntimeError):
+        Store(tmp_path)
+    db = sqlite3.connect(tmp_path / "results.sqlite3")
+    assert schema_version(db) == len(MIGRATIONS)
+    assert not db.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchall()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    Store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "results.sqlite3")
+    db.execute("INSERT INTO schema_version VALUES (?, 'later')", (len(MIGRATIONS) + 1,))
+    db.commit()
+    with pytest.raises(StoreError, match="newer"):
+        Store(tmp_path)
+
+
+def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "results.sqlite3").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="not a usable results store"):
+        Store(tmp_path)
+
+
+def test_row_round_trip_and_commit_visible_to_another_connection(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        row_id = _add(store, reason=None, bundle_sha256="cd" * 32, artifact="tflite-int8",
+                      artifact_sha256="ef" * 32)
+        # Committed: a second process (here a second connection) sees it at once.
+        other = sqlite3.connect(tmp_path / "results.sqlite3")
+        assert other.execute("SELECT label FROM results WHERE id = ?", (row_id,)).fetchone() \
+            == ("Normal",)
+        row = store.get(row_id)
+    assert row["source"] == "scan.png" and row["origin"] == "test"
+    assert row["confidence"] == pytest.approx(0.8)
+    assert row["probabilities"]["Normal"] == pytest.approx(0.8)
+    assert row["timings_ms"] == {"inference": 1.5}
+    assert row["artifact"] == "tflite-int8" and row["bundle_sha256"] == "cd" * 32
+    assert row["heatmap"] is False
+    assert row["created_at"].endswith("Z")
+
+
+def test_add_prediction_uses_the_prediction_fields(tmp_path: Path) -> None:
+    prediction = Prediction(path="x.dcm", label=None, probabilities={}, status="out_of_domain",
+                            reason="modality MR; this bundle accepts CT")
+    with Store(tmp_path) as store:
+        row = store.get(store.add_prediction(prediction, origin="cli"))
+        failed = store.get(store.add_prediction(
+            Prediction(path="bad.png", label=None, probabilities={}, status=None,
+                       error="not a PNG, JPEG or DICOM image"), origin="cli", source="upload"))
+    assert row["status"] == "out_of_domain" and row["label"] is None
+    assert row["reason"].startswith("modality MR") and row["confidence"] is None
+    assert failed["status"] is None and failed["error"].startswith("not a PNG")
+    assert failed["source"] == "upload"
+
+
+def test_heatmap_files_get_store_names_inside_the_folder(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        row_id = _add(store, source="../../etc/passwd", heatmap_png=PNG)
+        path = store.heatmap_path(row_id)
+        assert path is not None and path.read_bytes() == PNG
+        assert path.parent == tmp_path / "heatmaps"
+        assert store_module.HEATMAP_NAME.match(path.name)
+        assert store.get(row_id)["heatmap"] is True
+        assert store.heatmap_path(_add(store)) is None
+        assert store.heatmap_path(10_000) is None
+    assert not list((tmp_path / "heatmaps").glob(".*.tmp"))
+
+
+def test_a_tampered_heatmap_reference_is_not_followed(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        row_id = _add(store, heatmap_png=PNG)
+        db = sqlite3.connect(tmp_path / "results.sqlite3")
+        db.execute("UPDATE results SET heatmap = '../results.sqlite3' WHERE id = ?", (row_id,))
+        db.commit()
+        assert store.heatmap_path(row_id) is None
+
+
+def test_list_is_newest_first_paged_and_filtered(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        ids = [_add(store, label=label, status=status) for label, status in
+               [("Normal", "ok"), ("COVID-19", "uncertain"), ("Normal", "ok"),
+                (None, "out_of_domain")]]
+        _add(store, label=None, status=None, error="empty file")
+        rows = store.list(limit=3)
+        assert [r["id"] for r in rows] == [ids[-1] + 1, ids[3], ids[2]]
+        assert [r["id"] for r in store.list(limit=2, offset=3)] == [ids[1], ids[0]]
+        assert [r["id"] for r in store.list(label="Normal")] == [ids[2], ids[0]]
+        assert [r["id"] for r in store.list(status="uncertain")] == [ids[1]]
+        assert [r["error"] for r in store.list(status="")] == ["empty file"]
+        assert store.count() == 5 and store.count(status="ok", label="Normal") == 2
+        assert len(store.list(limit=10**9)) == 5  # the page size is capped, not an error
+
+
+def test_threads_share_one_store(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                for _ in range(25):
+                    _add(store)
+                    store.list(limit=5)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert store.count() == 100
+        assert len({r["id"] for r in store.list(limit=100)}) == 100
+
+
+def test_two_stores_on_one_folder(tmp_path: Path) -> None:
+    with Store(tmp_path) as first, Store(tmp_path) as second:
+        a = _add(first)
+        b = _add(second)
+        assert {r["id"] for r in first.list()} == {a, b}
+
+
+def test_default_data_dir_order(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CT_EDGE_DATA", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_data_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("CT_EDGE_DATA")
+    assert default_data_dir() == tmp_path / "xdg" / "ct-edge"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "ct-edge"
+
+
+def test_unwritable_folder_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot open the results store"):
+        Store(blocker / "data")
