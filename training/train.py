@@ -384,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {defaults.seed})")
     add("--aspect", default=PreprocessSpec().aspect, choices=["crop", "letterbox", "stretch"],
         help=f"how non-square images become square (default: {PreprocessSpec().aspect})")
+    add("--size", type=int, default=PreprocessSpec().size,
+        help=f"input size in pixels, square (default: {PreprocessSpec().size})")
     add("--no-augment", action="store_true", help="train without augmentation (default: augment)")
     add("--schedule", default=defaults.schedule, choices=["plateau", "cosine"],
         help="plateau: early stopping on validation loss, best epoch kept, LR halved on plateaus; "
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    spec = PreprocessSpec(aspect=args.aspect)
+    spec = PreprocessSpec(aspect=args.aspect, size=args.size)
     config = TrainConfig(data=args.data, out=args.out, arch=args.arch, epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.lr,
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,

@@ -42,6 +42,7 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 
 # (width, level) in Hounsfield units.
 WINDOWS: dict[str, tuple[float, float]] = {"lung": (1500.0, -600.0), "mediastinum": (350.0, 50.0)}
+MAX_WINDOW_HU = 65_536
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,7 @@ class PreprocessSpec:
             raise ValueError(f"unknown resample filter {self.resample!r}")
         if self.channels not in (1, 3) or not 8 <= self.size <= 1024:
             raise ValueError(f"unsupported input shape {self.size}x{self.size}x{self.channels}")
-        width, level = self.window
-        if not (math.isfinite(width) and width > 0 and math.isfinite(level)):
-            raise ValueError(f"window width must be finite and positive, level finite "
-                             f"(got {self.window})")
+        check_window(*self.window)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "window": list(self.window), "color": "gray replicated",
@@ -100,8 +98,20 @@ def parse_window(window: str | tuple[float, float]) -> tuple[float, float]:
             width, level = (float(part) for part in window.split(","))
         except ValueError:
             raise ValueError(f"window must be lung, mediastinum or W,L (got {window!r})") from None
-    if not width > 0:
-        raise ValueError(f"window width must be positive (got {width})")
+    return check_window(float(width), float(level))
+
+
+def check_window(width: float, level: float) -> tuple[float, float]:
+    """The one check of a CT window (HU) for the CLI, the API and the manifest; ValueError if bad.
+
+    DICOM asks for a width of at least 1; no CT value lies beyond +-MAX_WINDOW_HU (16-bit data
+    after rescale), and beyond it float32 arithmetic on the pixels loses all meaning.
+    """
+    if not (math.isfinite(width) and math.isfinite(level)):
+        raise ValueError(f"window width and level must be finite numbers (got {width:g},{level:g})")
+    if not (1.0 <= width <= MAX_WINDOW_HU and abs(level) <= MAX_WINDOW_HU):
+        raise ValueError(f"window width must be 1..{MAX_WINDOW_HU} and level within "
+                         f"+-{MAX_WINDOW_HU} HU (got {width:g},{level:g})")
     return float(width), float(level)
 
 
