@@ -328,8 +328,11 @@ class _Anatomy:
     overlay_alpha: np.ndarray
 
 
-def _anatomy(frame: _Frame, rng: np.random.Generator) -> _Anatomy:
-    """Everything but the findings, drawn from a stream the label never touches."""
+def _anatomy(frame: _Frame, rng: np.random.Generator, lung_extent: float = 1.0) -> _Anatomy:
+    """Everything but the findings, drawn from a stream the label never touches.
+
+    `lung_extent` scales both lungs (1 = the mid-chest slices of the training set; smaller
+    towards the apex and the base of a series)."""
     a, b, size = frame.a, frame.b, frame.size
     air = rng.uniform(0.0, 0.03)
     fat_v = rng.uniform(0.33, 0.42)
@@ -404,7 +407,7 @@ def _anatomy(frame: _Frame, rng: np.random.Generator) -> _Anatomy:
     overlay = overlay / np.maximum(overlay_alpha, 1e-6)
 
     # The keep-out (heart, aorta, spine, midline) carves the medial border: kidney shapes.
-    lung_scale = rng.uniform(0.88, 1.06)
+    lung_scale = rng.uniform(0.88, 1.06) * lung_extent
     cavity_lung = frame.inside(body_r / (cavity_scale - 0.01), b * cavity_scale)
     keepout = np.clip(
         frame.inside(heart_r / 1.12, 1.12 * min(hrp, hrq))
@@ -668,20 +671,24 @@ def _acquire(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 
-def render_slice(label: str, rng: np.random.Generator, size: int = 192) -> np.ndarray:
+def render_slice(label: str, rng: np.random.Generator, size: int = 192, *,
+                 lung_extent: float = 1.0, anatomy_seed: int | None = None) -> np.ndarray:
     """One synthetic slice, uint8 (size, size).
 
     The generator is split into independent anatomy, findings and acquisition streams, so two
     labels rendered from equally seeded generators show the same patient and differ only in
-    the findings.
+    the findings. `anatomy_seed` fixes the anatomy stream (one patient across the slices of a
+    series, training.synthetic_series); `lung_extent` scales the lungs (see `_anatomy`).
     """
     if label not in CLASSES:
         raise ValueError(f"unknown label {label!r}; expected one of {CLASSES}")
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
     anat_rng, finding_rng, acq_rng = rng.spawn(3)
+    if anatomy_seed is not None:
+        anat_rng = np.random.default_rng(anatomy_seed)
     frame = _make_frame(anat_rng, size)
-    anat = _anatomy(frame, anat_rng)
+    anat = _anatomy(frame, anat_rng, lung_extent)
     found = _findings(label, frame, anat, finding_rng)
     return _acquire(_compose(anat, found), acq_rng)
 
