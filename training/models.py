@@ -132,6 +132,14 @@ def edge_sep(input_shape: InputShape, num_classes: int) -> keras.Model:
     return keras.Model(inputs, _head(x, num_classes), name="edge-sep")
 
 
+@register("efficientnet-lite0")
+def efficientnet_lite0(input_shape: InputShape, num_classes: int) -> keras.Model:
+    """EfficientNet-Lite0 (4.0 M parameters with a 3-class head), ImageNet-initialised, GAP head."""
+    from .efficientnet_lite import efficientnet_lite0 as build
+
+    return build(input_shape, num_classes)
+
+
 for _name, _settings in _GAP_VARIANTS.items():
     _register_variant(_name, _settings)
 
