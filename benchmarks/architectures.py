@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ct_edge.cli import positive_int
+from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
 from training.synthetic import DEFAULT_ROOT as BUILTIN_DATA
 

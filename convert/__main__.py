@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ct_edge import DISCLAIMER
-from ct_edge.cli import positive_int
+from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
 
 from .errors import ParityError

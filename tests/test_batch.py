@@ -22,6 +22,7 @@ import pytest
 
 from ct_edge import batch, cli
 from ct_edge.errors import BundleError
+from ct_edge.inputs import predictions
 
 pytest.importorskip("pyarrow", reason="ct-edge batch needs the [ray] extra")
 
@@ -84,7 +85,7 @@ def classify_reference(bundle: Path, artifact: str, paths: list[str]) -> dict:
     from ct_edge.classifier import Classifier
 
     classifier = Classifier.from_bundle(bundle, artifact=artifact)
-    return {p.path: p for p in cli.predictions(classifier, [(path, None) for path in paths])}
+    return {p.path: p for p in predictions(classifier, [(path, None) for path in paths])}
 
 
 def rows_by_path(out: Path) -> dict[str, dict]:
@@ -154,7 +155,7 @@ class TestLocalCluster:
                 continue
             assert row["error"] is None
             assert row["label"] == want.label
-            assert row["uncertain"] == want.uncertain
+            assert row["status"] == want.status and row["reason"] == want.reason
             for label in manifest["labels"]:
                 assert row[label] == pytest.approx(want.probabilities[label], abs=1e-5)
         assert {rows[p]["error"] for p in scans.bad} >= {"empty file"}

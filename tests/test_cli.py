@@ -6,6 +6,7 @@ interpreter where the process boundary is the point (no traceback, no TensorFlow
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import hashlib
@@ -21,11 +22,14 @@ import pytest
 from bundle_helpers import manifest_for, provenance_for, write_bundle
 
 from ct_edge import DISCLAIMER, LABELS, __version__, cli
+from ct_edge.cli import classify as classify_command
+from ct_edge.cli import common
 from ct_edge.preprocess import PreprocessSpec
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOOD = sorted(p for p in FIXTURES.iterdir() if p.suffix in (".png", ".jpg", ".dcm"))
-JSON_KEYS = {"path", "label", "confidence", "uncertain", "probabilities", "error"}
+JSON_KEYS = {"path", "label", "confidence", "status", "reason", "probabilities", "timings_ms",
+             "error"}
 SHARED_BUNDLE = os.environ.get("CT_EDGE_TEST_SHARED_BUNDLE") == "1"
 
 
@@ -146,7 +150,9 @@ def test_json_lines_contract(capsys, bundle: Path, manifest: dict) -> None:
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
         assert row["confidence"] == row["probabilities"][row["label"]]
-        assert isinstance(row["uncertain"], bool)
+        assert row["status"] in ("ok", "uncertain", "out_of_domain")
+        # Label order, whatever the probabilities (scripts can zip them with the labels).
+        assert list(row["probabilities"]) == manifest["labels"]
     assert DISCLAIMER in err  # stdout stays pure JSON
 
 
@@ -162,7 +168,7 @@ def test_human_table(capsys, bundle: Path) -> None:
     code, out, err = run(capsys, "classify", "--bundle", bundle, *GOOD)
     assert code == 0 and without_warnings(err) == []
     lines = out.splitlines()
-    assert lines[0].split() == ["FILE", "LABEL", "CONF", "OTHERS"]
+    assert lines[0].split() == ["FILE", "LABEL", "CONF", "STATUS", "OTHERS", "/", "REASON"]
     assert lines[-1] == DISCLAIMER
     rows = lines[1:1 + len(GOOD)]
     for path, line in zip(GOOD, rows, strict=True):
@@ -180,16 +186,19 @@ def test_top_k(capsys, bundle: Path) -> None:
     assert code == 0 and list(row["probabilities"]) == [row["label"]]
     code, out, _ = run(capsys, "classify", "--json", "--top-k", "2", "--bundle", bundle, GOOD[0])
     (row,) = records(out)
-    assert len(row["probabilities"]) == 2 and next(iter(row["probabilities"])) == row["label"]
-    values = list(row["probabilities"].values())
-    assert values == sorted(values, reverse=True)
+    assert len(row["probabilities"]) == 2 and row["label"] in row["probabilities"]
+    assert list(row["probabilities"]) == [label for label in LABELS if label in row["probabilities"]]
+    _, out, _ = run(capsys, "classify", "--json", "--bundle", bundle, GOOD[0])
+    (everything,) = records(out)
+    top_two = sorted(everything["probabilities"], key=everything["probabilities"].get)[-2:]
+    assert set(row["probabilities"]) == set(top_two)
     # Table: the label plus K-1 others; K larger than the number of classes means all of them.
     _, out, _ = run(capsys, "classify", "--top-k", "2", "--bundle", bundle, GOOD[0])
     assert out.splitlines()[1].count("%") == 2
     _, out, _ = run(capsys, "classify", "--top-k", "99", "--bundle", bundle, GOOD[0])
     assert out.splitlines()[1].count("%") == len(LABELS)
     _, out, _ = run(capsys, "classify", "--top-k", "1", "--bundle", bundle, GOOD[0])
-    assert out.splitlines()[0].split() == ["FILE", "LABEL", "CONF"]
+    assert out.splitlines()[0].split()[:4] == ["FILE", "LABEL", "CONF", "STATUS"]
 
 
 def test_csv(capsys, bundle: Path, manifest: dict, tmp_path: Path) -> None:
@@ -198,16 +207,17 @@ def test_csv(capsys, bundle: Path, manifest: dict, tmp_path: Path) -> None:
     code, out, _ = run(capsys, "classify", "--csv", "--bundle", bundle, GOOD[0], bad)
     assert code == 1
     table = list(csv.reader(io.StringIO(out)))
-    assert table[0] == ["path", "label", "confidence", "uncertain", *manifest["labels"], "error"]
+    assert table[0] == ["path", "label", "confidence", "status", "reason", *manifest["labels"],
+                        "error"]
     ok, failed = (dict(zip(table[0], row, strict=True)) for row in table[1:])
     assert ok["path"] == str(GOOD[0]) and ok["label"] in LABELS and ok["error"] == ""
     assert float(ok["confidence"]) == pytest.approx(max(float(ok[label]) for label in LABELS))
-    assert ok["uncertain"] in ("true", "false")
+    assert ok["status"] in ("ok", "uncertain", "out_of_domain")
     assert failed["label"] == "" and failed["error"] == "empty file"
     # --top-k leaves the other classes' cells empty, the columns stay the same.
     _, out, _ = run(capsys, "classify", "--csv", "--top-k", "1", "--bundle", bundle, GOOD[0])
     header, row = list(csv.reader(io.StringIO(out)))
-    assert header == table[0] and sum(cell != "" for cell in row[4:-1]) == 1
+    assert header == table[0] and sum(cell != "" for cell in row[5:-1]) == 1
 
 
 def test_quiet(capsys, bundle: Path) -> None:
@@ -224,11 +234,13 @@ def test_uncertain_results_are_marked(capsys, bundle_copy: Path) -> None:
     manifest["calibration"]["uncertain_below"] = 1.0  # nothing is ever that sure
     manifest_path.write_text(json.dumps(manifest))
     _, out, _ = run(capsys, "classify", "--json", "--bundle", bundle_copy, GOOD[0])
-    assert records(out)[0]["uncertain"] is True
+    (row,) = records(out)
+    assert row["status"] == "uncertain" and row["label"] in LABELS
+    assert row["reason"] == "confidence below 100%"
     _, out, _ = run(capsys, "classify", "--bundle", bundle_copy, GOOD[0])
     lines = out.splitlines()
-    assert lines[1].split()[1].endswith("?")
-    assert lines[-2].startswith("? uncertain: confidence below 100%")
+    assert "uncertain" in lines[1].split()
+    assert lines[-2].startswith("uncertain: a label is given but confidence below 100%")
 
 
 def test_onnx_backend_and_artifact_choice(capsys, bundle: Path, manifest: dict) -> None:
@@ -312,8 +324,9 @@ def test_empty_folder_is_an_input_error_and_others_still_run(capsys, bundle: Pat
     assert code == 1
     assert error_lines(err) == [f"error: {empty}: folder contains no PNG, JPEG or DICOM images"]
     bad, good = records(out)
-    assert bad == {"path": str(empty), "label": None, "confidence": None, "uncertain": None,
-                   "probabilities": {}, "error": "folder contains no PNG, JPEG or DICOM images"}
+    assert bad == {"path": str(empty), "label": None, "confidence": None, "status": None,
+                   "reason": None, "probabilities": {}, "timings_ms": {},
+                   "error": "folder contains no PNG, JPEG or DICOM images"}
     assert good["label"] in LABELS
 
 
@@ -480,7 +493,7 @@ def test_help_has_examples_and_every_default(capsys, command: list[str]) -> None
     assert code == 0 and "examples:" in out and "ct-edge " in out
     parser = cli.build_parser()
     if command:
-        parser = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction)) \
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)) \
             .choices[command[0]]
     for action in parser._actions:
         if action.option_strings and action.dest not in ("help", "version"):
@@ -571,7 +584,7 @@ def test_help_starts_without_numpy() -> None:
 
 def test_progress_bar_draws_and_clears() -> None:
     stream = io.StringIO()
-    bar = cli.Progress(40, stream, enabled=True, interval=0.0)
+    bar = common.Progress(40, stream, enabled=True, interval=0.0)
     for _ in range(20):
         bar.update()
     assert "20/40" in stream.getvalue() and "#" * 12 in stream.getvalue()
@@ -581,7 +594,7 @@ def test_progress_bar_draws_and_clears() -> None:
     bar.close()
     assert "40/40" in stream.getvalue() and stream.getvalue().endswith("\r")
     quiet = io.StringIO()
-    off = cli.Progress(40, quiet, enabled=False)
+    off = common.Progress(40, quiet, enabled=False)
     off.update(40)
     off.close()
     assert quiet.getvalue() == ""
@@ -589,13 +602,13 @@ def test_progress_bar_draws_and_clears() -> None:
 
 def test_progress_only_on_a_terminal_with_many_files(capsys, bundle: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    for i in range(cli.PROGRESS_MIN_FILES + 1):
+    for i in range(common.PROGRESS_MIN_FILES + 1):
         shutil.copy(FIXTURES / "gray8.png", tmp_path / f"{i:03}.png")
     drawn = []
-    monkeypatch.setattr(cli.Progress, "draw", lambda self, now=None: drawn.append(self.done))
-    monkeypatch.setattr(cli, "_isatty", lambda stream: stream is sys.stderr)
+    monkeypatch.setattr(common.Progress, "draw", lambda self, now=None: drawn.append(self.done))
+    monkeypatch.setattr(classify_command, "isatty", lambda stream: stream is sys.stderr)
     code, _, _ = run(capsys, "classify", "--json", "--bundle", bundle, tmp_path)
-    assert code == 0 and drawn and drawn[-1] == cli.PROGRESS_MIN_FILES + 1
+    assert code == 0 and drawn and drawn[-1] == common.PROGRESS_MIN_FILES + 1
     drawn.clear()
     run(capsys, "classify", "--json", "--quiet", "--bundle", bundle, tmp_path)
     run(capsys, "classify", "--json", "--bundle", bundle, *GOOD)  # too few files

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ct_edge import LABELS
-from ct_edge.cli import positive_int
+from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
 from ct_edge.preprocess import PreprocessSpec
 

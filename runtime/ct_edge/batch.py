@@ -19,7 +19,7 @@ scores only what no part holds yet. `ray.data.read_images` is not used on purpos
 unreadable files without a row, and with an actor pool holding every CPU it can hang.
 
 Ray is an optional extra (`pip install 'ct-edge[ray]'`): this module imports only the standard
-library at module level (the CLI builds the `batch` parser from it) and Ray and pyarrow inside
+library at module level (the CLI's `batch` parser reads its defaults) and Ray and pyarrow inside
 the functions that need them, so `ct-edge classify` never loads either.
 """
 
@@ -55,8 +55,8 @@ DEFAULT_PART_ROWS = 1000
 ACTOR_START_TIMEOUT_S = 600
 # Small jobs still get a few blocks per actor, so every actor has work and a kill loses little.
 BLOCKS_PER_ACTOR = 4
-# Fixed columns; then one float column per label, in the bundle's label order, after `uncertain`.
-FIXED_COLUMNS = ("path", "label", "confidence", "uncertain", "error", "artifact",
+# Fixed columns; then one float column per label, in the bundle's label order, after `reason`.
+FIXED_COLUMNS = ("path", "label", "confidence", "status", "reason", "error", "artifact",
                  "artifact_sha256", "bundle_sha256", "node_id")
 
 
@@ -106,7 +106,8 @@ def result_schema(labels: Sequence[str]) -> pa.Schema:
     fields = [pa.field("path", pa.string(), nullable=False),
               pa.field("label", pa.string()),
               pa.field("confidence", pa.float64()),
-              pa.field("uncertain", pa.bool_()),
+              pa.field("status", pa.string()),
+              pa.field("reason", pa.string()),
               *(pa.field(label, pa.float64()) for label in labels),
               pa.field("error", pa.string()),
               pa.field("artifact", pa.string()),
@@ -124,7 +125,7 @@ def rows_to_table(rows: list[dict[str, Any]], labels: Sequence[str]) -> pa.Table
 
 
 def error_row(path: str, error: str, payload: ModelPayload, node_id: str | None = None) -> dict:
-    return {"path": path, "label": None, "confidence": None, "uncertain": None,
+    return {"path": path, "label": None, "confidence": None, "status": None, "reason": None,
             **dict.fromkeys(payload.labels), "error": error, "artifact": payload.artifact,
             "artifact_sha256": payload.artifact_sha256, "bundle_sha256": payload.manifest_sha256,
             "node_id": node_id}
@@ -170,7 +171,7 @@ class _Scorer:
 
     def score(self, paths: Sequence[str]) -> list[dict[str, Any]]:
         """One row per path, in order; a file that cannot be classified is an error row."""
-        from .cli import predictions  # the very code `ct-edge classify` runs per file
+        from .inputs import predictions  # the very code `ct-edge classify` runs per file
 
         payload = self.payload
         rows = []
@@ -180,8 +181,9 @@ class _Scorer:
                 rows.append(error_row(prediction.path, prediction.error, payload, self.node_id))
                 continue
             rows.append({"path": prediction.path, "label": prediction.label,
-                         "confidence": prediction.confidence, "uncertain": prediction.uncertain,
-                         **{label: prediction.probabilities[label] for label in payload.labels},
+                         "confidence": prediction.confidence if prediction.label else None,
+                         "status": prediction.status, "reason": prediction.reason,
+                         **{label: prediction.probabilities.get(label) for label in payload.labels},
                          "error": None, "artifact": payload.artifact,
                          "artifact_sha256": payload.artifact_sha256,
                          "bundle_sha256": payload.manifest_sha256, "node_id": self.node_id})
@@ -202,7 +204,7 @@ def expand_batch_inputs(args: Sequence[str]) -> list[tuple[str, str | None]]:
     paths are relative to the current folder). Listed paths are not checked here: on a cluster
     they are read by the actors, and a missing one becomes an error row.
     """
-    from .cli import expand_inputs
+    from .inputs import expand_inputs
 
     items: list[tuple[str, str | None]] = []
     seen: set[str] = set()
@@ -724,128 +726,3 @@ def parse_runtime_env(text: str | None) -> dict | None:
     if not isinstance(value, dict):
         raise BatchError("--runtime-env: expected a JSON object, e.g. '{\"pip\": [\"ct-edge[ray]\"]}'")
     return value
-
-
-# --- the command line ----------------------------------------------------------------------
-
-BATCH_EXAMPLES = """\
-examples:
-  ct-edge batch scans/ --out results/                     (a local Ray cluster on this machine)
-  ct-edge batch 'archive/**/*.dcm' --out results/ --actors 2 --threads 1
-  ct-edge batch paths.txt --out results/ --address auto   (join the cluster of `ray start`)
-  ct-edge batch paths.txt --out results/ --address ray://head:10001
-  python -c "import pandas; print(pandas.read_parquet('results/'))"
-
-INPUT: files, folders (searched recursively), globs, or list files (.txt, .lst, .list: one path
-per line, '#' comments). Every node must be able to read each input at the same absolute path.
-
-output: Parquet parts in --out, one row per input: path (absolute), label, confidence,
-uncertain, one probability column per class, error (null, or why the input was not
-classified), artifact, artifact_sha256, bundle_sha256 (of manifest.json) and node_id (the Ray
-node that scored it). Run the same command again after a kill: it scores only inputs no part
-holds yet. A summary line goes to stdout.
-exit codes: 0 every input has a row (error rows included), 2 usage, bundle or cluster error,
-130 interrupted (the parts written so far are kept).
-"""
-
-
-def add_batch_parser(commands: Any, formatter_class: Any, bundle_help: str) -> None:
-    """The `batch` subcommand (parser only: nothing heavy is imported until it runs)."""
-    from .cli import _window, positive_int
-
-    batch = commands.add_parser(
-        "batch", help="score an image archive on Ray into Parquet (needs ct-edge[ray])",
-        formatter_class=formatter_class, epilog=BATCH_EXAMPLES,
-        description="Score many images with a pool of Ray actors, on this machine or a cluster; "
-                    "results go to Parquet files, resumably.")
-    batch.add_argument("inputs", nargs="+", metavar="INPUT",
-                       help="file, folder, glob pattern, or .txt/.lst list of paths")
-    batch.add_argument("--out", required=True, metavar="DIR",
-                       help="folder for the Parquet parts (created; a rerun resumes in it)")
-    batch.add_argument("--address", metavar="auto|ray://HOST:PORT",
-                       help="join this Ray cluster (default: start a local one on this machine)")
-    batch.add_argument("--actors", type=positive_int, metavar="N",
-                       help="actors, each with its own engine (default: the cluster's CPUs / "
-                            "--threads)")
-    batch.add_argument("--threads", type=positive_int, default=1, metavar="N",
-                       help="engine threads (and CPUs reserved) per actor (default: 1)")
-    batch.add_argument("--bundle", metavar="DIR", help=bundle_help)
-    batch.add_argument("--artifact", metavar="NAME",
-                       help="artifact to run, as listed by 'ct-edge info' (default: the bundle's "
-                            "default, else the smallest that passed its parity check)")
-    batch.add_argument("--window", type=_window, metavar="lung|mediastinum|W,L",
-                       help="CT window for DICOM (default: the bundle's)")
-    batch.add_argument("--part-rows", type=positive_int, default=DEFAULT_PART_ROWS, metavar="N",
-                       help=f"at most N rows per Parquet part; a kill loses at most the parts in "
-                            f"flight (default: {DEFAULT_PART_ROWS}, fewer for small jobs)")
-    batch.add_argument("--runtime-env", metavar="JSON|FILE",
-                       help="Ray runtime_env for the job, e.g. '{\"pip\": [\"ct-edge[ray]\"]}' "
-                            "(default: none: the package is installed on every node)")
-    batch.add_argument("--verbose", "-v", action="store_true",
-                       help="show Ray's own logs and progress bars (default: off)")
-    batch.add_argument("--quiet", "-q", action="store_true",
-                       help="no progress bar, error lines or disclaimer; the summary line is "
-                            "still printed (default: off)")
-    batch.set_defaults(handler=cmd_batch)
-
-
-ERROR_LINES = 20
-
-
-def cmd_batch(args: Any) -> int:
-    from . import DISCLAIMER
-    from .cli import Progress, _error, _isatty
-
-    progress: list[Progress] = []
-
-    def on_start(rows: int, payload: ModelPayload) -> None:
-        if payload.artifact_status != "passed" and not args.quiet:
-            print(f"warning: artifact {payload.artifact!r} has parity status "
-                  f"{payload.artifact_status!r}; its answers may differ from the reference model",
-                  file=sys.stderr)
-        progress.append(Progress(rows, sys.stderr, enabled=not args.quiet and rows > 0
-                                 and _isatty(sys.stderr)))
-
-    def on_part(rows: int) -> None:
-        if progress:
-            progress[0].update(rows)
-
-    import signal
-
-    previous: list[Any] = []
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # ends like Ctrl-C: Ray shut down, finished parts kept
-
-    def on_cluster(cluster: Cluster) -> None:
-        # After ray.init, which installs a native SIGTERM handler that only logs and dies.
-        with contextlib.suppress(ValueError):  # not the main thread
-            previous.append(signal.signal(signal.SIGTERM, stop))
-
-    try:
-        result = run_batch(args.inputs, args.out, bundle=args.bundle, artifact=args.artifact,
-                           actors=args.actors, threads=args.threads, address=args.address,
-                           window=args.window, part_rows=args.part_rows,
-                           runtime_env=parse_runtime_env(args.runtime_env), verbose=args.verbose,
-                           on_start=on_start, on_cluster=on_cluster, on_part=on_part)
-    except KeyboardInterrupt:
-        if progress:
-            progress[0].close()
-        print(f"\ninterrupted: the parts written so far stay in {args.out}; run the same "
-              "command again to score the rest", file=sys.stderr)
-        return 130
-    finally:
-        if previous:
-            signal.signal(signal.SIGTERM, previous[0])
-        if progress:
-            progress[0].close()
-    if not args.quiet:
-        for path, problem in result.error_samples[:ERROR_LINES]:
-            _error(f"{path}: {problem}")
-        if result.errors > ERROR_LINES:
-            _error(f"... and {result.errors - ERROR_LINES} more: see the 'error' column in "
-                   f"{result.out}")
-    print(result.summary(), flush=True)
-    if not args.quiet:
-        print(DISCLAIMER, file=sys.stderr)
-    return 0

@@ -23,25 +23,56 @@ if TYPE_CHECKING:
     from .explain import Explanation
 
 
+STATUSES = ("ok", "uncertain", "out_of_domain")
+
+
 @dataclass
 class Prediction:
-    """One classified input. `error` is set (and `label` None) when the input could not be read."""
+    """One classified input.
+
+    `status` is "ok" (answered), "uncertain" (label given, confidence below the bundle's operating
+    point) or "out_of_domain" (`label` None, `reason` says why). `error` is set (and `label` None,
+    `status` None) when the input could not be read at all.
+    """
 
     path: str
     label: str | None
     probabilities: dict[str, float]
-    uncertain: bool = False
+    status: str | None = "ok"
+    reason: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            self.status = None
+
+    @property
+    def uncertain(self) -> bool:
+        return self.status == "uncertain"
 
     @property
     def confidence(self) -> float:
         return self.probabilities[self.label] if self.label else 0.0
 
-    def to_dict(self) -> dict:
-        return {"path": self.path, "label": self.label, "confidence": self.confidence,
-                "uncertain": self.uncertain, "probabilities": self.probabilities,
-                "timings_ms": self.timings_ms, "error": self.error}
+    def ranked(self, top_k: int | None = None) -> list[tuple[str, float]]:
+        """The top_k (label, probability) pairs, most probable first (ties in label order)."""
+        return sorted(self.probabilities.items(), key=lambda item: -item[1])[:top_k]
+
+    def to_dict(self, top_k: int | None = None) -> dict:
+        """The JSON contract of one result (`classify --json`, the HTTP API, the store).
+
+        `probabilities` keeps the bundle's label order; with `top_k` only the k most probable
+        classes are listed (still in label order).
+        """
+        shown = {label for label, _ in self.ranked(top_k)}
+        return {"path": self.path, "label": self.label,
+                "confidence": round(self.confidence, 6) if self.error is None else None,
+                "status": self.status, "reason": self.reason,
+                "probabilities": {label: round(p, 6) for label, p in self.probabilities.items()
+                                  if label in shown},
+                "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
+                "error": self.error}
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
@@ -121,8 +152,11 @@ class Classifier:
     def _result(self, path: str, probabilities: np.ndarray, timings: dict[str, float]) -> Prediction:
         best = int(np.argmax(probabilities))
         probs = {label: float(p) for label, p in zip(self.labels, probabilities, strict=True)}
+        uncertain = bool(probabilities[best] < self.bundle.uncertain_below)
         return Prediction(path=path, label=self.labels[best], probabilities=probs,
-                          uncertain=bool(probabilities[best] < self.bundle.uncertain_below),
+                          status="uncertain" if uncertain else "ok",
+                          reason=(f"confidence below {self.bundle.uncertain_below:.0%}"
+                                  if uncertain else None),
                           timings_ms=timings)
 
     def predict(self, source: Source | np.ndarray) -> Prediction:

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, default=CACHE / "site")
     parser.add_argument("--images", type=Path, nargs="*", default=[],
                         help="more inputs: image files or folders (default: none)")
-    from ct_edge.cli import positive_int
+    from ct_edge.cli.common import positive_int
 
     parser.add_argument("--max-images", type=positive_int, default=60,
                         help="at most this many of --images, spread evenly (default: 60)")

@@ -1,0 +1,73 @@
+"""`ct-edge`: classify chest scans with a model bundle, serve them, describe a bundle.
+
+Not a diagnostic device. Each command is a module of this package with `add_parser(commands)`
+and `run(args) -> int`; shared pieces live in `common` (arguments, errors, progress) and
+`output` (the classify writers). Exit codes: 0 every input processed, 1 some inputs could not be
+read (one `error: <path>: <problem>` line each on stderr; the others are still processed), 2
+usage or bundle error (one line saying what to do). Start-up time matters on a device, so
+command modules import only the standard library at module level; numpy, Pillow and the engine
+are imported by the command that runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import DISCLAIMER, __version__
+from .common import EXIT_INPUT, EXIT_USAGE, Parser, error, silence_stdout
+
+# Command modules, in the order `ct-edge --help` lists them.
+COMMANDS: tuple[str, ...] = ("classify", "explain", "info", "batch")
+
+EXAMPLES = """\
+examples:
+  ct-edge classify scan.png
+  ct-edge classify --json scans/
+  ct-edge info --bundle artifacts/bundle
+  ct-edge explain scan.png -o heatmap.png
+  ct-edge batch archive/ --out results/     (Parquet, on Ray: needs ct-edge[ray])
+  ct-edge classify --help
+
+The bundle is found at --bundle DIR, else $CT_EDGE_BUNDLE, else ./artifacts/bundle.
+""" + DISCLAIMER
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `ct-edge` argument parser (every option's help states its default)."""
+    parser = Parser(prog="ct-edge", formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=EXAMPLES,
+                    description="Offline chest-scan classifier (COVID-19 / Normal / Viral Pneumonia).")
+    parser.add_argument("--version", action="version", version=f"ct-edge {__version__}",
+                        help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ct-edge` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        error(f"choose a command: {', '.join(COMMANDS)} (see 'ct-edge --help')")
+        return EXIT_USAGE
+    from ..errors import CtEdgeError
+
+    try:
+        return args.handler(args)
+    except CtEdgeError as exc:  # BundleError, and anything else raised on purpose
+        error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `ct-edge classify --json scans/ | head -1`
+        silence_stdout()
+        return EXIT_INPUT

@@ -1,0 +1,176 @@
+"""`ct-edge explain`: a heatmap of where in an image the answer comes from."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .. import DISCLAIMER
+from .common import (
+    BUNDLE_HELP,
+    EXIT_INPUT,
+    EXIT_OK,
+    EXIT_USAGE,
+    RAW,
+    error,
+    native_info_silenced,
+    positive_int,
+    window_arg,
+)
+
+EXAMPLES = """\
+examples:
+  ct-edge explain scan.png -o heatmap.png
+  ct-edge explain --json scan.png                        (no figure: where the heat is, as JSON)
+  ct-edge explain 'scans/*/*.png' -o heatmaps/           (several inputs: -o is a folder)
+  ct-edge explain --method occlusion scan.png -o occlusion.png
+
+The figure (520x320 px) shows the input as the model saw it and the heatmap over it, with the
+label and probabilities. Methods: cam (class-activation maps the artifact exports: one inference)
+or occlusion (a patch slides over the image: ~170 inferences, any model); default: cam when the
+artifact has them. --json objects (one per input) hold: path, label, confidence, uncertain,
+probabilities, target (the class explained), method, artifact, peak {x, y in input-image pixels,
+x_rel, y_rel, value}, lung_share (share of heat inside the estimated lung fields; null when they
+cannot be estimated, e.g. most chest films), lung_area, border_share (heat in the outer 8% band),
+border_area (that band's share of the image: what an even heatmap would give), output (the PNG
+written, or null), timings_ms and error.
+exit codes: 0 all explained, 1 some inputs failed (one 'error:' line each on stderr),
+2 usage or bundle error.
+"""
+
+
+def add_parser(commands: Any) -> None:
+    explain = commands.add_parser(
+        "explain", help="draw where in an image the answer comes from (heatmap)",
+        formatter_class=RAW, epilog=EXAMPLES,
+        description="Classify images and draw a heatmap of the evidence over each one.")
+    explain.add_argument("paths", nargs="+", metavar="IMAGE", help="file, folder or glob pattern")
+    explain.add_argument("-o", "--output", metavar="PNG|DIR",
+                         help="where to write the figure: a .png file for one input, a folder "
+                              "(created; one <name>.png per input) for several (default: none, "
+                              "then --json is required)")
+    explain.add_argument("--bundle", metavar="DIR", help=BUNDLE_HELP)
+    explain.add_argument("--artifact", metavar="NAME",
+                         help="artifact to run (default: the bundle's default)")
+    explain.add_argument("--method", choices=("cam", "occlusion"),
+                         help="heatmap method (default: cam when the artifact has class maps, "
+                              "else occlusion)")
+    explain.add_argument("--target", metavar="LABEL",
+                         help="class to explain (default: the predicted one)")
+    explain.add_argument("--window", type=window_arg, metavar="lung|mediastinum|W,L",
+                         help="CT window for DICOM (default: the bundle's)")
+    explain.add_argument("--threads", type=positive_int, metavar="N",
+                         help="engine threads (default: the engine's own choice)")
+    explain.add_argument("--json", action="store_true",
+                         help="JSON Lines on stdout, one object per input (default: one line of "
+                              "text per input)")
+    explain.add_argument("--quiet", "-q", action="store_true",
+                         help="no notes or disclaimer; errors are still printed (default: off)")
+    explain.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..classifier import Classifier
+    from ..errors import InputError
+    from ..explain import choose_method, explain, save
+
+    if args.output is None and not args.json:
+        error("nothing to write: pass -o FILE.png (or -o DIR/ for several inputs) and/or --json")
+        return EXIT_USAGE
+    from ..inputs import expand_inputs
+
+    items = expand_inputs(args.paths)
+    outputs = explain_outputs([path for path, _ in items], args.output)
+    if isinstance(outputs, str):
+        error(outputs)
+        return EXIT_USAGE
+    with native_info_silenced():
+        classifier = Classifier.from_bundle(args.bundle, artifact=args.artifact,
+                                            threads=args.threads, window=args.window)
+    method = choose_method(classifier, args.method)  # BundleError (exit 2) when cam is missing
+    if args.target is not None and args.target not in classifier.labels:
+        error(f"--target {args.target!r} is not a class of this bundle; choose one of: "
+               + ", ".join(classifier.labels))
+        return EXIT_USAGE
+    failed = 0
+    for (path, problem), output in zip(items, outputs, strict=True):
+        try:
+            if problem is not None:
+                raise InputError(path, problem)
+            result = explain(classifier, path, method=method, target=args.target)
+        except InputError as exc:
+            failed += 1
+            error(f"{path}: {' '.join(exc.problem.split())}")
+            if args.json:
+                print(json.dumps({"path": path, "label": None, "output": None,
+                                  "error": exc.problem}, ensure_ascii=False), flush=True)
+            continue
+        result.path = path
+        if output is not None:
+            try:
+                save(result, output)
+            except OSError as exc:
+                error(f"cannot write {output}: {exc.strerror or exc}; choose another -o")
+                return EXIT_USAGE
+        if args.json:
+            record = {**result.to_dict(), "output": output, "error": None}
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            print(explain_line(result, output), flush=True)
+    if not args.quiet:
+        print(DISCLAIMER, file=sys.stderr if args.json else sys.stdout)
+    return EXIT_INPUT if failed else EXIT_OK
+
+
+def explain_outputs(paths: list[str], output: str | None) -> list[str | None] | str:
+    """One PNG path per input (None without -o), or a usage error message.
+
+    -o is a folder when it exists as one, ends with '/', or there are several inputs; in a folder
+    each figure is named after its input, with the parent folder's name prefixed when two inputs
+    share a name (e.g. test/COVID-19/00000.png -> COVID-19_00000.png).
+    """
+    if output is None:
+        return [None] * len(paths)
+    folder = os.path.isdir(output) or output.endswith(("/", os.sep)) or len(paths) > 1
+    if not folder:
+        parent = os.path.dirname(output) or "."
+        if not os.path.isdir(parent):
+            return f"-o {output}: folder {parent} does not exist"
+        return [output]
+    if os.path.exists(output) and not os.path.isdir(output):
+        return f"-o {output} is a file; several inputs need a folder (e.g. -o heatmaps/)"
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create folder {output}: {exc.strerror or exc}"
+    stems = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p in paths]
+    names, used = [], set()
+    for path, stem in zip(paths, stems, strict=True):
+        name = stem
+        if stems.count(stem) > 1:
+            name = f"{os.path.basename(os.path.dirname(os.path.normpath(path)))}_{stem}"
+        name = "_".join(name.split()) or "image"
+        unique, k = name, 2
+        while unique in used:
+            unique, k = f"{name}_{k}", k + 1
+        used.add(unique)
+        names.append(os.path.join(output, unique + ".png"))
+    return names
+
+
+def explain_line(result: Any, output: str | None) -> str:
+    """The text line of one explained input."""
+    peak = result.peak
+    shares = [f"peak at x={peak['x']:.0f} y={peak['y']:.0f}"]
+    if result.lung_share is not None:
+        shares.append(f"in lungs {result.lung_share:.0%}")
+    if result.border_share is not None:
+        shares.append(f"at border {result.border_share:.0%}")
+    label = result.label + ("?" if result.uncertain else "")
+    head = f"{output}: " if output else f"{result.path}: "
+    return (f"{head}{label} {result.probabilities[result.label]:.1%}, heat for {result.target} "
+            f"({result.method}): " + ", ".join(shares))

@@ -1,0 +1,169 @@
+"""`ct-edge info`: what a bundle holds and how it was verified."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error
+
+if TYPE_CHECKING:
+    from ..bundle import Artifact, Bundle
+
+EXAMPLES = """\
+examples:
+  ct-edge info
+  ct-edge info --bundle artifacts/bundle
+  ct-edge info --json | python -m json.tool
+
+Shows the labels, input contract, preprocessing, calibration, every artifact (size, parity
+status and figures, whether its sha256 matches) and the provenance. Exit code 2 when the bundle
+cannot be read or a model file is missing or does not match its sha256.
+"""
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser("info", help="describe a model bundle", formatter_class=RAW,
+                                 description="Show a bundle's manifest in readable form.",
+                                 epilog=EXAMPLES)
+    parser.add_argument("--bundle", metavar="DIR", help=BUNDLE_HELP)
+    parser.add_argument("--json", action="store_true",
+                        help="the manifest and file checks as JSON (default: text)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bundle import Bundle
+    from ..errors import BundleError
+
+    bundle = Bundle.load(args.bundle)
+    checks = {name: check_artifact(artifact) for name, artifact in bundle.artifacts.items()}
+    if args.json:
+        print(json.dumps({"path": str(bundle.root), "manifest": bundle.manifest, "checks": checks},
+                         indent=2, ensure_ascii=False))
+    else:
+        try:
+            text = render_info(bundle, checks)
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            # Fields only `info` shows (provenance, parity figures) are checked here, not on load.
+            raise BundleError(f"{bundle.root / 'manifest.json'}: malformed manifest "
+                              f"({type(exc).__name__}: {exc}); rebuild the bundle") from None
+        print(text)
+    bad = {name: check for name, check in checks.items() if check != "ok"}
+    if bad:
+        error("; ".join(f"artifact {name!r}: {check}" for name, check in bad.items())
+               + " - rebuild the bundle with `make convert`")
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def check_artifact(artifact: Artifact) -> str:
+    """'ok', 'missing' or 'sha256 mismatch' for one model file."""
+    from ..errors import BundleError
+
+    if not artifact.path.is_file():
+        return "missing"
+    try:
+        artifact.read_verified()
+    except BundleError:
+        return "sha256 mismatch"
+    return "ok"
+
+
+def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
+    """The manifest as aligned text."""
+    from ..preprocess import WINDOWS
+
+    manifest = bundle.manifest
+    spec = bundle.spec
+    contract = manifest.get("input", {})
+    shape = "x".join("N" if d in (None, -1) else str(d) for d in contract.get("shape", []))
+    value_range = contract.get("range", [0, 1])
+    named = next((name for name, window in WINDOWS.items() if window == spec.window), None)
+    window = f"{spec.window[0]:g},{spec.window[1]:g} (width,level HU)" + (f", {named}" if named else "")
+    lines = [
+        ("bundle", str(bundle.root)),
+        ("labels", ", ".join(bundle.labels)),
+        ("input", f"{shape} {contract.get('dtype', '?')} {contract.get('layout', '?')}, "
+                  f"values {value_range[0]:g}..{value_range[1]:g}"),
+        ("preprocess", f"{spec.size}x{spec.size} px, aspect {spec.aspect}, {spec.resample} resize, "
+                       f"contrast {getattr(spec, 'contrast', 'none')}, "
+                       f"gray to {spec.channels} channel{'s' if spec.channels > 1 else ''}"),
+        ("DICOM window", window),
+        ("calibration", f"temperature {bundle.temperature:g}, uncertain below "
+                        f"{bundle.uncertain_below:.0%}"),
+        ("default", str(bundle.default or "(none: smallest artifact that passed parity)")),
+        ("explain", _explain_line(manifest.get("explain"))),
+    ]
+    out = [f"{key:<13} {value}" for key, value in lines]
+
+    header = ("artifact", "format", "precision", "size", "status", "file", "parity")
+    rows = [(a.name, a.format, a.precision, _size(a.bytes), a.status,
+             checks.get(a.name, "?"), _figures(a.parity)) for a in bundle.artifacts.values()]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
+    out.append("")
+    for row in [header, *rows]:
+        cells = [f"{cell:<{width}}" for cell, width in zip(row, widths, strict=False)]
+        out.append(("  ".join(cells) + "  " + row[-1]).rstrip())
+        artifact = bundle.artifacts.get(row[0])
+        if artifact is not None and artifact.failures:
+            out.append(" " * (widths[0] + 2) + "failures: " + "; ".join(artifact.failures))
+
+    provenance = manifest.get("provenance") or {}
+    if provenance:
+        out.append("")
+        out.append("provenance")
+        width = max(map(len, provenance)) + 2
+        for key, value in provenance.items():
+            out.append(f"  {key:<{width}}{_plain(value)}")
+    return "\n".join(out)
+
+
+def _explain_line(explain: object) -> str:
+    """What the manifest says about heatmaps (an optional field: '?' where it is malformed)."""
+    if explain is None:
+        return "not recorded (explain uses class maps when the model exports them, else occlusion)"
+    if not isinstance(explain, dict) or not explain:
+        return "? (malformed)"
+    maps = explain.get("class_maps")
+    line = str(explain.get("method", "?"))
+    if isinstance(maps, dict):
+        shape = maps.get("shape")
+        size = ("x".join(map(str, shape[1:3])) if isinstance(shape, list) and len(shape) == 4
+                else "?")
+        line += f" from the {size} class maps of layer {maps.get('layer', '?')}"
+    if explain.get("fallback"):
+        line += f", fallback {explain['fallback']}"
+    return line
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+# The parity figures worth a glance; `info --json` and the bundle's parity.md hold all of them.
+_PARITY_FIGURES = {"accuracy": "accuracy", "agreement": "agreement", "max_abs_diff": "max|dp|"}
+
+
+def _figures(parity: dict) -> str:
+    shown = {key: value for key, value in parity.items() if key in _PARITY_FIGURES} or parity
+    return ", ".join(f"{_PARITY_FIGURES.get(key, key)} {_plain(value)}" for key, value in shown.items()
+                     if not isinstance(value, dict | list))
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_plain(item)}" for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_plain(item) for item in value)
+    return str(value)
