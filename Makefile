@@ -25,7 +25,7 @@ $(STAMP): requirements/runtime.txt requirements/dev.txt pyproject.toml runtime/p
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements/dev.txt -c requirements/runtime.txt \
-		-e "./runtime[onnx,dicom,ray]" -e .
+		-e "./runtime[onnx,dicom,ray,listen]" -e .
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install runtime + training/convert (pinned)

@@ -44,7 +44,7 @@ def last_feature_layer(model: Any) -> Any:
     except ValueError:
         pass
     for layer in reversed(model.layers):
-        if len(getattr(layer, "output", ()).shape or ()) == 4:
+        if len(getattr(getattr(layer, "output", None), "shape", None) or ()) == 4:
             return layer
     raise ValueError(f"model {model.name!r} has no rank-4 feature map to explain")
 
@@ -79,7 +79,9 @@ def cam_model(model: Any) -> Any | None:
 
     head = cam_head(model)
     if head is None:
-        return None
+        from .ensemble import ensemble_cam_model  # an ensemble's maps: its members' mean map
+
+        return ensemble_cam_model(model)
     features, kernel = head
     conv = layers.Conv2D(kernel.shape[1], 1, use_bias=False, name=MAPS_LAYER, dtype="float32")
     maps = conv(features)

@@ -428,12 +428,14 @@ class Store:
         """A series' instances in slice order with their results (status, label, probabilities...)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT i.id, i.sop_instance_uid, i.instance_number, i.slice_location, i.state, "
+                "SELECT i.id, i.sop_instance_uid, i.sop_class_uid, i.instance_number, "
+                "i.slice_location, i.state, "
                 "r.id, r.status, r.reason, r.label, r.confidence, r.probabilities, r.error "
                 "FROM dicom_instances i LEFT JOIN results r ON r.id = i.result_id "
                 "WHERE i.series_id = ? ORDER BY i.slice_location IS NULL, i.slice_location DESC, "
                 "i.instance_number, i.id", (int(series_id),)).fetchall()
-        keys = ("instance_id", "sop_instance_uid", "instance_number", "slice_location", "state",
+        keys = ("instance_id", "sop_instance_uid", "sop_class_uid", "instance_number",
+                "slice_location", "state",
                 "result_id", "status", "reason", "label", "confidence", "probabilities", "error")
         slices = [dict(zip(keys, row, strict=True)) for row in rows]
         for item in slices:

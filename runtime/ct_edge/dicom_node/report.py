@@ -1,0 +1,116 @@
+"""A series result as a DICOM Basic Text SR: what `ct-edge listen` saves and can forward.
+
+The document carries the label, the probabilities, the slice counts and the bundle's identity as
+TEXT items under a container, references every instance it was computed from, is UNVERIFIED,
+and says in its series description and its first item that it is not for diagnostic use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import DISCLAIMER, __version__
+
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+SERIES_DESCRIPTION = "ct-edge research result - not for diagnostic use"
+_SCHEME = "99CTEDGE"  # private coding scheme: no standard code says "research classifier output"
+
+
+def _code(value: str, meaning: str):
+    from pydicom.dataset import Dataset
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, _SCHEME, meaning
+    return code
+
+
+def _text(value: str, meaning: str, text: str):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.RelationshipType = "CONTAINS"
+    item.ValueType = "TEXT"
+    item.ConceptNameCodeSequence = [_code(value, meaning)]
+    item.TextValue = text[:1024]
+    return item
+
+
+def build_report(series: dict[str, Any], instances: Sequence[tuple[str, str]],
+                 bundle_sha256: str | None, artifact: str | None):
+    """The SR dataset for a stored series (a `Store.get_dicom_series` dict) and its instances
+    as (SOP class UID, SOP instance UID)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    now = dt.datetime.now(dt.timezone.utc)
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID, ds.SOPInstanceUID = BASIC_TEXT_SR, sop_uid
+    ds.StudyInstanceUID = series["study_uid"]
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.SeriesNumber, ds.InstanceNumber = 9901, 1
+    ds.SeriesDescription = SERIES_DESCRIPTION
+    ds.PatientID = series.get("patient_id") or ""
+    ds.PatientName = ""
+    ds.PatientBirthDate = ds.PatientSex = ds.ReferringPhysicianName = ds.AccessionNumber = ""
+    ds.StudyID = ""
+    ds.StudyDate = ds.StudyTime = ""
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.Manufacturer = "ct-edge"
+    ds.SoftwareVersions = __version__
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.ConceptNameCodeSequence = [_code("CTE001", "ct-edge research classification")]
+    counts = series.get("counts") or {}
+    probabilities = series.get("probabilities") or {}
+    items = [_text("CTE002", "Disclaimer", DISCLAIMER),
+             _text("CTE003", "Series label", series.get("label") or "none"),
+             _text("CTE004", "Status", f"{series.get('status')}"
+                   + (f": {series['reason']}" if series.get("reason") else "")),
+             _text("CTE005", "Probabilities",
+                   "; ".join(f"{label} {p:.3f}" for label, p in probabilities.items()) or "none"),
+             _text("CTE006", "Aggregation", f"{series.get('aggregate')}, k={counts.get('k', 0)}"),
+             _text("CTE007", "Slices", ", ".join(f"{key} {value}" for key, value in counts.items()
+                                                 if key != "k")),
+             _text("CTE008", "Bundle", f"manifest sha256 {bundle_sha256 or 'unknown'}, "
+                                       f"artifact {artifact or 'unknown'}"),
+             _text("CTE009", "Source series", series["series_uid"])]
+    ds.ContentSequence = items
+    referenced = Dataset()
+    referenced.StudyInstanceUID = series["study_uid"]
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = series["series_uid"]
+    sops = []
+    for class_uid, instance_uid in instances:
+        sop = Dataset()
+        sop.ReferencedSOPClassUID, sop.ReferencedSOPInstanceUID = class_uid, instance_uid
+        sops.append(sop)
+    series_item.ReferencedSOPSequence = sops
+    referenced.ReferencedSeriesSequence = [series_item]
+    ds.CurrentRequestedProcedureEvidenceSequence = [referenced]
+    return ds
+
+
+def save_report(ds, folder: Path) -> Path:
+    """Write the SR atomically as `<folder>/<SOPInstanceUID>.dcm`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    tmp = folder / f".{path.name}.tmp"
+    ds.save_as(tmp, enforce_file_format=True)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
