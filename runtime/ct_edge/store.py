@@ -257,11 +257,12 @@ class Store:
                        sha256: str | None = None, bundle_sha256: str | None = None,
                        artifact: str | None = None, artifact_sha256: str | None = None,
                        heatmap_png: bytes | None = None) -> int:
-        """`add` for a `ct_edge.classifier.Prediction`."""
+        """`add` for a `ct_edge.classifier.Prediction`, with the figures its JSON contract shows."""
+        record = prediction.to_dict()
         return self.add(source=source if source is not None else prediction.path, origin=origin,
                         status=prediction.status, label=prediction.label,
-                        probabilities=prediction.probabilities, reason=prediction.reason,
-                        timings_ms=prediction.timings_ms, error=prediction.error, sha256=sha256,
+                        probabilities=record["probabilities"], reason=prediction.reason,
+                        timings_ms=record["timings_ms"], error=prediction.error, sha256=sha256,
                         bundle_sha256=bundle_sha256, artifact=artifact,
                         artifact_sha256=artifact_sha256, heatmap_png=heatmap_png)
 

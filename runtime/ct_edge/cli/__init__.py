@@ -19,7 +19,7 @@ from .. import DISCLAIMER, __version__
 from .common import EXIT_INPUT, EXIT_USAGE, Parser, error, silence_stdout
 
 # Command modules, in the order `ct-edge --help` lists them.
-COMMANDS: tuple[str, ...] = ("classify", "explain", "info", "batch", "listen")
+COMMANDS: tuple[str, ...] = ("classify", "explain", "info", "batch", "serve", "listen", "results")
 
 EXAMPLES = """\
 examples:

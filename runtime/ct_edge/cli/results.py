@@ -1,0 +1,113 @@
+"""`ct-edge results`: list the results store (what `serve`, `listen` and others recorded)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import EXIT_OK, EXIT_USAGE, RAW, error, positive_int
+
+STATUS_WORDS = {"ok": "answered", "uncertain": "UNCERTAIN", "out_of_domain": "NOT ANSWERED",
+                None: "unreadable"}
+EXAMPLES = """\
+examples:
+  ct-edge results                          (the 20 newest results)
+  ct-edge results --limit 100 --status uncertain
+  ct-edge results --json --label COVID-19 | jq .source
+  ct-edge results --series                 (DICOM series received by `ct-edge listen`)
+  ct-edge results --data-dir /var/lib/ct-edge
+
+Reads the store in --data-dir (default: $CT_EDGE_DATA, else $XDG_DATA_HOME/ct-edge, else
+~/.local/share/ct-edge), newest first. --json prints one JSON object per line. Exit code 2 when
+there is no store there.
+"""
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser("results", help="list stored results", formatter_class=RAW,
+                                 description="List the results store, newest first.",
+                                 epilog=EXAMPLES)
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="the data folder (default: $CT_EDGE_DATA, else "
+                             "$XDG_DATA_HOME/ct-edge, else ~/.local/share/ct-edge)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per line (default: a table)")
+    parser.add_argument("--limit", type=positive_int, default=20, metavar="N",
+                        help="show the N newest (default: 20, at most 1000)")
+    parser.add_argument("--status", choices=("ok", "uncertain", "out_of_domain"),
+                        help="only results with this status")
+    parser.add_argument("--label", help="only results with this label")
+    parser.add_argument("--series", action="store_true",
+                        help="list DICOM series (from `ct-edge listen`) instead of results")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..store import DB_NAME, Store, default_data_dir
+
+    data_dir = default_data_dir() if args.data_dir is None else Path(args.data_dir)
+    if not (data_dir / DB_NAME).is_file():
+        error(f"no results store in {data_dir} (no {DB_NAME}); pass --data-dir DIR or set "
+              "$CT_EDGE_DATA")
+        return EXIT_USAGE
+    with Store(data_dir) as store:
+        if args.series:
+            rows = store.list_dicom_series(limit=args.limit)
+        else:
+            rows = store.list(limit=args.limit, status=args.status, label=args.label)
+            total = store.count(status=args.status, label=args.label)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return EXIT_OK
+    print(render_series(rows) if args.series else render_results(rows, total))
+    return EXIT_OK
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+             for line in [header, *rows]]
+    return "\n".join(lines)
+
+
+def render_results(rows: list[dict], total: int) -> str:
+    if not rows:
+        return "no results stored"
+    body = []
+    for row in rows:
+        answer = (f"{row['label']} {row['confidence']:.1%}" if row["label"] is not None
+                  and row["confidence"] is not None else "-")
+        detail = row["error"] or row["reason"] or ""
+        body.append([str(row["id"]), row["created_at"].replace("T", " ").rstrip("Z"),
+                     _short(row["source"], 40), answer,
+                     STATUS_WORDS.get(row["status"], str(row["status"])), row["origin"],
+                     _short(detail, 60)])
+    table = _table(["id", "time (UTC)", "source", "result", "status", "from", "why"], body)
+    return f"{table}\n{len(rows)} of {total} shown, newest first"
+
+
+def render_series(rows: list[dict]) -> str:
+    if not rows:
+        return "no DICOM series stored"
+    body = []
+    for row in rows:
+        answer = (f"{row['label']} {row['confidence']:.1%}" if row.get("label")
+                  and row.get("confidence") is not None else "-")
+        body.append([str(row["id"]), str(row.get("last_received_at", "")).replace("T", " "),
+                     str(row.get("modality") or "-"), str(row.get("instances", "")),
+                     str(row.get("state", "")), answer,
+                     STATUS_WORDS.get(row.get("status"), str(row.get("status")))
+                     if row.get("state") == "complete" else "-",
+                     _short(str(row.get("description") or ""), 30)])
+    return _table(["id", "last received (UTC)", "modality", "slices", "state", "result", "status",
+                   "description"], body)
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 3] + "..."

@@ -1,0 +1,437 @@
+"""The HTTP front end on the standard library's `http.server` (docs/serve.md has the measurement
+behind that choice): routing, bearer-token auth, body cap, CORS, the page and its assets.
+
+Every answer is JSON (`{"error": "..."}` with a 4xx status for a refused request) except the page,
+its assets, heatmap PNGs and /metrics. A handler thread reads the request and waits; the work
+itself runs in the Service's bounded worker pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import re
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from .. import DISCLAIMER, __version__
+from ..classifier import STATUSES
+from ..store import StoreError
+from . import oip
+from .metrics import Metrics
+from .service import ClientError, Service
+
+STATIC = Path(__file__).parent / "static"
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY"}
+MAX_NAME = 200
+MAX_RESULT_ID = 2**63 - 1
+DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+@dataclass
+class ServerConfig:
+    """Everything `ct-edge serve` can set; the defaults are the documented ones."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    cors_origin: str | None = None
+    workers: int = 2
+    queue_size: int = 16
+    timeout_s: float = 30.0
+    max_connections: int = 64
+    idle_timeout_s: float = 5.0
+    access_log: bool = False
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` (a name or an address) resolves only to loopback addresses."""
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(a.startswith("127.") or a == "::1" for a in addresses)
+
+
+def _clean_name(value: str) -> str:
+    """A client's file name as display text: printable, short. Never used as a path."""
+    text = "".join(ch for ch in value if ch.isprintable()).strip()
+    return text[:MAX_NAME] or "upload"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes", "on")
+
+
+Route = tuple[str, re.Pattern[str], str]
+_MODEL = r"/v2/models/ct-edge(?:/versions/1)?"
+ROUTES: list[Route] = [(method, re.compile(f"^{pattern}$"), name) for method, pattern, name in [
+    ("GET", "/", "page"),
+    ("GET", r"/static/(?P<file>[a-z0-9_-]+\.[a-z]+)", "static"),
+    ("GET", "/v2/health/live", "health_live"),
+    ("GET", "/v2/health/ready", "health_ready"),
+    ("GET", "/v2", "server_metadata"),
+    ("GET", _MODEL, "model_metadata"),
+    ("GET", f"{_MODEL}/ready", "model_ready"),
+    ("POST", f"{_MODEL}/infer", "infer"),
+    ("POST", "/v1/classify", "classify"),
+    ("GET", "/v1/results", "results"),
+    ("GET", r"/v1/results/(?P<id>[0-9]{1,19})", "result"),
+    ("GET", r"/v1/results/(?P<id>[0-9]{1,19})/heatmap\.png", "heatmap"),
+    ("GET", "/metrics", "metrics"),
+]]
+OPEN_ROUTES = {"page", "static", "health_live", "health_ready"}
+
+
+class Server(ThreadingHTTPServer):
+    """A threading HTTP server that lets requests in flight finish when it is closed."""
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+
+    def __init__(self, config: ServerConfig, service: Service) -> None:
+        self.config = config
+        self.service = service
+        self.metrics = Metrics(service.identity.to_dict(), lambda: service.queue_depth,
+                               service.capacity)
+        self.stopping = False
+        self.assets = _load_assets()
+        self._connections = 0
+        self._connections_lock = threading.Lock()
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            full = self._connections >= self.config.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            body = json.dumps({"error": "too many connections; retry shortly"}).encode()
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                                b"Content-Type: application/json\r\nConnection: close\r\n"
+                                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections -= 1
+
+    def stop(self) -> None:
+        """Stop accepting, let requests in flight finish, then stop the workers.
+
+        Call from a thread other than the one in `serve_forever`. The store is its owner's to close.
+        """
+        self.stopping = True
+        self.shutdown()
+        self.server_close()
+        self.service.close()
+
+
+def _load_assets() -> dict[str, tuple[bytes, str]]:
+    assets = {}
+    for path in STATIC.iterdir():
+        if path.suffix in STATIC_TYPES and path.is_file():
+            data = path.read_bytes()
+            if path.name == "index.html":
+                data = data.replace(b"{{DISCLAIMER}}", DISCLAIMER.encode()) \
+                           .replace(b"{{VERSION}}", __version__.encode())
+            assets[path.name] = (data, STATIC_TYPES[path.suffix])
+    return assets
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection: requests are read here, the work runs in the Service's workers."""
+
+    server: Server
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
+    server_version = f"ct-edge/{__version__}"
+    sys_version = ""
+
+    def setup(self) -> None:
+        # An idle keep-alive connection is closed after this, so a stopping server never waits
+        # on it for long.
+        self.timeout = self.server.config.idle_timeout_s
+        super().setup()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.config.access_log:
+            sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+    # --- responses ------------------------------------------------------------------------------
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors http.server raises itself (bad request line, unsupported method) as JSON."""
+        self._route = getattr(self, "_route", "other")
+        self._started = getattr(self, "_started", time.perf_counter())
+        text = message or HTTPStatus(code).phrase
+        self.close_connection = True
+        self._json(code, {"error": text}, {"Connection": "close"})
+
+    def _send(self, status: int, body: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        origin = self.headers.get("Origin") if self.headers else None
+        cors = self.server.config.cors_origin
+        if cors and origin and (cors == "*" or origin == cors):
+            self.send_header("Access-Control-Allow-Origin", cors)
+            self.send_header("Vary", "Origin")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.server.stopping and not self.close_connection:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.server.metrics.observe(self._route, self.command or "-", status,
+                                    time.perf_counter() - self._started)
+
+    def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload, allow_nan=False).encode()
+        self._send(status, body, "application/json", headers)
+
+    # --- dispatch -------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_OPTIONS(self) -> None:
+        self._started, self._route = time.perf_counter(), "preflight"
+        self._drain_body()
+        self._send(204, b"", "text/plain", {
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, "
+                                            "Inference-Header-Content-Length",
+            "Access-Control-Max-Age": "600"})
+
+    def _match(self, path: str) -> tuple[str, dict[str, str]]:
+        allowed = []
+        method = "GET" if self.command == "HEAD" else self.command
+        for route_method, pattern, name in ROUTES:
+            found = pattern.match(path)
+            if found:
+                if route_method == method:
+                    return name, found.groupdict()
+                allowed.append(route_method)
+        if allowed:
+            raise ClientError(405, f"{self.command} is not allowed on {path[:100]}",
+                              {"Allow": ", ".join(sorted(set(allowed)))})
+        raise ClientError(404, f"no such endpoint: {path[:100]}")
+
+    def _authorized(self) -> bool:
+        token = self.server.config.token
+        if not token:
+            return True
+        header = self.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), token.encode())
+
+    def _dispatch(self) -> None:
+        self._started, self._route = time.perf_counter(), "other"
+        try:
+            try:
+                url = urlsplit(self.path)
+                query = parse_qs(url.query, keep_blank_values=True, max_num_fields=50)
+            except ValueError:
+                raise ClientError(400, "malformed request target") from None
+            name, params = self._match(url.path)
+            self._route = name
+            if name not in OPEN_ROUTES and not self._authorized():
+                self._drain_body()
+                raise ClientError(401, "missing or wrong bearer token (Authorization: Bearer ...)",
+                                  {"WWW-Authenticate": 'Bearer realm="ct-edge"'})
+            body = self._read_body() if self.command == "POST" else self._drain_body()
+            getattr(self, f"_{name}")(params, {k: v[-1] for k, v in query.items()}, body)
+        except ClientError as exc:
+            if exc.status == 413:
+                self.close_connection = True
+            self._json(exc.status, {"error": exc.message}, exc.headers)
+        except StoreError as exc:
+            self._json(503, {"error": f"results store unavailable: {exc}"}, {"Retry-After": "5"})
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        except Exception:  # a bug: logged, answered, never a dropped connection
+            traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
+            self._json(500, {"error": "internal error (a bug; see the server log)"})
+
+    def _content_length(self) -> int:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ClientError(411, "chunked bodies are not accepted; send Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return -1
+        if not DIGITS.fullmatch(raw.strip()):
+            self.close_connection = True
+            raise ClientError(400, "Content-Length is not a number")
+        length = int(raw)
+        if length > self.server.config.max_body_bytes:
+            raise ClientError(413, f"body of {length} bytes is over the "
+                                   f"{self.server.config.max_body_bytes}-byte limit")
+        return length
+
+    def _read_body(self) -> bytes:
+        length = self._content_length()
+        if length < 0:
+            raise ClientError(411, "a POST needs a Content-Length")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise ConnectionResetError("body shorter than Content-Length")
+        return body
+
+    def _drain_body(self) -> bytes:
+        length = self._content_length()
+        if length > 0:
+            self.rfile.read(length)
+        return b""
+
+    # --- the page -------------------------------------------------------------------------------
+
+    def _page(self, params: dict, query: dict, body: bytes) -> None:
+        self._static({"file": "index.html"}, query, body)
+
+    def _static(self, params: dict, query: dict, body: bytes) -> None:
+        asset = self.server.assets.get(params["file"])
+        if asset is None:
+            raise ClientError(404, f"no such file: {params['file']}")
+        self._send(200, asset[0], asset[1], PAGE_HEADERS)
+
+    # --- Open Inference Protocol v2 -----------------------------------------------------------
+
+    def _health_live(self, params: dict, query: dict, body: bytes) -> None:
+        self._send(200, b"", "text/plain")
+
+    def _health_ready(self, params: dict, query: dict, body: bytes) -> None:
+        self._send(503 if self.server.stopping else 200, b"", "text/plain")
+
+    _model_ready = _health_ready
+
+    def _server_metadata(self, params: dict, query: dict, body: bytes) -> None:
+        self._json(200, oip.server_metadata())
+
+    def _model_metadata(self, params: dict, query: dict, body: bytes) -> None:
+        self._json(200, oip.model_metadata(self.server.service))
+
+    def _infer(self, params: dict, query: dict, body: bytes) -> None:
+        header = self.headers.get("Inference-Header-Content-Length")
+        service = self.server.service
+        self._json(200, service.run(oip.infer, service, body, header))
+
+    # --- plain endpoints ------------------------------------------------------------------------
+
+    def _classify(self, params: dict, query: dict, body: bytes) -> None:
+        if not body:
+            raise ClientError(400, "empty body; send the file's bytes as the request body")
+        service = self.server.service
+        source = _clean_name(query.get("name", "upload"))
+        self._json(200, service.run(service.classify_bytes, body, source,
+                                    _truthy(query.get("explain"))))
+
+    def _results(self, params: dict, query: dict, body: bytes) -> None:
+        limit = _int_query(query, "limit", 50, 1, 1000)
+        offset = _int_query(query, "offset", 0, 0, MAX_RESULT_ID)
+        status = query.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise ClientError(400, f"status must be one of {', '.join(STATUSES)}")
+        label = (query.get("label") or None)
+        store = self.server.service.store
+        rows = [_public(row) for row in store.list(limit, offset, status, label)]
+        self._json(200, {"results": rows, "total": store.count(status, label), "limit": limit,
+                         "offset": offset})
+
+    def _result(self, params: dict, query: dict, body: bytes) -> None:
+        row = self.server.service.store.get(_result_id(params))
+        if row is None:
+            raise ClientError(404, f"no result {params['id']}")
+        self._json(200, _public(row))
+
+    def _heatmap(self, params: dict, query: dict, body: bytes) -> None:
+        path = self.server.service.store.heatmap_path(_result_id(params))
+        if path is None:
+            raise ClientError(404, f"no heatmap for result {params['id']}")
+        self._send(200, path.read_bytes(), "image/png")
+
+    def _metrics(self, params: dict, query: dict, body: bytes) -> None:
+        self._send(200, self.server.metrics.render().encode(),
+                   "text/plain; version=0.0.4; charset=utf-8")
+
+
+def _int_query(query: dict, key: str, default: int, low: int, high: int) -> int:
+    raw = query.get(key)
+    if raw is None or raw == "":
+        return default
+    if not DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+        raise ClientError(400, f"{key} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def _result_id(params: dict) -> int:
+    value = int(params["id"])
+    if value > MAX_RESULT_ID:
+        raise ClientError(404, f"no result {params['id']}")
+    return value
+
+
+def _public(row: dict) -> dict:
+    """A store row as the API shows it: the heatmap as a URL."""
+    row = dict(row)
+    row["heatmap"] = f"/v1/results/{row['id']}/heatmap.png" if row["heatmap"] else None
+    return row
+
+
+def create_server(config: ServerConfig, service: Service) -> Server:
+    """Bind (raises OSError when the port is taken); `serve_forever()` to run, `stop()` to end."""
+    return Server(config, service)
+

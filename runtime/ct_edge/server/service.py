@@ -1,0 +1,190 @@
+"""The work behind every endpoint: one Classifier, a bounded pool of worker threads, the store.
+
+Decoding and preprocessing run in the workers in parallel; the engine call is serialised by the
+backend's own lock. A request that finds every worker busy and the queue full is refused at once
+(`Busy` -> 503) rather than piling up; one that waits longer than the time limit gets `TimedOut`
+(-> 504). A result is committed to the store inside the worker, before the caller answers.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from ..classifier import Classifier, Prediction
+from ..errors import InputError
+from ..preprocess import is_dicom
+from ..store import Store, bundle_identity, sha256_bytes
+
+T = TypeVar("T")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+HEATMAP_SIDE = 256  # px of the stored heatmap overlay
+
+
+class ClientError(Exception):
+    """A request the server refuses: HTTP status and one line for `{"error": ...}`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class Busy(ClientError):
+    def __init__(self, retry_after_s: int = 1) -> None:
+        super().__init__(503, "the server is busy (queue full); retry shortly",
+                         {"Retry-After": str(retry_after_s)})
+
+
+class TimedOut(ClientError):
+    def __init__(self, limit_s: float) -> None:
+        super().__init__(504, f"inference took longer than the {limit_s:g} s limit")
+
+
+def sniff(data: bytes) -> str | None:
+    """'png', 'jpeg' or 'dicom' from the first bytes; None for anything else."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if is_dicom(data):
+        return "dicom"
+    return None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What answered: the bundle (sha256 of its manifest) and the artifact that ran."""
+
+    bundle_sha256: str
+    artifact: str
+    artifact_sha256: str
+    artifact_format: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"bundle_sha256": self.bundle_sha256, "artifact": self.artifact,
+                "artifact_sha256": self.artifact_sha256, "artifact_format": self.artifact_format}
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, side: int = HEATMAP_SIDE) -> bytes:
+    """The model-input image with the heatmap laid over it, as PNG bytes."""
+    from ..explain import HEAT_ALPHA, colorize, resize
+
+    gray = Image.fromarray(np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8), mode="L")
+    base = np.asarray(gray.resize((side, side), Image.Resampling.BILINEAR).convert("RGB"),
+                      np.float32)
+    heat = resize(heatmap, side)
+    alpha = (HEAT_ALPHA * heat)[..., None]
+    over = np.rint(base * (1 - alpha) + colorize(heat) * alpha).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(over, mode="RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+class Service:
+    """Classification for the HTTP front end: bounded, timed, stored."""
+
+    def __init__(self, classifier: Classifier, store: Store, workers: int = 2,
+                 queue_size: int = 16, timeout_s: float = 30.0) -> None:
+        self.classifier = classifier
+        self.store = store
+        self.timeout_s = timeout_s
+        self.capacity = workers + queue_size
+        self.identity = Identity(bundle_identity(classifier.bundle.root), classifier.artifact.name,
+                                 classifier.artifact.sha256, classifier.artifact.format)
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="ct-edge-worker")
+        self._slots = threading.BoundedSemaphore(self.capacity)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted and not yet finished (running or waiting for a worker)."""
+        return self._pending
+
+    def run(self, work: Callable[..., T], *args: Any) -> T:
+        """Run `work(*args)` in a worker; Busy when the queue is full, TimedOut past the limit."""
+        if not self._slots.acquire(blocking=False):
+            raise Busy()
+        with self._pending_lock:
+            self._pending += 1
+        try:
+            future = self._executor.submit(self._release_after, work, *args)
+        except BaseException:
+            self._release()
+            raise
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            # The work still finishes (and is stored) in its worker; only the answer is lost.
+            raise TimedOut(self.timeout_s) from None
+
+    def _release_after(self, work: Callable[..., T], *args: Any) -> T:
+        try:
+            return work(*args)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+        self._slots.release()
+
+    def close(self) -> None:
+        """Wait for the work in flight, then stop the workers (the store is closed by its owner)."""
+        self._executor.shutdown(wait=True)
+
+    # --- the work (runs in a worker thread) ----------------------------------------------------
+
+    def predict_encoded(self, data: bytes, source: str) -> Prediction:
+        """One encoded file -> its prediction (not stored); ClientError for a file it cannot read."""
+        if sniff(data) is None:
+            raise ClientError(415, f"{source}: not a PNG, JPEG or DICOM file (the body is "
+                                   "sniffed, whatever its Content-Type)")
+        try:
+            prediction = self.classifier.predict(data)
+        except InputError as exc:
+            status = 415 if "unsupported" in exc.problem else 400
+            raise ClientError(status, f"{source}: {exc.problem}") from None
+        prediction.path = source
+        return prediction
+
+    def classify_bytes(self, data: bytes, source: str, explain: bool = False,
+                       origin: str = "http") -> dict[str, Any]:
+        """One encoded file -> the `ct-edge classify --json` object plus the stored row's id."""
+        prediction = self.predict_encoded(data, source)
+        heatmap = self._heatmap(data) if explain and prediction.label is not None else None
+        row_id = self.record(prediction, origin, sha256_bytes(data), heatmap)
+        result = prediction.to_dict()
+        result["id"] = row_id
+        if explain:
+            result["heatmap"] = f"/v1/results/{row_id}/heatmap.png" if heatmap else None
+        return result
+
+    def _heatmap(self, data: bytes) -> bytes | None:
+        from ..explain import explain
+
+        try:
+            explanation = explain(self.classifier, data)
+        except InputError:
+            return None
+        return overlay_png(explanation.image, explanation.heatmap)
+
+    def record(self, prediction: Prediction, origin: str, sha256: str,
+               heatmap: bytes | None = None) -> int:
+        """Commit one prediction to the store with this server's bundle identity; the row id."""
+        return self.store.add_prediction(
+            prediction, origin=origin, sha256=sha256, heatmap_png=heatmap,
+            bundle_sha256=self.identity.bundle_sha256, artifact=self.identity.artifact,
+            artifact_sha256=self.identity.artifact_sha256)
