@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from test_cli import GOOD, bundle  # noqa: F401  (the session bundle fixture)
 
 from ct_edge import cli
-from ct_edge.preprocess import PreprocessSpec, check_window, parse_window
+from ct_edge import explain as explain_module
+from ct_edge.classifier import Classifier
+from ct_edge.preprocess import PreprocessSpec, check_window, decode, parse_window
 
 # --- --window: one validator for the CLI, parse_window and PreprocessSpec ---------------------
 
@@ -42,3 +46,40 @@ def test_cli_window_infinite_is_a_usage_error(capsys, bundle: Path, tmp_path: Pa
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "Traceback" not in err
     assert "window" in err.splitlines()[-1] and len(err.splitlines()) <= 2
+
+
+# --- explain: the peak in the input image's own pixels, also for draft-decoded JPEGs ----------
+
+
+def _blob_image(width: int, height: int, centre: tuple[int, int]) -> Image.Image:
+    """A dark image with one smooth bright blob at `centre` (x, y)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    blob = np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * 40.0**2))
+    return Image.fromarray(np.rint(40 + 200 * blob).astype(np.uint8), mode="L")
+
+
+def test_explain_peak_is_in_real_pixels_for_a_large_jpeg(bundle: Path, tmp_path: Path,  # noqa: F811
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The heat is the model input itself, so the peak is where the blob is.
+    monkeypatch.setattr(explain_module, "occlusion_heatmap", lambda c, x, i: x[:, :, 0].copy())
+    classifier = Classifier.from_bundle(bundle)
+    image, centre = _blob_image(1944, 1708, (1500, 400)), (1500, 400)
+    image.save(tmp_path / "film.png")
+    image.save(tmp_path / "film.jpg", quality=95)
+    rotated = tmp_path / "rotated.jpg"  # stored 1708 x 1944, shown 1944 x 1708 (EXIF 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.transpose(Image.Transpose.ROTATE_90).save(rotated, quality=95, exif=exif)
+    assert decode(tmp_path / "film.jpg", classifier.spec).size[0] < 1944 / 4  # draft-decoded
+    # A model pixel spans 13 input pixels here, and the draft's centre crop is rounded in 1/8-scale
+    # pixels: the two files' model inputs differ by that much, no more.
+    one_model_pixel = 1708 / classifier.spec.size + 8
+    peaks = {}
+    for name in ("film.png", "film.jpg", "rotated.jpg"):
+        e = explain_module.explain(classifier, tmp_path / name, method="occlusion")
+        assert e.source_size == (1944, 1708)
+        peaks[name] = (e.peak["x"], e.peak["y"])
+        assert peaks[name] == pytest.approx(centre, abs=one_model_pixel)
+        assert (e.peak["x_rel"], e.peak["y_rel"]) == pytest.approx((1500 / 1944, 400 / 1708),
+                                                                  abs=0.01)
+    assert peaks["film.jpg"] == pytest.approx(peaks["film.png"], abs=one_model_pixel)

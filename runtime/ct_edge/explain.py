@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import BundleError
-from .preprocess import PreprocessSpec, Source, decode, fit
+from .preprocess import PreprocessSpec, Source, decode, fit, source_size
 
 if TYPE_CHECKING:
     from .classifier import Classifier
@@ -61,7 +61,7 @@ class Explanation:
     artifact: str
     image: np.ndarray  # float32 (size, size) gray model input in [0, 1]
     heatmap: np.ndarray  # float32 (size, size) in [0, 1]
-    source_size: tuple[int, int]  # (width, height) of the decoded input image
+    source_size: tuple[int, int]  # (width, height) of the input image (not of a JPEG's draft)
     peak: dict[str, float]
     lung_share: float | None
     lung_area: float | None
@@ -110,11 +110,11 @@ def explain(classifier: Classifier, source: Source | np.ndarray, method: str | N
     t0 = time.perf_counter()
     if isinstance(source, np.ndarray):
         name, x = "<array>", np.asarray(source, np.float32)
-        source_size = (x.shape[1], x.shape[0])
+        input_size = decoded_size = (x.shape[1], x.shape[0])
     else:
         name = "<bytes>" if isinstance(source, bytes) else str(source)
         image = decode(source, classifier.spec)
-        source_size = image.size
+        input_size, decoded_size = source_size(image), image.size
         timings["decode"] = (time.perf_counter() - t0) * 1e3
         x = fit(image, classifier.spec)
     t1 = time.perf_counter()
@@ -143,8 +143,8 @@ def explain(classifier: Classifier, source: Source | np.ndarray, method: str | N
                                                             strict=True)},
         uncertain=bool(probabilities[best] < classifier.bundle.uncertain_below),
         target=classifier.labels[index], method=method, artifact=classifier.artifact.name,
-        image=gray, heatmap=heatmap, source_size=source_size,
-        peak=peak_location(heatmap, source_size, classifier.spec),
+        image=gray, heatmap=heatmap, source_size=input_size,
+        peak=peak_location(heatmap, input_size, classifier.spec, decoded_size),
         lung_share=float((heatmap * lungs).sum() / total) if lungs is not None and total > 0
         else None,
         lung_area=float(lungs.mean()) if lungs is not None else None,
@@ -221,12 +221,19 @@ def resize(grid: np.ndarray, size: int) -> np.ndarray:
 # --- where the heat is ------------------------------------------------------------------------------
 
 
-def peak_location(heatmap: np.ndarray, source_size: tuple[int, int],
-                  spec: PreprocessSpec) -> dict[str, float]:
-    """The hottest pixel, in the input image's pixels (x right, y down) and relative (0..1)."""
+def peak_location(heatmap: np.ndarray, source_size: tuple[int, int], spec: PreprocessSpec,
+                  decoded_size: tuple[int, int] | None = None) -> dict[str, float]:
+    """The hottest pixel, in the input image's pixels (x right, y down) and relative (0..1).
+
+    `decoded_size` is the size `fit` resampled from when it differs from the input's own (a JPEG
+    decoded in draft mode at 1/2..1/8 scale): the peak is found there, then scaled up.
+    """
     v, u = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    x, y = model_to_source(float(u), float(v), source_size, spec)
     width, height = source_size
+    decoded_width, decoded_height = decoded_size or source_size
+    x, y = model_to_source(float(u), float(v), (decoded_width, decoded_height), spec)
+    x = float(np.clip((x + 0.5) * width / decoded_width - 0.5, 0, width - 1))
+    y = float(np.clip((y + 0.5) * height / decoded_height - 0.5, 0, height - 1))
     return {"x": round(x, 1), "y": round(y, 1), "x_rel": round((x + 0.5) / width, 4),
             "y_rel": round((y + 0.5) / height, 4), "value": round(float(heatmap[v, u]), 4)}
 

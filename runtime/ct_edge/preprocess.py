@@ -35,6 +35,8 @@ MAX_PIXELS = 64_000_000
 # took 5 s and 1.3 GB (found by tools/fuzz.py). No scan is anywhere near this long on one side.
 MAX_SIDE = 16_384
 MAX_FILE_BYTES = 512 * 1024 * 1024
+EXIF_ORIENTATION = 0x0112
+SOURCE_SIZE = "ct_edge.source_size"  # the key in a decoded image's `info`
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -156,7 +158,8 @@ def one_line(exc: BaseException) -> str:
 def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Image:
     """Decode a PNG, JPEG or DICOM into a gray image: mode 'L' (0..255) or 'F' (0..1).
 
-    JPEGs are decoded at reduced scale (draft mode) when far larger than the model input.
+    JPEGs are decoded at reduced scale (draft mode) when far larger than the model input;
+    `source_size(image)` gives the file's own size.
     Any problem with the file raises InputError; nothing else escapes for a bad file.
     """
     data, name = _read_bytes(source)
@@ -178,8 +181,12 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
             raise InputError(name, f"unsupported image format {image.format}; use PNG, JPEG or DICOM")
         if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
             image.draft("L", (spec.size, spec.size))
+        # EXIF orientations 5-8 turn the image a quarter: its shown size is the stored one swapped.
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
         image = ImageOps.exif_transpose(image)
-        return _to_gray(image, name)
+        gray = _to_gray(image, name)
+        gray.info[SOURCE_SIZE] = (height, width) if turned else (width, height)
+        return gray
     except InputError:
         raise
     except Image.DecompressionBombError:
@@ -192,6 +199,13 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
         raise InputError(name, "not enough memory to decode this image") from None
     except Exception as exc:  # Pillow's plugins raise many unrelated types for damaged files
         raise InputError(name, f"corrupt or truncated image ({one_line(exc)})") from None
+
+
+def source_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the input file's image, as shown: a `decode`d JPEG may be smaller
+    (draft mode decodes at 1/2, 1/4 or 1/8 scale)."""
+    width, height = image.info.get(SOURCE_SIZE, image.size)
+    return int(width), int(height)
 
 
 def _to_gray(image: Image.Image, name: str = "<image>") -> Image.Image:
