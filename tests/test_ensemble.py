@@ -1,0 +1,103 @@
+"""Ensembles merged into one graph: mean probabilities, mean class map, mixed input sizes, convert."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _members(sizes: tuple[int, ...]) -> list:
+    import keras
+
+    from training.models import build_model
+
+    models = []
+    for seed, size in enumerate(sizes):
+        keras.utils.set_random_seed(seed)
+        model = build_model("edge-gap", (size, size, 3), 3)
+        # Random but not uniform: a non-zero logits bias makes the members disagree clearly.
+        kernel, _ = model.get_layer("logits").get_weights()
+        model.get_layer("logits").set_weights([kernel * 20, np.array([seed, -seed, 0.5], "f4")])
+        models.append(model)
+    return models
+
+
+def test_mixed_sizes_average_probabilities_and_class_maps(tmp_path: Path) -> None:
+    import keras
+    import tensorflow as tf
+
+    from training.ensemble import ensemble_cam_model, merge, predict_mean
+    from training.gradcam import MAPS_LAYER, cam_model
+
+    members = _members((64, 32, 64))
+    ensemble = merge(members)
+    assert ensemble.input_shape == (None, 64, 64, 3) and ensemble.output_shape == (None, 3)
+    x = np.random.default_rng(1).random((4, 64, 64, 3), dtype=np.float32)
+    probabilities = ensemble.predict(x, verbose=0)
+    np.testing.assert_allclose(probabilities, predict_mean(members, x), atol=1e-5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert np.abs(members[0].predict(x, verbose=0) - probabilities).max() > 1e-3
+
+    ensemble.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), probabilities, atol=1e-6)
+    # The converter's hook: the loaded ensemble gains the mean class map, same probabilities.
+    maps_model = cam_model(loaded)
+    assert maps_model is not None and maps_model.output_names == ["probabilities", MAPS_LAYER]
+    p, maps = maps_model.predict(x, verbose=0)
+    np.testing.assert_allclose(p, probabilities, atol=1e-6)
+    assert maps.shape == (4, 4, 4, 3)  # the finest grid: 64 px / 16
+    small = tf.image.resize(x, (32, 32)).numpy()  # what the graph gives the 32 px member
+    member_maps = [cam_model(m).predict(small if i == 1 else x, verbose=0)[1]
+                   for i, m in enumerate(members)]
+    expected = (member_maps[0] + tf.image.resize(member_maps[1], (4, 4)).numpy()
+                + member_maps[2]) / 3
+    np.testing.assert_allclose(maps, expected, atol=1e-4)
+    assert ensemble_cam_model(members[0]) is None  # a plain model is not an ensemble
+
+
+def test_members_must_agree_on_channels() -> None:
+    from training.ensemble import merge
+    from training.models import build_model
+
+    with pytest.raises(ValueError, match="channels"):
+        merge([build_model("edge-gap", (32, 32, 3)), build_model("edge-gap", (32, 32, 1))])
+    with pytest.raises(ValueError, match="at least one"):
+        merge([])
+
+
+def test_cli_reports_a_missing_member_in_one_line(tmp_path: Path, capsys) -> None:
+    from training.ensemble import main
+
+    assert main(["--members", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nope' / 'model.keras'}")
+
+
+@pytest.mark.slow
+def test_merged_ensemble_converts_with_class_maps(tiny_model: Path, tmp_path: Path) -> None:
+    """Three copies of one trained model (so parity is that model's) through the real converter."""
+    from convert.pipeline import ParityError, convert_model
+    from ct_edge.classifier import Classifier
+    from training.ensemble import build, main
+
+    assert main(["--members", ",".join([str(tiny_model)] * 3), "--out", str(tmp_path / "e")]) == 0
+    info = build([tiny_model] * 2, tmp_path / "ens")
+    assert info["members"] == 2 and info["class_maps"]
+    config = json.loads((tmp_path / "ens" / "config.json").read_text())
+    assert config["arch"] == "ensemble" and config["seed"] == 0
+    bundle = tmp_path / "bundle"
+    manifest = None
+    with contextlib.suppress(ParityError):
+        manifest = convert_model(tmp_path / "ens" / "model.keras", bundle)
+    manifest = manifest or json.loads((bundle / "manifest.json").read_text())
+    assert manifest["explain"]["method"] == "cam"
+    statuses = {a["name"]: a["status"] for a in manifest["artifacts"]}
+    assert statuses.get("onnx-fp32") == "passed" and statuses.get("tflite-fp32") == "passed"
+    classifier = Classifier.from_bundle(bundle, artifact="onnx-fp32", threads=1)
+    x = np.random.default_rng(0).random((1, 128, 128, 3), dtype=np.float32)
+    p, maps = classifier.backend.predict_with_maps(x)
+    assert p.shape == (1, 3) and maps.shape[0] == 1 and maps.shape[-1] == 3

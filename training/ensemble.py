@@ -1,0 +1,179 @@
+"""K trained models merged into one Keras graph: one inference, the mean of their probabilities.
+
+    python -m training.ensemble --members artifacts/a,artifacts/b,artifacts/c --out artifacts/ens
+
+The graph takes the largest member input; a member with a smaller input gets it resized inside the
+graph (bilinear), so the device still runs one preprocessing function. When every member has a
+GAP + Dense 'logits' head, the graph also has a layer 'class_maps': the members' class maps, resized
+to the finest grid among them, averaged. `convert` exports it as the class-map output (through
+`training.gradcam.cam_model`), so `ct-edge explain` works on the ensemble as on one model.
+The model folder gets a config.json from the largest member (same data, seed and split), so
+`python -m convert --model <out>/model.keras` checks parity on that member's test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .gradcam import MAPS_LAYER, cam_model
+
+ENSEMBLE_ARCH = "ensemble"
+MEMBER_PREFIX = "member"
+
+
+def _size(model: Any) -> tuple[int, int, int]:
+    return tuple(int(d) for d in model.inputs[0].shape[1:])  # type: ignore[return-value]
+
+
+def _graph(members: Sequence[Any], shapes: Sequence[tuple[int, int, int]], name: str,
+           with_maps: bool) -> Any:
+    """Input of the largest member, each member on its (resized) copy, mean probabilities as the
+    output 'probabilities', and with_maps: the mean class map as a second output 'class_maps'."""
+    import keras
+    from keras import layers
+
+    largest = max(shapes)
+    inputs = keras.Input(largest, name="image")
+    probabilities, maps = [], []
+    for index, (member, shape) in enumerate(zip(members, shapes, strict=True)):
+        x = inputs
+        if shape != largest:
+            x = layers.Resizing(shape[0], shape[1], interpolation="bilinear",
+                                name=f"resize{index}_{shape[0]}")(x)
+        out = member(x)
+        if isinstance(out, list | tuple):
+            probabilities.append(out[0])
+            maps.append(out[1])
+        else:
+            probabilities.append(out)
+    mean = (layers.Average(name="mean_probabilities")(probabilities) if len(members) > 1
+            else layers.Identity(name="mean_probabilities")(probabilities[0]))
+    outputs = [layers.Activation("linear", name="probabilities", dtype="float32")(mean)]
+    if with_maps:
+        grid = max(tuple(int(d) for d in m.shape[1:3]) for m in maps)
+        resized = [m if tuple(int(d) for d in m.shape[1:3]) == grid else
+                   layers.Resizing(*grid, interpolation="bilinear", name=f"maps{i}_to_grid")(m)
+                   for i, m in enumerate(maps)]
+        mean_maps = (layers.Average(name="mean_maps")(resized) if len(resized) > 1
+                     else layers.Identity(name="mean_maps")(resized[0]))
+        outputs.append(layers.Activation("linear", name=MAPS_LAYER, dtype="float32")(mean_maps))
+    return keras.Model(inputs, outputs if with_maps else outputs[0], name=name)
+
+
+def merge(models: Sequence[Any], name: str = "ensemble") -> Any:
+    """One Keras model: input of the largest member, output 'probabilities' the mean of the
+    members' probabilities. Members with a GAP + Dense head are stored CAM-ready (two outputs),
+    so `ensemble_cam_model` can add the mean class map without retraining or reloading them."""
+    import keras
+
+    if not models:
+        raise ValueError("an ensemble needs at least one member")
+    shapes = [_size(m) for m in models]
+    channels = {s[2] for s in shapes}
+    classes = {int(m.outputs[0].shape[-1]) for m in models}
+    if len(channels) != 1 or len(classes) != 1:
+        raise ValueError(f"members disagree on channels {sorted(channels)} or classes "
+                         f"{sorted(classes)}")
+    if any(s[0] != s[1] for s in shapes):
+        raise ValueError(f"members must take square inputs, got {shapes}")
+    with_maps = [cam_model(m) for m in models]
+    cam_ready = all(m is not None for m in with_maps)
+    members = []
+    for index, model in enumerate(models):
+        graph = with_maps[index] if cam_ready else model
+        # A fresh wrapper per member: unique names, the member's own layers shared, not copied.
+        members.append(keras.Model(graph.inputs, graph.outputs,
+                                   name=f"{MEMBER_PREFIX}{index}_{model.name}"))
+    return _graph(members, shapes, name, with_maps=False)
+
+
+def ensemble_members(model: Any) -> list[Any]:
+    """The member sub-models of a merged ensemble, in order (empty for any other model)."""
+    import keras
+
+    return [layer for layer in model.layers
+            if isinstance(layer, keras.Model) and layer.name.startswith(MEMBER_PREFIX)]
+
+
+def ensemble_cam_model(model: Any) -> Any | None:
+    """The ensemble with a second output 'class_maps' (the members' mean class map), the same
+    weights; None when `model` is not an ensemble of CAM-ready members."""
+    members = ensemble_members(model)
+    if not members or any(len(m.outputs) != 2 for m in members):
+        return None
+    return _graph(members, [_size(m) for m in members], f"{model.name}-cam", with_maps=True)
+
+
+def member_dirs(arg: str) -> list[Path]:
+    return [Path(p) for p in arg.split(",") if p]
+
+
+def build(member_folders: Sequence[Path], out: Path) -> dict:
+    """Loads each member's model.keras, merges them, writes <out>/model.keras and config.json."""
+    import keras
+
+    models, configs = [], []
+    for folder in member_folders:
+        path = folder / "model.keras"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no model.keras in member folder {folder}")
+        models.append(keras.models.load_model(path, compile=False))
+        config_path = folder / "config.json"
+        configs.append(json.loads(config_path.read_text()) if config_path.is_file() else {})
+    model = merge(models)
+    largest = max(range(len(models)), key=lambda i: _size(models[i]))
+    config = dict(configs[largest])
+    if len({json.dumps({k: c.get(k) for k in ("data", "seed", "val_fraction", "test_fraction")},
+                       sort_keys=True) for c in configs}) > 1:
+        print("warning: members were trained on different data, seeds or splits; the parity "
+              "split is the largest member's and may contain other members' training images",
+              file=sys.stderr)
+    config.update(arch=ENSEMBLE_ARCH, out=str(out), members=[str(f) for f in member_folders],
+                  member_archs=[c.get("arch") for c in configs],
+                  calibration={"temperature": 1.0, "fitted_on": "none (ensemble)"})
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / "model.keras")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return {"members": len(models), "input": list(_size(model)),
+            "params": int(model.count_params()),
+            "class_maps": ensemble_cam_model(model) is not None}
+
+
+def predict_mean(models: Sequence[Any], x: np.ndarray) -> np.ndarray:
+    """What the merged graph computes, member by member (for checking it)."""
+    import tensorflow as tf
+
+    out = []
+    for model in models:
+        size = _size(model)
+        xi = x if x.shape[1:] == size else tf.image.resize(x, size[:2], "bilinear").numpy()
+        out.append(model.predict(xi, verbose=0))
+    return np.mean(out, axis=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.ensemble",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", required=True,
+                        help="comma-separated model folders (each with model.keras, config.json)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the merged model")
+    args = parser.parse_args(argv)
+    try:
+        info = build(member_dirs(args.members), args.out)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out / 'model.keras'}: {info['members']} members, input {info['input']}, "
+          f"{info['params']:,} parameters, class maps: {'yes' if info['class_maps'] else 'no'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
