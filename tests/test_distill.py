@@ -1,0 +1,95 @@
+"""Distillation: soft targets at a temperature, the combined loss, and a student that follows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ct_edge.preprocess import PreprocessSpec
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_soften_is_softmax_of_log_probabilities_over_t() -> None:
+    from training.distill import soften
+
+    p = np.array([[0.7, 0.2, 0.1]], np.float32)
+    np.testing.assert_allclose(soften(p, 1.0).numpy(), p, atol=1e-6)
+    np.testing.assert_allclose(soften(p, 4.0).numpy(), _softmax(np.log(p) / 4), atol=1e-6)
+    flatter = soften(p, 4.0).numpy()
+    assert flatter.max() < p.max() and np.argmax(flatter) == 0
+
+
+def test_loss_mixes_label_and_teacher_terms() -> None:
+    from training.distill import distillation_loss
+
+    logits = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]], np.float32)
+    hard = np.eye(3, dtype=np.float32)[[0, 2]]
+    soft = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]], np.float32)
+    targets = np.concatenate([hard, soft], axis=1)
+    ce = -(hard * np.log(_softmax(logits))).sum(axis=1)
+    kd = -(soft * np.log(_softmax(logits / 3.0))).sum(axis=1) * 9.0
+    for alpha in (0.0, 0.3, 1.0):
+        got = distillation_loss(3, 3.0, alpha)(targets, logits).numpy()
+        np.testing.assert_allclose(got, alpha * ce + (1 - alpha) * kd, rtol=1e-5)
+
+
+def _constant_teacher(size: int, q: np.ndarray):
+    """A 'model' that answers q for every image (zero kernel, bias log q)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 3))
+    x = layers.GlobalAveragePooling2D()(inputs)
+    dense = layers.Dense(3, activation="softmax")
+    model = keras.Model(inputs, dense(x))
+    dense.set_weights([np.zeros((3, 3), np.float32), np.log(q).astype(np.float32)])
+    return model
+
+
+@pytest.mark.slow
+def test_student_follows_the_teacher_not_only_the_labels() -> None:
+    """With alpha 0 the labels do not count: the student learns the teacher's answer."""
+    from training.distill import distill
+    from training.train import TrainConfig
+
+    q = np.array([0.2, 0.3, 0.5], np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.random((24, 48, 48, 3), dtype=np.float32)  # teacher size 48, student 32
+    y = np.zeros(24, np.int64)  # every label says class 0; the teacher says mostly class 2
+    config = TrainConfig(arch="edge-sep", epochs=15, patience=15, learning_rate=3e-3,
+                         batch_size=8, augment=True, class_weights=False,
+                         spec=replace(PreprocessSpec(), size=32).to_dict())
+    student, history = distill(_constant_teacher(48, q), config, x, y, x[:6], y[:6],
+                               temperature=1.0, alpha=0.0)
+    assert student.input_shape == (None, 32, 32, 3) and student.layers[-1].name == "probabilities"
+    assert {"loss", "hard_loss", "val_hard_loss"} <= set(history)
+    import tensorflow as tf
+
+    p = student.predict(tf.image.resize(x, (32, 32), antialias=True).numpy(), verbose=0)
+    assert np.argmax(p.mean(axis=0)) == 2
+    assert np.abs(p.mean(axis=0) - q).max() < 0.15
+    with pytest.raises(ValueError, match="the teacher takes"):
+        distill(_constant_teacher(64, q), config, x, y, x[:6], y[:6])
+
+
+@pytest.mark.slow
+def test_cli_distils_a_trained_teacher_into_a_convertible_folder(tiny_model: Path,
+                                                                 tmp_path: Path) -> None:
+    from training.distill import main
+
+    out = tmp_path / "student"
+    assert main(["--teacher", str(tiny_model), "--out", str(out), "--size", "64",
+                 "--epochs", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["spec"]["size"] == 64 and config["distilled_from"] == str(tiny_model)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] > 0 and metrics["architecture"] == "edge-gap"
+    assert main(["--teacher", str(tmp_path / "missing"), "--out", str(out)]) == 2

@@ -1,0 +1,231 @@
+"""Knowledge distillation: a teacher's soft targets, at a temperature, teach a small student.
+
+    python -m training.distill --teacher artifacts/ensemble --out artifacts/distilled \\
+        [--arch edge-gap] [--temperature 4] [--alpha 0.5] [--epochs 50]
+
+The teacher is any saved ct-edge model folder (one model, a `training.ensemble`, another input
+size). It answers on exactly the student's training batches - the training images and their
+augmentations, never validation or test images - so each batch is augmented once at the
+teacher's input size, shown to the teacher, and resized for the student. The loss is
+alpha * cross-entropy(labels) + (1 - alpha) * T^2 * cross-entropy(teacher^(1/T), student at T)
+(Hinton et al. 2015); the teacher's probabilities p give the soft targets p^(1/T) / sum, which is
+softmax(log p / T), so an ensemble's mean probabilities teach as well as one model's logits.
+Early stopping watches the plain cross-entropy on the validation split, as `make train` does.
+The student folder is an ordinary model folder: `python -m convert` takes it unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ct_edge import DISCLAIMER, LABELS
+from ct_edge.errors import CtEdgeError
+from ct_edge.preprocess import PreprocessSpec
+
+from . import data as data_mod
+from .metrics import classification_report
+from .train import TrainConfig, augmenter
+
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_ALPHA = 0.5
+
+
+def soften(probabilities: Any, temperature: float) -> Any:
+    """softmax(log p / T): the teacher's probabilities at temperature T (a tensor or array)."""
+    import tensorflow as tf
+
+    logp = tf.math.log(tf.clip_by_value(tf.cast(probabilities, tf.float32), 1e-7, 1.0))
+    return tf.nn.softmax(logp / temperature, axis=-1)
+
+
+def distillation_loss(classes: int, temperature: float, alpha: float):
+    """Loss on the student's logits; targets are [one-hot labels | teacher soft targets]."""
+    import tensorflow as tf
+
+    def loss(targets, logits):
+        hard, soft = targets[:, :classes], targets[:, classes:]
+        ce = tf.keras.losses.categorical_crossentropy(hard, tf.nn.softmax(logits))
+        kd = tf.keras.losses.categorical_crossentropy(soft, tf.nn.softmax(logits / temperature))
+        return alpha * ce + (1.0 - alpha) * temperature ** 2 * kd
+
+    return loss
+
+
+def hard_cross_entropy(classes: int):
+    """The plain cross-entropy against the labels: what early stopping watches."""
+    import tensorflow as tf
+
+    def hard_loss(targets, logits):
+        return tf.keras.losses.categorical_crossentropy(targets[:, :classes], tf.nn.softmax(logits))
+
+    return hard_loss
+
+
+def hard_accuracy(classes: int):
+    import tensorflow as tf
+
+    def accuracy(targets, logits):
+        return tf.cast(tf.equal(tf.argmax(targets[:, :classes], -1), tf.argmax(logits, -1)),
+                       tf.float32)
+
+    return accuracy
+
+
+def distill(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
+            x_val: np.ndarray, y_val: np.ndarray, temperature: float = DEFAULT_TEMPERATURE,
+            alpha: float = DEFAULT_ALPHA, verbose: int = 0) -> tuple[Any, dict]:
+    """Train `config.arch` at `config`'s input size from `teacher`; x_* at the teacher's size.
+
+    Returns (student, history). Uses `config`'s seed, epochs, batch size, learning rate,
+    patience, augmentation and class weights; schedule 'plateau' only.
+    """
+    import keras
+    import tensorflow as tf
+
+    from .models import build_model
+
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+        raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    spec = config.preprocess_spec()
+    classes = len(LABELS)
+    student = build_model(config.arch, (spec.size, spec.size, spec.channels), classes)
+    logits_model = keras.Model(student.inputs, student.get_layer("logits").output)
+    teacher_size = tuple(int(d) for d in teacher.inputs[0].shape[1:3])
+    if x_train.shape[1:3] != teacher_size:
+        raise ValueError(f"training images are {x_train.shape[1:3]}, the teacher takes "
+                         f"{teacher_size}")
+
+    def to_student(x):
+        if teacher_size == (spec.size, spec.size):
+            return x
+        return tf.image.resize(x, (spec.size, spec.size), "bilinear", antialias=True)
+
+    one_hot = np.eye(classes, dtype=np.float32)
+    weights = np.ones(len(y_train), np.float32)
+    if config.class_weights:
+        counts = np.bincount(y_train, minlength=classes).astype(np.float64)
+        per_class = np.where(counts > 0, len(y_train) / (classes * np.maximum(counts, 1)), 0.0)
+        weights = per_class[y_train].astype(np.float32)
+    train = tf.data.Dataset.from_tensor_slices((x_train, one_hot[y_train], weights))
+    train = train.shuffle(len(x_train), seed=config.seed, reshuffle_each_iteration=True)
+    train = train.batch(config.batch_size)
+    augment = augmenter(config.seed, config) if config.augment else None
+
+    def with_soft_targets(x, y, w):
+        if augment is not None:
+            x = augment(x, training=True)
+        soft = soften(teacher(x, training=False), temperature)
+        return to_student(x), tf.concat([y, soft], axis=1), w
+
+    train = train.map(with_soft_targets).prefetch(tf.data.AUTOTUNE)
+    # Validation: labels only (the soft half is the label too), student-sized, no teacher.
+    x_val_student = to_student(tf.constant(x_val)).numpy() if len(y_val) else x_val
+    val_targets = np.concatenate([one_hot[y_val], one_hot[y_val]], axis=1)
+    val = (x_val_student, val_targets) if len(y_val) else None
+    monitor = "val_hard_loss" if val else "hard_loss"
+    logits_model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                         loss=distillation_loss(classes, temperature, alpha),
+                         metrics=[hard_cross_entropy(classes), hard_accuracy(classes)])
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor=monitor, mode="min", patience=config.patience,
+                                      restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="min", factor=0.5,
+                                          patience=max(3, config.patience // 2), min_lr=1e-5),
+    ]
+    history = logits_model.fit(train, validation_data=val, epochs=config.epochs,
+                               callbacks=callbacks, verbose=verbose, shuffle=False)
+    return student, {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def load_teacher(folder: Path) -> tuple[Any, dict]:
+    """The teacher's model.keras and config.json (data, seed and split come from it)."""
+    import keras
+
+    path = folder / "model.keras"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no model.keras in the teacher folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: the teacher has no config.json (data and split)")
+    return keras.models.load_model(path, compile=False), json.loads(config_path.read_text())
+
+
+def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, alpha: float,
+        epochs: int) -> dict:
+    """Distil on the teacher's own training split; test on its test split; write the folder."""
+    teacher, teacher_config = load_teacher(teacher_dir)
+    teacher_spec = PreprocessSpec.from_dict(teacher_config["spec"])
+    root = Path(teacher_config["data"])
+    config = TrainConfig(data=str(root), out=str(out), arch=arch, epochs=epochs,
+                         seed=int(teacher_config.get("seed", 0)),
+                         val_fraction=float(teacher_config.get("val_fraction", 0.15)),
+                         test_fraction=float(teacher_config.get("test_fraction", 0.15)),
+                         spec=replace(teacher_spec, size=size).to_dict(),
+                         cache=teacher_config.get("cache") or str(data_mod.DEFAULT_CACHE),
+                         modality=teacher_config.get("modality"))
+    splits = data_mod.load_splits(root, config.val_fraction, config.test_fraction, config.seed)
+    cache = Path(config.cache)
+    arrays = {name: data_mod.load_arrays(getattr(splits, name), teacher_spec, cache,
+                                         desc=f"decode {name}")[:2]
+              for name in ("train", "val")}
+    x_test, y_test, _ = data_mod.load_arrays(splits.test, config.preprocess_spec(), cache,
+                                             desc="decode test")
+    print(f"distilling {teacher_dir} ({teacher_config.get('arch')}, {teacher_spec.size} px) into "
+          f"{arch} at {size} px, T={temperature}, alpha={alpha}", flush=True)
+    student, history = distill(teacher, config, *arrays["train"], *arrays["val"],
+                               temperature=temperature, alpha=alpha, verbose=2)
+    report = classification_report(student.predict(x_test, verbose=0), y_test, LABELS)
+    out.mkdir(parents=True, exist_ok=True)
+    student.save(out / "model.keras")
+    metrics = {"test_accuracy": report["accuracy"], "test_loss": report["loss"], "test": report,
+               "params": int(student.count_params()), "architecture": arch,
+               "epochs_run": len(history["loss"]), "test_source": splits.test_source,
+               "data_fingerprint": splits.fingerprint(), "teacher": str(teacher_dir),
+               "temperature": temperature, "alpha": alpha}
+    data_mod.write_json(out / "metrics.json", metrics)
+    data_mod.write_json(out / "config.json", {
+        **asdict(config), "modality": config.modality or "xray",
+        "distilled_from": str(teacher_dir), "distillation": {"temperature": temperature,
+                                                             "alpha": alpha},
+        "calibration": {"temperature": 1.0, "fitted_on": "none (distilled)"}})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.distill",
+                                     description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--teacher", type=Path, required=True, help="teacher model folder (model.keras, config.json)")
+    add("--out", type=Path, required=True, help="folder for the student")
+    add("--arch", default="edge-gap", help="student architecture (default: %(default)s)")
+    add("--size", type=int, default=PreprocessSpec().size,
+        help="student input size (default: %(default)s)")
+    add("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+        help="softening temperature T (default: %(default)s)")
+    add("--alpha", type=float, default=DEFAULT_ALPHA,
+        help="weight of the label loss; 1 - alpha goes to the teacher (default: %(default)s)")
+    add("--epochs", type=int, default=TrainConfig().epochs, help="maximum epochs (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        metrics = run(args.teacher, args.out, args.arch, args.size, args.temperature, args.alpha,
+                      args.epochs)
+    except (CtEdgeError, OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"test accuracy {metrics['test_accuracy']:.2%} ({metrics['test']['n']} images); wrote "
+          f"{args.out / 'model.keras'}")
+    print(DISCLAIMER)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
