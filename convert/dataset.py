@@ -34,6 +34,10 @@ class TrainingRecord:
     temperature: float = 1.0
     cache: Path = data_mod.DEFAULT_CACHE
     data_fingerprint: str | None = None
+    # The uncertain threshold and how training chose it (training.abstention); None when the
+    # record predates it: the manifest then keeps the fixed default and says so.
+    uncertain_below: float | None = None
+    operating_point: dict | None = None
 
 
 def read_training_record(model_dir: Path) -> TrainingRecord | None:
@@ -47,15 +51,24 @@ def read_training_record(model_dir: Path) -> TrainingRecord | None:
         metrics = Path(model_dir) / METRICS_FILE
         if metrics.is_file():
             fingerprint = json.loads(metrics.read_text(encoding="utf-8")).get("data_fingerprint")
+        calibration = config.get("calibration") or {}
+        threshold = calibration.get("uncertain_below")
+        operating_point = calibration.get("operating_point")
+        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"uncertain_below {threshold} is not in [0, 1]")
+        if operating_point is not None and not isinstance(operating_point, dict):
+            raise TypeError("calibration.operating_point is not an object")
         return TrainingRecord(
             data=Path(config["data"]) if config.get("data") else None,
             spec=PreprocessSpec.from_dict(config.get("spec") or PreprocessSpec().to_dict()),
             seed=int(config.get("seed", 0)),
             val_fraction=float(config.get("val_fraction", 0.15)),
             test_fraction=float(config.get("test_fraction", 0.15)),
-            temperature=float((config.get("calibration") or {}).get("temperature", 1.0)),
+            temperature=float(calibration.get("temperature", 1.0)),
             cache=Path(config.get("cache") or data_mod.DEFAULT_CACHE),
-            data_fingerprint=fingerprint)
+            data_fingerprint=fingerprint,
+            uncertain_below=None if threshold is None else float(threshold),
+            operating_point=operating_point)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConvertError(f"{path}: unreadable training config ({type(exc).__name__}: {exc})") from None
 

@@ -12,7 +12,12 @@ from ct_edge.preprocess import PreprocessSpec
 
 from .formats import Format
 
+# The fallback when training recorded no operating point (training.abstention chooses one from
+# held-out predictions): not chosen from data, and the manifest says so.
 UNCERTAIN_BELOW = 0.6
+FIXED_OPERATING_POINT = {"method": "fixed default",
+                         "data": "none: the training record holds no operating point; retrain "
+                                 "to choose it from held-out predictions"}
 MODEL_METADATA_SCHEMA = "ct_edge.model/1"
 
 # Provenance key -> distributions that may provide it (first installed wins).
@@ -59,14 +64,25 @@ def input_contract(spec: PreprocessSpec) -> dict:
             "layout": "NHWC", "range": [0.0, 1.0], "color": "gray replicated"}
 
 
+def calibration_section(temperature: float, uncertain_below: float | None = None,
+                        operating_point: dict | None = None) -> dict:
+    """Temperature, the uncertain threshold and how the threshold was chosen."""
+    if uncertain_below is None:
+        return {"temperature": temperature, "uncertain_below": UNCERTAIN_BELOW,
+                "operating_point": dict(FIXED_OPERATING_POINT)}
+    return {"temperature": temperature, "uncertain_below": uncertain_below,
+            "operating_point": dict(operating_point or {})}
+
+
 def model_metadata(row: Format, labels: tuple[str, ...], spec: PreprocessSpec, temperature: float,
-                   model_sha256: str, created: str) -> dict:
+                   model_sha256: str, created: str, *, uncertain_below: float | None = None,
+                   operating_point: dict | None = None) -> dict:
     """Embedded in the model file itself, so a lone file stays self-describing."""
     return {"schema": MODEL_METADATA_SCHEMA, "name": row.name, "format": row.format,
             "precision": row.precision, "labels": list(labels), "input": input_contract(spec),
             "output": {"shape": [1, len(labels)], "meaning": "softmax probabilities in label order"},
             "preprocess": spec.to_dict(),
-            "calibration": {"temperature": temperature, "uncertain_below": UNCERTAIN_BELOW},
+            "calibration": calibration_section(temperature, uncertain_below, operating_point),
             "source_model_sha256": model_sha256, "created": created}
 
 
@@ -80,13 +96,14 @@ def artifact_entry(row: Format, sha256: str, size: int, status: str, failures: l
 def build_manifest(labels: tuple[str, ...], spec: PreprocessSpec, temperature: float,
                    artifacts: list[dict], default: str | None, provenance: dict,
                    failed_conversions: list[dict] | None = None,
-                   explain: dict | None = None) -> dict:
+                   explain: dict | None = None, *, uncertain_below: float | None = None,
+                   operating_point: dict | None = None) -> dict:
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "labels": list(labels),
         "input": input_contract(spec),
         "preprocess": spec.to_dict(),
-        "calibration": {"temperature": temperature, "uncertain_below": UNCERTAIN_BELOW},
+        "calibration": calibration_section(temperature, uncertain_below, operating_point),
         "artifacts": artifacts,
         "default": default,
         "provenance": provenance,

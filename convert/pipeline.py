@@ -134,7 +134,8 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
         "versions": versions(), "created": created,
     }
     build = _Build(rows, record.spec, record.temperature, provenance, x_test, reference, threads,
-                   log, explain=describe(keras_model, maps_model))
+                   log, explain=describe(keras_model, maps_model),
+                   uncertain_below=record.uncertain_below, operating_point=record.operating_point)
     staged = staging.prepare(out)
     try:
         # Scratch beside the bundle too, so the next run also clears a killed run's scratch.
@@ -143,7 +144,8 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
             context = WriteContext(maps_model or keras_model, images, Path(work))
             for index, row in enumerate(rows, 1):
                 meta = model_metadata(row, LABELS, record.spec, record.temperature, model_sha,
-                                      created)
+                                      created, uncertain_below=record.uncertain_below,
+                                      operating_point=record.operating_point)
                 build.add(index, row, context, meta, staged)
         manifest = build.finish(staged, model.stat().st_size)
         _verify(staged)
@@ -162,8 +164,10 @@ class _Build:
 
     def __init__(self, rows: Sequence[Format], spec: PreprocessSpec, temperature: float,
                  provenance: dict, x_test: np.ndarray, reference: parity.Reference,
-                 threads: int | None, log: Log, explain: dict | None = None) -> None:
+                 threads: int | None, log: Log, explain: dict | None = None, *,
+                 uncertain_below: float | None = None, operating_point: dict | None = None) -> None:
         self.rows, self.spec, self.temperature = rows, spec, temperature
+        self.uncertain_below, self.operating_point = uncertain_below, operating_point
         self.explain = explain
         self.provenance, self.threads, self.log = provenance, threads, log
         self.x_test, self.reference = x_test, reference
@@ -220,7 +224,9 @@ class _Build:
     def _write_manifest(self, staged: Path, default: str | None, final: bool = False) -> dict:
         written, missing = self._entries(final)
         manifest = build_manifest(LABELS, self.spec, self.temperature, written, default,
-                                  self.provenance, missing, explain=self.explain)
+                                  self.provenance, missing, explain=self.explain,
+                                  uncertain_below=self.uncertain_below,
+                                  operating_point=self.operating_point)
         _write_json(staged / MANIFEST, manifest)
         return manifest
 

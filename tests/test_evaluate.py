@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ct_edge.preprocess import PreprocessSpec
@@ -60,6 +61,11 @@ def test_a_tiny_cross_validation_with_an_ensemble_and_flip(synthetic_root: Path,
         assert fold["epochs"] == 1
         assert len(fold["errors"]) == round((1 - fold["accuracy"]) * fold["n_test"])
     assert 0.0 <= run["summary"]["accuracy"]["mean"] <= 1.0
+    # every image once, out of fold, with its temperature-scaled confidence
+    predictions = [p for fold in run["folds"] for p in fold["predictions"]]
+    assert len({p["path"] for p in predictions}) == len(predictions) == 36
+    assert all(1 / 3 - 1e-6 <= p["confidence"] <= 1.0 for p in predictions)
+    assert evaluate.out_of_fold(run)[1].mean() == pytest.approx(evaluate.pooled_accuracy(run))
     single = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache")
     assert single["folds"][0]["n_test"] == run["folds"][0]["n_test"]  # the same folds...
     assert [f["loss"] for f in single["folds"]] != [f["loss"] for f in run["folds"]]  # ...averaged
@@ -75,3 +81,36 @@ def test_int8_check_converts_each_fold_and_runs_it_in_the_runtime(synthetic_root
     assert "int8_agreement" in run["summary"]
     with pytest.raises(ValueError, match="single model"):
         evaluate.cross_validate(synthetic_root, config, folds=2, members=2, int8=True)
+
+
+def _predicting_run(seed: int, n: int = 40) -> dict:
+    """A run whose folds recorded every image: wrong answers are the less confident ones."""
+    rng = np.random.default_rng(seed)
+    confidence = rng.uniform(0.4, 1.0, n)
+    wrong = confidence < 0.55
+    predictions = [{"path": f"/d/train/Normal/{i}.png", "true": "Normal",
+                    "predicted": "COVID-19" if w else "Normal", "confidence": float(c)}
+                   for i, (c, w) in enumerate(zip(confidence, wrong, strict=True))]
+    folds = [{"accuracy": 1 - wrong[:20].mean(), "n_test": 20, "loss": 0.5,
+              "predictions": predictions[:20]},
+             {"accuracy": 1 - wrong[20:].mean(), "n_test": 20, "loss": 0.5,
+              "predictions": predictions[20:]}]
+    return {"folds": folds, "params": 1, "k": 2, "n_images": n, "config": {"data": "/d/xray"}}
+
+
+def test_abstention_table_and_plot_pool_the_seeds_of_a_recipe(tmp_path: Path) -> None:
+    runs = {"base": _predicting_run(0), "base@seed1": _predicting_run(1),
+            "old": _run([0.9, 0.8])}  # recorded no predictions: left out
+    confidence, correct = evaluate.out_of_fold(runs["base"])
+    assert len(confidence) == 40 and (correct == (confidence >= 0.55)).all()
+    table = evaluate.abstention_table(runs)
+    (row,) = [line for line in table.splitlines() if line.startswith("| base ")]
+    pooled = np.concatenate([evaluate.out_of_fold(runs[k])[0] for k in ("base", "base@seed1")])
+    wrong = pooled < 0.55
+    # the rule by brute force: the lowest threshold answering >= 50% with <= 3% of them wrong
+    threshold = min(t for t in pooled if (pooled >= t).mean() >= 0.5
+                    and wrong[pooled >= t].mean() <= 0.03)
+    assert "| 0, 1 | 80 | 20.0% |" in row and f"| {threshold:.3f} |" in row and "| yes |" in row
+    assert "| old " not in table
+    (plot,) = evaluate.abstention_plots(runs, tmp_path)
+    assert plot.name == "abstention-base.png" and plot.read_bytes().startswith(b"\x89PNG")

@@ -25,6 +25,7 @@ from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
 from ct_edge.preprocess import PreprocessSpec
 
+from . import abstention
 from . import data as data_mod
 from .metrics import classification_report, expected_calibration_error, fit_temperature, scale_temperature
 from .train import TrainConfig, fit_model
@@ -170,6 +171,7 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
             epochs.append(len(history["loss"]))
         test_probs, val_probs = np.mean(test_probs, axis=0), np.mean(val_probs, axis=0)
         temperature = fit_temperature(val_probs, y_val)
+        scaled = scale_temperature(test_probs, temperature)  # what the runtime's bundle answers
         report = classification_report(test_probs, y_test, LABELS)
         quantized = {}
         if int8:
@@ -188,8 +190,7 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
             "confusion_matrix": report["confusion_matrix"], "n_test": report["n"],
             "epochs": float(np.mean(epochs)), "temperature": temperature,
             "ece_before": expected_calibration_error(test_probs, y_test),
-            "ece_after": expected_calibration_error(scale_temperature(test_probs, temperature),
-                                                    y_test),
+            "ece_after": expected_calibration_error(scaled, y_test),
             **quantized,
             "seconds": round(time.time() - started, 1),
             # Which images a recipe gets wrong: the same ones in every recipe point at the data.
@@ -197,6 +198,12 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
                         "confidence": round(float(p.max()), 4)}
                        for s, t, p in zip(test_part, y_test, test_probs, strict=True)
                        if int(p.argmax()) != t],
+            # Every test image, temperature-scaled: the out-of-fold predictions the
+            # risk-coverage curve (training.abstention) is drawn from.
+            "predictions": [{"path": str(s.path), "true": LABELS[t],
+                             "predicted": LABELS[int(p.argmax())],
+                             "confidence": round(float(p.max()), 6)}
+                            for s, t, p in zip(test_part, y_test, scaled, strict=True)],
         }
         results.append(result)
         int8_note = (f"  int8 {result['int8_accuracy']:.1%}, agreement {result['int8_agreement']:.1%}"
@@ -312,6 +319,67 @@ def hard_images(runs: dict[str, dict], share: float = 0.8) -> str:
     return "\n".join(lines) + "\n"
 
 
+def out_of_fold(run: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of every image a run tested, from its folds' recorded predictions."""
+    rows = [p for fold in run["folds"] for p in fold.get("predictions", ())]
+    return (np.asarray([r["confidence"] for r in rows], dtype=np.float64),
+            np.asarray([r["predicted"] == r["true"] for r in rows], dtype=bool))
+
+
+def _by_recipe(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
+    """Runs that recorded per-image predictions, by recipe name and seed."""
+    by_name: dict[str, dict[int, dict]] = {}
+    for label, run in runs.items():
+        if all(fold.get("predictions") for fold in run["folds"]):
+            name, seed = _seed_of(label)
+            by_name.setdefault(name, {})[seed] = run
+    return by_name
+
+
+def abstention_table(runs: dict[str, dict]) -> str:
+    """Per recipe: AURC per seed and the operating point chosen on all its seeds' out-of-fold
+    predictions pooled (training.abstention's rule)."""
+    head = ("| experiment | seeds | predictions | error rate | AURC per seed | AURC pooled (perfect "
+            "ranking) | threshold | answered | risk among answered (errors) | target met |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, seeds in sorted(_by_recipe(runs).items()):
+        order = sorted(seeds)
+        per_seed = [abstention.aurc(abstention.risk_coverage(*out_of_fold(seeds[s])))
+                    for s in order]
+        confidence, correct = (np.concatenate(parts) for parts in
+                               zip(*(out_of_fold(seeds[s]) for s in order), strict=True))
+        found = abstention.summary(confidence, correct)
+        point = found["operating_point"]
+        lines.append(
+            f"| {name} | {', '.join(map(str, order))} | {len(correct)} | {found['error_rate']:.1%} | "
+            + " / ".join(f"{v:.3f}" for v in per_seed)
+            + f" | {found['aurc']:.3f} ({found['aurc_optimal']:.3f}) | {point['threshold']:.3f} | "
+            f"{point['coverage']:.1%} | {point['risk']:.1%} ({point['errors']} of "
+            f"{point['answered']}; ≤ {point['risk_upper_95']:.1%} at 95%) | "
+            f"{'yes' if point['target_met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def abstention_plots(runs: dict[str, dict], folder: Path) -> list[Path]:
+    """One risk–coverage PNG per recipe: all seeds pooled (operating point marked), and each seed."""
+    written = []
+    for name, seeds in sorted(_by_recipe(runs).items()):
+        order = sorted(seeds)
+        parts = [out_of_fold(seeds[s]) for s in order]
+        pooled = (np.concatenate([c for c, _ in parts]), np.concatenate([k for _, k in parts]))
+        first = seeds[order[0]]
+        data = Path(first["config"]["data"]).name
+        curves = [(f"{len(order)} seed(s) pooled", *pooled)]
+        if len(order) > 1:
+            curves += [(f"seed {s}", *part) for s, part in zip(order, parts, strict=True)]
+        path = folder / f"abstention-{name}.png"
+        abstention.plot(curves, path, f"{name}: out-of-fold predictions of {first['k']}-fold CV "
+                        f"by near-duplicate group\non {first['n_images']} images of {data} "
+                        f"(train/ folder), seeds {', '.join(map(str, order))}")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate",
                                      description=__doc__.split("\n\n")[0],
@@ -367,12 +435,19 @@ def main(argv: list[str] | None = None) -> int:
                               + (" --int8" if args.int8 else "")
                               + (f" --epochs {args.epochs}" if args.epochs is not None else "")
                               + (f" --folds {args.folds}" if args.folds != 5 else ""))
+            if all(fold.get("predictions") for fold in run["folds"]):
+                run["abstention"] = abstention.summary(*out_of_fold(run))
+                print(f"  risk-coverage: AURC {run['abstention']['aurc']:.3f}; at the operating "
+                      f"point ct-edge {run['abstention']['in_words']}", flush=True)
             data_mod.write_json(out / root.name / f"{label}.json", run)
             runs[label] = run
         existing = {p.stem: json.loads(p.read_text()) for p in sorted((out / root.name).glob("*.json"))}
         table = (markdown_table(existing) + "\nSeveral seeds:\n\n" + seed_table(existing)
-                 + "\nHard images:\n\n" + hard_images(existing))
+                 + "\nHard images:\n\n" + hard_images(existing)
+                 + "\nAbstention: risk-coverage of the out-of-fold predictions (training.abstention)"
+                 ":\n\n" + abstention_table(existing))
         (out / root.name / "summary.md").write_text(table)
+        abstention_plots(existing, out / root.name)
         print("\n" + table + f"\nwrote {out / root.name}/summary.md")
     except CtEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)

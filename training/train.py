@@ -22,6 +22,7 @@ from ct_edge import DISCLAIMER, LABELS
 from ct_edge.errors import CtEdgeError
 from ct_edge.preprocess import PreprocessSpec
 
+from . import abstention
 from . import data as data_mod
 from .metrics import (
     classification_report,
@@ -71,6 +72,10 @@ class TrainConfig:
     mixup: float = 0.0            # Beta(a, a) mixup of training batches when a > 0
     spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
     cache: str = str(data_mod.DEFAULT_CACHE)
+    # The uncertain threshold (training.abstention): chosen from a k-fold cross-validation of this
+    # recipe on the training + validation images; 0 or 1: from the validation split instead.
+    abstention_folds: int = 3
+    target_risk: float = 0.03     # the most errors among answered images the threshold allows
 
     def preprocess_spec(self) -> PreprocessSpec:
         return PreprocessSpec.from_dict(self.spec)
@@ -331,6 +336,9 @@ def train(config: TrainConfig) -> dict:
             "test_ece_after": expected_calibration_error(
                 scale_temperature(test_probs, temperature), y_test),
         }
+    calibration.update(abstention.for_training(fit_model, config, splits.train + splits.val, model,
+                                               calibration["temperature"], arrays["val"],
+                                               arrays["test"]))
     history = read_history(out / "history.csv")
     monitor = history.get("val_loss") or history["loss"]
     best_epoch = len(monitor) if config.schedule == "cosine" else int(np.argmin(monitor)) + 1
@@ -392,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"cosine: fixed cosine decay over all epochs, last epoch kept (default: {defaults.schedule})")
     add("--label-smoothing", type=float, default=defaults.label_smoothing,
         help=f"label smoothing of the cross-entropy (default: {defaults.label_smoothing})")
+    add("--abstention-folds", type=int, default=defaults.abstention_folds,
+        help="k of the cross-validation that chooses the uncertain threshold; 0: choose it on the "
+        f"validation split instead (default: {defaults.abstention_folds})")
+    add("--target-risk", type=abstention.fraction, default=defaults.target_risk,
+        help="the most errors among answered images the uncertain threshold allows "
+        f"(default: {defaults.target_risk})")
     return parser
 
 
@@ -402,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                          batch_size=args.batch_size, learning_rate=args.lr,
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,
                          schedule=args.schedule, label_smoothing=args.label_smoothing,
-                         spec=spec.to_dict())
+                         spec=spec.to_dict(),
+                         abstention_folds=args.abstention_folds, target_risk=args.target_risk)
     try:
         metrics = train(config)
     except (CtEdgeError, OSError) as exc:

@@ -85,6 +85,9 @@ class Bundle:
     default: str | None
     temperature: float
     uncertain_below: float
+    # How uncertain_below was chosen (method, target, measured risk and coverage, on what data);
+    # empty for bundles that predate it. Informational: only uncertain_below decides.
+    operating_point: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: str | Path | None = None) -> Bundle:
@@ -109,6 +112,10 @@ class Bundle:
             calibration = manifest.get("calibration", {})
             temperature = float(calibration.get("temperature", 1.0))
             uncertain_below = float(calibration.get("uncertain_below", 0.0))
+            operating_point = calibration.get("operating_point") or {}
+            if not isinstance(operating_point, dict):
+                raise BundleError(f"{root / MANIFEST}: calibration.operating_point must be an "
+                                  "object")
             default = manifest.get("default")
         except BundleError:
             raise
@@ -121,7 +128,8 @@ class Bundle:
             raise BundleError(f"{root / MANIFEST}: implausible uncertain_below {uncertain_below}")
         if default is not None and (not isinstance(default, str) or default not in artifacts):
             raise BundleError(f"{root / MANIFEST}: default artifact {default!r} is not listed")
-        return cls(root, manifest, labels, spec, artifacts, default, temperature, uncertain_below)
+        return cls(root, manifest, labels, spec, artifacts, default, temperature, uncertain_below,
+                   operating_point)
 
     def select(self, name: str | None = None, fmt: str | None = None) -> Artifact:
         """The artifact to run: by name, else the default (of a format), else the best passing one."""
