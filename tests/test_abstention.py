@@ -184,7 +184,7 @@ def test_for_training_reports_a_cross_validated_point_and_the_test_split(tmp_pat
                                                                           capsys) -> None:
     samples, x, y = _samples(30)
     calls: list[dict] = []
-    config = TrainConfig(abstention_folds=3, target_risk=0.03)
+    config = TrainConfig(abstention_folds=3, target_risk=0.03, out=str(tmp_path / "model"))
     config_cache = _cache_with(samples, x, config, tmp_path)
     found = abstention.for_training(_fake_fit(calls), config_cache, samples, _Memorizer(set()), 1.0,
                                     (x[:0], y[:0]), (x[:6], y[:6]))
@@ -194,13 +194,18 @@ def test_for_training_reports_a_cross_validated_point_and_the_test_split(tmp_pat
     assert point["method"] == "cross-validated risk-coverage" and "30 images" in point["data"]
     assert point["operating_point"]["images"] == 30
     assert point["test_split"]["images"] == 6
+    # beside the model: the held-out predictions and their curve
+    saved = json.loads((tmp_path / "model" / abstention.PREDICTIONS_FILE).read_text())
+    assert len(saved["confidence"]) == len(saved["correct"]) == 30
+    assert (tmp_path / "model" / abstention.PLOT_FILE).read_bytes().startswith(b"\x89PNG")
     assert "operating point: threshold" in capsys.readouterr().out
 
 
-def test_for_training_without_folds_uses_the_validation_split_or_nothing(capsys) -> None:
+def test_for_training_without_folds_uses_the_validation_split_or_nothing(tmp_path: Path,
+                                                                         capsys) -> None:
     samples, x, y = _samples(12)
     calls: list[dict] = []
-    config = TrainConfig(abstention_folds=0)
+    config = TrainConfig(abstention_folds=0, out=str(tmp_path))
     found = abstention.for_training(_fake_fit(calls), config, samples, _Memorizer({0, 1, 2}), 1.0,
                                     (x, y), (x, y))
     assert not calls and found["operating_point"]["method"] == "validation-split risk-coverage"

@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 DEFAULT_TARGET_RISK = 0.03
 DEFAULT_MIN_COVERAGE = 0.5
-DEFAULT_FOLDS = 3
 BOUND_LEVEL = 0.95
 PREDICTIONS_FILE = "held_out_predictions.json"  # written beside the model by for_training
 PLOT_FILE = "risk_coverage.png"

@@ -74,7 +74,7 @@ class TrainConfig:
     cache: str = str(data_mod.DEFAULT_CACHE)
     # The uncertain threshold (training.abstention): chosen from a k-fold cross-validation of this
     # recipe on the training + validation images; 0 or 1: from the validation split instead.
-    abstention_folds: int = 3
+    abstention_folds: int = 2
     target_risk: float = 0.03     # the most errors among answered images the threshold allows
 
     def preprocess_spec(self) -> PreprocessSpec:
