@@ -1,6 +1,7 @@
 """Issue #6: per architecture, train on the standard split, convert, and measure size, parity, latency.
 
     python -m benchmarks.architectures [--data DIR] [--archs a,b,...] [--out DIR]
+        [--epochs N] [--lr R] [--size PX] [--reuse]
 
 Each architecture is trained with the TrainConfig defaults (`make train`'s recipe, another
 architecture) into <out>/<arch>/model, converted by convert_model into <out>/<arch>/bundle (a failed
@@ -41,11 +42,18 @@ WARMUP = 50
 Log = Callable[[str], None]
 
 
-def train_arch(arch: str, data: Path | None, model_dir: Path) -> dict:
-    """Train one architecture with the default recipe; returns training's metrics.json."""
+def train_arch(arch: str, data: Path | None, model_dir: Path, settings: dict | None = None,
+               reuse: bool = False) -> dict:
+    """Train one architecture with the default recipe (TrainConfig fields in `settings` changed,
+    e.g. epochs, learning_rate, spec); returns training's metrics.json. `reuse`: a model folder
+    that already holds model.keras and metrics.json is measured as it is."""
     from training.train import TrainConfig, train
 
-    return train(TrainConfig(data=str(data) if data else None, out=str(model_dir), arch=arch))
+    metrics_file = model_dir / "metrics.json"
+    if reuse and metrics_file.is_file() and (model_dir / "model.keras").is_file():
+        return json.loads(metrics_file.read_text(encoding="utf-8"))
+    return train(TrainConfig(data=str(data) if data else None, out=str(model_dir), arch=arch,
+                             **(settings or {})))
 
 
 def convert_arch(model_dir: Path, bundle_dir: Path, log: Log) -> tuple[dict, list[str]]:
@@ -97,20 +105,22 @@ def time_artifact(bundle_dir: Path, name: str, x: np.ndarray, runs: int, warmup:
 
 
 def measure_arch(arch: str, data: Path | None, out: Path, runs: int, warmup: int, log: Log,
-                 image: dict[str, np.ndarray]) -> dict:
+                 image: dict[str, np.ndarray], settings: dict | None = None,
+                 reuse: bool = False) -> dict:
     """Train, convert and time one architecture; `image` caches the timing input across archs."""
     model_dir, bundle_dir = out / arch / "model", out / arch / "bundle"
     start = time.perf_counter()
     log(f"{arch}: training into {model_dir}")
-    metrics = train_arch(arch, data, model_dir)
+    metrics = train_arch(arch, data, model_dir, settings, reuse)
     log(f"{arch}: test accuracy {metrics['test_accuracy']:.1%}, {metrics['params']:,} parameters; "
         f"converting into {bundle_dir}")
     manifest, reasons = convert_arch(model_dir, bundle_dir, log)
     artifacts = artifact_figures(manifest)
     if reasons:
         log(f"{arch}: parity gate FAILED: " + "; ".join(reasons))
-    if "x" not in image:
-        image["x"] = timing_input(model_dir)
+    x = timing_input(model_dir)
+    if "x" not in image or image["x"].shape != x.shape:  # one image per input size
+        image["x"] = x
     latency: dict[str, dict] = {}
     for name in TIMED:
         if artifacts.get(name, {}).get("bytes") is None:
@@ -187,7 +197,7 @@ def write(results: dict, out: Path) -> None:
 
 
 def run(data: Path | None, archs: Sequence[str], out: Path, runs: int, warmup: int,
-        log: Log) -> dict:
+        log: Log, settings: dict | None = None, reuse: bool = False) -> dict:
     """Every architecture in turn; the JSON and markdown are rewritten after each one."""
     from training.train import TrainConfig, builtin_data
 
@@ -195,13 +205,15 @@ def run(data: Path | None, archs: Sequence[str], out: Path, runs: int, warmup: i
     results: dict = {
         "schema": SCHEMA, "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "data": str(root), "archs": list(archs), "runs": runs, "warmup": warmup,
-        "train_config": {k: v for k, v in asdict(TrainConfig()).items() if k not in ("data", "out")},
+        "train_config": {k: v for k, v in asdict(TrainConfig(**(settings or {}))).items()
+                         if k not in ("data", "out")},
         "machine": machine.describe(), "architectures": [],
     }
     image: dict[str, np.ndarray] = {}
     for index, arch in enumerate(archs, 1):
         log(f"[{index}/{len(archs)}] {arch}")
-        results["architectures"].append(measure_arch(arch, root, out, runs, warmup, log, image))
+        results["architectures"].append(measure_arch(arch, root, out, runs, warmup, log, image,
+                                                     settings, reuse))
         results["load_average_end"] = machine.load_average()
         write(results, out)
     return results
@@ -225,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed calls per latency figure (default: %(default)s)")
     add("--warmup", type=positive_int, default=WARMUP,
         help="untimed calls before them (default: %(default)s)")
+    add("--epochs", type=positive_int, default=None, help="maximum epochs (default: training's)")
+    add("--lr", type=float, default=None, help="learning rate (default: training's)")
+    add("--size", type=positive_int, default=None, help="input size in pixels (default: 128)")
+    add("--reuse", action="store_true",
+        help="measure a model already trained into <out>/<arch>/model instead of training again")
     return parser
 
 
@@ -246,8 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[architectures {time.perf_counter() - started:7.1f}s] {line}", flush=True)
 
+    from ct_edge.preprocess import PreprocessSpec
+
+    settings: dict = {}
+    if args.epochs:
+        settings["epochs"] = args.epochs
+    if args.lr:
+        settings["learning_rate"] = args.lr
+    if args.size:
+        settings["spec"] = PreprocessSpec(size=args.size).to_dict()
     try:
-        results = run(args.data, archs, args.out, args.runs, args.warmup, log)
+        results = run(args.data, archs, args.out, args.runs, args.warmup, log, settings, args.reuse)
     except (CtEdgeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
