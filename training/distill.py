@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -200,12 +202,81 @@ def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, 
     return metrics
 
 
+def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
+                 temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
+                 folds: int = 5, cache: Path = data_mod.DEFAULT_CACHE) -> dict:
+    """One fold of `training.evaluate`'s cross-validation (same groups, folds, validation split,
+    seeds): the default edge-gap, a teacher (TrainConfig fields in `teacher_settings`), their
+    mean (a mixed ensemble) and edge-gap distilled from the teacher, all on the same test fold."""
+    from .train import fit_model
+
+    base = TrainConfig(seed=seed + fold)  # the seed evaluate gives this fold's single model
+    teacher_config = replace(base, **teacher_settings)
+    teacher_spec, spec = teacher_config.preprocess_spec(), base.preprocess_spec()
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    samples = data_mod.scan_split(train_dir)
+    x_all, y_all, skipped = data_mod.load_arrays(samples, spec, cache, desc="decode")
+    bad = {p for p, _ in skipped}
+    samples = [s for s in samples if str(s.path) not in bad]
+    x_big = (x_all if teacher_spec == spec else
+             data_mod.load_arrays(samples, teacher_spec, cache, desc="decode teacher")[0])
+    index = {s.path: i for i, s in enumerate(samples)}
+    train_part, test_part = data_mod.kfold_hash_splits(samples, folds, seed)[fold]
+    fit_part, val_part = data_mod.stratified_hash_split(train_part, 0.15, seed + fold)
+
+    def pick(part):
+        return np.asarray([index[s.path] for s in part])
+
+    fit, val, test = pick(fit_part), pick(val_part), pick(test_part)
+    y_test = y_all[test]
+    out: dict = {"seed": seed, "fold": fold, "n_test": len(test), "temperature": temperature,
+                 "alpha": alpha, "teacher_settings": teacher_settings, "models": {}}
+
+    def score(name: str, probabilities: np.ndarray, seconds: float, params: int) -> None:
+        report = classification_report(probabilities, y_test, LABELS)
+        out["models"][name] = {"accuracy": report["accuracy"], "loss": report["loss"],
+                               "errors": int((probabilities.argmax(1) != y_test).sum()),
+                               "params": params, "seconds": round(seconds, 1)}
+        print(f"  {name}: accuracy {report['accuracy']:.1%} ({len(y_test)} test images), loss "
+              f"{report['loss']:.3f}, {seconds:.0f} s", flush=True)
+
+    probabilities = {}
+    for name, config, x in (("edge-gap", base, x_all), ("teacher", teacher_config, x_big)):
+        started = time.time()
+        with tempfile.TemporaryDirectory(prefix="ct-edge-distill-") as scratch:
+            model, _ = fit_model(config, x[fit], y_all[fit], x[val], y_all[val],
+                                 out=Path(scratch), verbose=0)
+        probabilities[name] = model.predict(x[test], verbose=0)
+        score(name, probabilities[name], time.time() - started, int(model.count_params()))
+        if name == "teacher":
+            teacher = model
+    score("mean(edge-gap, teacher)", (probabilities["edge-gap"] + probabilities["teacher"]) / 2,
+          0.0, out["models"]["edge-gap"]["params"] + out["models"]["teacher"]["params"])
+    started = time.time()
+    student, _ = distill(teacher, base, x_big[fit], y_all[fit], x_big[val], y_all[val],
+                         temperature=temperature, alpha=alpha)
+    score("edge-gap distilled", student.predict(x_all[test], verbose=0), time.time() - started,
+          int(student.count_params()))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.distill",
                                      description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--teacher", type=Path, required=True, help="teacher model folder (model.keras, config.json)")
-    add("--out", type=Path, required=True, help="folder for the student")
+    add("--teacher", type=Path, help="teacher model folder (model.keras, config.json)")
+    add("--out", type=Path, help="folder for the student (or the --cv-fold JSON file)")
+    add("--cv-fold", type=int, default=None, metavar="N",
+        help="instead: one fold of the cross-validation on --data (seed --seed): edge-gap, a "
+             "teacher trained there (--teacher-arch/--teacher-lr/--teacher-epochs/--teacher-size), "
+             "their mean, and edge-gap distilled from it")
+    add("--data", type=Path, help="data folder, for --cv-fold")
+    add("--seed", type=int, default=0, help="cross-validation seed, for --cv-fold (default: 0)")
+    add("--teacher-arch", default="efficientnet-lite0", help="for --cv-fold (default: %(default)s)")
+    add("--teacher-lr", type=float, default=3e-4, help="for --cv-fold (default: %(default)s)")
+    add("--teacher-epochs", type=int, default=15, help="for --cv-fold (default: %(default)s)")
+    add("--teacher-size", type=int, default=PreprocessSpec().size,
+        help="for --cv-fold (default: %(default)s)")
     add("--arch", default="edge-gap", help="student architecture (default: %(default)s)")
     add("--size", type=int, default=PreprocessSpec().size,
         help="student input size (default: %(default)s)")
@@ -215,6 +286,24 @@ def main(argv: list[str] | None = None) -> int:
         help="weight of the label loss; 1 - alpha goes to the teacher (default: %(default)s)")
     add("--epochs", type=int, default=TrainConfig().epochs, help="maximum epochs (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.cv_fold is not None:
+        if args.data is None or args.out is None:
+            parser.error("--cv-fold needs --data and --out (a JSON file)")
+        settings = {"arch": args.teacher_arch, "learning_rate": args.teacher_lr,
+                    "epochs": args.teacher_epochs,
+                    "spec": PreprocessSpec(size=args.teacher_size).to_dict()}
+        try:
+            result = compare_fold(args.data, args.seed, args.cv_fold, settings, args.temperature,
+                                  args.alpha)
+        except (CtEdgeError, OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+        return 0
+    if args.teacher is None or args.out is None:
+        parser.error("--teacher and --out are required")
     try:
         metrics = run(args.teacher, args.out, args.arch, args.size, args.temperature, args.alpha,
                       args.epochs)
