@@ -37,3 +37,67 @@ def artifact_memory(bundle_dir: Path, name: str, image: Path) -> dict:
         raise ChildError(f"classifying with {name} exited {child.returncode}:\n{tail(child.stderr)}")
     answer = json.loads(child.stdout.strip().splitlines()[-1])
     return {"peak_rss_mb": child.max_rss_mb, "wall_s": child.wall_s, **answer}
+
+
+LIMIT_KINDS = ("png-16bit", "png-rgba", "png-rgb", "jpeg-cmyk", "dicom-ct")
+
+
+def limit_input(folder: Path, kind: str) -> Path:
+    """The largest input of `kind` the runtime accepts (MAX_PIXELS, square): a 16-bit gray PNG,
+    an RGBA or RGB PNG, a CMYK JPEG (no draft decoding) or an uncompressed 16-bit CT DICOM.
+
+    A gradient with noise in the low bits: files of 20-50% of the raw size, the largest real
+    films' range, so the file's own bytes count in the peak too.
+    """
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from ct_edge.preprocess import MAX_PIXELS
+
+    side = math.isqrt(MAX_PIXELS)
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 3800, side, dtype=np.float32)
+    deep = (ramp[None, :] + ramp[:, None] / 8).astype(np.uint16)
+    deep |= rng.integers(0, 64, (side, side), dtype=np.uint16)
+    path = folder / f"limit-{kind}-{side}x{side}"
+    if kind == "png-16bit":
+        Image.fromarray(deep).save(path := path.with_suffix(".png"), compress_level=1)
+    elif kind in ("png-rgba", "png-rgb", "jpeg-cmyk"):
+        gray = (deep >> 4).astype(np.uint8)
+        del deep
+        if kind == "png-rgba":
+            pixels = np.dstack([gray, gray // 2, gray, np.full_like(gray, 200)])
+            Image.fromarray(pixels, "RGBA").save(path := path.with_suffix(".png"), compress_level=1)
+        elif kind == "png-rgb":
+            Image.fromarray(np.dstack([gray, gray // 2, gray]), "RGB").save(
+                path := path.with_suffix(".png"), compress_level=1)
+        else:
+            Image.fromarray(np.dstack([gray, gray // 2, gray]), "RGB").convert("CMYK").save(
+                path := path.with_suffix(".jpg"), quality=90)
+    elif kind == "dicom-ct":
+        path = _ct_dicom(path.with_suffix(".dcm"), deep)
+    else:
+        raise ValueError(f"unknown input kind {kind!r}; choose one of {', '.join(LIMIT_KINDS)}")
+    return path
+
+
+def _ct_dicom(path: Path, pixels) -> Path:
+    """An uncompressed CT slice (stored values, rescale intercept -1024)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "CT", "MONOCHROME2", 1
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -12,7 +12,16 @@ from test_cli import GOOD, bundle  # noqa: F401  (the session bundle fixture)
 from ct_edge import cli
 from ct_edge import explain as explain_module
 from ct_edge.classifier import Classifier
-from ct_edge.preprocess import PreprocessSpec, check_window, decode, parse_window
+from ct_edge.preprocess import (
+    MAX_PIXELS,
+    MEMORY_BOUND_MB,
+    STRIP_ROWS,
+    PreprocessSpec,
+    check_window,
+    decode,
+    parse_window,
+    to_gray,
+)
 
 # --- --window: one validator for the CLI, parse_window and PreprocessSpec ---------------------
 
@@ -83,3 +92,34 @@ def test_explain_peak_is_in_real_pixels_for_a_large_jpeg(bundle: Path, tmp_path:
         assert (e.peak["x_rel"], e.peak["y_rel"]) == pytest.approx((1500 / 1944, 400 / 1708),
                                                                   abs=0.01)
     assert peaks["film.jpg"] == pytest.approx(peaks["film.png"], abs=one_model_pixel)
+
+
+# --- memory: any accepted input stays within MEMORY_BOUND_MB of peak RSS -------------------------
+
+
+def test_gray_conversion_in_strips_is_exact() -> None:
+    rng = np.random.default_rng(0)
+    rows = STRIP_ROWS * 2 + 37  # several strips and a short last one
+    deep = rng.integers(0, 4096, (rows, 300), dtype=np.uint16)
+    expected = np.clip(deep.astype(np.float32) / (2.0**12 - 1.0), 0.0, 1.0)
+    np.testing.assert_array_equal(np.asarray(to_gray(Image.fromarray(deep))), expected)
+    rgba = Image.fromarray(rng.integers(0, 256, (rows, 300, 4), dtype=np.uint8), "RGBA")
+    over_black = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    np.testing.assert_array_equal(np.asarray(to_gray(rgba)), np.asarray(over_black.convert("L")))
+    rgb = rgba.convert("RGB")
+    np.testing.assert_array_equal(np.asarray(to_gray(rgb)), np.asarray(rgb.convert("L")))
+
+
+def test_the_pixel_limit_covers_the_largest_detectors_only() -> None:
+    assert 4300 * 4300 <= MAX_PIXELS < 7990 * 7990  # CR/DX panels fit; the 926 MB file does not
+
+
+@pytest.mark.parametrize("kind", ["png-16bit", "png-rgba", "dicom-ct"])
+def test_peak_rss_of_the_largest_accepted_input_is_within_the_bound(
+        bundle: Path, tmp_path: Path, kind: str) -> None:  # noqa: F811
+    from benchmarks.memory import artifact_memory, limit_input
+
+    image = limit_input(tmp_path, kind)
+    measured = artifact_memory(bundle, "tflite-fp32", image)
+    assert measured["label"] is not None
+    assert measured["peak_rss_mb"] <= MEMORY_BOUND_MB, measured

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .preprocess import MAX_FILE_BYTES, one_line
+from .preprocess import MAX_FILE_BYTES, STRIP_ROWS, one_line
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -53,7 +53,12 @@ def decode_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels
             raise InputError(name, f"DICOM image {cols}x{rows} is over the {max_pixels} pixel limit")
         # Decode only the frame we use: a 500-slice volume must not be expanded in memory.
         pixels = pixel_array(ds, index=frames // 2 if frames > 1 else None)
+        for tag in _PIXEL_TAGS:  # the encoded copy: the frame is all that is used from here on
+            ds.pop(tag, None)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+        if pixels.ndim == 2 and photometric != "PALETTE COLOR":
+            return _gray_image(ds, pixels, photometric, window, name, apply_modality_lut,
+                               apply_voi_lut)
         scaled = _to_unit_range(ds, pixels, photometric, window,
                                 apply_color_lut, apply_modality_lut, apply_voi_lut)
     except InputError:
@@ -80,19 +85,36 @@ def _to_unit_range(ds, pixels: np.ndarray, photometric: str, window: tuple[float
     if pixels.ndim == 3:  # colour; pydicom has already converted YBR_* to RGB
         bits = int(ds.get("BitsStored", 8) or 8)
         return np.clip((pixels[..., :3].astype(np.float32) @ _LUMA) / (2.0**bits - 1.0), 0.0, 1.0)
-    if pixels.ndim != 2:
-        return pixels
-    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)  # CT: Hounsfield units
-    if str(ds.get("Modality", "")).strip().upper() == "CT":
+    return pixels  # not one gray frame: the caller refuses its shape
+
+
+def _gray_image(ds, pixels: np.ndarray, photometric: str, window: tuple[float, float], name: str,
+                apply_modality_lut, apply_voi_lut) -> Image.Image:
+    """One gray frame -> 'F' image in [0, 1], air dark, STRIP_ROWS rows at a time: whole-frame
+    float temporaries (pydicom's LUTs return float64) would break preprocess.MEMORY_BOUND_MB."""
+    ct = str(ds.get("Modality", "")).strip().upper() == "CT"
+    voi = not ct and ("WindowCenter" in ds or "VOILUTSequence" in ds)
+    tops = range(0, pixels.shape[0], STRIP_ROWS)
+
+    def values(top: int) -> np.ndarray:  # CT: Hounsfield units; others: the file's VOI output
+        strip = np.asarray(apply_modality_lut(pixels[top : top + STRIP_ROWS], ds), dtype=np.float32)
+        return np.asarray(apply_voi_lut(strip, ds), dtype=np.float32) if voi else strip
+
+    if ct:
         width, level = window
-        scaled = (values - (level - width / 2.0)) / width
+        low, span = level - width / 2.0, width
     else:
-        if "WindowCenter" in ds or "VOILUTSequence" in ds:
-            values = np.asarray(apply_voi_lut(values, ds), dtype=np.float32)
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    scaled = np.clip(scaled, 0.0, 1.0).astype(np.float32)
-    return 1.0 - scaled if photometric == "MONOCHROME1" else scaled
+        ranges = [(float(v.min()), float(v.max())) for v in map(values, tops)]
+        low, span = min(r[0] for r in ranges), max(r[1] for r in ranges) - min(r[0] for r in ranges)
+    image = Image.new("F", (pixels.shape[1], pixels.shape[0]))
+    for top in tops:
+        strip = values(top)
+        scaled = np.clip((strip - low) / span if span > 0 else np.zeros_like(strip), 0.0, 1.0)
+        scaled = (1.0 - scaled if photometric == "MONOCHROME1" else scaled).astype(np.float32)
+        if not np.isfinite(scaled).all():
+            raise InputError(name, "DICOM pixel values are not finite")
+        image.paste(Image.fromarray(scaled, mode="F"), (0, top))
+    return image
 
 
 def _check_inflated_size(data: bytes, name: str, limit: int = MAX_FILE_BYTES) -> None:

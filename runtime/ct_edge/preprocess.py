@@ -12,12 +12,13 @@ import io
 import json
 import math
 import stat
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from . import DICOM_SUFFIXES
 from .errors import InputError
@@ -26,15 +27,25 @@ Source = str | Path | bytes
 Aspect = Literal["stretch", "letterbox", "crop"]
 Contrast = Literal["none", "stretch"]
 
-# 8,000 x 8,000 is about four times the largest chest film (~4,300 x 3,500 px); beyond it a file is
-# treated as a decompression bomb. It stays below Pillow's own warning threshold (~89 M pixels), so
-# no accepted image ever trips Pillow's DecompressionBombWarning, and without touching the
-# process-wide `warnings` filters (not thread-safe; decoding runs in threads).
-MAX_PIXELS = 64_000_000
+# The memory bound: peak RSS of the runtime process (engine and model loaded) classifying any
+# input it accepts, so a 1 GB Pi-class board keeps room for the rest. The limits below are chosen
+# to meet it (benchmarks.memory.limit_input makes the largest accepted input of each kind).
+MEMORY_BOUND_MB = 256
+# 20 M pixels: the largest chest detectors (CR/DX, ~4,300 x 4,300 = 18.5 M) fit, a CT slice is
+# 512 x 512. Decoding allocates up to ~6 bytes a pixel (16-bit source + float32 gray), so this
+# and the file limit keep the worst accepted input near 200 MB. Larger is refused as a bomb.
+MAX_PIXELS = 20_000_000
 # Pillow's decoders spend time and memory per row: a 72-byte PNG claiming 1 x 64,000,000 pixels
 # took 5 s and 1.3 GB (found by tools/fuzz.py). No scan is anywhere near this long on one side.
 MAX_SIDE = 16_384
-MAX_FILE_BYTES = 512 * 1024 * 1024
+# The whole file is read into memory: an uncompressed 16-bit 20 M-pixel DICOM is 40 MB.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+STRIP_ROWS = 256  # rows converted to gray at a time: no whole-image temporaries
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # more than 8 bits: gray becomes float32
+_EXIF_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
 EXIF_ORIENTATION = 0x0112
 SOURCE_SIZE = "ct_edge.source_size"  # the key in a decoded image's `info`
 
@@ -181,11 +192,19 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
             raise InputError(name, f"unsupported image format {image.format}; use PNG, JPEG or DICOM")
         if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
             image.draft("L", (spec.size, spec.size))
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        image.load()
+        # Turned on the smaller of the two images: a 16-bit source is half the size of its
+        # float32 gray, an RGB(A) one four times the size of its 8-bit gray.
+        deep = image.mode in _DEEP_MODES
+        if deep:
+            image = _orient(image, orientation)
+        gray = to_gray(image, name)
+        del image
+        if not deep:
+            gray = _orient(gray, orientation)
         # EXIF orientations 5-8 turn the image a quarter: its shown size is the stored one swapped.
-        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-        image = ImageOps.exif_transpose(image)
-        gray = _to_gray(image, name)
-        gray.info[SOURCE_SIZE] = (height, width) if turned else (width, height)
+        gray.info[SOURCE_SIZE] = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
         return gray
     except InputError:
         raise
@@ -208,23 +227,49 @@ def source_size(image: Image.Image) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _to_gray(image: Image.Image, name: str = "<image>") -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float32)
-        if not np.isfinite(pixels).all():  # a float TIFF may hold NaN or infinity
-            raise InputError(name, "pixel values are not finite (NaN or infinity)")
-        peak = float(pixels.max()) if pixels.size else 0.0
+def _orient(image: Image.Image, orientation: int) -> Image.Image:
+    """The image as EXIF `orientation` says it is shown (what ImageOps.exif_transpose does)."""
+    method = _EXIF_TURNS.get(orientation)
+    return image if method is None else image.transpose(method)
+
+
+def _strips(image: Image.Image) -> Iterator[tuple[int, Image.Image]]:
+    """(top row, strip) for every STRIP_ROWS rows of `image`."""
+    width, height = image.size
+    for top in range(0, height, STRIP_ROWS):
+        yield top, image.crop((0, top, width, min(height, top + STRIP_ROWS)))
+
+
+def to_gray(image: Image.Image, name: str = "<image>") -> Image.Image:
+    """Any decoded image -> mode 'L', or 'F' in [0, 1] for 16/32-bit data; transparent pixels
+    go over black. Converted in strips of rows, so no temporary is the whole image's size."""
+    if image.mode in _DEEP_MODES:
+        peak = 0.0
+        for _, strip in _strips(image):  # first pass: the peak, and finiteness
+            pixels = np.asarray(strip, dtype=np.float32)
+            if not np.isfinite(pixels).all():  # a float TIFF may hold NaN or infinity
+                raise InputError(name, "pixel values are not finite (NaN or infinity)")
+            peak = max(peak, float(pixels.max()) if pixels.size else 0.0)
         # Scale by the bit depth the data uses (12-bit data in a 16-bit PNG is common).
         bits = max(8, int(np.ceil(np.log2(peak + 1.0)))) if peak > 0 else 8
-        return Image.fromarray(np.clip(pixels / (2.0**bits - 1.0), 0.0, 1.0), mode="F")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(canvas, rgba).convert("L")
+        gray = Image.new("F", image.size)  # filled strip by strip: fromarray would copy it whole
+        for top, strip in _strips(image):
+            pixels = np.asarray(strip, dtype=np.float32)
+            gray.paste(Image.fromarray(np.clip(pixels / (2.0**bits - 1.0), 0.0, 1.0), mode="F"),
+                       (0, top))
+        return gray
     if image.mode == "L":
         image.load()
         return image
-    return image.convert("L")
+    transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P"
+                                                         and "transparency" in image.info)
+    gray = Image.new("L", image.size)
+    for top, strip in _strips(image):
+        if transparent:
+            strip = Image.alpha_composite(Image.new("RGBA", strip.size, (0, 0, 0, 255)),
+                                          strip.convert("RGBA"))
+        gray.paste(strip.convert("L"), (0, top))
+    return gray
 
 
 def fit(image: Image.Image, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
