@@ -112,7 +112,7 @@ def read_token(args: argparse.Namespace) -> str | None:
                              f"{getattr(exc, 'strerror', None) or exc}") from None
         token = lines[0].strip() if lines else ""
     else:
-        token = args.token if args.token is not None else os.environ.get(ENV_TOKEN)
+        token = args.token if args.token is not None else (os.environ.get(ENV_TOKEN) or None)
         token = token.strip() if token is not None else None
     if token is not None and (len(token) < 8 or not token.isascii() or not token.isprintable()
                               or " " in token):

@@ -199,8 +199,18 @@ class Handler(BaseHTTPRequestHandler):
         self._route = getattr(self, "_route", "other")
         self._started = getattr(self, "_started", time.perf_counter())
         text = message or HTTPStatus(code).phrase
+        if getattr(self, "request_version", "") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # so the status line and headers are sent
         self.close_connection = True
         self._json(code, {"error": text}, {"Connection": "close"})
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # no status line, no headers: not for an API
+            self.send_error(400, "HTTP/0.9 requests are not supported")
+            return False
+        return True
 
     def _send(self, status: int, body: bytes, content_type: str,
               headers: dict[str, str] | None = None) -> None:
@@ -208,7 +218,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        origin = self.headers.get("Origin") if self.headers else None
+        headers_in = getattr(self, "headers", None)  # unset when the request line was bad
+        origin = headers_in.get("Origin") if headers_in else None
         cors = self.server.config.cors_origin
         if cors and origin and (cors == "*" or origin == cors):
             self.send_header("Access-Control-Allow-Origin", cors)
@@ -230,20 +241,12 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- dispatch -------------------------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
+    def __getattr__(self, name: str) -> Any:
+        # http.server looks up do_<METHOD>; every method goes through the router (405 / 404),
+        # so an unknown one is a 4xx rather than http.server's 501.
+        if name.startswith("do_") and name != "do_OPTIONS":
+            return self._dispatch
+        raise AttributeError(name)
 
     def do_OPTIONS(self) -> None:
         self._started, self._route = time.perf_counter(), "preflight"
@@ -285,7 +288,12 @@ class Handler(BaseHTTPRequestHandler):
                 query = parse_qs(url.query, keep_blank_values=True, max_num_fields=50)
             except ValueError:
                 raise ClientError(400, "malformed request target") from None
-            name, params = self._match(url.path)
+            try:
+                name, params = self._match(url.path)
+            except ClientError:
+                name, params = "other", {}
+                if self._authorized():  # a caller without the token learns nothing of routes
+                    raise
             self._route = name
             if name not in OPEN_ROUTES and not self._authorized():
                 self._drain_body()
@@ -294,9 +302,12 @@ class Handler(BaseHTTPRequestHandler):
             body = self._read_body() if self.command == "POST" else self._drain_body()
             getattr(self, f"_{name}")(params, {k: v[-1] for k, v in query.items()}, body)
         except ClientError as exc:
-            if exc.status == 413:
+            headers = dict(exc.headers)
+            if exc.status in (411, 413) or self.close_connection:
+                # The body was not read: the connection cannot carry another request.
                 self.close_connection = True
-            self._json(exc.status, {"error": exc.message}, exc.headers)
+                headers["Connection"] = "close"
+            self._json(exc.status, {"error": exc.message}, headers)
         except StoreError as exc:
             self._json(503, {"error": f"results store unavailable: {exc}"}, {"Retry-After": "5"})
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
