@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ct_edge.preprocess import MEMORY_BOUND_MB
+
 from .compare import p50
 from .report import fmt
 
@@ -66,6 +68,7 @@ def goals(results: dict) -> list[dict]:
         default = results["bundle"]["default"]
         rss = results["artifacts"].get(default, {}).get("memory", {}).get("peak_rss_mb")
         rss_source = f"a process classifying one image with {default} (CLI not measured)"
+    limits = results.get("memory_limits", {})
     pi_int8 = results["pi_profile"]["artifacts"].get(int8[0] or "", {})
     pi_split = results["pi_profile"]["end_to_end"].get("per_image", {}).get(GOAL_INPUT, {})
     return [
@@ -80,6 +83,11 @@ def goals(results: dict) -> list[dict]:
               + _slowest_stages(profile)),
         _goal("rss", "Peak RSS of the runtime", GOAL_RSS_MB, "MB", rss,
               f"{rss_source}; {_largest_growth(profile)}"),
+        _goal("rss_limits", "Peak RSS classifying the largest accepted input",
+              float(limits.get("bound_mb", MEMORY_BOUND_MB)), "MB",
+              limits.get("worst_peak_rss_mb"),
+              f"{limits['worst']}: {limits['inputs'][limits['worst']]['input']}"
+              if "worst" in limits else limits.get("error", "not measured")),
         _goal("e2e_2000", "Per image end to end incl. decode of a 2000-px JPEG", GOAL_E2E_MS, "ms",
               split.get("total_ms"),
               f"decode {fmt(split.get('decode_ms'))} + preprocess {fmt(split.get('preprocess_ms'))} "

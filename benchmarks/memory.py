@@ -36,7 +36,40 @@ def artifact_memory(bundle_dir: Path, name: str, image: Path) -> dict:
     if child.returncode != 0:
         raise ChildError(f"classifying with {name} exited {child.returncode}:\n{tail(child.stderr)}")
     answer = json.loads(child.stdout.strip().splitlines()[-1])
-    return {"peak_rss_mb": child.max_rss_mb, "wall_s": child.wall_s, **answer}
+    return {"peak_rss_mb": child.max_rss_mb, "wall_s": child.wall_s, **answer,
+            "input": describe_input(image)}
+
+
+def describe_input(image: Path) -> str:
+    """'scan.png, 512x512 L, 180 kB': what a peak-RSS figure was measured on."""
+    try:
+        from PIL import Image
+
+        with Image.open(image) as opened:
+            shape = f"{opened.size[0]}x{opened.size[1]} {opened.mode}"
+    except Exception:  # a DICOM or another file Pillow cannot open
+        shape = "DICOM" if image.suffix.lower() == ".dcm" else "unknown"
+    return f"{image.name}, {shape}, {image.stat().st_size / 1e3:.0f} kB"
+
+
+def limit_memory(bundle_dir: Path, name: str, folder: Path,
+                 kinds: tuple[str, ...] = ()) -> dict:
+    """Peak RSS of classifying the largest accepted input of each kind (`limit_input`) with
+    artifact `name`, each in a fresh process, against MEMORY_BOUND_MB."""
+    from ct_edge.preprocess import MAX_FILE_BYTES, MAX_PIXELS, MEMORY_BOUND_MB
+
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = {}
+    for kind in kinds or LIMIT_KINDS:
+        image = limit_input(folder, kind)
+        try:
+            inputs[kind] = artifact_memory(bundle_dir, name, image)
+        finally:
+            image.unlink(missing_ok=True)  # 10-40 MB each
+    worst = max(inputs, key=lambda k: inputs[k]["peak_rss_mb"])
+    return {"artifact": name, "bound_mb": MEMORY_BOUND_MB, "max_pixels": MAX_PIXELS,
+            "max_file_bytes": MAX_FILE_BYTES, "inputs": inputs, "worst": worst,
+            "worst_peak_rss_mb": inputs[worst]["peak_rss_mb"]}
 
 
 LIMIT_KINDS = ("png-16bit", "png-rgba", "png-rgb", "jpeg-cmyk", "dicom-ct")

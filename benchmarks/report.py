@@ -67,6 +67,7 @@ def _artifact_tables(results: dict) -> list[str]:
               "Keras: `load_model` after TensorFlow is imported "
               f"(import itself: {fmt(keras.get('import_s'))} s). Peak RSS: a fresh process that loads "
               "the artifact and classifies `scan.png` (Keras: Pillow + `predict`).", "",
+              *_limit_lines(results.get("memory_limits", {})),
               f"### Batch-1 latency, ms (p50 / p95 / p99 over {results['plan']['runs']} runs)", ""]
     rows = []
     for name, e in results["artifacts"].items():
@@ -86,6 +87,19 @@ def _artifact_tables(results: dict) -> list[str]:
     rows += [[label, fmt(images_per_s(e, 16)), "", fmt(images_per_s(e, 32)), ""]
              for label, e in _keras_rows(keras)]
     return lines + _table(["Artifact", "batch 16", "vs Keras", "batch 32", "vs Keras"], rows)
+
+
+def _limit_lines(limits: dict) -> list[str]:
+    """Peak RSS classifying the largest accepted input of each kind, against the bound."""
+    if "inputs" not in limits:
+        return [f"Peak RSS at the input limits not measured: {limits.get('error')}", ""]
+    lines = [f"### Peak RSS at the input limits ({limits['artifact']}; bound "
+             f"{limits['bound_mb']} MB; at most {limits['max_pixels']:,} pixels and "
+             f"{limits['max_file_bytes'] / 2**20:.0f} MiB a file)", ""]
+    rows = [[kind, e["input"], fmt(e["peak_rss_mb"]), fmt(e["wall_s"])]
+            for kind, e in limits["inputs"].items()]
+    return lines + _table(["Kind", "Input (a fresh process classifies it)", "Peak RSS (MB)",
+                           "Wall (s)"], rows)
 
 
 def _per_image_table(per_image: dict, described: dict) -> list[str]:

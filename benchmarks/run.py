@@ -277,6 +277,10 @@ def measure(args: argparse.Namespace, progress: Progress) -> dict:
                    "per_image": {n: compare.describe_image(p) for n, p in made.per_image.items()}},
     }
     results["artifacts"] = measure_artifacts(ctx, bundle)
+    results["memory_limits"] = ctx.step(
+        f"peak RSS of the largest accepted inputs with {default}", lambda: memory.limit_memory(
+            ctx.bundle_dir, default, args.inputs.resolve() / "limits",
+            ("png-16bit",) if plan is SMOKE else ()))
     full_keras, pinned_keras, results["keras"] = measure_keras(ctx, model)
     results["end_to_end"], all_folder = measure_end_to_end(ctx, full_keras, None)
 

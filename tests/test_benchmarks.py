@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Dotted paths; "*" means every key of that mapping.
 ARTIFACT_FIELDS = [
     "file", "format", "precision", "status", "size_bytes", "load_ms", "memory.peak_rss_mb",
+    "memory.input",
     *(f"latency.{t}.{k}" for t in ("1_thread", "all_cores")
       for k in ("runs", "p50_ms", "p95_ms", "p99_ms", "load_ms", "first_inference_ms")),
     "vs_keras.size_ratio_x", "vs_keras.rss_ratio_x", "vs_keras.speedup_1_thread_x",
@@ -37,6 +38,8 @@ FIELDS = [
     "bundle.path", "bundle.default", "keras_model.path", "keras_model.sha256",
     *(f"artifacts.*.{k}" for k in ARTIFACT_FIELDS),
     "artifacts.*.throughput",
+    *(f"memory_limits.{k}" for k in ("artifact", "bound_mb", "max_pixels", "worst",
+                                     "worst_peak_rss_mb", "inputs.*.peak_rss_mb", "inputs.*.input")),
     *(f"keras.{k}" for k in KERAS_FIELDS),
     *(f"end_to_end.per_image.*.{k}" for k in SPLIT_FIELDS),
     *(f"end_to_end.cold_start_profile.{k}" for k in PROFILE_FIELDS),
@@ -130,7 +133,8 @@ def test_inputs_and_artifacts_are_all_measured(bench_run: dict, bench_bundle: tu
 
 def test_goals_are_reported(bench_run: dict) -> None:
     goals = bench_run["results"]["goals"]
-    assert [g["id"] for g in goals] == ["int8_p50", "cold_start", "rss", "e2e_2000", "speedup_2000"]
+    assert [g["id"] for g in goals] == ["int8_p50", "cold_start", "rss", "rss_limits", "e2e_2000",
+                                       "speedup_2000"]
     for goal in goals:
         assert goal["status"] in ("met", "missed", "not measured")
         assert goal["unit"] and goal["target"] > 0
