@@ -1,0 +1,138 @@
+"""The page at `/` in a real headless browser (Debian's chromium + chromium-driver, Selenium):
+upload a PNG and a DICOM, see the label, the status and the heatmap appear, see the history rows;
+the page fits a phone screen. Screenshots go to artifacts/browser/ (ignored) to be looked at.
+
+Skips with the reason when chromium is not installed here; `tools/setup_system.sh` installs it
+and CI runs that before the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ct_edge.classifier import Classifier
+from ct_edge.server import ServerConfig, Service, create_server
+from ct_edge.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+SCREENSHOTS = ROOT / "artifacts" / "browser"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="chromium and chromium-driver are not installed (bash tools/setup_system.sh installs "
+           "them; CI does)")
+
+
+@contextlib.contextmanager
+def serving(bundle: Path, data_dir: Path, token: str | None = None) -> Iterator[str]:
+    store = Store(data_dir)
+    service = Service(Classifier.from_bundle(bundle), store)
+    server = create_server(ServerConfig(port=0, token=token), service)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        thread.join(10)
+        store.close()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-extensions", "--window-size=1100,1400",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=DriverService(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver: object, condition, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def test_upload_png_and_dicom_shows_answers_heatmap_and_history(
+        browser, tiny_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    from selenium.webdriver.common.by import By
+
+    png = tmp_path / "chest-normal.png"
+    shutil.copy(sorted((synthetic_root / "test" / "Normal").glob("*.png"))[0], png)
+    dicom = FIXTURES / "ct_small.dcm"
+    with serving(tiny_bundle, tmp_path / "data") as url:
+        browser.get(url + "/")
+        assert "not a diagnostic device" in browser.find_element(By.TAG_NAME, "header").text
+        wait_for(browser, lambda d: "classes:" in d.find_element(By.ID, "model").text)
+        upload = browser.find_element(By.ID, "files")
+        # The picker is reachable by keyboard: a real, focusable input with a visible label.
+        assert upload.is_enabled()
+        assert browser.find_element(By.CSS_SELECTOR, "label[for=files]").is_displayed()
+        upload.send_keys(f"{png}\n{dicom}")
+        cards = wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card")) == 2
+                         and d.find_elements(By.CSS_SELECTOR, ".card"))
+        by_name = {card.find_element(By.TAG_NAME, "h3").text: card for card in cards}
+        assert set(by_name) == {png.name, dicom.name}
+        for card in cards:
+            status = card.find_element(By.CSS_SELECTOR, ".status")
+            assert status.text.split("\n")[0] in (
+                "Answered", "UNCERTAIN: the model is not confident; do not rely on this label",
+                "NOT ANSWERED: this image is outside what the model knows")
+            assert card.get_attribute("data-status") in ("ok", "uncertain", "out_of_domain")
+        scan = by_name[png.name]
+        assert scan.get_attribute("data-status") in ("ok", "uncertain"), scan.text
+        assert scan.find_element(By.CSS_SELECTOR, ".label").text.split(" ")[0] in (
+            "COVID-19", "Normal", "Viral")
+        assert len(scan.find_elements(By.CSS_SELECTOR, ".bars li")) == 3
+        image = wait_for(browser, lambda d: scan.find_elements(By.CSS_SELECTOR, ".heatmap img"))[0]
+        wait_for(browser, lambda d: d.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth", image) == 256)
+        rows = wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR,
+                                                               "#history tbody tr")) == 2
+                        and d.find_elements(By.CSS_SELECTOR, "#history tbody tr"))
+        assert {row.find_elements(By.TAG_NAME, "td")[2].text for row in rows} == {
+            png.name, dicom.name}
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "serve_desktop.png"))
+
+        browser.set_window_size(390, 844)  # a phone
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 1, f"the page is {overflow} px wider than a phone screen"
+        browser.save_screenshot(str(SCREENSHOTS / "serve_phone.png"))
+    assert (SCREENSHOTS / "serve_desktop.png").stat().st_size > 10_000
+
+
+def test_page_asks_for_the_token_and_then_works(browser, tiny_bundle: Path,
+                                                 tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    with serving(tiny_bundle, tmp_path / "data", token="browser-token-123") as url:
+        browser.get(url + "/")
+        field = wait_for(browser, lambda d: d.find_element(By.ID, "token").is_displayed()
+                         and d.find_element(By.ID, "token"))
+        field.send_keys("browser-token-123")
+        browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        wait_for(browser, lambda d: "classes:" in d.find_element(By.ID, "model").text)
+        assert not browser.find_element(By.ID, "token-section").is_displayed()
