@@ -38,6 +38,7 @@ class TrainingRecord:
     # record predates it: the manifest then keeps the fixed default and says so.
     uncertain_below: float | None = None
     operating_point: dict | None = None
+    modality: str | None = None  # 'ct' | 'xray'; None in records from before it was kept
 
 
 def read_training_record(model_dir: Path) -> TrainingRecord | None:
@@ -68,7 +69,8 @@ def read_training_record(model_dir: Path) -> TrainingRecord | None:
             cache=Path(config.get("cache") or data_mod.DEFAULT_CACHE),
             data_fingerprint=fingerprint,
             uncertain_below=None if threshold is None else float(threshold),
-            operating_point=operating_point)
+            operating_point=operating_point,
+            modality=str(config["modality"]) if config.get("modality") else None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConvertError(f"{path}: unreadable training config ({type(exc).__name__}: {exc})") from None
 

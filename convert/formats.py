@@ -21,6 +21,7 @@ class Thresholds:
     max_accuracy_drop_images: int = 1  # ...or one test image, whichever is larger
     min_agreement: float = 0.98  # top-1 agreement with the Keras model
     max_abs_diff: float | None = None  # max |Δp| vs Keras; set for float32 artifacts only
+    min_status_agreement: float = 0.99  # same status (ok / uncertain / out_of_domain) as Keras
 
     def allowed_drop(self, n: int) -> float:
         """Accuracy an artifact may lose against Keras on n test images."""
@@ -29,7 +30,8 @@ class Thresholds:
     def to_dict(self) -> dict:
         return {"max_accuracy_drop": self.max_accuracy_drop,
                 "max_accuracy_drop_images": self.max_accuracy_drop_images,
-                "min_agreement": self.min_agreement, "max_abs_diff": self.max_abs_diff}
+                "min_agreement": self.min_agreement, "max_abs_diff": self.max_abs_diff,
+                "min_status_agreement": self.min_status_agreement}
 
 
 GATE = Thresholds()

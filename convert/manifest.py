@@ -97,7 +97,7 @@ def build_manifest(labels: tuple[str, ...], spec: PreprocessSpec, temperature: f
                    artifacts: list[dict], default: str | None, provenance: dict,
                    failed_conversions: list[dict] | None = None,
                    explain: dict | None = None, *, uncertain_below: float | None = None,
-                   operating_point: dict | None = None) -> dict:
+                   operating_point: dict | None = None, domain: dict | None = None) -> dict:
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "labels": list(labels),
@@ -111,6 +111,9 @@ def build_manifest(labels: tuple[str, ...], spec: PreprocessSpec, temperature: f
     if explain:
         # How `ct-edge explain` makes heatmaps with these artifacts (training.gradcam.describe).
         manifest["explain"] = explain
+    if domain:
+        # What the model was trained on and its feature gate (ct_edge.domain, convert.domain_fit).
+        manifest["domain"] = domain
     if failed_conversions:
         # No file, so not an artifact the runtime could list; kept so the failure is on record.
         manifest["failed_conversions"] = failed_conversions

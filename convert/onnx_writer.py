@@ -16,6 +16,7 @@ OPSET = 17
 METADATA_KEY = "ct_edge_manifest"
 OUTPUT_NAME = "probabilities"
 MAPS_NAME = "class_maps"  # the optional rank-4 output of a CAM-ready head (training.gradcam)
+FEATURES_NAME = "features"  # the optional pooled features (n, d) for the domain gate
 
 
 def keras_function(model: Any) -> Any:
@@ -37,7 +38,7 @@ def _fp32_proto(ctx: WriteContext) -> Any:
         function = keras_function(ctx.model)
         proto, _ = tf2onnx.convert.from_function(function, input_signature=function.input_signature,
                                                  opset=OPSET)
-    if len(proto.graph.output) == 2:
+    if len(proto.graph.output) >= 2:
         _rename_by_rank(proto)
     else:
         _rename_output(proto, OUTPUT_NAME)
@@ -59,11 +60,13 @@ def _rename_output(proto: Any, new: str) -> None:
 
 
 def _rename_by_rank(proto: Any) -> None:
-    """Two outputs: the rank-2 one is 'probabilities', the rank-4 one 'class_maps'."""
+    """Several outputs, in the Keras model's order: the first rank-2 one is 'probabilities', a
+    second rank-2 one 'features', the rank-4 one 'class_maps'."""
     renames = {}
+    flat = iter((OUTPUT_NAME, FEATURES_NAME))
     for output in proto.graph.output:
         rank = len(output.type.tensor_type.shape.dim)
-        renames[output.name] = OUTPUT_NAME if rank == 2 else MAPS_NAME
+        renames[output.name] = next(flat) if rank == 2 else MAPS_NAME
     for node in proto.graph.node:
         for names in (node.input, node.output):
             for i, name in enumerate(names):

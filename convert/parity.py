@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ct_edge.classifier import Classifier
+from ct_edge.classifier import Classifier, apply_temperature
 from training.metrics import classification_report
 
 from .formats import Thresholds
@@ -43,6 +43,44 @@ def run_artifact(bundle_dir: Path, name: str, x: np.ndarray, threads: int | None
         classifier = Classifier.from_bundle(bundle_dir, artifact=name, threads=threads)
     out = [classifier.backend.predict(x[i : i + BATCH]) for i in range(0, len(x), BATCH)]
     return np.concatenate(out) if out else np.zeros((0, len(classifier.labels)), np.float32)
+
+
+def run_with_status(bundle_dir: Path, name: str, x: np.ndarray, reference: Reference,
+                    reference_features: np.ndarray | None,
+                    threads: int | None = None) -> tuple[np.ndarray, dict]:
+    """Raw probabilities of one artifact (as run_artifact, the same single run per batch) and how
+    often its status (ok / uncertain / out_of_domain) agrees with the Keras model's, both decided
+    by the runtime's own rule (Classifier.decide) with the bundle's domain gate."""
+    with quiet():
+        classifier = Classifier.from_bundle(bundle_dir, artifact=name, threads=threads)
+    gate = classifier.gate
+    raw, scores = [], []
+    for i in range(0, len(x), BATCH):
+        if gate is None:
+            raw.append(classifier.backend.predict(x[i : i + BATCH]))
+            continue
+        outputs = classifier.backend.run(x[i : i + BATCH], features=True)
+        raw.append(outputs.probabilities)
+        scores.append(gate.scores(outputs.features))
+    probabilities = np.concatenate(raw) if raw else np.zeros((0, len(classifier.labels)), np.float32)
+    if gate is None or reference_features is None:
+        return probabilities, {}
+    temperature = classifier.bundle.temperature
+
+    def statuses(probs: np.ndarray, score: np.ndarray) -> list[str]:
+        calibrated = apply_temperature(probs, temperature)
+        return [classifier.decide(p, s)[1] for p, s in zip(calibrated, score, strict=True)]
+
+    mine = statuses(probabilities, np.concatenate(scores))
+    theirs = statuses(reference.probabilities.astype(np.float32), gate.scores(reference_features))
+    same = [a == b for a, b in zip(mine, theirs, strict=True)]
+    return probabilities, {
+        "status_agreement": float(np.mean(same)) if same else 1.0,
+        "status_disagreements": int(len(same) - sum(same)),
+        "statuses": {status: mine.count(status) for status in ("ok", "uncertain", "out_of_domain")},
+        "keras_statuses": {status: theirs.count(status)
+                           for status in ("ok", "uncertain", "out_of_domain")},
+    }
 
 
 def _finite(value: float) -> float | None:
@@ -90,6 +128,12 @@ def gate(result: dict, reference: dict, thresholds: Thresholds) -> list[str]:
         failures.append(f"top-1 agreement with Keras {result['agreement']:.2%} "
                         f"({result['disagreements']} of {n} images differ) is below "
                         f"min_agreement {thresholds.min_agreement:.0%}")
+    agreement = result.get("status_agreement")
+    if agreement is not None and not agreement >= thresholds.min_status_agreement:
+        failures.append(f"status agreement with Keras {agreement:.2%} "
+                        f"({result['status_disagreements']} of {n} images differ in ok / uncertain "
+                        f"/ out_of_domain) is below min_status_agreement "
+                        f"{thresholds.min_status_agreement:.0%}")
     if thresholds.max_abs_diff is not None:
         diff = result.get("max_abs_diff")
         if diff is None or not diff <= thresholds.max_abs_diff:

@@ -17,10 +17,11 @@ import numpy as np
 
 from ct_edge import LABELS
 from ct_edge.bundle import MANIFEST, Bundle
+from ct_edge.domain import DOMAIN_FILE
 from ct_edge.preprocess import PreprocessSpec
-from training.gradcam import cam_model, describe
+from training.gradcam import describe
 
-from . import dataset, parity, report, staging
+from . import dataset, domain_fit, parity, report, staging
 from .errors import ConvertError, ParityError
 from .formats import (
     DEFAULT_ARTIFACT,
@@ -118,7 +119,8 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
     keras_model = _load_keras(model, record.spec)
     # CAM-ready head: every artifact also outputs class-activation maps (GAP heads only); parity
     # still compares the probabilities with the plain model's.
-    maps_model = cam_model(keras_model)
+    # ...and the pooled features for the domain gate (convert.domain_fit).
+    export, maps_model = domain_fit.export_model(keras_model)
     reference = parity.Reference(_keras_predict(keras_model, x_test), y_test, LABELS)
     log(f"converting {model} -> {shown_out}: {len(rows)} format(s); test split {len(y_test)} images "
         f"({splits.test_source}) from {root}; int8 calibration: {calibration_note}")
@@ -136,12 +138,17 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
     build = _Build(rows, record.spec, record.temperature, provenance, x_test, reference, threads,
                    log, explain=describe(keras_model, maps_model),
                    uncertain_below=record.uncertain_below, operating_point=record.operating_point)
+    build.domain, domain_data = _fit_domain(keras_model, export, record, splits, log)
+    if domain_data is not None:
+        build.reference_features = domain_fit.keras_outputs(export, x_test)[1]
     staged = staging.prepare(out)
     try:
         # Scratch beside the bundle too, so the next run also clears a killed run's scratch.
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.convert-{os.getpid()}-work-",
                                          dir=out.parent) as work:
-            context = WriteContext(maps_model or keras_model, images, Path(work))
+            if domain_data is not None:
+                staging.write_file(staged / DOMAIN_FILE, domain_data)
+            context = WriteContext(export, images, Path(work))
             for index, row in enumerate(rows, 1):
                 meta = model_metadata(row, LABELS, record.spec, record.temperature, model_sha,
                                       created, uncertain_below=record.uncertain_below,
@@ -173,6 +180,8 @@ class _Build:
         self.x_test, self.reference = x_test, reference
         self.reference_figures = reference.figures()
         self.outcomes: list[Outcome] = []
+        self.domain: dict | None = None  # the manifest's domain section
+        self.reference_features: np.ndarray | None = None  # Keras features of the test split
 
     def add(self, index: int, row: Format, context: WriteContext, meta: dict, staged: Path) -> None:
         outcome = Outcome(row)
@@ -189,11 +198,13 @@ class _Build:
             self._write_manifest(staged, default=None)
             start = time.perf_counter()
             try:
-                probabilities = parity.run_artifact(staged, row.name, self.x_test, self.threads)
+                probabilities, status_figures = parity.run_with_status(
+                    staged, row.name, self.x_test, self.reference, self.reference_features,
+                    self.threads)
             except Exception as exc:  # whatever the runtime raises, this artifact cannot ship
                 outcome.failures = [f"cannot run in the ct-edge runtime: {_one_line(exc)}"]
             else:
-                outcome.figures = parity.figures(probabilities, self.reference)
+                outcome.figures = {**parity.figures(probabilities, self.reference), **status_figures}
                 outcome.failures = parity.gate(outcome.figures, self.reference_figures,
                                                row.thresholds)
             outcome.parity_seconds = time.perf_counter() - start
@@ -226,7 +237,7 @@ class _Build:
         manifest = build_manifest(LABELS, self.spec, self.temperature, written, default,
                                   self.provenance, missing, explain=self.explain,
                                   uncertain_below=self.uncertain_below,
-                                  operating_point=self.operating_point)
+                                  operating_point=self.operating_point, domain=self.domain)
         _write_json(staged / MANIFEST, manifest)
         return manifest
 
@@ -250,6 +261,26 @@ class _Build:
         _write_json(staged / PARITY_JSON, parity_report)
         (staged / PARITY_MD).write_text(report.markdown(parity_report), encoding="utf-8")
         return manifest
+
+
+def _fit_domain(model: Any, export: Any, record: dataset.TrainingRecord, splits: Any,
+                log: Log) -> tuple[dict | None, bytes | None]:
+    """The manifest's domain section and the statistics file it covers (None when not fitted)."""
+    modality = record.modality
+    if modality is None:
+        log("warning: the training record names no modality (trained before it was recorded); "
+            "DICOM headers will not be checked - retrain with --modality ct|xray")
+    fitted = domain_fit.fit_domain(model, export, record, splits, modality)
+    if fitted is None:
+        log("warning: no domain gate: the model exports no pooled features or there is no "
+            "validation split; inputs unlike the training images will not be flagged")
+        return ({"modality": modality} if modality else None), None
+    section = fitted.section
+    log(f"domain gate: modality {modality or 'unknown'}; {section['method']} on "
+        f"{section['features']['dim']} pooled features, threshold {section['threshold']:.3g} "
+        f"({section['fitted_on']['threshold']}; {section['validation_flagged']:.1%} of them "
+        "above it)")
+    return section, fitted.data
 
 
 def gate_reasons(outcomes: Sequence[Outcome]) -> list[str]:
@@ -305,6 +336,8 @@ def _progress(index: int, total: int, o: Outcome) -> str:
         diff = "—" if f["max_abs_diff"] is None else f"{f['max_abs_diff']:.1e}"
         figures = (f"  accuracy {f['accuracy']:.1%}  agreement {f['agreement']:.1%}  "
                    f"max |Δp| {diff}")
+        if "status_agreement" in f:
+            figures += f"  status agreement {f['status_agreement']:.1%}"
     verdict = "passed" if not o.failures else "FAILED: " + "; ".join(o.failures)
     return (f"{head} {report.human_size(len(o.data)):>9}  converted {o.convert_seconds:5.1f} s  "
             f"parity {o.parity_seconds:4.1f} s{figures}  {verdict}")

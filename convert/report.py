@@ -5,7 +5,7 @@ from __future__ import annotations
 from .formats import FLOAT32_GATE, GATE
 
 HEADER = ("artifact", "format", "precision", "status", "size", "accuracy",
-          "agreement with Keras", "max \\|Δp\\|")
+          "agreement with Keras", "max \\|Δp\\|", "status agreement")
 
 
 def human_size(size: int | None) -> str:
@@ -28,14 +28,14 @@ def table(parity: dict) -> str:
     """The aligned markdown table (also printed at the end of `python -m convert`)."""
     keras = parity["keras"]
     rows = [("keras (reference)", "keras", "fp32", "reference", human_size(keras.get("bytes")),
-             _percent(keras["accuracy"]), "—", "—")]
+             _percent(keras["accuracy"]), "—", "—", "—")]
     for a in parity["artifacts"]:
         rows.append((a["name"], a["format"], a["precision"], a["status"].upper()
                      if a["status"] == "failed" else a["status"], human_size(a.get("bytes")),
                      _percent(a.get("accuracy")), _percent(a.get("agreement")),
-                     _diff(a.get("max_abs_diff"))))
+                     _diff(a.get("max_abs_diff")), _percent(a.get("status_agreement"))))
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    right = {4, 5, 6, 7}
+    right = {4, 5, 6, 7, 8}
 
     def line(cells: tuple[str, ...]) -> str:
         padded = [c.rjust(w) if i in right else c.ljust(w)
@@ -61,7 +61,9 @@ def markdown(parity: dict) -> str:
         "",
         f"Gate: accuracy at most max(one test image, {GATE.max_accuracy_drop * 100:g} point) below Keras; "
         f"top-1 agreement with Keras at least {GATE.min_agreement:.0%}; float32 artifacts "
-        f"max |Δp| at most {FLOAT32_GATE.max_abs_diff:.0e}.",
+        f"max |Δp| at most {FLOAT32_GATE.max_abs_diff:.0e}; the same status (ok / uncertain / "
+        f"out_of_domain) as Keras for at least {GATE.min_status_agreement:.0%} of the images "
+        "(when the bundle has a domain gate).",
     ]
     failed = [a for a in parity["artifacts"] if a["failures"]]
     if failed:

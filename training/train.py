@@ -72,6 +72,9 @@ class TrainConfig:
     mixup: float = 0.0            # Beta(a, a) mixup of training batches when a > 0
     spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
     cache: str = str(data_mod.DEFAULT_CACHE)
+    # What the images are ("ct" slices or projection "xray"s): the bundle's domain (ct_edge.domain).
+    # None: "ct" for the built-in data, "xray" for a folder (said when training starts).
+    modality: str | None = None
     # The uncertain threshold (training.abstention): chosen from a k-fold cross-validation of this
     # recipe on the training + validation images; 0 or 1: from the validation split instead.
     abstention_folds: int = 2
@@ -83,6 +86,16 @@ class TrainConfig:
     def key(self) -> str:
         """Identifies a run for resuming: same command, same key."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def resolve_modality(config: TrainConfig) -> tuple[str, str | None]:
+    """The modality to record and, when it was assumed rather than given, a line saying so."""
+    if config.modality:
+        return config.modality, None
+    if not config.data:
+        return "ct", None  # the built-in synthetic slices are CT
+    return "xray", ("assuming the images are projection X-rays (modality xray); pass "
+                    "--modality ct if they are CT slices")
 
 
 def builtin_data(root: Path = BUILTIN_DATA) -> Path:
@@ -300,6 +313,9 @@ def train(config: TrainConfig) -> dict:
     spec = config.preprocess_spec()
     root = Path(config.data) if config.data else builtin_data()
     splits = data_mod.load_splits(root, config.val_fraction, config.test_fraction, config.seed)
+    modality, assumed = resolve_modality(config)
+    if assumed:
+        print(assumed, flush=True)
     cache = Path(config.cache)
     arrays = {}
     skipped: list[tuple[str, str]] = []
@@ -352,11 +368,11 @@ def train(config: TrainConfig) -> dict:
         "labels": list(LABELS), "class_counts": splits.counts(),
         "data": str(root), "data_fingerprint": splits.fingerprint(),
         "test_source": splits.test_source, "skipped": skipped, "calibration": calibration,
-        "seed": config.seed, "seconds": round(time.time() - started, 1),
+        "seed": config.seed, "seconds": round(time.time() - started, 1), "modality": modality,
     }
     data_mod.write_json(out / "metrics.json", metrics)
     data_mod.write_json(out / CONFIG_FILE, {**asdict(config), "data": str(root),
-                                            "calibration": calibration})
+                                            "modality": modality, "calibration": calibration})
     learning_curves(history, best_epoch, out / "learning_curves.png",
                     f"{config.arch} on {root.name}")
     confusion_matrix_plot(report["confusion_matrix"], LABELS, out / "confusion_matrix.png",
@@ -398,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--schedule", default=defaults.schedule, choices=["plateau", "cosine"],
         help="plateau: early stopping on validation loss, best epoch kept, LR halved on plateaus; "
         f"cosine: fixed cosine decay over all epochs, last epoch kept (default: {defaults.schedule})")
+    add("--modality", choices=["ct", "xray"], default=None,
+        help="what the images are: CT slices or projection X-rays; the bundle refuses other "
+        "modalities (default: ct for the built-in data, xray for a folder)")
     add("--label-smoothing", type=float, default=defaults.label_smoothing,
         help=f"label smoothing of the cross-entropy (default: {defaults.label_smoothing})")
     add("--abstention-folds", type=int, default=defaults.abstention_folds,
@@ -416,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                          batch_size=args.batch_size, learning_rate=args.lr,
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,
                          schedule=args.schedule, label_smoothing=args.label_smoothing,
-                         spec=spec.to_dict(),
+                         spec=spec.to_dict(), modality=args.modality,
                          abstention_folds=args.abstention_folds, target_risk=args.target_risk)
     try:
         metrics = train(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +21,10 @@ class Backend(Protocol):
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 (n, h, w, c) in the input contract -> float32 (n, classes) probabilities."""
+        ...
+
+    def run(self, batch: np.ndarray, maps: bool = False, features: bool = True) -> Outputs:
+        """Probabilities plus the optional outputs (maps when asked, features), one run."""
         ...
 
 
@@ -49,22 +54,58 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
-def _probabilities_output(outputs: list, shape_of: Callable[[object], list]) -> object:
-    """The rank-2 (batch, classes) output; a model without one is not a ct-edge classifier."""
-    for output in outputs:
-        if len(shape_of(output)) == 2:
-            return output
-    raise BundleError("the model has no (batch, classes) output; rebuild the bundle with `make convert`")
+@dataclass
+class Outputs:
+    """What one run of the model gives: probabilities (n, classes), and when the artifact exports
+    them, class-activation maps (n, h, w, classes) and pooled features (n, d)."""
+
+    probabilities: np.ndarray
+    maps: np.ndarray | None = None
+    features: np.ndarray | None = None
+
+
+def _output_roles(outputs: list, shape_of: Callable[[object], list]) -> tuple[object, object, object]:
+    """(probabilities, maps or None, features or None) from outputs in the model's own order.
+
+    The converter exports [probabilities, class maps, pooled features] (class maps only for GAP
+    heads): the first rank-2 output is the probabilities, a second rank-2 one the features and
+    the rank-4 one the maps. A model without a rank-2 output is not a ct-edge classifier.
+    """
+    flat = [o for o in outputs if len(shape_of(o)) == 2]
+    if not flat:
+        raise BundleError("the model has no (batch, classes) output; rebuild the bundle with "
+                          "`make convert`")
+    maps = next((o for o in outputs if len(shape_of(o)) == 4), None)
+    return flat[0], maps, flat[1] if len(flat) > 1 else None
+
+
+def _keras_order(detail: dict) -> tuple[int, int]:
+    """TFLite names outputs 'StatefulPartitionedCall:k' with k the Keras output index; the
+    interpreter lists them in no particular order."""
+    head, _, index = str(detail.get("name", "")).rpartition(":")
+    return (int(index), 0) if head and index.isdigit() else (1 << 30, int(detail["index"]))
 
 
 class _ClassMaps:
-    """The class-activation-map output both engines may expose (`_maps`: None when absent)."""
+    """The optional outputs both engines may expose (`_maps`, `_features`: None when absent)."""
 
     _maps: object
+    _features: object
 
     @property
     def has_maps(self) -> bool:
         return self._maps is not None
+
+    @property
+    def has_features(self) -> bool:
+        return self._features is not None
+
+    @property
+    def feature_dim(self) -> int | None:
+        return None if self._features is None else int(self._feature_shape()[-1])
+
+    def _feature_shape(self) -> list:
+        raise NotImplementedError
 
     def _require_maps(self) -> None:
         if self._maps is None:
@@ -82,13 +123,12 @@ class TFLiteBackend(_ClassMaps):
         except (ValueError, RuntimeError) as exc:
             raise BundleError(f"{self.engine} cannot load the model: {exc}") from None
         self._input = self._interpreter.get_input_details()[0]
-        outputs = self._interpreter.get_output_details()
-        # Extra outputs (e.g. a feature map for heatmaps) have rank 4; probabilities have rank 2.
-        self._output = _probabilities_output(outputs, lambda o: o["shape"])
+        outputs = sorted(self._interpreter.get_output_details(), key=_keras_order)
+        # Class-activation maps (n, h, w, classes) for heatmaps (ct_edge.explain) and pooled
+        # features (n, d) for the domain gate (ct_edge.domain) come from the same run.
+        self._output, self._maps, self._features = _output_roles(outputs, lambda o: o["shape"])
         self.input_shape = tuple(int(d) for d in self._input["shape"][1:])
         self.num_classes = int(self._output["shape"][-1])
-        # Class-activation maps (n, h, w, classes), exported for heatmaps (ct_edge.explain).
-        self._maps = next((o for o in outputs if len(o["shape"]) == 4), None)
         self._batch = int(self._input["shape"][0])
         # Re-entrant: predict_with_maps reads the maps after predict, under the same hold.
         self._lock = threading.RLock()
@@ -98,6 +138,9 @@ class TFLiteBackend(_ClassMaps):
             return None
         scale, zero_point = detail["quantization"]
         return float(scale), int(zero_point)
+
+    def _feature_shape(self) -> list:
+        return list(self._features["shape"])
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:
@@ -125,15 +168,27 @@ class TFLiteBackend(_ClassMaps):
     def predict_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (n, classes) and class-activation maps (n, h, w, classes), one run."""
         self._require_maps()
+        outputs = self.run(batch, maps=True)
+        return outputs.probabilities, outputs.maps  # type: ignore[return-value]
+
+    def run(self, batch: np.ndarray, maps: bool = False, features: bool = True) -> Outputs:
+        """Probabilities and, when asked for and present, maps and features: one run."""
         with self._lock:
             probabilities = self.predict(batch)
-            try:
-                maps = self._interpreter.get_tensor(self._maps["index"])
-            except (RuntimeError, ValueError) as exc:
-                raise BundleError(f"{self.engine} failed to run the model: {exc}") from None
-        # An int8 model quantizes the maps with their own scale and zero-point.
-        params = self._quantization(self._maps)
-        return probabilities, maps.astype(np.float32) if params is None else dequantize(maps, *params)
+            wanted = {"maps": self._maps if maps else None,
+                      "features": self._features if features else None}
+            extra = {}
+            for key, detail in wanted.items():
+                if detail is None:
+                    continue
+                try:
+                    value = self._interpreter.get_tensor(detail["index"])
+                except (RuntimeError, ValueError) as exc:
+                    raise BundleError(f"{self.engine} failed to run the model: {exc}") from None
+                # An int8 model quantizes each output with its own scale and zero-point.
+                params = self._quantization(detail)
+                extra[key] = value.astype(np.float32) if params is None else dequantize(value, *params)
+        return Outputs(probabilities, **extra)
 
 
 class OnnxBackend(_ClassMaps):
@@ -157,11 +212,16 @@ class OnnxBackend(_ClassMaps):
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise BundleError(f"onnxruntime cannot load the model: {exc}") from None
         model_input = self._session.get_inputs()[0]
-        output = _probabilities_output(self._session.get_outputs(), lambda o: o.shape)
+        output, maps, features = _output_roles(self._session.get_outputs(), lambda o: o.shape)
         self._input, self._output = model_input.name, output.name
         self.input_shape = tuple(d if isinstance(d, int) else -1 for d in model_input.shape[1:])
         self.num_classes = output.shape[-1] if isinstance(output.shape[-1], int) else -1
-        self._maps = next((o.name for o in self._session.get_outputs() if len(o.shape) == 4), None)
+        self._maps = maps.name if maps is not None else None
+        self._features = features.name if features is not None else None
+        self._shapes = {o.name: o.shape for o in self._session.get_outputs()}
+
+    def _feature_shape(self) -> list:
+        return list(self._shapes[self._features])
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         try:
@@ -173,12 +233,21 @@ class OnnxBackend(_ClassMaps):
     def predict_with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (n, classes) and class-activation maps (n, h, w, classes), one run."""
         self._require_maps()
+        outputs = self.run(batch, maps=True)
+        return outputs.probabilities, outputs.maps  # type: ignore[return-value]
+
+    def run(self, batch: np.ndarray, maps: bool = False, features: bool = True) -> Outputs:
+        """Probabilities and, when asked for and present, maps and features: one run."""
+        names = {"probabilities": self._output, "maps": self._maps if maps else None,
+                 "features": self._features if features else None}
+        names = {key: name for key, name in names.items() if name is not None}
         try:
-            y, maps = self._session.run([self._output, self._maps],
-                                        {self._input: batch.astype(np.float32, copy=False)})
+            values = self._session.run(list(names.values()),
+                                       {self._input: batch.astype(np.float32, copy=False)})
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise BundleError(f"onnxruntime failed to run the model: {exc}") from None
-        return np.asarray(y, dtype=np.float32), np.asarray(maps, dtype=np.float32)
+        return Outputs(**{key: np.asarray(value, dtype=np.float32)
+                          for key, value in zip(names, values, strict=True)})
 
 
 ENGINES: dict[str, Callable[[bytes, int | None], Backend]] = {

@@ -13,6 +13,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .domain import MODALITIES, FeatureGate, load_gate
 from .errors import BundleError
 from .preprocess import PreprocessSpec
 
@@ -89,6 +90,23 @@ class Bundle:
     # empty for bundles that predate it. Informational: only uncertain_below decides.
     operating_point: dict = field(default_factory=dict)
 
+    @property
+    def domain(self) -> dict:
+        """The manifest's `domain` section: modality and feature gate ({} in older bundles)."""
+        section = self.manifest.get("domain")
+        return section if isinstance(section, dict) else {}
+
+    @property
+    def modality(self) -> str | None:
+        """'ct' or 'xray' when the bundle records what it was trained on, else None."""
+        return self.domain.get("modality")
+
+    def feature_gate(self) -> FeatureGate | None:
+        """The fitted feature gate (its statistics file sha256-checked), None when not recorded."""
+        if "method" not in self.domain:
+            return None
+        return load_gate(self.root, self.domain)
+
     @classmethod
     def load(cls, root: str | Path | None = None) -> Bundle:
         root = resolve_bundle_dir(root)
@@ -128,6 +146,11 @@ class Bundle:
             raise BundleError(f"{root / MANIFEST}: implausible uncertain_below {uncertain_below}")
         if default is not None and (not isinstance(default, str) or default not in artifacts):
             raise BundleError(f"{root / MANIFEST}: default artifact {default!r} is not listed")
+        domain = manifest.get("domain")
+        if domain is not None and (not isinstance(domain, dict)
+                                   or domain.get("modality") not in (None, *MODALITIES)):
+            raise BundleError(f"{root / MANIFEST}: malformed domain section (modality must be one "
+                              f"of {', '.join(MODALITIES)})")
         return cls(root, manifest, labels, spec, artifacts, default, temperature, uncertain_below,
                    operating_point)
 

@@ -16,6 +16,8 @@ import numpy as np
 
 from .backends import Backend, open_backend
 from .bundle import Artifact, Bundle
+from .dicom import INFO_KEY, DicomError, DicomInfo
+from .domain import FeatureGate, metadata_reason
 from .errors import BundleError, InputError
 from .preprocess import PreprocessSpec, Source, decode, fit
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 
 STATUSES = ("ok", "uncertain", "out_of_domain")
+CHECK_OFF = "domain check off (research use): the label is forced"
 
 
 @dataclass
@@ -100,32 +103,86 @@ def _check_contract(bundle: Bundle, artifact: Artifact, engine: Backend) -> None
                           f"{len(bundle.labels)} labels; rebuild the bundle with `make convert`")
 
 
+def _check_gate(artifact: Artifact, engine: Backend, gate: FeatureGate) -> None:
+    """The artifact must export the features the bundle's domain statistics describe."""
+    dim = getattr(engine, "feature_dim", None)
+    if dim is None:
+        raise BundleError(f"{artifact.path}: the bundle has a domain gate but this artifact exports "
+                          "no features; convert the model again (or use domain_check=False)")
+    if dim != gate.feature_dim:
+        raise BundleError(f"{artifact.path}: the artifact exports {dim} features, the domain "
+                          f"statistics describe {gate.feature_dim}; convert the model again")
+
+
 class Classifier:
-    """A bundle's artifact loaded into its engine, with the bundle's preprocessing."""
+    """A bundle's artifact loaded into its engine, with the bundle's preprocessing and its domain
+    gate (modality and feature statistics, when the bundle records them; see ct_edge.domain)."""
 
     def __init__(self, bundle: Bundle, artifact: Artifact, backend: Backend,
-                 spec: PreprocessSpec | None = None) -> None:
+                 spec: PreprocessSpec | None = None, domain_check: bool = True) -> None:
         self.bundle = bundle
         self.artifact = artifact
         self.backend = backend
         self.labels = bundle.labels
         self.spec = spec or bundle.spec
+        self.domain_check = domain_check
+        self.gate: FeatureGate | None = bundle.feature_gate() if domain_check else None
+        if self.gate is not None:
+            _check_gate(artifact, backend, self.gate)
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, artifact: str | None = None,
                     backend: str | None = None, threads: int | None = None,
-                    window: str | tuple[float, float] | None = None) -> Classifier:
-        """Load and verify a bundle; `backend` ('tflite'|'onnx') picks that format's best artifact."""
+                    window: str | tuple[float, float] | None = None,
+                    domain_check: bool = True) -> Classifier:
+        """Load and verify a bundle; `backend` ('tflite'|'onnx') picks that format's best artifact.
+
+        `domain_check=False` (research use) answers every input with a label, also inputs unlike
+        the training images; each Prediction's reason says the check was off.
+        """
         bundle = Bundle.load(path)
         chosen = bundle.select(artifact, backend)
         engine = open_backend(chosen.format, chosen.read_verified(), threads)
         _check_contract(bundle, chosen, engine)
         spec = bundle.spec.with_window(window) if window is not None else None
-        return cls(bundle, chosen, engine, spec)
+        return cls(bundle, chosen, engine, spec, domain_check)
 
     def predict_array(self, batch: np.ndarray) -> np.ndarray:
         """float32 (n, h, w, c) preprocessed inputs -> calibrated probabilities (n, classes)."""
         return apply_temperature(self.backend.predict(batch), self.bundle.temperature)
+
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities (n, classes) and domain scores (n,) from one run of the model;
+        scores are None without a feature gate (old bundle, or domain_check=False)."""
+        if self.gate is None:
+            return self.predict_array(batch), None
+        outputs = self.backend.run(batch, features=True)
+        return (apply_temperature(outputs.probabilities, self.bundle.temperature),
+                self.gate.scores(outputs.features))
+
+    def decide(self, probabilities: np.ndarray, score: float | None = None,
+               info: DicomInfo | None = None) -> tuple[str | None, str, str | None]:
+        """(label, status, reason) for one input's calibrated probabilities, domain score and
+        DICOM header: out_of_domain when the header or the score says so, else ok or uncertain."""
+        if self.domain_check:
+            reason = self.metadata_reason(info)
+            if reason is None and score is not None and self.gate is not None:
+                reason = self.gate.reason(float(score))
+            if reason is not None:
+                return None, "out_of_domain", reason
+        best = int(np.argmax(probabilities))
+        uncertain = bool(probabilities[best] < self.bundle.uncertain_below)
+        reasons = [f"confidence below {self.bundle.uncertain_below:.0%}"] if uncertain else []
+        if not self.domain_check:
+            reasons.append(CHECK_OFF)
+        return (self.labels[best], "uncertain" if uncertain else "ok",
+                "; ".join(reasons) if reasons else None)
+
+    def metadata_reason(self, info: DicomInfo | None) -> str | None:
+        """Why a DICOM header is foreign to this bundle (None: not foreign, or no header)."""
+        if info is None or not self.domain_check:
+            return None
+        return metadata_reason(info, self.bundle.modality)
 
     @property
     def has_maps(self) -> bool:
@@ -142,6 +199,17 @@ class Classifier:
         probabilities, maps = self.backend.predict_with_maps(batch)  # type: ignore[attr-defined]
         return apply_temperature(probabilities, self.bundle.temperature), maps
 
+    def predict_with_maps_scored(self, batch: np.ndarray
+                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """predict_with_maps plus the domain scores (None without a gate), from one run."""
+        if self.gate is None:
+            return (*self.predict_with_maps(batch), None)
+        if not self.has_maps:
+            self.predict_with_maps(batch)  # raises the BundleError that explains what to do
+        outputs = self.backend.run(batch, maps=True, features=True)
+        return (apply_temperature(outputs.probabilities, self.bundle.temperature), outputs.maps,
+                self.gate.scores(outputs.features))
+
     def explain(self, source: Source, method: str | None = None,
                 target: str | None = None) -> Explanation:
         """A heatmap of where the answer comes from; see `ct_edge.explain.explain`."""
@@ -149,34 +217,50 @@ class Classifier:
 
         return explain(self, source, method=method, target=target)
 
-    def _result(self, path: str, probabilities: np.ndarray, timings: dict[str, float]) -> Prediction:
-        best = int(np.argmax(probabilities))
+    def _result(self, path: str, probabilities: np.ndarray, timings: dict[str, float],
+                score: float | None = None, info: DicomInfo | None = None) -> Prediction:
         probs = {label: float(p) for label, p in zip(self.labels, probabilities, strict=True)}
-        uncertain = bool(probabilities[best] < self.bundle.uncertain_below)
-        return Prediction(path=path, label=self.labels[best], probabilities=probs,
-                          status="uncertain" if uncertain else "ok",
-                          reason=(f"confidence below {self.bundle.uncertain_below:.0%}"
-                                  if uncertain else None),
-                          timings_ms=timings)
+        label, status, reason = self.decide(probabilities, score, info)
+        return Prediction(path=path, label=label, probabilities=probs, status=status,
+                          reason=reason, timings_ms=timings)
+
+    def _run(self, x: np.ndarray, timings: dict[str, float]) -> tuple[np.ndarray, float | None]:
+        start = time.perf_counter()
+        probabilities, scores = self.predict_scored(x[None].astype(np.float32, copy=False))
+        timings["inference"] = (time.perf_counter() - start) * 1e3
+        return probabilities[0], None if scores is None else float(scores[0])
 
     def predict(self, source: Source | np.ndarray) -> Prediction:
-        """Classify one file (path or bytes) or one preprocessed array. Raises InputError."""
+        """Classify one file (path or bytes) or one preprocessed array. Raises InputError.
+
+        A DICOM object whose header is foreign to the bundle (another modality, a report, a
+        segmentation...) is out_of_domain without the model being run.
+        """
+        timings: dict[str, float] = {}
         if isinstance(source, np.ndarray):
-            start = time.perf_counter()
-            probabilities = self.predict_array(source[None].astype(np.float32))[0]
-            return self._result("<array>", probabilities,
-                                {"inference": (time.perf_counter() - start) * 1e3})
+            probabilities, score = self._run(source, timings)
+            return self._result("<array>", probabilities, timings, score)
         name = "<bytes>" if isinstance(source, bytes) else str(source)
         t0 = time.perf_counter()
-        image = decode(source, self.spec)
+        try:
+            image = decode(source, self.spec)
+        except DicomError as exc:
+            reason = self.metadata_reason(exc.info)
+            if reason is None:
+                raise
+            return Prediction(path=exc.path, label=None, probabilities={}, status="out_of_domain",
+                              reason=reason, timings_ms={"decode": (time.perf_counter() - t0) * 1e3})
+        info = image.info.get(INFO_KEY)
         t1 = time.perf_counter()
+        timings["decode"] = (t1 - t0) * 1e3
+        reason = self.metadata_reason(info)
+        if reason is not None:
+            return Prediction(path=name, label=None, probabilities={}, status="out_of_domain",
+                              reason=reason, timings_ms=timings)
         x = fit(image, self.spec)
-        t2 = time.perf_counter()
-        probabilities = self.predict_array(x[None])[0]
-        t3 = time.perf_counter()
-        return self._result(name, probabilities, {"decode": (t1 - t0) * 1e3,
-                                                  "preprocess": (t2 - t1) * 1e3,
-                                                  "inference": (t3 - t2) * 1e3})
+        timings["preprocess"] = (time.perf_counter() - t1) * 1e3
+        probabilities, score = self._run(x, timings)
+        return self._result(name, probabilities, timings, score, info)
 
     def predict_many(self, sources: Iterable[Source]) -> Iterator[Prediction]:
         """Classify each input in turn; an unreadable one yields a Prediction with `error` set."""

@@ -10,12 +10,17 @@ What each kind of file becomes (docs/inputs.md says the same for users):
 - Multi-frame: only the middle frame (0-based index n // 2) is decoded and classified.
 - Colour (RGB, YBR_* which pydicom converts to RGB, PALETTE COLOR through its lookup table):
   luminance 0.299 R + 0.587 G + 0.114 B, scaled by the stored bit depth.
+
+The header fields the domain gate reads (ct_edge.domain.metadata_reason) travel with the result:
+`image.info["dicom"]` of the decoded image, or `DicomError.info` when the object cannot be decoded
+(e.g. a structured report, which holds no image).
 """
 
 from __future__ import annotations
 
 import io
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -25,14 +30,56 @@ from .preprocess import MAX_FILE_BYTES, STRIP_ROWS, one_line
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+INFO_KEY = "dicom"  # the decoded image's info[] key holding its DicomInfo
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """The header fields that say what a DICOM object is (upper case, stripped; '' when absent)."""
+
+    modality: str = ""
+    sop_class_uid: str = ""
+    sop_class_name: str = ""
+    photometric: str = ""
+    body_part: str = ""
+    image_type: tuple[str, ...] = ()
+    has_pixels: bool = True
+
+    @classmethod
+    def from_dataset(cls, ds) -> DicomInfo:
+        def text(keyword: str) -> str:
+            value = ds.get(keyword)
+            return "" if value is None else str(value).strip().upper()
+
+        uid = ds.get("SOPClassUID")
+        name = ""
+        if uid is not None:
+            name = str(getattr(uid, "name", "") or "")
+            name = "" if name == str(uid) else name
+        image_type = ds.get("ImageType")
+        values = [] if image_type is None else [image_type] if isinstance(image_type, str) \
+            else list(image_type)
+        return cls(modality=text("Modality"), sop_class_uid=str(uid or "").strip(),
+                   sop_class_name=name, photometric=text("PhotometricInterpretation"),
+                   body_part=text("BodyPartExamined"),
+                   image_type=tuple(str(v).strip().upper() for v in values),
+                   has_pixels=any(tag in ds for tag in _PIXEL_TAGS))
+
+
+class DicomError(InputError):
+    """A DICOM object that cannot be classified, with what its header says (`info`)."""
+
+    def __init__(self, path: object, problem: str, info: DicomInfo) -> None:
+        super().__init__(path, problem)
+        self.info = info
 
 
 def decode_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels: int) -> Image.Image:
-    """DICOM bytes -> gray 'F' image in [0, 1]. Raises InputError for anything it cannot use."""
+    """DICOM bytes -> gray 'F' image in [0, 1], its DicomInfo in `image.info["dicom"]`.
+    Raises InputError (DicomError once the header was read) for anything it cannot use."""
     try:
         import pydicom
         from pydicom import uid
-        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
     except ImportError:
         raise InputError(name, "DICOM support needs pydicom 3: pip install 'ct-edge[dicom]'") from None
     _check_inflated_size(data, name)
@@ -43,6 +90,25 @@ def decode_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels
             ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
                                               uid.ExplicitVRLittleEndian if little else
                                               uid.ExplicitVRBigEndian)
+        info = DicomInfo.from_dataset(ds)
+    except MemoryError:
+        raise InputError(name, "not enough memory to decode this DICOM file") from None
+    except Exception as exc:  # pydicom raises many unrelated types for a damaged file
+        raise InputError(name, f"cannot decode the DICOM pixel data ({_syntax(data)}{one_line(exc)})") \
+            from None
+    try:
+        image = _decode_pixels(ds, data, name, window, max_pixels)
+    except InputError as exc:
+        raise DicomError(exc.path, exc.problem, info) from None
+    image.info[INFO_KEY] = info
+    return image
+
+
+def _decode_pixels(ds, data: bytes, name: str, window: tuple[float, float],
+                   max_pixels: int) -> Image.Image:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+    try:
         if not any(tag in ds for tag in _PIXEL_TAGS):
             raise InputError(name, "DICOM file has no pixel data (not an image)")
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)

@@ -68,12 +68,17 @@ class Explanation:
     border_share: float | None
     border_area: float
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # As in Prediction: "ok", "uncertain" or "out_of_domain" (then the JSON label is null; `label`
+    # stays the class the model picked, which the heatmap explains), and why.
+    status: str = "ok"
+    reason: str | None = None
 
     def to_dict(self) -> dict:
         """The --json object (without the output path)."""
-        return {"path": self.path, "label": self.label,
-                "confidence": round(self.probabilities[self.label], 6),
-                "uncertain": self.uncertain,
+        answered = self.status != "out_of_domain"
+        return {"path": self.path, "label": self.label if answered else None,
+                "confidence": round(self.probabilities[self.label], 6) if answered else 0.0,
+                "uncertain": self.uncertain, "status": self.status, "reason": self.reason,
                 "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
                 "target": self.target, "method": self.method, "artifact": self.artifact,
                 "peak": self.peak, "lung_share": _round(self.lung_share),
@@ -120,13 +125,14 @@ def explain(classifier: Classifier, source: Source | np.ndarray, method: str | N
     t1 = time.perf_counter()
     timings["preprocess"] = (t1 - t0) * 1e3 - timings.get("decode", 0.0)
 
-    if method == "cam":
-        probabilities, maps = classifier.predict_with_maps(x[None])
+    if method == "cam":  # one run: probabilities, class maps and the domain score
+        probabilities, maps, scores = classifier.predict_with_maps_scored(x[None])
         probabilities = probabilities[0]
         index = classifier.labels.index(target) if target else int(np.argmax(probabilities))
         heatmap = cam_heatmap(maps[0, :, :, index], x.shape[0])
     else:
-        probabilities = classifier.predict_array(x[None])[0]
+        probabilities, scores = classifier.predict_scored(x[None])
+        probabilities = probabilities[0]
         index = classifier.labels.index(target) if target else int(np.argmax(probabilities))
         heatmap = occlusion_heatmap(classifier, x, index)
     t2 = time.perf_counter()
@@ -137,6 +143,8 @@ def explain(classifier: Classifier, source: Source | np.ndarray, method: str | N
     border = border_mask(gray.shape[0])
     total = float(heatmap.sum())
     best = int(np.argmax(probabilities))
+    info = None if isinstance(source, np.ndarray) else image.info.get("dicom")
+    _, status, reason = classifier.decide(probabilities, None if scores is None else scores[0], info)
     result = Explanation(
         path=name, label=classifier.labels[best],
         probabilities={label: float(p) for label, p in zip(classifier.labels, probabilities,
@@ -149,7 +157,7 @@ def explain(classifier: Classifier, source: Source | np.ndarray, method: str | N
         else None,
         lung_area=float(lungs.mean()) if lungs is not None else None,
         border_share=float((heatmap * border).sum() / total) if total > 0 else None,
-        border_area=float(border.mean()), timings_ms=timings)
+        border_area=float(border.mean()), timings_ms=timings, status=status, reason=reason)
     timings["analysis"] = (time.perf_counter() - t2) * 1e3
     return result
 
