@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +125,25 @@ def test_peak_rss_of_the_largest_accepted_input_is_within_the_bound(
     measured = artifact_memory(bundle, "tflite-fp32", image)
     assert measured["label"] is not None
     assert measured["peak_rss_mb"] <= MEMORY_BOUND_MB, measured
+
+
+# --- files written through a temp file + rename get the umask's mode, not mkstemp's 0600 -------
+
+
+def _expected_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def test_saved_heatmap_is_readable_by_others(bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+    e = explain_module.explain(Classifier.from_bundle(bundle), GOOD[0], method="occlusion")
+    path = explain_module.save(e, tmp_path / "heat.png")
+    assert stat.S_IMODE(path.stat().st_mode) == _expected_mode()
+
+
+def test_training_outputs_are_readable_by_others(tiny_model: Path) -> None:
+    files = [path for path in tiny_model.iterdir() if path.is_file()]
+    assert {"model.keras", "metrics.json", "config.json"} <= {path.name for path in files}
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == _expected_mode(), path.name

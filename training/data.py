@@ -11,7 +11,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -21,6 +20,7 @@ import numpy as np
 
 from ct_edge import IMAGE_SUFFIXES, LABELS
 from ct_edge.errors import CtEdgeError, InputError
+from ct_edge.files import create_temp
 from ct_edge.preprocess import PreprocessSpec, preprocess
 
 DEFAULT_CACHE = Path("artifacts") / "cache"
@@ -222,7 +222,7 @@ def _load_one(sample: Sample, spec: PreprocessSpec, cache_dir: Path) -> np.ndarr
         return np.load(cached)
     x = preprocess(sample.path, spec)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+    fd, tmp = create_temp(cached.parent)
     with os.fdopen(fd, "wb") as handle:
         np.save(handle, x)
     os.replace(tmp, cached)
@@ -274,7 +274,7 @@ def check_classes(y: np.ndarray, split: str) -> None:
 def write_json(path: Path, data: object) -> None:
     """Write JSON atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = create_temp(path.parent)  # 0666 less the umask, not mkstemp's 0600
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -12,11 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ct_edge.files import create_temp
+
 
 def save_figure(fig: plt.Figure, path: Path) -> None:
     """Write a PNG atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    fd, tmp = create_temp(path.parent, suffix=".png")  # 0666 less the umask, not 0600
     os.close(fd)
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)

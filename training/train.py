@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from ct_edge import DISCLAIMER, LABELS
 from ct_edge.errors import CtEdgeError
+from ct_edge.files import create_temp
 from ct_edge.preprocess import PreprocessSpec
 
 from . import abstention
@@ -131,7 +131,7 @@ def augmenter(seed: int, config: TrainConfig | None = None):
 
 def _atomic_save(model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".keras")
+    fd, tmp = create_temp(path.parent, suffix=".keras")  # 0666 less the umask, not 0600
     os.close(fd)
     model.save(tmp)
     os.replace(tmp, path)

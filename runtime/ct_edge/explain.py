@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import BundleError
+from .files import create_temp
 from .preprocess import PreprocessSpec, Source, decode, fit, source_size
 
 if TYPE_CHECKING:
@@ -451,7 +452,7 @@ def save(e: Explanation, path: str | Path, panel: int = PANEL) -> Path:
     start = time.perf_counter()
     path = Path(path)
     figure = render(e, panel)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_temp(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
             # Level 1: a quarter larger than the default 6 but 4x faster to write on a device.

@@ -1,0 +1,24 @@
+"""Writing a file atomically (temp file beside it, then rename) with the mode a plain open gives.
+
+`tempfile.mkstemp` creates its file 0600, and the rename keeps that: heatmaps, models and reports
+written that way were unreadable to anyone else. Here the temp file is created 0666 less the
+process umask, like any file `open(path, "w")` creates.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def create_temp(folder: str | Path, prefix: str = ".", suffix: str = ".tmp") -> tuple[int, Path]:
+    """(open descriptor, path) of a new, empty file in `folder`, mode 0666 less the umask."""
+    folder = Path(folder)
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")
