@@ -130,8 +130,11 @@ def build(member_folders: Sequence[Path], out: Path) -> dict:
     model = merge(models)
     largest = max(range(len(models)), key=lambda i: _size(models[i]))
     config = dict(configs[largest])
-    if len({json.dumps({k: c.get(k) for k in ("data", "seed", "val_fraction", "test_fraction")},
-                       sort_keys=True) for c in configs}) > 1:
+    def split_of(c: dict) -> str:
+        data = str(Path(c["data"]).resolve()) if c.get("data") else None
+        return json.dumps([data, *(c.get(k) for k in ("seed", "val_fraction", "test_fraction"))])
+
+    if len({split_of(c) for c in configs}) > 1:
         print("warning: members were trained on different data, seeds or splits; the parity "
               "split is the largest member's and may contain other members' training images",
               file=sys.stderr)
