@@ -25,13 +25,17 @@ SECONDARY_CAPTURE = {"1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Stora
 # A bundle whose manifest does not say its modality is taken to accept chest CT and projection
 # X-rays; the classifier's own domain gate decides between them when the bundle has one.
 DEFAULT_MODALITIES: tuple[str, ...] = ("CT", "CR", "DX")
+# Modality values that say nothing about what was imaged (other, secondary capture): such an
+# object is classified and the classifier's own domain gate judges its pixels.
+NEUTRAL_MODALITIES: tuple[str, ...] = ("", "OT", "SC")
 UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99",
                 "1.2.840.10008.1.2.2")
 
 
 def bundle_modalities(manifest: dict) -> tuple[str, ...]:
-    """The modalities a bundle's manifest records (`domain.modalities` or `domain.modality`;
-    'XR'/'X-ray' mean CR and DX), else DEFAULT_MODALITIES."""
+    """The DICOM modalities a bundle's manifest records (`domain.modality`, 'ct' or 'xray' as
+    ct_edge.domain writes it, or a `domain.modalities` list; 'xray' means CR and DX), else
+    DEFAULT_MODALITIES."""
     domain = manifest.get("domain") if isinstance(manifest.get("domain"), dict) else {}
     recorded = domain.get("modalities", domain.get("modality"))
     if isinstance(recorded, str):

@@ -35,6 +35,7 @@ from ..errors import InputError
 from ..preprocess import MAX_FILE_BYTES, one_line
 from ..store import Store, StoreError, bundle_identity
 from .contexts import (
+    NEUTRAL_MODALITIES,
     VERIFICATION,
     bundle_modalities,
     decodable_transfer_syntaxes,
@@ -198,6 +199,10 @@ class Node:
         """Stop listening (open associations are closed), finish the slice being classified; what
         is still queued stays 'received' in the store for the next start."""
         if self._server is not None:
+            # Closing the server waits for every association thread: end them first (a sender
+            # resends what was not acknowledged).
+            for assoc in self._server.ae.active_associations:
+                assoc.abort()
             self._server.shutdown()
         self._stop.set()
         for thread in self._threads:
@@ -210,6 +215,7 @@ class Node:
         log.warning("association from %s@%s:%s rejected: %s", peer.primitive.calling_ae_title,
                     peer.address, peer.port, why)
         event.assoc.acse.send_reject(result, source, diagnostic)
+        event.assoc.kill()  # as pynetdicom's own rejections do: waits until the A-ASSOCIATE-RJ is out
 
     def _on_requested(self, event: Any) -> None:
         primitive = event.assoc.requestor.primitive
@@ -380,7 +386,7 @@ class Node:
         try:
             data = path.read_bytes()
             result["sha256"] = hashlib.sha256(data).hexdigest()
-            if modality not in self.modalities:
+            if modality not in self.modalities and modality not in NEUTRAL_MODALITIES:
                 result.update(status="out_of_domain", reason=f"modality {modality or 'missing'}; "
                               f"this bundle accepts {', '.join(self.modalities)}")
             else:

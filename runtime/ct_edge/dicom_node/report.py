@@ -69,6 +69,8 @@ def build_report(series: dict[str, Any], instances: Sequence[tuple[str, str]],
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.Manufacturer = "ct-edge"
     ds.SoftwareVersions = __version__
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.PerformedProcedureCodeSequence = []
     ds.CompletionFlag = "COMPLETE"
     ds.VerificationFlag = "UNVERIFIED"
     ds.ValueType = "CONTAINER"

@@ -1,0 +1,465 @@
+"""`ct-edge listen`: real associations on 127.0.0.1 with pynetdicom's and DCMTK's senders.
+
+The node runs as its own process (`python -m ct_edge.cli listen`), as on a device; the tests read
+its results store. DCMTK parts are skipped, with the reason, when `storescu` is not installed
+(`tools/setup_system.sh` installs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import RLELossless, generate_uid
+
+from ct_edge.dicom_node.series import aggregate, top_k
+from ct_edge.store import Store
+from training.synthetic_series import write_series
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+FIXTURES = Path(__file__).parent / "fixtures"
+DCMTK = shutil.which("storescu") is not None and shutil.which("echoscu") is not None
+needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK storescu/echoscu not installed "
+                                                   "(apt-get install dcmtk; tools/setup_system.sh)")
+STABLE = "1"
+AE = "CTEDGE"
+
+
+class Listener:
+    """`ct-edge listen` in a child process on a free port of 127.0.0.1."""
+
+    def __init__(self, bundle: Path, data_dir: Path, *extra: str) -> None:
+        self.bundle, self.data_dir, self.extra = bundle, data_dir, extra
+        self.log_path = data_dir.with_name(f"{data_dir.name}-{time.monotonic_ns()}.log")
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> Listener:
+        command = [sys.executable, "-m", "ct_edge.cli", "listen", "--bundle", str(self.bundle),
+                   "--host", "127.0.0.1", "--port", "0", "--data-dir", str(self.data_dir),
+                   "--stable-seconds", STABLE, *self.extra]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            match = re.search(r"on 127\.0\.0\.1:(\d+)", self.log())
+            if match:
+                self.port = int(match.group(1))
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"ct-edge listen did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def running(bundle: Path, data_dir: Path, *extra: str) -> Iterator[Listener]:
+    node = Listener(bundle, data_dir, *extra).start()
+    try:
+        yield node
+    finally:
+        if node.proc is not None and node.proc.poll() is None:
+            node.stop()
+
+
+def wait_series(data_dir: Path, series_uid: str, instances: int | None = None,
+                timeout: float = 120) -> dict:
+    """The series once complete (with `instances` received, when given)."""
+    deadline = time.monotonic() + timeout
+    with Store(data_dir) as store:
+        while time.monotonic() < deadline:
+            series = store.get_dicom_series(series_uid=series_uid)
+            if series and series["state"] == "complete" and \
+                    (instances is None or series["instances"] == instances):
+                return series
+            time.sleep(0.2)
+        raise AssertionError(f"series {series_uid} not complete: {series}")
+
+
+def pynetdicom_tool(tool: str, port: int, *args: str, calling: str = "PYSCU") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pynetdicom", tool, "127.0.0.1", str(port), *args,
+                           "-aec", AE, "-aet", calling], capture_output=True, text=True,
+                          timeout=300)
+
+
+def dcmtk(tool: str, port: int, *args: str, calling: str = "DCMTKSCU") -> subprocess.CompletedProcess:
+    return subprocess.run([tool, "-aec", AE, "-aet", calling, "127.0.0.1", str(port), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def series_of(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def rewrite(source: Path, target: Path, **changes: object) -> Path:
+    """A copy of a DICOM file with some attributes changed (and a new SOP instance UID)."""
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    if "SOPClassUID" in changes:
+        ds.file_meta.MediaStorageSOPClassUID = changes["SOPClassUID"]
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+# --- series aggregation (no network) -----------------------------------------------------------
+
+LABELS = ("COVID-19", "Normal", "Viral Pneumonia")
+
+
+def _slice(covid: float, normal: float, status: str = "ok") -> dict:
+    return {"status": status, "probabilities": {"COVID-19": covid, "Normal": normal,
+                                                "Viral Pneumonia": 1 - covid - normal}}
+
+
+def test_topk_mean_finds_findings_in_a_tenth_of_the_slices() -> None:
+    slices = [_slice(0.9, 0.05)] * 3 + [_slice(0.02, 0.95)] * 27
+    result = aggregate(slices, LABELS, "topk-mean")
+    assert result.counts["k"] == top_k(30, "topk-mean") == 3
+    assert result.label == "COVID-19" and result.status == "ok"
+    assert abs(sum(result.probabilities.values()) - 1) < 1e-9
+    mean = aggregate(slices, LABELS, "mean")  # diluted by the 27 clear slices
+    assert mean.label == "Normal" and mean.counts["k"] == 30
+    assert aggregate([_slice(0.02, 0.95)] * 30, LABELS, "max").label == "Normal"
+
+
+def test_out_of_domain_and_unreadable_slices_are_excluded_and_counted() -> None:
+    ood = {"status": "out_of_domain", "reason": "modality MR; this bundle accepts CT",
+           "probabilities": {}}
+    unreadable = {"status": None, "error": "truncated", "probabilities": {}}
+    result = aggregate([_slice(0.1, 0.8)] * 4 + [ood] * 2 + [unreadable], LABELS)
+    assert result.label == "Normal" and result.counts == {
+        "slices": 7, "used": 4, "ok": 4, "uncertain": 0, "out_of_domain": 2, "unreadable": 1,
+        "k": 1}
+    mostly = aggregate([_slice(0.1, 0.8)] * 2 + [ood] * 3, LABELS)
+    assert mostly.status == "out_of_domain" and mostly.label is None
+    assert "3 of 5 slices out of domain (modality MR" in mostly.reason
+    assert aggregate([unreadable], LABELS).status is None
+    low = aggregate([_slice(0.4, 0.35)], LABELS, "mean", uncertain_below=0.5)
+    assert low.status == "uncertain" and "below 50%" in low.reason
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate([], LABELS, "median")
+
+
+# --- the node ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Input files: two synthetic series (52 and 12 slices), CT_small, a JPEG 2000 CT, an RLE
+    CT, an MR, an MR as Secondary Capture, a deflated Secondary Capture."""
+    root = tmp_path_factory.mktemp("listen-data")
+    big = write_series(root / "big", "COVID-19", slices=52, seed=1, size=96).folder
+    small = write_series(root / "small", "Normal", slices=12, seed=2, size=96).folder
+    extra = root / "extra"
+    extra.mkdir()
+    rle = pydicom.dcmread(next(small.glob("*.dcm")))
+    rle.SOPInstanceUID = rle.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    rle.SeriesInstanceUID = generate_uid()
+    rle.compress(RLELossless)
+    rle.save_as(extra / "rle_ct.dcm", enforce_file_format=True)
+    mr_sc = rewrite(TEST_FILES / "MR_small.dcm", extra / "mr_as_sc.dcm",
+                    SOPClassUID="1.2.840.10008.5.1.4.1.1.7", SeriesInstanceUID=generate_uid())
+    return {"big": big, "small": small, "ct_small": FIXTURES / "ct_small.dcm",
+            "j2k_ct": TEST_FILES / "693_J2KI.dcm", "rle_ct": extra / "rle_ct.dcm",
+            "mr": TEST_FILES / "MR_small.dcm", "mr_sc": mr_sc,
+            "deflated": TEST_FILES / "image_dfl.dcm"}
+
+
+@pytest.fixture(scope="module")
+def ct_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny test bundle recorded as a CT bundle, without a feature gate: these tests are
+    about the node (transport, spool, store, series); the domain gate has its own tests."""
+    bundle = tmp_path_factory.mktemp("ct-bundle") / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["domain"] = {"modality": "ct"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def node(ct_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
+    with running(ct_bundle, tmp_path_factory.mktemp("node") / "data") as listener:
+        yield listener
+
+
+def test_echo_with_both_senders(node: Listener) -> None:
+    assert pynetdicom_tool("echoscu", node.port).returncode == 0
+    if DCMTK:
+        assert dcmtk("echoscu", node.port).returncode == 0
+    assert "association from PYSCU@127.0.0.1" in node.log()
+
+
+@needs_dcmtk
+def test_dcmtk_series_is_classified_per_slice_and_per_series(node: Listener,
+                                                             data: dict[str, Path]) -> None:
+    files = sorted(str(p) for p in data["big"].glob("*.dcm"))
+    sent = dcmtk("storescu", node.port, *files)
+    assert sent.returncode == 0, sent.stderr
+    series = wait_series(node.data_dir, series_of(data["big"]), instances=52)
+    assert series["status"] in ("ok", "uncertain") and series["label"] is not None
+    assert series["counts"]["slices"] == series["counts"]["used"] == 52
+    assert series["counts"]["k"] == 6 and series["aggregate"] == "topk-mean"
+    assert series["modality"] == "CT" and series["calling_ae"] == "DCMTKSCU"
+    with Store(node.data_dir) as store:
+        slices = store.dicom_series_slices(series["id"])
+        assert len(slices) == 52 and all(s["state"] == "classified" for s in slices)
+        rows = [store.get(s["result_id"]) for s in slices]
+    assert {row["origin"] for row in rows} == {"dicom"}
+    assert all(set(row["probabilities"]) == set(LABELS) for row in rows)
+    locations = [s["slice_location"] for s in slices]
+    assert locations == sorted(locations, reverse=True)  # slice order, apex first
+    report = pydicom.dcmread(node.data_dir / "reports" / series["report"])
+    assert report.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.11"
+    assert report.VerificationFlag == "UNVERIFIED"
+    assert "not for diagnostic use" in report.SeriesDescription
+    texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+             for item in report.ContentSequence}
+    assert texts["Series label"] == series["label"]
+    assert series["bundle_sha256"] in texts["Bundle"]
+    referenced = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert len(referenced.ReferencedSOPSequence) == 52
+    assert re.search(rf"series {series['series_uid']} complete", node.log())
+
+
+def test_pynetdicom_series_ct_small_and_compressed(node: Listener, data: dict[str, Path]) -> None:
+    files = [str(p) for p in sorted(data["small"].glob("*.dcm"))]
+    singles = [data["ct_small"], data["j2k_ct"], data["rle_ct"]]
+    # -cx: propose each file's own transfer syntax (compressed ones included)
+    sent = pynetdicom_tool("storescu", node.port, *files, *map(str, singles), "-cx")
+    assert sent.returncode == 0, sent.stderr
+    series = wait_series(node.data_dir, series_of(data["small"]), instances=12)
+    assert series["counts"]["used"] == 12
+    for path in singles:
+        one = wait_series(node.data_dir, str(pydicom.dcmread(path).SeriesInstanceUID), instances=1)
+        assert one["counts"]["used"] == 1, (path.name, one)
+        assert one["label"] in LABELS
+
+
+@needs_dcmtk
+def test_dcmtk_sends_compressed_ct(node: Listener, data: dict[str, Path]) -> None:
+    uid = generate_uid()
+    copy = rewrite(data["j2k_ct"], data["rle_ct"].with_name("j2k_copy.dcm"), SeriesInstanceUID=uid)
+    assert dcmtk("storescu", node.port, "-xw", str(copy)).returncode == 0  # JPEG 2000
+    assert wait_series(node.data_dir, uid, instances=1)["counts"]["used"] == 1
+    assert dcmtk("storescu", node.port, "-xr", str(data["rle_ct"])).returncode == 0  # RLE
+    rle = wait_series(node.data_dir, str(pydicom.dcmread(data["rle_ct"]).SeriesInstanceUID))
+    assert rle["counts"]["used"] == 1
+
+
+def test_mr_is_refused_or_out_of_domain(node: Listener, data: dict[str, Path]) -> None:
+    mr_series = str(pydicom.dcmread(data["mr"]).SeriesInstanceUID)
+    pynetdicom_tool("storescu", node.port, str(data["mr"]))  # MR Image Storage: not negotiated
+    if DCMTK:
+        refused = dcmtk("storescu", node.port, str(data["mr"]))
+        assert refused.returncode != 0 or "no presentation context" in refused.stderr.lower()
+    # An MR wrapped as Secondary Capture gets through negotiation: recorded, never labelled.
+    assert pynetdicom_tool("storescu", node.port, str(data["mr_sc"])).returncode == 0
+    series = wait_series(node.data_dir, str(pydicom.dcmread(data["mr_sc"]).SeriesInstanceUID))
+    assert series["status"] == "out_of_domain" and series["label"] is None
+    with Store(node.data_dir) as store:
+        (one,) = store.dicom_series_slices(series["id"])
+        assert one["status"] == "out_of_domain" and one["label"] is None
+        assert one["reason"].startswith("modality MR; this bundle accepts CT")
+        assert store.get_dicom_series(series_uid=mr_series) is None  # never received
+    # A deflated Secondary Capture travels in its own syntax and is read (modality OT says
+    # nothing about the content: the classifier's gate judges the pixels).
+    assert pynetdicom_tool("storescu", node.port, str(data["deflated"])).returncode == 0
+    deflated = wait_series(node.data_dir, str(pydicom.dcmread(data["deflated"]).SeriesInstanceUID))
+    assert deflated["counts"]["unreadable"] == 0 and deflated["counts"]["slices"] == 1
+
+
+def _association(port: int, calling: str = "PYTEST", called: str = AE,
+                 contexts: tuple[str, ...] = ("1.2.840.10008.5.1.4.1.1.2",)):
+    from pynetdicom import AE as Entity
+
+    entity = Entity(ae_title=calling)
+    for context in contexts:
+        entity.add_requested_context(context, "1.2.840.10008.1.2.1")
+    return entity.associate("127.0.0.1", port, ae_title=called)
+
+
+def test_unparsable_dataset_gets_a_failure_status_and_an_error_row(node: Listener,
+                                                                  tmp_path: Path) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import _config
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    broken = io.BytesIO()
+    broken.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(broken, meta)
+    broken.write(b"\x08\x00\x16\x00SQ\x00\x00\xff\xff\xff\xff\x01\x02")  # a sequence cut short
+    path = tmp_path / "broken.dcm"
+    path.write_bytes(broken.getvalue())
+    with Store(node.data_dir) as store:
+        errors_before = store.count(status="")
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes as they are, undecoded
+    try:
+        assoc = _association(node.port)
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert 0xC000 <= status.Status <= 0xCFFF
+    with Store(node.data_dir) as store:
+        assert store.count(status="") == errors_before + 1
+        row = store.list(status="")[0]
+    assert row["origin"] == "dicom" and "cannot parse the dataset" in row["error"]
+    assert node.proc.poll() is None  # still serving
+
+
+def test_sender_aborting_mid_series(node: Listener, tmp_path: Path) -> None:
+    info = write_series(tmp_path / "aborted", "Normal", slices=20, seed=4, size=64)
+    assoc = _association(node.port)
+    assert assoc.is_established
+    for path in info.files[:8]:
+        assert assoc.send_c_store(path).Status == 0x0000
+    assoc.abort()
+    series = wait_series(node.data_dir, info.series_uid, instances=8)
+    assert series["counts"]["slices"] == 8
+    assert "PYTEST@127.0.0.1" in node.log() and " aborted after " in node.log()
+
+
+def test_four_senders_at_once(node: Listener, tmp_path: Path) -> None:
+    series = [write_series(tmp_path / f"s{i}", "Normal", slices=15, seed=10 + i, size=64)
+              for i in range(4)]
+    tool = "storescu" if DCMTK else None
+
+    def send(index: int) -> None:
+        files = [str(p) for p in series[index].files]
+        if tool and index % 2 == 0:
+            results[index] = dcmtk(tool, node.port, *files, calling=f"SCU{index}").returncode
+        else:
+            results[index] = pynetdicom_tool("storescu", node.port, *files,
+                                             calling=f"SCU{index}").returncode
+
+    results: dict[int, int] = {}
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {0: 0, 1: 0, 2: 0, 3: 0}
+    for info in series:
+        assert wait_series(node.data_dir, info.series_uid, instances=15)["counts"]["used"] == 15
+
+
+def test_called_ae_calling_ae_and_address_checks(ct_bundle: Path, tmp_path: Path) -> None:
+    with running(ct_bundle, tmp_path / "data", "--allow-ae", "SCANNER,PACS",
+                 "--allow-ip", "127.0.0.0/8") as listener:
+        allowed = _association(listener.port, calling="SCANNER")
+        assert allowed.is_established
+        allowed.release()
+        stranger = _association(listener.port, calling="STRANGER")
+        assert stranger.is_rejected
+        assert _association(listener.port, calling="SCANNER", called="OTHERNODE").is_rejected
+        if DCMTK:
+            assert dcmtk("echoscu", listener.port, calling="STRANGER").returncode != 0
+            assert dcmtk("echoscu", listener.port, calling="PACS").returncode == 0
+        assert pynetdicom_tool("echoscu", listener.port, calling="STRANGER").returncode != 0
+        held = _association(listener.port, calling="PACS")  # left open: SIGTERM still ends it
+        assert held.is_established
+        assert listener.stop() == 0
+        log = listener.log()
+    assert "rejected: calling AE title 'STRANGER' is not allowed" in log
+    assert "rejected: called AE title 'OTHERNODE' is not 'CTEDGE'" in log
+    with running(ct_bundle, tmp_path / "data", "--allow-ip", "10.0.0.0/8") as listener:
+        assert _association(listener.port).is_rejected
+        assert "rejected: address 127.0.0.1 is not allowed" in listener.log()
+
+
+def test_help_and_bad_arguments() -> None:
+    run = [sys.executable, "-m", "ct_edge.cli", "listen"]
+    shown = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "storescu -aec CTEDGE" in shown.stdout
+    for bad in (["--ae-title", "A" * 17], ["--allow-ip", "10.0.0.300/8"], ["--port", "70000"],
+                ["--forward", "nohost"], ["--tls-cert", "x.pem"]):
+        result = subprocess.run([*run, *bad], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, bad
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_transfer_loses_no_acknowledged_instance(ct_bundle: Path,
+                                                                 tmp_path: Path) -> None:
+    """kill -9 of the node while a sender is mid-series; every instance it acknowledged is on disk
+    and in the store, and a restart classifies them and completes the series."""
+    info = write_series(tmp_path / "series", "COVID-19", slices=120, seed=5, size=128)
+    data_dir = tmp_path / "data"
+    acknowledged: list[str] = []
+    listener = Listener(ct_bundle, data_dir).start()
+
+    def send() -> None:
+        with contextlib.suppress(Exception):  # the association dies with the node
+            assoc = _association(listener.port)
+            for path in info.files:
+                status = assoc.send_c_store(path)
+                if getattr(status, "Status", None) != 0x0000:
+                    return
+                acknowledged.append(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 120
+    while len(acknowledged) < 40 and time.monotonic() < deadline and sender.is_alive():
+        time.sleep(0.01)
+    os.kill(listener.proc.pid, signal.SIGKILL)
+    listener.proc.wait(timeout=30)
+    sender.join(timeout=120)
+    assert 40 <= len(acknowledged) < 120
+    with Store(data_dir) as store:
+        series = store.get_dicom_series(series_uid=info.series_uid)
+        stored = {s["sop_instance_uid"] for s in store.dicom_series_slices(series["id"])}
+    assert set(acknowledged) <= stored  # nothing acknowledged is missing
+    restarted = Listener(ct_bundle, data_dir).start()
+    try:
+        done = wait_series(data_dir, info.series_uid)
+        assert done["instances"] == len(stored)
+        with Store(data_dir) as store:
+            slices = store.dicom_series_slices(done["id"])
+        assert all(s["state"] == "classified" and s["status"] for s in slices)
+        for uid in acknowledged:
+            spooled = data_dir / "spool" / info.series_uid / f"{uid}.dcm"
+            assert pydicom.dcmread(spooled).SOPInstanceUID == uid
+        # The sender resends the whole series; the node counts every instance once.
+        assoc = _association(restarted.port)
+        for path in info.files:
+            assert assoc.send_c_store(path).Status == 0x0000
+        assoc.release()
+        assert wait_series(data_dir, info.series_uid, instances=120)["counts"]["slices"] == 120
+    finally:
+        restarted.stop()
