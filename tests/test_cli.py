@@ -443,7 +443,7 @@ def test_tampered_model_is_never_run(capsys, bundle_copy: Path,
     code, out, err = run(capsys, "classify", "--bundle", bundle_copy, GOOD[0])
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1
-    assert "does not match its sha256" in err and "will not be run" in err and "rebuild" in err
+    assert "does not match its sha256" in err and "will not be run" in err and "re-copy" in err
     # info shows which file is bad, and fails too.
     code, out, err = run(capsys, "info", "--bundle", bundle_copy)
     assert code == 2 and "sha256 mismatch" in out

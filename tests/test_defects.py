@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from test_cli import GOOD, bundle  # noqa: F401  (the session bundle fixture)
 from ct_edge import cli
 from ct_edge import explain as explain_module
 from ct_edge.classifier import Classifier
+from ct_edge.errors import BundleError
 from ct_edge.preprocess import (
     MAX_PIXELS,
     MEMORY_BOUND_MB,
@@ -147,3 +150,25 @@ def test_training_outputs_are_readable_by_others(tiny_model: Path) -> None:
     assert {"model.keras", "metrics.json", "config.json"} <= {path.name for path in files}
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == _expected_mode(), path.name
+
+
+# --- bundle errors on a device say what to do there (a device has no Makefile) ---------------
+
+
+def test_a_tampered_bundle_says_what_to_do_on_a_device(bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    model = next(copy.glob("*.tflite"))
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    with pytest.raises(BundleError) as error:
+        Classifier.from_bundle(copy, artifact="tflite-fp32")
+    assert "re-copy the bundle" in str(error.value)
+    assert "on the build machine: `make convert`" in str(error.value)
+
+
+def test_no_runtime_message_sends_a_device_user_to_make() -> None:
+    runtime = Path(cli.__file__).resolve().parents[1]
+    for path in runtime.rglob("*.py"):
+        text = path.read_text()
+        for found in re.finditer(r"`make ", text):
+            before = text[max(0, found.start() - 90) : found.start()]
+            assert "build machine" in before, f"{path.name}: ...{before}{text[found.start():][:20]}"

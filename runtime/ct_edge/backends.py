@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import REBUILD_BUNDLE, BundleError
 
 
 class Backend(Protocol):
@@ -73,8 +73,7 @@ def _output_roles(outputs: list, shape_of: Callable[[object], list]) -> tuple[ob
     """
     flat = [o for o in outputs if len(shape_of(o)) == 2]
     if not flat:
-        raise BundleError("the model has no (batch, classes) output; rebuild the bundle with "
-                          "`make convert`")
+        raise BundleError(f"the model has no (batch, classes) output; {REBUILD_BUNDLE}")
     maps = next((o for o in outputs if len(shape_of(o)) == 4), None)
     return flat[0], maps, flat[1] if len(flat) > 1 else None
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .domain import MODALITIES, FeatureGate, load_gate
-from .errors import BundleError
+from .errors import REBUILD_BUNDLE, BundleError
 from .preprocess import PreprocessSpec
 
 SCHEMA_VERSION = 1
@@ -52,13 +52,12 @@ class Artifact:
             try:
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):
-                    raise BundleError(f"{self.path} is not a regular file; rebuild the bundle "
-                                      "with `make convert`")
+                    raise BundleError(f"{self.path} is not a regular file; {REBUILD_BUNDLE}")
                 if info.st_size != self.bytes:
                     raise BundleError(f"{self.path} does not match its size and sha256 in the "
                                       f"manifest ({info.st_size} bytes, the manifest says "
                                       f"{self.bytes}: tampered or corrupt); it will not be run - "
-                                      "rebuild the bundle with `make convert`")
+                                      f"{REBUILD_BUNDLE}")
                 with os.fdopen(os.dup(fd), "rb") as handle:
                     data = handle.read(self.bytes + 1)
             finally:
@@ -66,11 +65,11 @@ class Artifact:
         except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL in the name
             problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise BundleError(f"cannot read model file {self.path}: {problem}; "
-                              "rebuild the bundle with `make convert`") from None
+                              f"{REBUILD_BUNDLE}") from None
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != self.bytes or digest != self.sha256:
             raise BundleError(f"{self.path} does not match its sha256 in the manifest (tampered or "
-                              "corrupt); it will not be run - rebuild the bundle with `make convert`")
+                              f"corrupt); it will not be run - {REBUILD_BUNDLE}")
         return data
 
 
@@ -139,7 +138,7 @@ class Bundle:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
             raise BundleError(f"{root / MANIFEST}: malformed manifest ({type(exc).__name__}: "
-                              f"{exc}); rebuild the bundle with `make convert`") from None
+                              f"{exc}); {REBUILD_BUNDLE}") from None
         if not 0.01 <= temperature <= 100:
             raise BundleError(f"{root / MANIFEST}: implausible temperature {temperature}")
         if not 0.0 <= uncertain_below <= 1.0:
@@ -179,7 +178,8 @@ def resolve_bundle_dir(root: str | Path | None) -> Path:
     path = Path(root)
     if not (path / MANIFEST).is_file():
         raise BundleError(f"no model bundle at {path} (no {MANIFEST}); pass --bundle DIR, set "
-                          f"${ENV_BUNDLE}, or build one with `make demo` / `make convert`")
+                          f"${ENV_BUNDLE}, or install or copy a bundle there "
+                          "(on the build machine: `make demo` or `make convert`)")
     return path
 
 

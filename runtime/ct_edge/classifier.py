@@ -18,7 +18,7 @@ from .backends import Backend, open_backend
 from .bundle import Artifact, Bundle
 from .dicom import INFO_KEY, DicomError, DicomInfo
 from .domain import FeatureGate, metadata_reason
-from .errors import BundleError, InputError
+from .errors import REBUILD_BUNDLE, BundleError, InputError
 from .preprocess import PreprocessSpec, Source, decode, fit
 
 if TYPE_CHECKING:
@@ -96,11 +96,11 @@ def _check_contract(bundle: Bundle, artifact: Artifact, engine: Backend) -> None
     shape = getattr(engine, "input_shape", expected)
     if any(d not in (e, -1) for d, e in zip(shape, expected, strict=False)) or len(shape) != 3:
         raise BundleError(f"{artifact.path}: model input {shape} does not match the manifest's "
-                          f"{expected}; rebuild the bundle with `make convert`")
+                          f"{expected}; {REBUILD_BUNDLE}")
     classes = getattr(engine, "num_classes", len(bundle.labels))
     if classes not in (len(bundle.labels), -1):
         raise BundleError(f"{artifact.path}: model has {classes} outputs but the manifest lists "
-                          f"{len(bundle.labels)} labels; rebuild the bundle with `make convert`")
+                          f"{len(bundle.labels)} labels; {REBUILD_BUNDLE}")
 
 
 def _check_gate(artifact: Artifact, engine: Backend, gate: FeatureGate) -> None:
@@ -194,7 +194,8 @@ class Classifier:
         when the artifact has no map output (check `has_maps`)."""
         if not self.has_maps:
             raise BundleError(f"artifact {self.artifact.name!r} has no class-activation-map output; "
-                              "rebuild the bundle with `make convert` (GAP models only) or use "
+                              "use a bundle converted with class maps (on the build machine: "
+                              "`make convert`, GAP models only) or use "
                               "occlusion")
         probabilities, maps = self.backend.predict_with_maps(batch)  # type: ignore[attr-defined]
         return apply_temperature(probabilities, self.bundle.temperature), maps

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# What to do about a broken bundle: a device has no Makefile, so say what works there first.
+REBUILD_BUNDLE = "reinstall or re-copy the bundle (on the build machine: `make convert`)"
+
 
 class CtEdgeError(Exception):
     """Base of every error ct-edge raises on purpose."""

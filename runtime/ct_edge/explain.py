@@ -101,7 +101,8 @@ def choose_method(classifier: Classifier, method: str | None = None) -> str:
     if method == "cam" and not classifier.has_maps:
         raise BundleError(f"artifact {classifier.artifact.name!r} has no class-activation-map "
                           "output (models without a GAP head, or bundles converted before it "
-                          "existed); use --method occlusion or rebuild with `make convert`")
+                          "existed); use --method occlusion, or a bundle converted with class "
+                          "maps (on the build machine: `make convert`)")
     return method
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from ..errors import REBUILD_BUNDLE
 from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error
 
 if TYPE_CHECKING:
@@ -49,12 +50,12 @@ def run(args: argparse.Namespace) -> int:
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             # Fields only `info` shows (provenance, parity figures) are checked here, not on load.
             raise BundleError(f"{bundle.root / 'manifest.json'}: malformed manifest "
-                              f"({type(exc).__name__}: {exc}); rebuild the bundle") from None
+                              f"({type(exc).__name__}: {exc}); {REBUILD_BUNDLE}") from None
         print(text)
     bad = {name: check for name, check in checks.items() if check != "ok"}
     if bad:
         error("; ".join(f"artifact {name!r}: {check}" for name, check in bad.items())
-               + " - rebuild the bundle with `make convert`")
+               + f" - {REBUILD_BUNDLE}")
         return EXIT_USAGE
     return EXIT_OK
 
