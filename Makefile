@@ -52,6 +52,7 @@ architectures: setup  ## per architecture: train, convert, int8 size/agreement, 
 bench: setup  ## latency, size, memory of every artifact: make bench [QUICK=1]
 	$(BIN)/python -m benchmarks.run --bundle $(BUNDLE) $(if $(QUICK),--quick)
 	$(BIN)/python -m benchmarks.ray_batch --bundle $(BUNDLE) $(if $(QUICK),--quick)
+	$(BIN)/python -m benchmarks.server --bundle $(BUNDLE) $(if $(QUICK),--quick)
 
 test: setup  ## the fast test suite (what CI runs)
 	$(BIN)/python -m pytest -q

@@ -702,3 +702,22 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tiny_bundle: Path, tmp_path
             process.kill()
     with Store(tmp_path / "data") as store:
         assert store.count() >= len(answered)
+
+
+# --- the benchmark harness (make bench's server row) ---------------------------------------------
+
+
+def test_server_benchmark_reports_every_figure(tiny_bundle: Path, tmp_path: Path) -> None:
+    from benchmarks import server as bench
+
+    assert bench.main(["--bundle", str(tiny_bundle), "--seconds", "1", "--concurrency", "2",
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "server.json").read_text())
+    for side in ("in_process", "server"):
+        assert report[side]["requests"] > 0 and report[side]["per_s"] > 0
+        assert report[side]["p99_ms"] >= report[side]["p50_ms"] > 0
+    assert report["server"]["errors"] == 0
+    assert 0 < report["server"]["rss_mb"] <= report["server"]["peak_rss_mb"]
+    assert report["ratio"] == pytest.approx(report["server"]["per_s"] / report["in_process"]["per_s"])
+    assert set(report["passed"]) == {"ratio", "p99_ms", "errors", "rss_mb"}
+    assert set(report["in_process"]["engine_ms_per_image"]) == {"batch1", "batch4"}
