@@ -28,30 +28,39 @@ examples:
   ct-edge info --bundle artifacts/bundle
   ct-edge explain scan.png -o heatmap.png
   ct-edge batch archive/ --out results/     (Parquet, on Ray: needs ct-edge[ray])
-  ct-edge classify --help
+  ct-edge serve --port 8080                 (web page and HTTP API on 127.0.0.1)
+  ct-edge listen --ae-title CTEDGE          (a DICOM node for a scanner or PACS)
+  ct-edge results --limit 20                (what serve and listen stored)
+  ct-edge classify --help                   (every command has --help with examples)
 
 The bundle is found at --bundle DIR, else $CT_EDGE_BUNDLE, else ./artifacts/bundle.
 """ + DISCLAIMER
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `ct-edge` argument parser (every option's help states its default)."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `ct-edge` argument parser (every option's help states its default).
+
+    With `command` (one of COMMANDS) only that command's module is imported and its parser built:
+    a device pays for `classify`'s start-up, not for every command's.
+    """
     parser = Parser(prog="ct-edge", formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog=EXAMPLES,
                     description="Offline chest-scan classifier (COVID-19 / Normal / Viral Pneumonia).")
     parser.add_argument("--version", action="version", version=f"ct-edge {__version__}",
                         help="print the version and exit")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if command not in COMMANDS else (command,):
         importlib.import_module(f"{__name__}.{name}").add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ct-edge` console script; returns the exit code."""
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    # Top-level options take no value, so the first word that is not an option names the command.
+    parser = build_parser(next((word for word in words if not word.startswith("-")), None))
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
