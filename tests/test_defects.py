@@ -172,3 +172,16 @@ def test_no_runtime_message_sends_a_device_user_to_make() -> None:
         for found in re.finditer(r"`make ", text):
             before = text[max(0, found.start() - 90) : found.start()]
             assert "build machine" in before, f"{path.name}: ...{before}{text[found.start():][:20]}"
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def test_explain_several_inputs_with_a_png_output_is_a_usage_error(capsys, bundle: Path,  # noqa: F811
+                                                                   tmp_path: Path) -> None:
+    target = tmp_path / "two.png"
+    code = cli.main(["explain", "--bundle", str(bundle), str(GOOD[0]), str(GOOD[1]),
+                     "-o", str(target)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and not target.exists()
+    assert len(err.splitlines()) == 1 and "folder" in err and "two.png" in err

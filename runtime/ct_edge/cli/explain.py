@@ -143,6 +143,10 @@ def explain_outputs(paths: list[str], output: str | None) -> list[str | None] | 
         return [output]
     if os.path.exists(output) and not os.path.isdir(output):
         return f"-o {output} is a file; several inputs need a folder (e.g. -o heatmaps/)"
+    if not os.path.isdir(output) and output.lower().endswith(".png"):
+        # A folder named like a figure is a typo, not a wish: one PNG cannot hold several.
+        return (f"-o {output} names one PNG, but there are {len(paths)} inputs; give a folder "
+                "(e.g. -o heatmaps/) for one PNG per input")
     try:
         os.makedirs(output, exist_ok=True)
     except OSError as exc:
