@@ -185,3 +185,12 @@ def test_explain_several_inputs_with_a_png_output_is_a_usage_error(capsys, bundl
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and not target.exists()
     assert len(err.splitlines()) == 1 and "folder" in err and "two.png" in err
+
+
+@pytest.mark.parametrize("command", ["classify", "explain"])
+def test_an_empty_path_is_named_as_empty(capsys, bundle: Path, command: str) -> None:  # noqa: F811
+    code = cli.main([command, "--json", "--bundle", str(bundle), ""])
+    out, err = capsys.readouterr()
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "empty path" in lines[0] and "is a folder" not in lines[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 # What to do about a broken bundle: a device has no Makefile, so say what works there first.
 REBUILD_BUNDLE = "reinstall or re-copy the bundle (on the build machine: `make convert`)"
+# An empty command-line argument: Path('') would be read as '.', the current folder.
+EMPTY_PATH = "empty path: name a file or folder"
 
 
 class CtEdgeError(Exception):

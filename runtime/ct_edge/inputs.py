@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import IMAGE_SUFFIXES
-from .errors import CtEdgeError
+from .errors import EMPTY_PATH, CtEdgeError
 
 if TYPE_CHECKING:
     from .classifier import Classifier, Prediction
@@ -33,7 +33,7 @@ def expand_inputs(args: Iterable[str]) -> list[tuple[str, str | None]]:
     seen: set[str] = set()
 
     def add(path: str, error: str | None = None) -> None:
-        key = os.path.normpath(path)
+        key = os.path.normpath(path) if path else ""  # normpath('') is '.', the current folder
         if key not in seen:
             seen.add(key)
             items.append((path, error))
@@ -49,7 +49,9 @@ def expand_inputs(args: Iterable[str]) -> list[tuple[str, str | None]]:
             add(path)
 
     for arg in args:
-        if os.path.isdir(arg):
+        if not arg:
+            add(arg, EMPTY_PATH)
+        elif os.path.isdir(arg):
             add_folder(arg)
         elif os.path.lexists(arg) or not any(c in arg for c in "*?["):
             add(arg)

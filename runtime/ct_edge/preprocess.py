@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import DICOM_SUFFIXES
-from .errors import InputError
+from .errors import EMPTY_PATH, InputError
 
 Source = str | Path | bytes
 Aspect = Literal["stretch", "letterbox", "crop"]
@@ -133,6 +133,8 @@ def _read_bytes(source: Source) -> tuple[bytes, str]:
         if not source:
             raise InputError("<bytes>", "empty file")
         return source, "<bytes>"
+    if not source:  # Path('') is '.', the current folder
+        raise InputError(source, EMPTY_PATH)
     path = Path(source)
     try:
         info = path.stat()
