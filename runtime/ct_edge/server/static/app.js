@@ -84,7 +84,11 @@ async function showCard(name, result) {
                      el("div", { class: "track", role: "img", "aria-label": label + " " + pct(p) }, fill),
                      el("span", { class: "pct" }, pct(p))));
     }
-    text.append(list);
+    if (kind === "out_of_domain") {  // model output, but not an answer: folded away
+      text.append(el("details", {}, el("summary", {}, "Raw model output (not an answer)"), list));
+    } else {
+      text.append(list);
+    }
   }
   if (result.id) text.append(el("p", { class: "hint" }, "Stored as result #" + result.id));
   card.append(text);
