@@ -16,7 +16,7 @@ from test_cli import GOOD, bundle  # noqa: F401  (the session bundle fixture)
 from ct_edge import cli
 from ct_edge import explain as explain_module
 from ct_edge.classifier import Classifier
-from ct_edge.errors import BundleError
+from ct_edge.errors import EMPTY_PATH, BundleError
 from ct_edge.preprocess import (
     MAX_PIXELS,
     MEMORY_BOUND_MB,
@@ -194,3 +194,18 @@ def test_an_empty_path_is_named_as_empty(capsys, bundle: Path, command: str) -> 
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "empty path" in lines[0] and "is a folder" not in lines[0]
+
+
+def test_batch_reports_missing_and_empty_paths_without_starting_ray(
+        bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    pytest.importorskip("pyarrow", reason="ct-edge batch needs the [ray] extra")
+    from ct_edge import batch
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started for inputs that were known bad")
+
+    monkeypatch.setattr(batch, "ray_cluster", no_ray)
+    missing = str(tmp_path / "missing.png")
+    result = batch.run_batch([missing, ""], tmp_path / "out", bundle=bundle, artifact="tflite-fp32")
+    assert (result.rows, result.errors, result.actors) == (2, 2, 0)
+    assert dict(result.error_samples) == {missing: "no such file", "": EMPTY_PATH}

@@ -202,7 +202,8 @@ def expand_batch_inputs(args: Sequence[str]) -> list[tuple[str, str | None]]:
     Folders and globs expand as in `ct-edge classify`. A file ending in .txt, .lst or .list is a
     list: one image path per line (blank lines and lines starting with '#' skipped; relative
     paths are relative to the current folder). Listed paths are not checked here: on a cluster
-    they are read by the actors, and a missing one becomes an error row.
+    they are read by the actors, and a missing one becomes an error row. Paths on the command
+    line are expanded here, so a missing one is an error row at once, without Ray.
     """
     from .inputs import expand_inputs
 
@@ -210,7 +211,8 @@ def expand_batch_inputs(args: Sequence[str]) -> list[tuple[str, str | None]]:
     seen: set[str] = set()
 
     def add(path: str, error: str | None) -> None:
-        key = os.path.abspath(path)  # the key for resuming, and what every node opens
+        # The key for resuming, and what every node opens ('' stays '': abspath makes it the cwd).
+        key = os.path.abspath(path) if path else ""
         if key not in seen:
             seen.add(key)
             items.append((key, error))
@@ -219,6 +221,9 @@ def expand_batch_inputs(args: Sequence[str]) -> list[tuple[str, str | None]]:
 
     def flush() -> None:
         for path, error in expand_inputs(plain):
+            # Named here, so checked here: a missing file must not cost a Ray start to report.
+            if error is None and not os.path.lexists(path):
+                error = "no such file"
             add(path, error)
         plain.clear()
 
