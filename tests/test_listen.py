@@ -463,3 +463,60 @@ def test_kill_9_during_a_transfer_loses_no_acknowledged_instance(ct_bundle: Path
         assert wait_series(data_dir, info.series_uid, instances=120)["counts"]["slices"] == 120
     finally:
         restarted.stop()
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A test CA, a node certificate for 127.0.0.1 and a sender certificate (openssl CLI)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=ct-edge test CA")
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, subject in (("node", "/CN=127.0.0.1"), ("sender", "/CN=scanner")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                f"{name}.csr", "-subj", subject)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.cnf")
+    return {name: folder / name for name in ("ca.pem", "node.pem", "node.key", "sender.pem",
+                                             "sender.key")}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_mutual_tls_and_spool_retention(ct_bundle: Path, tmp_path: Path) -> None:
+    import ssl
+
+    from pynetdicom import AE as Entity
+
+    certs = _certificates(tmp_path)
+    info = write_series(tmp_path / "series", "Normal", slices=10, seed=6, size=64)
+    one_file = info.files[0].stat().st_size
+    with running(ct_bundle, tmp_path / "data", "--tls-cert", str(certs["node.pem"]),
+                 "--tls-key", str(certs["node.key"]), "--tls-ca", str(certs["ca.pem"]),
+                 "--spool-max-mb", str(3.5 * one_file / 2**20)) as listener:
+        client = ssl.create_default_context(cafile=str(certs["ca.pem"]))
+        client.load_cert_chain(str(certs["sender.pem"]), str(certs["sender.key"]))
+        entity = Entity(ae_title="SCANNER")
+        entity.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        assoc = entity.associate("127.0.0.1", listener.port, ae_title=AE,
+                                 tls_args=(client, "127.0.0.1"))
+        assert assoc.is_established
+        for path in info.files:
+            assert assoc.send_c_store(path).Status == 0x0000
+        assoc.release()
+        # Without a certificate signed by the CA the handshake fails: no association.
+        anonymous = ssl.create_default_context(cafile=str(certs["ca.pem"]))
+        refused = entity.associate("127.0.0.1", listener.port, ae_title=AE,
+                                   tls_args=(anonymous, "127.0.0.1"))
+        assert not refused.is_established
+        assert not _association(listener.port).is_established  # plain TCP: no association
+        series = wait_series(listener.data_dir, info.series_uid, instances=10)
+        deadline = time.monotonic() + 30
+        while len(list((listener.data_dir / "spool").rglob("*.dcm"))) > 3 and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list((listener.data_dir / "spool").rglob("*.dcm"))) <= 3
+        with Store(listener.data_dir) as store:
+            slices = store.dicom_series_slices(series["id"])
+        assert len(slices) == 10 and all(s["status"] for s in slices)  # results stay
+        assert "over TLS" in listener.log() and "retention: removed" in listener.log()
