@@ -169,6 +169,32 @@ def test_out_of_domain_and_unreadable_slices_are_excluded_and_counted() -> None:
         aggregate([], LABELS, "median")
 
 
+def test_store_counts_a_resent_instance_once_and_finds_stable_series(tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    with Store(tmp_path) as store:
+        def receive(sop: str, series: str) -> int:
+            return store.add_dicom_instance(sop_instance_uid=sop, study_uid="1.2", series_uid=series,
+                                            spool_path=f"spool/{sop}.dcm", nbytes=100,
+                                            modality="CT")
+
+        first = receive("1.2.3.1", "1.2.3")
+        assert receive("1.2.3.1", "1.2.3") == first  # sent again: the same row, received again
+        receive("1.2.3.2", "1.2.3")
+        receive("1.2.4.1", "1.2.4")
+        assert [s["id"] for s in store.list_dicom_series()] == [2, 1]  # no gaps in the ids
+        assert store.get_dicom_series(series_uid="1.2.3")["instances"] == 2
+        later = datetime.now(timezone.utc) + timedelta(seconds=1)
+        assert store.stable_dicom_series(later) == []  # instances not classified yet
+        for item in store.pending_dicom_instances():
+            store.add_dicom_result(item["id"], source="x", status="ok", label="Normal",
+                                   probabilities={"Normal": 0.9})
+        assert store.stable_dicom_series(later) == [1, 2]
+        assert store.stable_dicom_series(later - timedelta(seconds=60)) == []
+        assert {s["result_id"] is not None for s in store.dicom_series_slices(1)} == {True}
+        assert [i for i, _ in store.dicom_spool_over(150)] == [1, 2]  # oldest first, newest kept
+
+
 # --- the node ----------------------------------------------------------------------------------
 
 

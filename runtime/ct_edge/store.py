@@ -341,15 +341,20 @@ class Store:
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._db.execute(
-                        "INSERT INTO dicom_series (study_uid, series_uid, patient_id, modality, "
-                        "description, calling_ae, first_received_at, last_received_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (series_uid) DO UPDATE SET "
-                        "last_received_at = excluded.last_received_at, state = 'receiving'",
-                        (study_uid, series_uid, patient_id, modality, description, calling_ae,
-                         now, now))
-                    series_id = self._db.execute("SELECT id FROM dicom_series WHERE series_uid = ?",
-                                                 (series_uid,)).fetchone()[0]
+                    # Select first: an upsert would use up an AUTOINCREMENT id per instance.
+                    row = self._db.execute("SELECT id FROM dicom_series WHERE series_uid = ?",
+                                           (series_uid,)).fetchone()
+                    if row:
+                        series_id = int(row[0])
+                        self._db.execute("UPDATE dicom_series SET last_received_at = ?, "
+                                         "state = 'receiving' WHERE id = ?", (now, series_id))
+                    else:
+                        series_id = int(self._db.execute(
+                            "INSERT INTO dicom_series (study_uid, series_uid, patient_id, "
+                            "modality, description, calling_ae, first_received_at, "
+                            "last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (study_uid, series_uid, patient_id, modality, description, calling_ae,
+                             now, now)).lastrowid)
                     fields = (sop_class_uid, series_id, instance_number, slice_location,
                               spool_path, int(nbytes), sha256, now, calling_ae, peer)
                     old = self._db.execute("SELECT id FROM dicom_instances WHERE "
