@@ -98,6 +98,9 @@ def compare_methods(classifier: Classifier, model: Path, x: dict[str, np.ndarray
     keras_model = keras.models.load_model(model, compile=False)
     weights, bias = (np.asarray(w, np.float32) for w in keras_model.get_layer("logits").get_weights())
     features = {name: _features(classifier, images) for name, images in x.items() if len(images)}
+    ceiling = classifier.gate.arrays.get("ceiling") if classifier.gate else None
+    if ceiling is not None:  # as the bundle's gate: clipped where the int8 artifacts saturate
+        features = {name: np.minimum(f, ceiling) for name, f in features.items()}
     results = []
     for method in METHODS:
         arrays = fit_arrays(method, features["train"], y_train, weights, bias, features["val"])

@@ -74,10 +74,12 @@ def split_arrays(record: TrainingRecord, samples: list, desc: str) -> tuple[np.n
 
 
 def fit_domain(model: Any, export: Any, record: TrainingRecord, splits: data_mod.Splits,
-               modality: str | None, method: str = DEFAULT_METHOD,
-               rule: str = DEFAULT_RULE) -> Fitted | None:
+               modality: str | None, calibration: np.ndarray | None = None,
+               method: str = DEFAULT_METHOD, rule: str = DEFAULT_RULE) -> Fitted | None:
     """Fit `method` on the training split's features, its threshold on the validation split's.
-    None (no feature gate) when the model exports no features or there is no validation split."""
+    With the int8 `calibration` images, features are clipped where int8 artifacts saturate
+    (ct_edge.domain.clip). None (no feature gate) when the model exports no features or there is
+    no validation split."""
     if len(export.outputs) < 2 or len(export.outputs[-1].shape) != 2:
         return None
     x_train, y_train = split_arrays(record, splits.train, "decode train (domain)")
@@ -87,7 +89,14 @@ def fit_domain(model: Any, export: Any, record: TrainingRecord, splits: data_mod
     weights, bias = head_weights(model)
     _, train_features = keras_outputs(export, x_train)
     _, val_features = keras_outputs(export, x_val)
+    ceiling = None
+    if calibration is not None and len(calibration):
+        ceiling = float(keras_outputs(export, calibration)[1].max())
+        train_features = np.minimum(train_features, ceiling)
+        val_features = np.minimum(val_features, ceiling)
     arrays = fit_arrays(method, train_features, y_train, weights, bias, val_features)
+    if ceiling is not None:
+        arrays["ceiling"] = np.float32(ceiling)
     scores = FeatureGate(method, 0.0, arrays).scores(val_features)
     gate = FeatureGate(method, fit_threshold(scores, rule), arrays)
     data = gate.to_npz()
@@ -97,7 +106,7 @@ def fit_domain(model: Any, export: Any, record: TrainingRecord, splits: data_mod
         "method": method, "threshold": gate.threshold, "rule": rule,
         "file": DOMAIN_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
         "features": {"output": "features", "dim": gate.feature_dim, "layer": f"input of "
-                     f"'{FEATURES_LAYER}'"},
+                     f"'{FEATURES_LAYER}'", "ceiling": ceiling},
         "fitted_on": {"statistics": f"training split ({len(x_train)} images)",
                       "threshold": f"validation split ({len(x_val)} images), {rule} of their "
                                    "scores"},

@@ -138,7 +138,7 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
     build = _Build(rows, record.spec, record.temperature, provenance, x_test, reference, threads,
                    log, explain=describe(keras_model, maps_model),
                    uncertain_below=record.uncertain_below, operating_point=record.operating_point)
-    build.domain, domain_data = _fit_domain(keras_model, export, record, splits, log)
+    build.domain, domain_data = _fit_domain(keras_model, export, record, splits, images, log)
     if domain_data is not None:
         build.reference_features = domain_fit.keras_outputs(export, x_test)[1]
     staged = staging.prepare(out)
@@ -264,13 +264,13 @@ class _Build:
 
 
 def _fit_domain(model: Any, export: Any, record: dataset.TrainingRecord, splits: Any,
-                log: Log) -> tuple[dict | None, bytes | None]:
+                calibration: np.ndarray, log: Log) -> tuple[dict | None, bytes | None]:
     """The manifest's domain section and the statistics file it covers (None when not fitted)."""
     modality = record.modality
     if modality is None:
         log("warning: the training record names no modality (trained before it was recorded); "
             "DICOM headers will not be checked - retrain with --modality ct|xray")
-    fitted = domain_fit.fit_domain(model, export, record, splits, modality)
+    fitted = domain_fit.fit_domain(model, export, record, splits, modality, calibration)
     if fitted is None:
         log("warning: no domain gate: the model exports no pooled features or there is no "
             "validation split; inputs unlike the training images will not be flagged")

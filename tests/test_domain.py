@@ -95,6 +95,15 @@ def test_fitted_gates_flag_far_points_and_pass_near_ones(method: str) -> None:
     assert gate.reason(float("nan")) is not None
 
 
+def test_features_are_clipped_where_int8_artifacts_saturate() -> None:
+    train, labels = _clusters()
+    arrays = {**fit_arrays("mahalanobis", train, labels, W, B), "ceiling": np.float32(16.0)}
+    gate = FeatureGate("mahalanobis", 3.0, arrays)
+    saturated = np.array([[16.0, 10, 10, 10]], np.float32)
+    beyond = saturated + np.array([[40.0, 0, 0, 0]], np.float32)
+    assert gate.scores(beyond) == pytest.approx(gate.scores(saturated))
+
+
 def test_threshold_rules() -> None:
     scores = np.arange(101, dtype=np.float64)  # 0..100: mean 50, sd ~29.15
     assert fit_threshold(scores, "max") == 100.0

@@ -96,6 +96,14 @@ SCORES["combined"] = combined
 METHODS = tuple(SCORES)
 
 
+def clip(arrays: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Features limited to the range the full-int8 artifacts can represent ('ceiling', the largest
+    feature of the int8 calibration images), so every artifact of a bundle scores the same thing:
+    an int8 model saturates there, a float one would not."""
+    features = np.asarray(features, np.float32)
+    return np.minimum(features, arrays["ceiling"]) if "ceiling" in arrays else features
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -197,7 +205,7 @@ class FeatureGate:
         raise BundleError("domain statistics hold no feature dimension")
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        return SCORES[self.method](self.arrays, np.asarray(features, np.float32))
+        return SCORES[self.method](self.arrays, clip(self.arrays, features))
 
     def reason(self, score: float) -> str | None:
         """Why an input with this score is refused; None when it is within the domain."""
