@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -193,3 +194,35 @@ def test_unwritable_folder_is_a_store_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot open the results store"):
         Store(blocker / "data")
+
+
+# --- `ct-edge results` -------------------------------------------------------------------------
+
+
+def test_results_command_lists_the_store(tmp_path: Path, capsys) -> None:
+    from ct_edge import cli
+
+    with Store(tmp_path) as store:
+        _add(store, source="first.png")
+        _add(store, source="second.dcm", label=None, status="out_of_domain",
+             reason="modality MR; this bundle accepts CT")
+    assert cli.main(["results", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["id", "time", "(UTC)"]
+    assert "second.dcm" in lines[1] and "NOT ANSWERED" in lines[1] and "modality MR" in lines[1]
+    assert "first.png" in lines[2] and "Normal 80.0%" in lines[2] and "answered" in lines[2]
+    assert lines[-1] == "2 of 2 shown, newest first"
+    assert cli.main(["results", "--data-dir", str(tmp_path), "--json", "--limit", "1",
+                     "--status", "ok"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["source"] == "first.png" and row["probabilities"]["Normal"] == 0.8
+
+
+def test_results_command_without_a_store_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    from ct_edge import cli
+
+    assert cli.main(["results", "--data-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no results store in")
+    assert not (tmp_path / "none").exists()  # listing never creates a store

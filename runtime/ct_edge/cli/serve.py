@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace, config: Any) -> int:
+    import signal
+    import threading
+
     from .. import DISCLAIMER
     from ..classifier import Classifier
     from ..server import Service, create_server

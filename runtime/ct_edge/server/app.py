@@ -29,7 +29,7 @@ from ..classifier import STATUSES
 from ..store import StoreError
 from . import oip
 from .metrics import Metrics
-from .service import ClientError, Service
+from .service import Busy, ClientError, Service
 
 STATIC = Path(__file__).parent / "static"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -282,6 +282,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self._started, self._route = time.perf_counter(), "other"
+        body_read = False
         try:
             try:
                 url = urlsplit(self.path)
@@ -296,15 +297,20 @@ class Handler(BaseHTTPRequestHandler):
                     raise
             self._route = name
             if name not in OPEN_ROUTES and not self._authorized():
-                self._drain_body()
                 raise ClientError(401, "missing or wrong bearer token (Authorization: Bearer ...)",
                                   {"WWW-Authenticate": 'Bearer realm="ct-edge"'})
+            if name in ("classify", "infer") and self.server.service.full:
+                # Refused before the body is read: a full server does not buffer more uploads.
+                self.close_connection = True
+                raise Busy()
             body = self._read_body() if self.command == "POST" else self._drain_body()
+            body_read = True
             getattr(self, f"_{name}")(params, {k: v[-1] for k, v in query.items()}, body)
         except ClientError as exc:
             headers = dict(exc.headers)
-            if exc.status in (411, 413) or self.close_connection:
-                # The body was not read: the connection cannot carry another request.
+            if not body_read or self.close_connection:
+                # A body left unread (refused before it was read: 401, 404, 413, 503...) would be
+                # taken for the next request; an unauthenticated upload is never read at all.
                 self.close_connection = True
                 headers["Connection"] = "close"
             self._json(exc.status, {"error": exc.message}, headers)

@@ -113,6 +113,11 @@ class Service:
         """Requests admitted and not yet finished (running or waiting for a worker)."""
         return self._pending
 
+    @property
+    def full(self) -> bool:
+        """True when a new request would be refused (every worker busy, the queue full)."""
+        return self._pending >= self.capacity
+
     def run(self, work: Callable[..., T], *args: Any) -> T:
         """Run `work(*args)` in a worker; Busy when the queue is full, TimedOut past the limit."""
         if not self._slots.acquire(blocking=False):
