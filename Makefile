@@ -79,3 +79,24 @@ fuzz: setup  ## fuzz inputs + manifest, >= 10,000 cases: make fuzz [FUZZ_CASES=n
 arm64-check: setup  ## the runtime on aarch64 (QEMU) gives the x86 answers [BUNDLE=dir]
 	bash tools/arm64/setup.sh $(BIN)/python
 	$(BIN)/python tools/arm64/check.py $(if $(filter-out artifacts/bundle,$(BUNDLE)),--bundle "$(BUNDLE)")
+
+# --- DICOM node (docs/listen.md) ---
+.PHONY: listen-demo listen-bench
+LISTEN_PORT ?= 11112
+
+listen-demo: setup  ## a synthetic CT series sent by DCMTK storescu to ct-edge listen; results --series
+	@command -v storescu >/dev/null || { echo "needs DCMTK: bash tools/setup_system.sh"; exit 1; }
+	$(BIN)/python -m training.synthetic_series --out artifacts/listen-demo/series --slices 60 \
+		--apex-extent 0.9 --base-extent 0.9
+	rm -rf artifacts/listen-demo/data
+	$(BIN)/ct-edge listen --bundle $(BUNDLE) --host 127.0.0.1 --port $(LISTEN_PORT) \
+		--data-dir artifacts/listen-demo/data --stable-seconds 3 & pid=$$!; \
+	for i in $$(seq 120); do echoscu -aec CTEDGE 127.0.0.1 $(LISTEN_PORT) 2>/dev/null && break; sleep 1; done; \
+	storescu -aec CTEDGE -aet DEMO 127.0.0.1 $(LISTEN_PORT) artifacts/listen-demo/series/*.dcm; \
+	for i in $$(seq 120); do $(BIN)/ct-edge results --series --json --data-dir artifacts/listen-demo/data \
+		| grep -q '"state": "complete"' && break; sleep 1; done; \
+	kill $$pid; wait $$pid; \
+	$(BIN)/ct-edge results --series --data-dir artifacts/listen-demo/data
+
+listen-bench: setup  ## ct-edge listen vs DCMTK storescp on a 300-slice series [BUNDLE=dir]
+	$(BIN)/python -m benchmarks.listen --bundle $(BUNDLE)
