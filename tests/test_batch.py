@@ -111,6 +111,7 @@ class TestLocalCluster:
 
     def test_scores_like_classify_and_a_rerun_after_a_kill_scores_only_the_rest(
             self, local_ray, scans, bundle_artifact, tmp_path, capsys) -> None:
+        import pyarrow.parquet as pq
         import ray
 
         bundle, artifact = bundle_artifact
@@ -119,9 +120,11 @@ class TestLocalCluster:
         first = batch.run_batch(scans.inputs, out, bundle=bundle, artifact=artifact, actors=2,
                                 part_rows=6, stop_after_parts=2)
         assert first.parts == 2 and 0 < first.rows < scans.count and not first.complete
-        kept = {p.name: p.stat().st_mtime_ns for p in batch.part_files(out)}
-        assert len(kept) == 2
-        scored_first = set(rows_by_path(out))
+        assert len(batch.part_files(out)) == 2
+        # Parts without error rows stay as they are; error rows are retried (the file may be fixed).
+        kept = {p.name: p.stat().st_mtime_ns for p in batch.part_files(out)
+                if pq.read_table(p, columns=["error"])["error"].null_count == pq.read_metadata(p).num_rows}
+        ok_first = first.rows - first.errors
 
         # The rerun, as a user types it: scores only what no part holds yet.
         code = cli.main(["batch", *scans.inputs, "--out", str(out), "--bundle", str(bundle),
@@ -129,10 +132,10 @@ class TestLocalCluster:
         captured = capsys.readouterr()
         assert code == 0, captured.err
         summary = captured.out.strip().splitlines()[-1]
-        assert summary.startswith(f"batch: {scans.count - first.rows} rows, ")
-        assert f"{first.rows} already scored; {scans.count} rows in {out}" in summary
+        assert summary.startswith(f"batch: {scans.count - ok_first} rows, ")
+        assert f"{ok_first} already scored; {scans.count} rows in {out}" in summary
         assert "images/s on 2 actors" in summary
-        for path in {*scans.bad, scans.missing} - scored_first:  # one line per error row
+        for path in {*scans.bad, scans.missing}:  # one line per error row, retried ones too
             assert f"error: {path}: " in captured.err
         assert all(p.stat().st_mtime_ns == kept[p.name] for p in batch.part_files(out)
                    if p.name in kept), "a part of the first run was rewritten"
@@ -161,10 +164,11 @@ class TestLocalCluster:
         assert {rows[p]["error"] for p in scans.bad} >= {"empty file"}
         assert rows[scans.missing]["error"] == "no such file"
 
-        # Once everything is scored, a rerun has nothing to do and does not start Ray actors.
+        # A rerun retries only the error rows, each replacing its old row.
+        failed = len(scans.bad) + 1
         again = batch.run_batch(scans.inputs, out, bundle=bundle, artifact=artifact, actors=2)
-        assert (again.rows, again.skipped, again.actors) == (0, scans.count, 0)
-        assert "nothing to score" in again.summary()
+        assert (again.rows, again.errors, again.skipped) == (failed, failed, scans.count - failed)
+        assert set(rows_by_path(out)) == set(rows) and again.total_rows == scans.count
 
     @pytest.mark.slow
     def test_an_actor_refuses_bytes_that_do_not_match_and_the_job_says_so(
@@ -362,7 +366,7 @@ def test_parts_are_written_whole_and_the_folder_is_locked(bundle_artifact, tmp_p
             batch.rows_to_table([batch.error_row("/x.png", "no such file", payload)],
                                 payload.labels))
     assert part.name == "part-run-000001.parquet"
-    assert batch.read_done(out, payload) == {"/x.png"}
+    assert batch.read_done(out, payload) == set()  # an error row is retried by the next run
     assert [p.name for p in out.iterdir() if p.name.startswith(".tmp")] == []
 
 

@@ -190,7 +190,7 @@ def test_explain_several_inputs_with_a_png_output_is_a_usage_error(capsys, bundl
 @pytest.mark.parametrize("command", ["classify", "explain"])
 def test_an_empty_path_is_named_as_empty(capsys, bundle: Path, command: str) -> None:  # noqa: F811
     code = cli.main([command, "--json", "--bundle", str(bundle), ""])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "empty path" in lines[0] and "is a folder" not in lines[0]
@@ -209,3 +209,42 @@ def test_batch_reports_missing_and_empty_paths_without_starting_ray(
     result = batch.run_batch([missing, ""], tmp_path / "out", bundle=bundle, artifact="tflite-fp32")
     assert (result.rows, result.errors, result.actors) == (2, 2, 0)
     assert dict(result.error_samples) == {missing: "no such file", "": EMPTY_PATH}
+
+
+def _error_and_ok_part(out: Path, bundle_dir: Path):
+    from ct_edge import batch
+
+    payload = batch.ModelPayload.from_bundle(bundle_dir, "tflite-fp32")
+    ok = {**batch.error_row("/y.png", "x", payload), "error": None, "label": payload.labels[0],
+          "status": "ok"}
+    out.mkdir()
+    batch.PartWriter(out, "run").write(batch.rows_to_table(
+        [batch.error_row("/x.png", "no such file", payload), ok], payload.labels))
+    return batch, payload
+
+
+def test_batch_error_rows_are_not_done_and_are_dropped_before_a_retry(
+        bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+    pytest.importorskip("pyarrow", reason="ct-edge batch needs the [ray] extra")
+    batch, payload = _error_and_ok_part(tmp_path / "out", bundle)
+    assert batch.read_done(tmp_path / "out", payload) == {"/y.png"}
+    assert batch.drop_error_rows(tmp_path / "out", {"/x.png", "/y.png"}) == 1
+    assert [row["path"] for row in batch.read_results(tmp_path / "out").to_pylist()] == ["/y.png"]
+
+
+@pytest.mark.ray
+def test_batch_rerun_retries_a_file_fixed_after_an_error(bundle: Path,  # noqa: F811
+                                                         tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from ct_edge import batch
+
+    image = tmp_path / "scan.png"
+    image.write_bytes(b"not yet an image")
+    out = tmp_path / "out"
+    first = batch.run_batch([str(image)], out, bundle=bundle, artifact="tflite-fp32", actors=1)
+    assert (first.rows, first.errors) == (1, 1)
+    shutil.copyfile(GOOD[0], image)  # the file is fixed
+    again = batch.run_batch([str(image)], out, bundle=bundle, artifact="tflite-fp32", actors=1)
+    assert (again.rows, again.errors, again.skipped) == (1, 0, 0)
+    rows = batch.read_results(out).to_pylist()
+    assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["label"] is not None

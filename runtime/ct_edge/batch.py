@@ -249,13 +249,15 @@ def part_files(out: Path) -> list[Path]:
 
 
 def read_done(out: Path, payload: ModelPayload) -> set[str]:
-    """Paths that parts in `out` already hold; refuses parts written with another model."""
+    """Paths that parts in `out` already hold a result for; refuses parts written with another
+    model. An error row is not a result: the file may have been fixed, so a rerun retries it."""
     import pyarrow.parquet as pq
 
     done: set[str] = set()
     for part in part_files(out):
         try:
-            table = pq.read_table(part, columns=["path", "bundle_sha256", "artifact_sha256"])
+            table = pq.read_table(part, columns=["path", "error", "bundle_sha256",
+                                                 "artifact_sha256"])
         except Exception as exc:  # a part is renamed into place whole, so this is outside damage
             raise BatchError(f"{part}: unreadable result part ({exc}); move it away and run "
                              "again to rescore its inputs") from None
@@ -266,8 +268,47 @@ def read_done(out: Path, payload: ModelPayload) -> set[str]:
                 raise BatchError(f"{out} holds results of another model ({column} "
                                  f"{sorted(theirs)[0][:12]}..., this run {mine[:12]}...); score "
                                  "into a new --out folder or use the same bundle and --artifact")
-        done.update(table.column("path").to_pylist())
+        done.update(path for path, error in zip(table.column("path").to_pylist(),
+                                                table.column("error").to_pylist(), strict=True)
+                    if error is None)
     return done
+
+
+def count_rows(out: Path) -> int:
+    """Rows in the parts of `out` (from the Parquet footers; no data is read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(part).metadata.num_rows for part in part_files(out))
+
+
+def drop_error_rows(out: Path, paths: set[str]) -> int:
+    """Remove the error rows of `paths` from the parts in `out` before they are scored again, so
+    an input never has two rows. Each part is rewritten whole (temp file, then rename) or, left
+    empty, deleted; a kill in between only means the input is retried once more. Returns the
+    number of rows dropped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    wanted = pa.array(sorted(paths), pa.string())
+    dropped = 0
+    for part in part_files(out):
+        table = pq.read_table(part)
+        stale = pc.and_(pc.is_valid(table["error"]), pc.is_in(table["path"], value_set=wanted))
+        count = pc.sum(pc.cast(stale, pa.int64())).as_py() or 0
+        if not count:
+            continue
+        kept = table.filter(pc.invert(stale))
+        if kept.num_rows == 0:
+            part.unlink()
+        else:
+            tmp = out / f"{TMP_PREFIX}{part.name}"
+            pq.write_table(kept, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, part)
+        dropped += count
+    return dropped
 
 
 class PartWriter:
@@ -523,11 +564,12 @@ def run_batch(inputs: Sequence[str], out: str | Path, *, bundle: str | Path | No
     with locked_out(out):
         done = read_done(out, payload)
         pending = [(path, error) for path, error in items if path not in done]
+        drop_error_rows(out, {path for path, _ in pending})  # retried: their old rows go
         run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{secrets.token_hex(3)}"
         writer = PartWriter(out, run_id)
         result = BatchResult(out=out, inputs=len(items), skipped=len(items) - len(pending), rows=0,
                              errors=0, parts=0, seconds=0.0, startup_seconds=0.0, actors=0,
-                             total_rows=len(done), complete=False)
+                             total_rows=count_rows(out), complete=False)
 
         def record(table: pa.Table) -> None:
             writer.write(table)
