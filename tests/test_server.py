@@ -448,6 +448,10 @@ def test_token_guards_everything_but_health_and_the_page(classifier: Classifier,
                 assert status == 401, (method, path, headers)
                 assert answer_headers["www-authenticate"].startswith("Bearer")
                 assert "bearer token" in json.loads(answer)["error"]
+        # An unauthenticated upload is refused from its headers alone, never read.
+        reply = raw_exchange(api, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 30000000\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in reply
         good = {"Authorization": f"Bearer {TOKEN}"}
         assert api.request("POST", "/v1/classify", PNG, good)[0] == 200
         assert api.request("GET", "/v1/results", None, good)[0] == 200

@@ -226,3 +226,11 @@ def test_results_command_without_a_store_is_one_line_exit_2(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: no results store in")
     assert not (tmp_path / "none").exists()  # listing never creates a store
+
+
+def test_results_command_series_view(tmp_path: Path, capsys) -> None:
+    from ct_edge import cli
+
+    Store(tmp_path).close()
+    assert cli.main(["results", "--data-dir", str(tmp_path), "--series"]) == 0
+    assert capsys.readouterr().out.strip() == "no DICOM series stored"
