@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,16 +89,20 @@ def poster(host: str, port: int, path: str, images: list[bytes]) -> Callable[[in
     local = threading.local()
 
     def call(i: int) -> bool:
-        if not hasattr(local, "connection"):
-            local.connection = http.client.HTTPConnection(host, port, timeout=30)
         try:
+            if not hasattr(local, "connection"):
+                local.connection = http.client.HTTPConnection(host, port, timeout=30)
+                local.connection.connect()
+                # http.client sends headers and body in two writes; like curl, no Nagle delay.
+                local.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             local.connection.request("POST", path, images[i % len(images)])
             response = local.connection.getresponse()
             response.read()
             return response.status == 200
         except (OSError, http.client.HTTPException):
-            local.connection.close()
-            del local.connection
+            if hasattr(local, "connection"):
+                local.connection.close()
+                del local.connection
             return False
 
     return call
@@ -184,9 +189,9 @@ import uvicorn
 async def echo(request):
     return JSONResponse({"n": len(await request.body())})
 app = Starlette(routes=[Route("/", echo, methods=["POST"])])
-sock = socket.socket(); sock.bind(("127.0.0.1", 0))
-print(sock.getsockname()[1], flush=True)
-uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
+print(port, flush=True)
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 """
 
 
@@ -215,7 +220,15 @@ def compare_stacks(images: list[bytes], concurrency: int, seconds: float) -> dic
                                    env=child_env())
         try:
             port = int(process.stdout.readline())
-            time.sleep(0.5)
+            deadline = time.monotonic() + 20
+            while True:  # uvicorn binds after it printed the port
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             call = poster("127.0.0.1", port, "/", images)
             run = run_clients(call, concurrency, seconds)
             results[name] = {"import_s": round(imported, 3), "rss_mb": round(rss_mb(process.pid)[0], 1),
