@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import shutil
@@ -16,7 +18,7 @@ from test_cli import GOOD, bundle  # noqa: F401  (the session bundle fixture)
 from ct_edge import cli
 from ct_edge import explain as explain_module
 from ct_edge.classifier import Classifier
-from ct_edge.errors import EMPTY_PATH, BundleError
+from ct_edge.errors import EMPTY_PATH, BundleError, InputError
 from ct_edge.preprocess import (
     MAX_PIXELS,
     MEMORY_BOUND_MB,
@@ -248,3 +250,28 @@ def test_batch_rerun_retries_a_file_fixed_after_an_error(bundle: Path,  # noqa: 
     assert (again.rows, again.errors, again.skipped) == (1, 0, 0)
     rows = batch.read_results(out).to_pylist()
     assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["label"] is not None
+
+
+# --- docs match what the code does ---------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
+def test_docs_and_code_agree_that_bmp_and_tiff_are_refused(fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 5).save(buffer, format=fmt)
+    with pytest.raises(InputError, match=f"unsupported image format {fmt}"):
+        decode(buffer.getvalue())
+    text = " ".join((DOCS / "inputs.md").read_text().split())
+    assert "BMP, TIFF, GIF, WebP and every other format are refused" in text
+    assert "decoded when named explicitly" not in text
+
+
+def test_explain_json_example_in_the_docs_has_todays_fields(capsys, bundle: Path) -> None:  # noqa: F811
+    example = next(line for line in (DOCS / "explain.md").read_text().splitlines()
+                   if line.startswith('{"path"'))
+    assert cli.main(["explain", "--json", "-q", "--bundle", str(bundle), str(GOOD[0])]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert list(json.loads(example)) == list(record)
+    assert list(json.loads(example)["peak"]) == list(record["peak"])
