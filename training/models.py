@@ -134,7 +134,7 @@ def edge_sep(input_shape: InputShape, num_classes: int) -> keras.Model:
 
 @register("efficientnet-lite0")
 def efficientnet_lite0(input_shape: InputShape, num_classes: int) -> keras.Model:
-    """EfficientNet-Lite0 (4.0 M parameters with a 3-class head), ImageNet-initialised, GAP head."""
+    """EfficientNet-Lite0 (3,416,867 parameters with a 3-class head), ImageNet-initialised, GAP head."""
     from .efficientnet_lite import efficientnet_lite0 as build
 
     return build(input_shape, num_classes)
