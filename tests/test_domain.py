@@ -281,3 +281,17 @@ def test_bundle_without_domain_section_still_loads(tiny_bundle: Path, tmp_path: 
     assert classifier.gate is None and classifier.bundle.modality is None
     p = classifier.predict(RNG.uniform(size=manifest["input"]["shape"][1:]).astype(np.float32))
     assert p.status in ("ok", "uncertain") and p.label is not None
+
+
+def test_foreign_set_is_built_without_downloads(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    from tools import foreign
+
+    for modality, has_ct in (("ct", False), ("xray", True)):
+        names = {p.name for p in foreign.pydicom_files(modality)}
+        assert {"MR_small.dcm", "rtdose.dcm", "liver_1frame.dcm", "reportsi.dcm"} <= names
+        assert ("CT_small.dcm" in names) == has_ct
+    rendered = foreign.rendered(tmp_path, size=64)
+    assert {"blank-black.png", "noise-uniform.png", "text-page-0.png", "colour-bars.png"} <= \
+        {p.name for p in rendered}
+    assert all(p.stat().st_size > 0 for p in rendered)
