@@ -426,6 +426,10 @@ def test_called_ae_calling_ae_and_address_checks(ct_bundle: Path, tmp_path: Path
     with running(ct_bundle, tmp_path / "data", "--allow-ip", "10.0.0.0/8") as listener:
         assert _association(listener.port).is_rejected
         assert "rejected: address 127.0.0.1 is not allowed" in listener.log()
+    # No disk is this large: every association is refused (transient, local limit exceeded).
+    with running(ct_bundle, tmp_path / "data", "--min-free-mb", str(2**40)) as listener:
+        assert _association(listener.port).is_rejected
+        assert "rejected: low disk space" in listener.log()
 
 
 def test_help_and_bad_arguments() -> None:
