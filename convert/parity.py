@@ -33,24 +33,16 @@ class Reference:
         return _report_figures(self.probabilities, self.y, self.labels)
 
 
-def run_artifact(bundle_dir: Path, name: str, x: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """Raw probabilities of one bundle artifact: loaded, sha256-verified and run by ct_edge itself.
-
-    Raw (before the bundle's temperature) so they compare with Keras; the temperature is the same
-    post-processing for every artifact.
-    """
-    with quiet():  # LiteRT announces its XNNPACK delegate on stderr
-        classifier = Classifier.from_bundle(bundle_dir, artifact=name, threads=threads)
-    out = [classifier.backend.predict(x[i : i + BATCH]) for i in range(0, len(x), BATCH)]
-    return np.concatenate(out) if out else np.zeros((0, len(classifier.labels)), np.float32)
-
-
 def run_with_status(bundle_dir: Path, name: str, x: np.ndarray, reference: Reference,
                     reference_features: np.ndarray | None,
                     threads: int | None = None) -> tuple[np.ndarray, dict]:
-    """Raw probabilities of one artifact (as run_artifact, the same single run per batch) and how
-    often its status (ok / uncertain / out_of_domain) agrees with the Keras model's, both decided
-    by the runtime's own rule (Classifier.decide) with the bundle's domain gate."""
+    """Raw probabilities of one bundle artifact - loaded, sha256-verified and run by ct_edge itself -
+    and how often its status (ok / uncertain / out_of_domain) agrees with the Keras model's, both
+    decided by the runtime's own rule (Classifier.decide) with the bundle's domain gate.
+
+    Raw (before the bundle's temperature) so they compare with Keras; the temperature is the same
+    post-processing for every artifact. Probabilities and features come from one run per batch.
+    """
     with quiet():
         classifier = Classifier.from_bundle(bundle_dir, artifact=name, threads=threads)
     gate = classifier.gate
