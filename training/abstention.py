@@ -234,9 +234,9 @@ def plot(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path, title
     point = None
     for i, (label, confidence, correct) in enumerate(curves):
         curve = risk_coverage(confidence, correct)
-        x = np.r_[0.0, curve.coverage]  # a step per point: the risk holds over what it adds
+        x = np.r_[0.0, curve.coverage]  # a step per point: its risk holds over what it adds
         y = np.r_[curve.risk[0], curve.risk]
-        ax.step(100 * x, 100 * y, where="post", lw=2.0 if i == 0 else 0.8,
+        ax.step(100 * x, 100 * y, where="pre", lw=2.0 if i == 0 else 0.8,
                 alpha=1.0 if i == 0 else 0.6,
                 label=f"{label} (AURC {aurc(curve):.3f})", zorder=3 if i == 0 else 2)
         if i == 0:

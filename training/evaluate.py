@@ -369,7 +369,8 @@ def abstention_plots(runs: dict[str, dict], folder: Path) -> list[Path]:
         pooled = (np.concatenate([c for c, _ in parts]), np.concatenate([k for _, k in parts]))
         first = seeds[order[0]]
         data = Path(first["config"]["data"]).name
-        curves = [(f"{len(order)} seed(s) pooled", *pooled)]
+        curves = [(f"{len(order)} seeds pooled" if len(order) > 1 else f"seed {order[0]}",
+                   *pooled)]
         if len(order) > 1:
             curves += [(f"seed {s}", *part) for s, part in zip(order, parts, strict=True)]
         path = folder / f"abstention-{name}.png"
