@@ -416,9 +416,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _heatmap(self, params: dict, query: dict, body: bytes) -> None:
         path = self.server.service.store.heatmap_path(_result_id(params))
-        if path is None:
+        try:
+            data = path.read_bytes() if path is not None else None
+        except OSError:  # removed by hand since the row was read
+            data = None
+        if data is None:
             raise ClientError(404, f"no heatmap for result {params['id']}")
-        self._send(200, path.read_bytes(), "image/png")
+        self._send(200, data, "image/png")
 
     def _metrics(self, params: dict, query: dict, body: bytes) -> None:
         self._send(200, self.server.metrics.render().encode(),
