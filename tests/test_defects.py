@@ -121,7 +121,8 @@ def test_the_pixel_limit_covers_the_largest_detectors_only() -> None:
     assert 4300 * 4300 <= MAX_PIXELS < 7990 * 7990  # CR/DX panels fit; the 926 MB file does not
 
 
-@pytest.mark.parametrize("kind", ["png-16bit", "png-rgba", "dicom-ct"])
+@pytest.mark.parametrize("kind", ["png-16bit", "dicom-ct",  # the two largest peaks
+                                  pytest.param("png-rgba", marks=pytest.mark.slow)])
 def test_peak_rss_of_the_largest_accepted_input_is_within_the_bound(
         bundle: Path, tmp_path: Path, kind: str) -> None:  # noqa: F811
     from benchmarks.memory import artifact_memory, limit_input
