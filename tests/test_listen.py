@@ -550,3 +550,35 @@ def test_mutual_tls_and_spool_retention(ct_bundle: Path, tmp_path: Path) -> None
             slices = store.dicom_series_slices(series["id"])
         assert len(slices) == 10 and all(s["status"] for s in slices)  # results stay
         assert "over TLS" in listener.log() and "retention: removed" in listener.log()
+
+
+@needs_dcmtk
+def test_series_report_is_forwarded(ct_bundle: Path, tmp_path: Path) -> None:
+    """--forward sends each series' Basic Text SR by C-STORE (here to DCMTK's storescp)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    received = tmp_path / "received"
+    received.mkdir()
+    receiver = subprocess.Popen(["storescp", "-aet", "RESEARCHPACS", "-od", str(received),
+                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        info = write_series(tmp_path / "series", "Normal", slices=5, seed=7, size=64)
+        with running(ct_bundle, tmp_path / "data", "--forward",
+                     f"RESEARCHPACS@127.0.0.1:{port}") as listener:
+            assert dcmtk("storescu", listener.port, *map(str, info.files)).returncode == 0
+            series = wait_series(listener.data_dir, info.series_uid, instances=5)
+            deadline = time.monotonic() + 60
+            while not list(received.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            log = listener.log()
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=30)
+    (forwarded,) = list(received.iterdir())
+    report = pydicom.dcmread(forwarded)
+    assert report.SOPInstanceUID == series["report"].removesuffix(".dcm")
+    assert report.VerificationFlag == "UNVERIFIED" and report.StudyInstanceUID == info.study_uid
+    assert "forwarded to RESEARCHPACS@127.0.0.1" in log and "status 0x0000" in log
