@@ -123,6 +123,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _number(kind: type, value: Any) -> Any:
+    """An optional attribute's value as `kind`; None when absent or malformed (it only orders
+    slices, so a bad value must not refuse the dataset)."""
+    try:
+        return kind(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _check_inflated_size(path: Path, limit: int = MAX_FILE_BYTES) -> None:
     """A deflated dataset must not inflate past `limit` (pydicom would inflate it in memory)."""
     with open(path, "rb") as handle:
@@ -306,6 +315,7 @@ class Node:
     def _read_header(self, path: Path, event: Any) -> dict[str, Any]:
         """The identifiers of a received dataset; InputError when it cannot be parsed."""
         import pydicom
+        from pydicom.multival import MultiValue
 
         try:
             if str(event.context.transfer_syntax) == DEFLATED:
@@ -319,16 +329,12 @@ class Node:
             header["SOPClassUID"] = header["SOPClassUID"] or str(event.request.AffectedSOPClassUID)
             header["SOPInstanceUID"] = (header["SOPInstanceUID"]
                                         or str(event.request.AffectedSOPInstanceUID))
-            number = ds.get("InstanceNumber")
-            header["InstanceNumber"] = int(number) if number not in (None, "") else None
-            location = ds.get("SliceLocation")
+            header["InstanceNumber"] = _number(int, ds.get("InstanceNumber"))
             position = ds.get("ImagePositionPatient")
-            if location not in (None, ""):
-                header["SliceLocation"] = float(location)
-            elif position is not None and len(position) == 3:
-                header["SliceLocation"] = float(position[2])
-            else:
-                header["SliceLocation"] = None
+            header["SliceLocation"] = _number(float, ds.get("SliceLocation"))
+            if header["SliceLocation"] is None and isinstance(position, MultiValue) \
+                    and len(position) == 3:
+                header["SliceLocation"] = _number(float, position[2])
         except InputError:
             raise
         except Exception as exc:  # pydicom raises many unrelated types for damaged data
