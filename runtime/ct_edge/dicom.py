@@ -117,6 +117,7 @@ def _decode_pixels(ds, data: bytes, name: str, window: tuple[float, float],
             raise InputError(name, "DICOM file has no image size (Rows/Columns)")
         if rows * cols > max_pixels:
             raise InputError(name, f"DICOM image {cols}x{rows} is over the {max_pixels} pixel limit")
+        _check_frame_size(ds, frames // 2 if frames > 1 else 0, frames, rows, cols, name)
         # Decode only the frame we use: a 500-slice volume must not be expanded in memory.
         pixels = pixel_array(ds, index=frames // 2 if frames > 1 else None)
         for tag in _PIXEL_TAGS:  # the encoded copy: the frame is all that is used from here on
@@ -139,6 +140,26 @@ def _decode_pixels(ds, data: bytes, name: str, window: tuple[float, float],
     if not np.isfinite(scaled).all():
         raise InputError(name, "DICOM pixel values are not finite")
     return Image.fromarray(np.ascontiguousarray(scaled, dtype=np.float32), mode="F")
+
+
+def _check_frame_size(ds, index: int, frames: int, rows: int, cols: int, name: str) -> None:
+    """Refuse a compressed frame whose own header (JPEG, JPEG 2000) claims another size than
+    Rows x Columns: pydicom decodes it whole before it notices, so a 3 kB file claiming 104 M
+    pixels took 350 MB (found by tools/fuzz.py). Read from the codestream header only."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(ds.PixelData, index, number_of_frames=frames)
+        with Image.open(io.BytesIO(frame)) as image:
+            width, height = image.size
+    except Exception:  # RLE, JPEG-LS...: not read by Pillow; their decoders size by the header
+        return
+    if (width, height) != (cols, rows):
+        raise InputError(name, f"the compressed frame is {width}x{height} pixels but the header "
+                               f"says {cols}x{rows}")
 
 
 def _to_unit_range(ds, pixels: np.ndarray, photometric: str, window: tuple[float, float],
