@@ -110,7 +110,8 @@ def measure_arch(arch: str, data: Path | None, out: Path, runs: int, warmup: int
     """Train, convert and time one architecture; `image` caches the timing input across archs."""
     model_dir, bundle_dir = out / arch / "model", out / arch / "bundle"
     start = time.perf_counter()
-    log(f"{arch}: training into {model_dir}")
+    reused = reuse and (model_dir / "metrics.json").is_file() and (model_dir / "model.keras").is_file()
+    log(f"{arch}: {'measuring the model already in' if reused else 'training into'} {model_dir}")
     metrics = train_arch(arch, data, model_dir, settings, reuse)
     log(f"{arch}: test accuracy {metrics['test_accuracy']:.1%}, {metrics['params']:,} parameters; "
         f"converting into {bundle_dir}")
