@@ -93,3 +93,18 @@ def test_cli_distils_a_trained_teacher_into_a_convertible_folder(tiny_model: Pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n"] > 0 and metrics["architecture"] == "edge-gap"
     assert main(["--teacher", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_fold_table_pools_errors_over_the_folds_run() -> None:
+    from training.distill import fold_table
+
+    def result(fold: int, n: int, errors: dict[str, int]) -> dict:
+        return {"seed": 0, "fold": fold, "n_test": n,
+                "models": {name: {"accuracy": 1 - e / n, "errors": e, "params": 10}
+                           for name, e in errors.items()}}
+
+    table = fold_table([result(2, 50, {"a": 5, "b": 0}), result(1, 40, {"a": 4, "b": 2})])
+    lines = table.splitlines()
+    assert "seed 0 fold 1 (40)" in lines[0].split("|")[3]  # folds sorted
+    assert lines[2].split(" | ")[1:] == ["10", "90.0%", "90.0%", "90.0% of 90", "9 |"]
+    assert lines[3].endswith("97.8% of 90 | 2 |")

@@ -260,6 +260,23 @@ def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
     return out
 
 
+def fold_table(results: list[dict]) -> str:
+    """Markdown: accuracy per fold of each model of `compare_fold` results, and over all of them."""
+    results = sorted(results, key=lambda r: (r["seed"], r["fold"]))
+    names = list(results[0]["models"])
+    header = ["model", "params", *(f"seed {r['seed']} fold {r['fold']} ({r['n_test']})"
+                                   for r in results), "all folds run", "errors"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    tested = sum(r["n_test"] for r in results)
+    for name in names:
+        errors = sum(r["models"][name]["errors"] for r in results)
+        cells = [name, f"{results[0]['models'][name]['params']:,}",
+                 *(f"{r['models'][name]['accuracy']:.1%}" for r in results),
+                 f"{1 - errors / tested:.1%} of {tested}", str(errors)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.distill",
                                      description=__doc__.split("\n\n")[0])
@@ -270,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: one fold of the cross-validation on --data (seed --seed): edge-gap, a "
              "teacher trained there (--teacher-arch/--teacher-lr/--teacher-epochs/--teacher-size), "
              "their mean, and edge-gap distilled from it")
+    add("--table", nargs="+", type=Path, metavar="JSON",
+        help="instead: print the markdown table of --cv-fold result files")
     add("--data", type=Path, help="data folder, for --cv-fold")
     add("--seed", type=int, default=0, help="cross-validation seed, for --cv-fold (default: 0)")
     add("--teacher-arch", default="efficientnet-lite0", help="for --cv-fold (default: %(default)s)")
@@ -286,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         help="weight of the label loss; 1 - alpha goes to the teacher (default: %(default)s)")
     add("--epochs", type=int, default=TrainConfig().epochs, help="maximum epochs (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.table:
+        print(fold_table([json.loads(path.read_text(encoding="utf-8")) for path in args.table]))
+        return 0
     if args.cv_fold is not None:
         if args.data is None or args.out is None:
             parser.error("--cv-fold needs --data and --out (a JSON file)")
