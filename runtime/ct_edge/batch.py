@@ -76,6 +76,7 @@ class ModelPayload:
     artifact_sha256: str
     artifact_format: str
     artifact_status: str
+    domain: bytes = b""  # the domain statistics file (ct_edge.domain), sha256-checked on load
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path | None, artifact: str | None,
@@ -88,9 +89,12 @@ class ModelPayload:
         model = chosen.read_verified()
         try:
             manifest = (bundle.root / MANIFEST).read_bytes()
+            bundle.feature_gate()  # verified here first, as on a device
+            domain = (bundle.root / bundle.domain["file"]).read_bytes() \
+                if "file" in bundle.domain else b""
         except OSError as exc:
-            raise BundleError(f"cannot read {bundle.root / MANIFEST}: {exc}") from None
-        return cls(manifest=manifest, model=model, artifact=chosen.name,
+            raise BundleError(f"cannot read the bundle in {bundle.root}: {exc}") from None
+        return cls(manifest=manifest, model=model, artifact=chosen.name, domain=domain,
                    manifest_sha256=hashlib.sha256(manifest).hexdigest(), labels=bundle.labels,
                    artifact_sha256=chosen.sha256, artifact_format=chosen.format,
                    artifact_status=chosen.status)
@@ -151,17 +155,21 @@ class _Scorer:
             raise BundleError("the manifest bytes the actor received do not match their sha256")
         # Bundle.load checks the manifest exactly as on a device; it reads a folder, so the
         # manifest (only: the model stays in memory) goes to a private temporary one.
+        # The domain statistics file too: the Classifier reads (and sha256-checks) it on creation.
         with tempfile.TemporaryDirectory(prefix="ct-edge-actor-") as folder:
             Path(folder, MANIFEST).write_bytes(payload.manifest)
             bundle = Bundle.load(folder)
-        artifact = bundle.select(payload.artifact)
-        digest = hashlib.sha256(payload.model).hexdigest()
-        if len(payload.model) != artifact.bytes or digest != artifact.sha256:
-            raise BundleError(f"the model bytes of {artifact.name!r} the actor received do not match "
-                              "the manifest's sha256; it will not be run")
-        engine = open_backend(artifact.format, payload.model, threads)
-        spec = bundle.spec.with_window(window) if window is not None else None
-        self.classifier = Classifier(bundle, artifact, engine, spec)
+            if payload.domain:
+                # Only a plain name inside the folder; ct_edge.domain refuses any other.
+                Path(folder, Path(str(bundle.domain["file"])).name).write_bytes(payload.domain)
+            artifact = bundle.select(payload.artifact)
+            digest = hashlib.sha256(payload.model).hexdigest()
+            if len(payload.model) != artifact.bytes or digest != artifact.sha256:
+                raise BundleError(f"the model bytes of {artifact.name!r} the actor received do not "
+                                  "match the manifest's sha256; it will not be run")
+            engine = open_backend(artifact.format, payload.model, threads)
+            spec = bundle.spec.with_window(window) if window is not None else None
+            self.classifier = Classifier(bundle, artifact, engine, spec)
         self.payload = payload
         self.decode_workers = decode_workers
         self.node_id = None
