@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from .node import Forward, Node, NodeConfig, server_tls_context
+from .config import Forward, NodeConfig, server_tls_context
+from .node import Node
 from .series import METHODS, SeriesResult, aggregate
 
 __all__ = ["METHODS", "Forward", "Node", "NodeConfig", "SeriesResult", "aggregate",

@@ -21,12 +21,10 @@ import os
 import queue
 import re
 import shutil
-import ssl
 import tempfile
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from typing import Any
 from ..errors import InputError
 from ..preprocess import MAX_FILE_BYTES, one_line
 from ..store import Store, StoreError, bundle_identity
+from .config import NodeConfig
 from .contexts import (
     NEUTRAL_MODALITIES,
     VERIFICATION,
@@ -58,56 +57,6 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality", "PatientID", "SeriesDescription", "InstanceNumber", "SliceLocation",
                 "ImagePositionPatient")
-
-
-@dataclass(frozen=True)
-class Forward:
-    """Where series reports are sent by C-STORE: AE@HOST:PORT."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Forward:
-        match = re.fullmatch(r"([^@\s]{1,16})@([^:\s]+|\[[0-9a-fA-F:]+\]):(\d{1,5})", text.strip())
-        if not match or not 0 < int(match.group(3)) < 65536:
-            raise ValueError(f"--forward must be AE@HOST:PORT (got {text!r})")
-        return cls(match.group(1), match.group(2).strip("[]"), int(match.group(3)))
-
-
-@dataclass
-class NodeConfig:
-    """How the node listens and what it accepts; see `ct-edge listen --help`."""
-
-    data_dir: Path
-    host: str = "0.0.0.0"
-    port: int = 11112
-    ae_title: str = "CTEDGE"
-    allow_ae: tuple[str, ...] = ()
-    allow_ip: tuple[str, ...] = ()
-    stable_seconds: float = 30.0
-    aggregate: str = "topk-mean"
-    forward: Forward | None = None
-    ssl_context: ssl.SSLContext | None = None
-    reports: bool = True
-    spool_max_bytes: int | None = None
-    min_free_bytes: int = 256 * 1024 * 1024
-    networks: list = field(default_factory=list, init=False)
-
-    def __post_init__(self) -> None:
-        self.networks = [ipaddress.ip_network(cidr.strip(), strict=False) for cidr in self.allow_ip]
-
-
-def server_tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
-    """TLS for the listener; with `ca`, senders must present a certificate it signed (mutual)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    if ca:
-        context.load_verify_locations(ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def _safe_name(uid: str) -> str:
@@ -289,6 +238,10 @@ class Node:
             self._record_failure(f"{calling}@{peer.address}", exc.problem)
             self._count(event, "failed")
             return CANNOT_UNDERSTAND
+        except OSError as exc:  # the received file or the spool's disk cannot be read
+            log.error("cannot keep an instance from %s (0xA700): %s", calling, one_line(exc))
+            self._count(event, "failed")
+            return OUT_OF_RESOURCES
         final = self.spool / _safe_name(header["SeriesInstanceUID"]) / \
             f"{_safe_name(header['SOPInstanceUID'])}.dcm"
         try:
