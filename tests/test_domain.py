@@ -251,6 +251,19 @@ def test_bundle_flags_foreign_inputs_and_answers_its_own(tiny_bundle: Path, synt
     assert forced.label is not None and "domain check off" in forced.reason
 
 
+def test_explanations_carry_the_status(tiny_bundle: Path, tmp_path: Path) -> None:
+    from ct_edge.classifier import Classifier
+
+    noise = _foreign_png(tmp_path, "noise", RNG.uniform(0, 255, (128, 128)))
+    explanation = Classifier.from_bundle(tiny_bundle).explain(noise)
+    assert explanation.status == "out_of_domain"
+    assert explanation.reason.startswith("unlike the training images")
+    record = explanation.to_dict()
+    assert record["label"] is None and record["status"] == "out_of_domain"
+    forced = Classifier.from_bundle(tiny_bundle, domain_check=False).explain(noise)
+    assert forced.status != "out_of_domain" and "domain check off" in forced.reason
+
+
 def test_bundle_flags_other_dicom_objects_by_header(tiny_bundle: Path) -> None:
     pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
