@@ -24,10 +24,10 @@ INPUT: files, folders (searched recursively), globs, or list files (.txt, .lst, 
 per line, '#' comments). Every node must be able to read each input at the same absolute path.
 
 output: Parquet parts in --out, one row per input: path (absolute), label (null when out of
-domain), confidence, status (ok, uncertain or out_of_domain), reason, one probability column
-per class, error (null, or why the input could not be read), artifact, artifact_sha256, bundle_sha256 (of manifest.json) and node_id (the Ray
-node that scored it). Run the same command again after a kill: it scores only inputs no part
-holds yet. A summary line goes to stdout.
+domain), confidence, status (ok, uncertain or out_of_domain), reason, one probability column per
+class, error (null, or why the input could not be read), artifact, artifact_sha256,
+bundle_sha256 (of manifest.json) and node_id (the Ray node that scored it). Run the same command
+again after a kill: it scores only inputs no part holds yet. A summary line goes to stdout.
 exit codes: 0 every input has a row (error rows included), 2 usage, bundle or cluster error,
 130 interrupted (the parts written so far are kept).
 """

@@ -9,6 +9,7 @@ from typing import Any
 from .. import DISCLAIMER
 from .common import (
     BUNDLE_HELP,
+    DOMAIN_CHECK_OFF,
     EXIT_INPUT,
     EXIT_OK,
     EXIT_USAGE,
@@ -77,10 +78,6 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-DOMAIN_CHECK_OFF = ("warning: --no-domain-check: inputs unlike the training images get a label "
-                    "too; research use only")
-
-
 def run(args: argparse.Namespace) -> int:
     import warnings
 
@@ -92,11 +89,11 @@ def run(args: argparse.Namespace) -> int:
 
     # The library rejects images over its own pixel limit; Pillow's warning would only be noise.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    options = {"domain_check": False} if args.no_domain_check else {}
     with native_info_silenced():
         classifier = Classifier.from_bundle(args.bundle, artifact=args.artifact,
                                             backend=args.backend, threads=args.threads,
-                                            window=args.window, **options)
+                                            window=args.window,
+                                            domain_check=not args.no_domain_check)
     artifact = classifier.artifact
     if args.backend and artifact.format != args.backend:
         error(f"artifact {artifact.name!r} is a {artifact.format} model, not {args.backend}; "

@@ -18,6 +18,8 @@ EXIT_OK, EXIT_INPUT, EXIT_USAGE = 0, 1, 2
 PROGRESS_MIN_FILES = 20
 BUNDLE_HELP = "model bundle folder (default: $CT_EDGE_BUNDLE, then ./artifacts/bundle)"
 RAW = argparse.RawDescriptionHelpFormatter
+DOMAIN_CHECK_OFF = ("warning: --no-domain-check: inputs unlike the training images get a label "
+                    "too; research use only")
 
 
 class Parser(argparse.ArgumentParser):

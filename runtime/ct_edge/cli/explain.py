@@ -10,6 +10,7 @@ from typing import Any
 from .. import DISCLAIMER
 from .common import (
     BUNDLE_HELP,
+    DOMAIN_CHECK_OFF,
     EXIT_INPUT,
     EXIT_OK,
     EXIT_USAGE,
@@ -28,14 +29,15 @@ examples:
   ct-edge explain --method occlusion scan.png -o occlusion.png
 
 The figure (520x320 px) shows the input as the model saw it and the heatmap over it, with the
-label and probabilities. Methods: cam (class-activation maps the artifact exports: one inference)
-or occlusion (a patch slides over the image: ~170 inferences, any model); default: cam when the
-artifact has them. --json objects (one per input) hold: path, label, confidence, uncertain,
-probabilities, target (the class explained), method, artifact, peak {x, y in input-image pixels,
-x_rel, y_rel, value}, lung_share (share of heat inside the estimated lung fields; null when they
-cannot be estimated, e.g. most chest films), lung_area, border_share (heat in the outer 8% band),
-border_area (that band's share of the image: what an even heatmap would give), output (the PNG
-written, or null), timings_ms and error.
+label and probabilities. Methods: cam (class-activation maps the artifact exports: one
+inference) or occlusion (a patch slides over the image: ~170 inferences, any model); default:
+cam when the artifact has them. --json objects (one per input) hold: path, label (null when out
+of domain), confidence, status (ok, uncertain or out_of_domain), reason, probabilities, target
+(the class explained), method, artifact, peak {x, y in input-image pixels, x_rel, y_rel, value},
+lung_share (share of heat inside the estimated lung fields; null when they cannot be estimated,
+e.g. most chest films), lung_area, border_share (heat in the outer 8% band), border_area (that
+band's share of the image: what an even heatmap would give), output (the PNG written, or null),
+timings_ms and error.
 exit codes: 0 all explained, 1 some inputs failed (one 'error:' line each on stderr),
 2 usage or bundle error.
 """
@@ -63,6 +65,9 @@ def add_parser(commands: Any) -> None:
                          help="CT window for DICOM (default: the bundle's)")
     explain.add_argument("--threads", type=positive_int, metavar="N",
                          help="engine threads (default: the engine's own choice)")
+    explain.add_argument("--no-domain-check", action="store_true",
+                         help="research use only: label every input, even one unlike the "
+                              "training images (default: check)")
     explain.add_argument("--json", action="store_true",
                          help="JSON Lines on stdout, one object per input (default: one line of "
                               "text per input)")
@@ -90,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with native_info_silenced():
         classifier = Classifier.from_bundle(args.bundle, artifact=args.artifact,
-                                            threads=args.threads, window=args.window)
+                                            threads=args.threads, window=args.window,
+                                            domain_check=not args.no_domain_check)
+    if args.no_domain_check and not args.quiet:
+        print(DOMAIN_CHECK_OFF, file=sys.stderr)
     method = choose_method(classifier, args.method)  # BundleError (exit 2) when cam is missing
     if args.target is not None and args.target not in classifier.labels:
         error(f"--target {args.target!r} is not a class of this bundle; choose one of: "
@@ -174,7 +182,11 @@ def explain_line(result: Any, output: str | None) -> str:
         shares.append(f"in lungs {result.lung_share:.0%}")
     if result.border_share is not None:
         shares.append(f"at border {result.border_share:.0%}")
-    label = result.label + ("?" if result.uncertain else "")
     head = f"{output}: " if output else f"{result.path}: "
-    return (f"{head}{label} {result.probabilities[result.label]:.1%}, heat for {result.target} "
-            f"({result.method}): " + ", ".join(shares))
+    if result.status == "out_of_domain":
+        answer = f"out of domain, no label ({result.reason})"
+    else:
+        answer = f"{result.label} {result.probabilities[result.label]:.1%} {result.status}"
+        if result.status != "ok" and result.reason:
+            answer += f" ({result.reason})"
+    return f"{head}{answer}; heat for {result.target} ({result.method}): " + ", ".join(shares)

@@ -94,7 +94,9 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
                        f"gray to {spec.channels} channel{'s' if spec.channels > 1 else ''}"),
         ("DICOM window", window),
         ("calibration", f"temperature {bundle.temperature:g}, uncertain below "
-                        f"{bundle.uncertain_below:.0%}"),
+                        f"{bundle.uncertain_below:.1%}"),
+        ("  chosen by", _operating_point_line(bundle.operating_point)),
+        ("domain", _domain_line(bundle.domain)),
         ("default", str(bundle.default or "(none: smallest artifact that passed parity)")),
         ("explain", _explain_line(manifest.get("explain"))),
     ]
@@ -120,6 +122,34 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
         for key, value in provenance.items():
             out.append(f"  {key:<{width}}{_plain(value)}")
     return "\n".join(out)
+
+
+def _operating_point_line(point: dict) -> str:
+    """How the uncertain threshold was chosen, and what it means on the data it was chosen on."""
+    if not point:
+        return "not recorded (an older bundle)"
+    line = str(point.get("method", "?"))
+    inner = point.get("operating_point")
+    if isinstance(inner, dict) and isinstance(inner.get("coverage"), int | float):
+        line += (f": on {inner.get('images', '?')} held-out images it answers "
+                 f"{inner['coverage']:.0%} and is wrong on {inner.get('risk', 0):.1%} of those")
+    elif point.get("data"):
+        line += f" ({point['data']})"
+    return line
+
+
+def _domain_line(domain: dict) -> str:
+    """What the bundle accepts: modality and the feature gate (an optional section)."""
+    if not domain:
+        return "not recorded (an older bundle: no out-of-domain check)"
+    parts = [f"accepts {domain.get('modality_name') or domain.get('modality') or 'any modality'}"]
+    if "method" in domain:
+        threshold = domain.get("threshold")
+        parts.append(f"gate {domain['method']} on {(domain.get('features') or {}).get('dim', '?')} "
+                     f"features, out of domain above {_plain(threshold)} ({domain.get('rule', '?')})")
+    else:
+        parts.append("no feature gate (DICOM header rules only)")
+    return ", ".join(parts)
 
 
 def _explain_line(explain: object) -> str:
