@@ -48,6 +48,9 @@ def test_window_not_finite_or_out_of_range_is_refused_by_both(text: str) -> None
 
 def test_window_limits_are_inclusive_and_sane() -> None:
     assert check_window(1.0, 0.0) == (1.0, 0.0)
+    assert check_window(65_536.0, -65_536.0) == (65_536.0, -65_536.0)
+    with pytest.raises(ValueError, match="window"):
+        check_window(65_537.0, 0.0)
     assert parse_window("4000,-1024") == (4000.0, -1024.0)
     assert PreprocessSpec(window=(1500.0, -600.0)).window == (1500.0, -600.0)
 
