@@ -12,6 +12,7 @@ import pytest
 from ct_edge import store as store_module
 from ct_edge.classifier import Prediction
 from ct_edge.store import MIGRATIONS, Store, StoreError, default_data_dir, schema_version
+from ct_edge.store import schema as store_schema
 
 PNG = b"\x89PNG\r\n\x1a\nfake heatmap bytes"
 
@@ -41,7 +42,7 @@ def test_reopening_applies_only_missing_migrations(tmp_path: Path, monkeypatch) 
         calls.append(1)
         db.execute("CREATE TABLE extra (x INTEGER)")
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, v_next])
+    monkeypatch.setattr(store_schema, "MIGRATIONS", [*MIGRATIONS, v_next])
     with Store(tmp_path) as store:
         assert store.version == len(MIGRATIONS) + 1
     with Store(tmp_path):
@@ -56,7 +57,7 @@ def test_failed_migration_leaves_the_previous_version(tmp_path: Path, monkeypatc
         db.execute("CREATE TABLE half (x INTEGER)")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, broken])
+    monkeypatch.setattr(store_schema, "MIGRATIONS", [*MIGRATIONS, broken])
     with pytest.raises(RuntimeError):
         Store(tmp_path)
     db = sqlite3.connect(tmp_path / "results.sqlite3")

@@ -1,0 +1,204 @@
+"""The results store: the one writer of classification results (SQLite, standard library only).
+
+Every front end (`ct-edge serve`, `ct-edge listen`, `ct-edge results`) goes through `Store`. A row
+is committed (WAL, synchronous=FULL) before `add` returns, so a caller that answers after `add`
+never reports a result the store could lose to a crash.
+
+The data folder is `--data-dir`, else $CT_EDGE_DATA, else $XDG_DATA_HOME/ct-edge, else
+~/.local/share/ct-edge. It holds `results.sqlite3` and `heatmaps/`, whose file names the store
+generates (a client's file name is only ever stored as text).
+
+The schema and its migrations are in `store.schema`; the DICOM instances and series that
+`ct-edge listen` records are in `store.series` (a mixin of `Store`: one connection, one lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .schema import (
+    INSERT_RESULT,
+    MAX_PAGE,
+    MIGRATIONS,
+    RESULT_COLUMNS,
+    StoreError,
+    migrate,
+    schema_version,
+    utc_now,
+)
+from .series import SERIES_COLUMNS, DicomSeriesStore
+
+__all__ = ["DB_NAME", "ENV_DATA", "HEATMAP_DIR", "HEATMAP_NAME", "MAX_PAGE", "MIGRATIONS",
+           "RESULT_COLUMNS", "SERIES_COLUMNS", "Store", "StoreError", "bundle_identity",
+           "default_data_dir", "migrate", "schema_version", "sha256_bytes"]
+
+ENV_DATA = "CT_EDGE_DATA"
+DB_NAME = "results.sqlite3"
+HEATMAP_DIR = "heatmaps"
+HEATMAP_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+BUSY_TIMEOUT_MS = 10_000
+
+
+def default_data_dir() -> Path:
+    """$CT_EDGE_DATA, else $XDG_DATA_HOME/ct-edge, else ~/.local/share/ct-edge."""
+    if os.environ.get(ENV_DATA):
+        return Path(os.environ[ENV_DATA])
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "ct-edge"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def bundle_identity(bundle_root: Path) -> str:
+    """sha256 of a bundle's manifest.json: it names every model file by its own sha256."""
+    return sha256_bytes((Path(bundle_root) / "manifest.json").read_bytes())
+
+
+def _row_dict(row: tuple) -> dict[str, Any]:
+    result = dict(zip(RESULT_COLUMNS, row, strict=True))
+    for key in ("probabilities", "timings_ms"):
+        result[key] = json.loads(result[key] or "{}")
+    result["heatmap"] = bool(result["heatmap"])
+    return result
+
+
+class Store(DicomSeriesStore):
+    """A results database in a data folder. One instance may be shared by threads."""
+
+    def __init__(self, data_dir: str | Path | None = None) -> None:
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.path = self.data_dir / DB_NAME
+        self.heatmaps = self.data_dir / HEATMAP_DIR
+        self._lock = threading.Lock()
+        try:
+            self.heatmaps.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Autocommit mode: every transaction below is explicit (BEGIN ... COMMIT).
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                       isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the results store in {self.data_dir}: {exc}") from None
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed row survives a power cut too, not only a crash of the process.
+            self._db.execute("PRAGMA synchronous = FULL")
+            self.version = migrate(self._db)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(f"{self.path}: not a usable results store ({exc})") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, *, source: str, origin: str, status: str | None, label: str | None = None,
+            probabilities: Mapping[str, float] | None = None, reason: str | None = None,
+            timings_ms: Mapping[str, float] | None = None, error: str | None = None,
+            sha256: str | None = None, bundle_sha256: str | None = None,
+            artifact: str | None = None, artifact_sha256: str | None = None,
+            heatmap_png: bytes | None = None) -> int:
+        """Write one result (and its heatmap file) and commit; the new row's id."""
+        probabilities = dict(probabilities or {})
+        confidence = probabilities.get(label) if label is not None else None
+        heatmap = self._write_heatmap(heatmap_png) if heatmap_png is not None else None
+        values = (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256, status,
+                  reason, label, confidence, json.dumps(probabilities),
+                  json.dumps(dict(timings_ms or {})), heatmap, error, origin)
+        try:
+            with self._lock:
+                cursor = self._db.execute(INSERT_RESULT, values)
+                return int(cursor.lastrowid)
+        except sqlite3.Error as exc:
+            if heatmap:
+                (self.heatmaps / heatmap).unlink(missing_ok=True)
+            raise StoreError(f"cannot write to the results store {self.path}: {exc}") from None
+
+    def add_prediction(self, prediction: Any, *, origin: str, source: str | None = None,
+                       sha256: str | None = None, bundle_sha256: str | None = None,
+                       artifact: str | None = None, artifact_sha256: str | None = None,
+                       heatmap_png: bytes | None = None) -> int:
+        """`add` for a `ct_edge.classifier.Prediction`, with the figures its JSON contract shows."""
+        record = prediction.to_dict()
+        return self.add(source=source if source is not None else prediction.path, origin=origin,
+                        status=prediction.status, label=prediction.label,
+                        probabilities=record["probabilities"], reason=prediction.reason,
+                        timings_ms=record["timings_ms"], error=prediction.error, sha256=sha256,
+                        bundle_sha256=bundle_sha256, artifact=artifact,
+                        artifact_sha256=artifact_sha256, heatmap_png=heatmap_png)
+
+    def _write_heatmap(self, png: bytes) -> str:
+        name = f"{uuid.uuid4().hex}.png"
+        tmp = self.heatmaps / f".{name}.tmp"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(png)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.heatmaps / name)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write a heatmap to {self.heatmaps}: {exc}") from None
+        return name
+
+    def get(self, result_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE id = ?",
+                                   (int(result_id),)).fetchone()
+        return _row_dict(row) if row else None
+
+    def heatmap_path(self, result_id: int) -> Path | None:
+        """The heatmap PNG of a row, when it has one and the file is there."""
+        with self._lock:
+            row = self._db.execute("SELECT heatmap FROM results WHERE id = ?",
+                                   (int(result_id),)).fetchone()
+        if not row or not row[0] or not HEATMAP_NAME.match(row[0]):
+            return None
+        path = self.heatmaps / row[0]
+        return path if path.is_file() else None
+
+    def _where(self, status: str | None, label: str | None) -> tuple[str, list]:
+        clauses, params = [], []
+        if status is not None:
+            clauses.append("status IS ?" if status else "status IS NULL")
+            if status:
+                params.append(status)
+        if label is not None:
+            clauses.append("label = ?")
+            params.append(label)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def list(self, limit: int = 50, offset: int = 0, status: str | None = None,
+             label: str | None = None) -> list[dict[str, Any]]:
+        """Rows newest first; `status`/`label` filter exactly (status '' = unreadable inputs)."""
+        where, params = self._where(status, label)
+        limit = max(0, min(int(limit), MAX_PAGE))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(RESULT_COLUMNS)} FROM results{where} ORDER BY id DESC "
+                "LIMIT ? OFFSET ?", [*params, limit, max(0, int(offset))]).fetchall()
+        return [_row_dict(row) for row in rows]
+
+    def count(self, status: str | None = None, label: str | None = None) -> int:
+        where, params = self._where(status, label)
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM results{where}", params).fetchone()[0])

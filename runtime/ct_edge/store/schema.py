@@ -1,0 +1,147 @@
+"""The store's schema: the one list of migrations, applied in order, and the names they define.
+
+Schema changes are migrations: append a function to `MIGRATIONS`; version N is `MIGRATIONS[N-1]`.
+Each runs once, in its own transaction, and the table `schema_version` records it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from ..errors import CtEdgeError
+
+MAX_PAGE = 1000
+RESULT_COLUMNS = ("id", "created_at", "source", "sha256", "bundle_sha256", "artifact",
+                  "artifact_sha256", "status", "reason", "label", "confidence", "probabilities",
+                  "timings_ms", "heatmap", "error", "origin")
+# Every column but the id, in RESULT_COLUMNS order: the one INSERT both writers of results use.
+INSERT_RESULT = (f"INSERT INTO results ({', '.join(RESULT_COLUMNS[1:])}) "
+                 f"VALUES ({', '.join('?' * (len(RESULT_COLUMNS) - 1))})")
+
+
+class StoreError(CtEdgeError):
+    """The store cannot be opened or written (unwritable folder, a newer schema, a corrupt file)."""
+
+
+def utc_now() -> str:
+    """The current UTC time as the store writes it (ISO 8601, milliseconds, 'Z')."""
+    return utc_text(datetime.now(timezone.utc))
+
+
+def utc_text(moment: datetime) -> str:
+    """A time as the store writes it; stored times compare correctly as text."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+def v1_results(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE results (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            created_at TEXT NOT NULL,
+            source TEXT NOT NULL,
+            sha256 TEXT,
+            bundle_sha256 TEXT,
+            artifact TEXT,
+            artifact_sha256 TEXT,
+            status TEXT,
+            reason TEXT,
+            label TEXT,
+            confidence REAL,
+            probabilities TEXT NOT NULL DEFAULT '{}',
+            timings_ms TEXT NOT NULL DEFAULT '{}',
+            heatmap TEXT,
+            error TEXT,
+            origin TEXT NOT NULL
+        )""")
+    db.execute("CREATE INDEX results_status ON results (status, id)")
+    db.execute("CREATE INDEX results_label ON results (label, id)")
+    db.execute("CREATE INDEX results_sha256 ON results (sha256)")
+
+
+def v2_dicom(db: sqlite3.Connection) -> None:
+    """`ct-edge listen`: received DICOM instances (the spool index) and their series. A slice's
+    classification is a `results` row (origin 'dicom') that its instance row points to."""
+    db.execute("""
+        CREATE TABLE dicom_series (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            study_uid TEXT NOT NULL,
+            series_uid TEXT NOT NULL UNIQUE,
+            patient_id TEXT,
+            modality TEXT,
+            description TEXT,
+            calling_ae TEXT,
+            first_received_at TEXT NOT NULL,
+            last_received_at TEXT NOT NULL,
+            instances INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL DEFAULT 'receiving',
+            completed_at TEXT,
+            status TEXT,
+            reason TEXT,
+            label TEXT,
+            confidence REAL,
+            probabilities TEXT NOT NULL DEFAULT '{}',
+            aggregate TEXT,
+            counts TEXT NOT NULL DEFAULT '{}',
+            bundle_sha256 TEXT,
+            report TEXT
+        )""")
+    db.execute("""
+        CREATE TABLE dicom_instances (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            sop_instance_uid TEXT NOT NULL UNIQUE,
+            sop_class_uid TEXT,
+            series_id INTEGER NOT NULL REFERENCES dicom_series (id),
+            instance_number INTEGER,
+            slice_location REAL,
+            spool_path TEXT,
+            bytes INTEGER,
+            sha256 TEXT,
+            received_at TEXT NOT NULL,
+            calling_ae TEXT,
+            peer TEXT,
+            state TEXT NOT NULL DEFAULT 'received',
+            result_id INTEGER REFERENCES results (id)
+        )""")
+    db.execute("CREATE INDEX dicom_instances_state ON dicom_instances (state, id)")
+    db.execute("CREATE INDEX dicom_instances_series ON dicom_instances (series_id)")
+    db.execute("CREATE INDEX dicom_series_state ON dicom_series (state, last_received_at)")
+
+
+# Append only: never edit or reorder a released migration.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    v1_results,
+    v2_dicom,
+]
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    """The highest migration applied (0 for an empty database)."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version "
+               "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Apply every migration the database lacks, each in its own transaction; the new version."""
+    current = schema_version(db)
+    if current > len(MIGRATIONS):
+        raise StoreError(f"the results store has schema version {current}, newer than this "
+                         f"ct-edge knows ({len(MIGRATIONS)}); upgrade ct-edge")
+    for version in range(current + 1, len(MIGRATIONS) + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while this one waited for the lock.
+            if schema_version(db) >= version:
+                db.execute("ROLLBACK")
+                continue
+            MIGRATIONS[version - 1](db)
+            db.execute("INSERT INTO schema_version VALUES (?, ?)", (version, utc_now()))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)

@@ -1,0 +1,238 @@
+"""The DICOM half of the store (`ct-edge listen`): received instances, their series and the series
+results. A mixin of `Store`: it writes through the same connection, under the same lock, in
+the same explicit transactions; the tables are migration v2 in `schema`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .schema import INSERT_RESULT, MAX_PAGE, StoreError, utc_now, utc_text
+
+SERIES_COLUMNS = ("id", "study_uid", "series_uid", "patient_id", "modality", "description",
+                  "calling_ae", "first_received_at", "last_received_at", "instances", "state",
+                  "completed_at", "status", "reason", "label", "confidence", "probabilities",
+                  "aggregate", "counts", "bundle_sha256", "report")
+
+
+def _series_dict(row: tuple) -> dict[str, Any]:
+    series = dict(zip(SERIES_COLUMNS, row, strict=True))
+    for key in ("probabilities", "counts"):
+        series[key] = json.loads(series[key] or "{}")
+    return series
+
+
+class DicomSeriesStore:
+    """DICOM instances and series; `Store` provides the connection, its lock and its path."""
+
+    path: Path
+    _db: sqlite3.Connection
+    _lock: threading.Lock
+
+    def add_dicom_instance(self, *, sop_instance_uid: str, study_uid: str, series_uid: str,
+                           spool_path: str, nbytes: int, sop_class_uid: str | None = None,
+                           sha256: str | None = None, modality: str | None = None,
+                           patient_id: str | None = None, description: str | None = None,
+                           instance_number: int | None = None,
+                           slice_location: float | None = None, calling_ae: str | None = None,
+                           peer: str | None = None) -> int:
+        """Record a received instance and its series, committed; the instance id. An instance
+        sent again replaces the earlier copy (it is classified again, counted once) and a
+        completed series it belongs to goes back to 'receiving'."""
+        now = utc_now()
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    # Select first: an upsert would use up an AUTOINCREMENT id per instance.
+                    row = self._db.execute("SELECT id FROM dicom_series WHERE series_uid = ?",
+                                           (series_uid,)).fetchone()
+                    if row:
+                        series_id = int(row[0])
+                        self._db.execute("UPDATE dicom_series SET last_received_at = ?, "
+                                         "state = 'receiving' WHERE id = ?", (now, series_id))
+                    else:
+                        series_id = int(self._db.execute(
+                            "INSERT INTO dicom_series (study_uid, series_uid, patient_id, "
+                            "modality, description, calling_ae, first_received_at, "
+                            "last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (study_uid, series_uid, patient_id, modality, description, calling_ae,
+                             now, now)).lastrowid)
+                    fields = (sop_class_uid, series_id, instance_number, slice_location,
+                              spool_path, int(nbytes), sha256, now, calling_ae, peer)
+                    old = self._db.execute("SELECT id FROM dicom_instances WHERE "
+                                           "sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
+                    if old:
+                        self._db.execute(
+                            "UPDATE dicom_instances SET sop_class_uid = ?, series_id = ?, "
+                            "instance_number = ?, slice_location = ?, spool_path = ?, bytes = ?, "
+                            "sha256 = ?, received_at = ?, calling_ae = ?, peer = ?, "
+                            "state = 'received', result_id = NULL WHERE id = ?", (*fields, old[0]))
+                        instance_id = int(old[0])
+                    else:
+                        instance_id = int(self._db.execute(
+                            "INSERT INTO dicom_instances (sop_class_uid, series_id, instance_number, "
+                            "slice_location, spool_path, bytes, sha256, received_at, calling_ae, "
+                            "peer, sop_instance_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (*fields, sop_instance_uid)).lastrowid)
+                        self._db.execute("UPDATE dicom_series SET instances = instances + 1 "
+                                         "WHERE id = ?", (series_id,))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to the results store {self.path}: {exc}") from None
+        return instance_id
+
+    def pending_dicom_instances(self) -> list[dict[str, Any]]:
+        """Instances received but not classified yet, oldest first (what a restart resumes)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT i.id, i.spool_path, i.sop_instance_uid, i.sop_class_uid, i.series_id, "
+                "s.modality FROM dicom_instances i JOIN dicom_series s ON s.id = i.series_id "
+                "WHERE i.state = 'received' ORDER BY i.id").fetchall()
+        keys = ("id", "spool_path", "sop_instance_uid", "sop_class_uid", "series_id", "modality")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def add_dicom_result(self, instance_id: int, **result: Any) -> int:
+        """`add` (origin 'dicom') and mark the instance classified, in one transaction."""
+        probabilities = dict(result.get("probabilities") or {})
+        label = result.get("label")
+        values = (utc_now(), str(result["source"]), result.get("sha256"), result.get("bundle_sha256"),
+                  result.get("artifact"), result.get("artifact_sha256"), result.get("status"),
+                  result.get("reason"), label, probabilities.get(label) if label else None,
+                  json.dumps(probabilities), json.dumps(dict(result.get("timings_ms") or {})),
+                  None, result.get("error"), "dicom")
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    result_id = int(self._db.execute(INSERT_RESULT, values).lastrowid)
+                    self._db.execute("UPDATE dicom_instances SET state = 'classified', "
+                                     "result_id = ? WHERE id = ?", (result_id, int(instance_id)))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to the results store {self.path}: {exc}") from None
+        return result_id
+
+    def stable_dicom_series(self, received_before: datetime) -> list[int]:
+        """Series still 'receiving' whose last instance came before the given time and whose
+        instances are all classified."""
+        cutoff = utc_text(received_before)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.id FROM dicom_series s WHERE s.state = 'receiving' AND "
+                "s.last_received_at <= ? AND NOT EXISTS (SELECT 1 FROM dicom_instances i WHERE "
+                "i.series_id = s.id AND i.state = 'received') ORDER BY s.id", (cutoff,)).fetchall()
+        return [int(row[0]) for row in rows]
+
+    def dicom_series_slices(self, series_id: int) -> list[dict[str, Any]]:
+        """A series' instances in slice order with their results (status, label, probabilities...)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT i.id, i.sop_instance_uid, i.sop_class_uid, i.instance_number, "
+                "i.slice_location, i.state, "
+                "r.id, r.status, r.reason, r.label, r.confidence, r.probabilities, r.error "
+                "FROM dicom_instances i LEFT JOIN results r ON r.id = i.result_id "
+                "WHERE i.series_id = ? ORDER BY i.slice_location IS NULL, i.slice_location DESC, "
+                "i.instance_number, i.id", (int(series_id),)).fetchall()
+        keys = ("instance_id", "sop_instance_uid", "sop_class_uid", "instance_number",
+                "slice_location", "state",
+                "result_id", "status", "reason", "label", "confidence", "probabilities", "error")
+        slices = [dict(zip(keys, row, strict=True)) for row in rows]
+        for item in slices:
+            item["probabilities"] = json.loads(item["probabilities"] or "{}")
+        return slices
+
+    def complete_dicom_series(self, series_id: int, *, status: str | None, label: str | None,
+                              probabilities: Mapping[str, float], reason: str | None,
+                              aggregate: str, counts: Mapping[str, int],
+                              bundle_sha256: str | None = None, report: str | None = None) -> None:
+        """Store a series result and mark the series 'complete' (committed)."""
+        probabilities = dict(probabilities)
+        try:
+            with self._lock:
+                self._db.execute(
+                    "UPDATE dicom_series SET state = 'complete', completed_at = ?, status = ?, "
+                    "reason = ?, label = ?, confidence = ?, probabilities = ?, aggregate = ?, "
+                    "counts = ?, bundle_sha256 = ?, report = ? WHERE id = ?",
+                    (utc_now(), status, reason, label, probabilities.get(label) if label else None,
+                     json.dumps(probabilities), aggregate, json.dumps(dict(counts)),
+                     bundle_sha256, report, int(series_id)))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to the results store {self.path}: {exc}") from None
+
+    def get_dicom_series(self, series_id: int | None = None,
+                         series_uid: str | None = None) -> dict[str, Any] | None:
+        """One series by id or SeriesInstanceUID."""
+        column, value = ("id", series_id) if series_uid is None else ("series_uid", series_uid)
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(SERIES_COLUMNS)} FROM dicom_series "
+                                   f"WHERE {column} = ?", (value,)).fetchone()
+        return _series_dict(row) if row else None
+
+    def list_dicom_series(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """Series, the most recently received first."""
+        limit = max(0, min(int(limit), MAX_PAGE))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(SERIES_COLUMNS)} FROM dicom_series "
+                "ORDER BY last_received_at DESC, id DESC LIMIT ? OFFSET ?",
+                (limit, max(0, int(offset)))).fetchall()
+        return [_series_dict(row) for row in rows]
+
+    def dicom_series_progress(self, series_ids: list[int]) -> dict[int, dict[str, int]]:
+        """Live slice counts per series, read from its instances and their results (the stored
+        `counts` appear only when a series completes): slices, waiting (not classified yet),
+        ok, uncertain, out_of_domain, unreadable."""
+        ids = [int(i) for i in series_ids]
+        if not ids:
+            return {}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT i.series_id, COUNT(*), SUM(i.state = 'received'), "
+                "SUM(r.status = 'ok'), SUM(r.status = 'uncertain'), "
+                "SUM(r.status = 'out_of_domain'), SUM(i.state = 'classified' AND r.status IS NULL) "
+                "FROM dicom_instances i LEFT JOIN results r ON r.id = i.result_id "
+                f"WHERE i.series_id IN ({', '.join('?' * len(ids))}) GROUP BY i.series_id",
+                ids).fetchall()
+        keys = ("slices", "waiting", "ok", "uncertain", "out_of_domain", "unreadable")
+        progress = {i: dict.fromkeys(keys, 0) for i in ids}
+        for series_id, *values in rows:
+            progress[int(series_id)] = {k: int(v or 0) for k, v in zip(keys, values, strict=True)}
+        return progress
+
+    def count_dicom_series(self) -> int:
+        """How many series the store holds."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM dicom_series").fetchone()[0])
+
+    def dicom_spool_over(self, max_bytes: int) -> list[tuple[int, str]]:
+        """(instance id, spool path) of classified instances, oldest first, whose files take the
+        spool past `max_bytes`: what a retention limit removes."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, spool_path, bytes, state FROM dicom_instances "
+                "WHERE spool_path IS NOT NULL ORDER BY id DESC").fetchall()
+        total, over = 0, []
+        for instance_id, path, nbytes, state in rows:
+            total += int(nbytes or 0)
+            if total > max_bytes and state == "classified":
+                over.append((int(instance_id), path))
+        return over[::-1]
+
+    def forget_dicom_spool(self, instance_ids: list[int]) -> None:
+        """The spool files of these instances were removed (retention); their results stay."""
+        with self._lock:
+            self._db.executemany("UPDATE dicom_instances SET spool_path = NULL WHERE id = ?",
+                                 [(int(i),) for i in instance_ids])
