@@ -153,11 +153,14 @@ def test_saved_heatmap_is_readable_by_others(bundle: Path, tmp_path: Path) -> No
     assert stat.S_IMODE(path.stat().st_mode) == _expected_mode()
 
 
-def test_training_outputs_are_readable_by_others(tiny_model: Path) -> None:
+def test_training_and_convert_outputs_are_readable_by_others(tiny_model: Path,
+                                                            tiny_bundle: Path) -> None:
     files = [path for path in tiny_model.iterdir() if path.is_file()]
     assert {"model.keras", "metrics.json", "config.json"} <= {path.name for path in files}
+    files += [path for path in tiny_bundle.iterdir() if path.is_file()]
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == _expected_mode(), path.name
+    assert stat.S_IMODE(tiny_bundle.stat().st_mode) & 0o555 == 0o555  # others may list it
 
 
 # --- bundle errors on a device say what to do there (a device has no Makefile) ---------------
