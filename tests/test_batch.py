@@ -180,7 +180,7 @@ class TestLocalCluster:
         tampered = replace(payload, model=bytes([payload.model[0] ^ 1]) + payload.model[1:])
         with pytest.raises(batch.BatchError, match=r"the Ray job failed \(.*BundleError: the "
                                                    r"model bytes .* do not match"):
-            list(batch._score(scans.good[:4], tampered, 1, 1, None, 10, False))
+            list(batch._score(scans.good[:4], tampered, 1, {"threads": 1, "window": None}, 10, False))
 
 
 @pytest.mark.ray
@@ -325,6 +325,23 @@ def test_actor_verifies_the_bytes_it_receives(bundle_artifact, scans) -> None:
         batch._Scorer(replace(payload, model=flipped))
     with pytest.raises(BundleError, match="manifest bytes"):
         batch._Scorer(replace(payload, manifest=payload.manifest + b" "))
+
+
+def test_actors_honour_no_domain_check(bundle_artifact, tmp_path) -> None:
+    """`batch --no-domain-check` reaches the actors: every readable input gets a label."""
+    import numpy as np
+    from PIL import Image
+
+    bundle, artifact = bundle_artifact
+    payload = batch.ModelPayload.from_bundle(bundle, artifact)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96), np.uint8)).save(noise)
+    checked, forced = batch._Scorer(payload), batch._Scorer(payload, domain_check=False)
+    assert checked.classifier.gate is not None and forced.classifier.gate is None
+    (row,) = checked.score([str(noise)])
+    assert row["status"] == "out_of_domain" and row["label"] is None
+    (row,) = forced.score([str(noise)])
+    assert row["label"] in payload.labels and "domain check off" in row["reason"]
 
 
 def test_out_folder_of_another_model_is_refused(bundle_artifact, tmp_path) -> None:

@@ -146,7 +146,8 @@ class _Scorer:
     """
 
     def __init__(self, payload: ModelPayload, threads: int | None = 1,
-                 window: tuple[float, float] | None = None, decode_workers: int = 1) -> None:
+                 window: tuple[float, float] | None = None, decode_workers: int = 1,
+                 domain_check: bool = True) -> None:
         from .backends import open_backend
         from .bundle import MANIFEST, Bundle
         from .classifier import Classifier
@@ -169,7 +170,7 @@ class _Scorer:
                                   "match the manifest's sha256; it will not be run")
             engine = open_backend(artifact.format, payload.model, threads)
             spec = bundle.spec.with_window(window) if window is not None else None
-            self.classifier = Classifier(bundle, artifact, engine, spec)
+            self.classifier = Classifier(bundle, artifact, engine, spec, domain_check)
         self.payload = payload
         self.decode_workers = decode_workers
         self.node_id = None
@@ -552,6 +553,7 @@ def run_batch(inputs: Sequence[str], out: str | Path, *, bundle: str | Path | No
               address: str | None = None, window: tuple[float, float] | None = None,
               part_rows: int = DEFAULT_PART_ROWS, runtime_env: dict | None = None,
               verbose: bool = False, stop_after_parts: int | None = None,
+              domain_check: bool = True,
               on_start: Callable[[int, ModelPayload], None] | None = None,
               on_cluster: Callable[[Cluster], None] | None = None,
               on_part: Callable[[int], None] | None = None) -> BatchResult:
@@ -621,8 +623,9 @@ def run_batch(inputs: Sequence[str], out: str | Path, *, bundle: str | Path | No
                 n_actors = min(n_actors, len(todo))
                 result.actors = n_actors
                 with quiet_ray(verbose):
-                    for table in _score(todo, payload, n_actors, threads, window, part_rows,
-                                        verbose):
+                    options = {"threads": threads, "window": window,
+                               "domain_check": domain_check}
+                    for table in _score(todo, payload, n_actors, options, part_rows, verbose):
                         record(table)
                         if stop_after_parts is not None and result.parts >= stop_after_parts:
                             break
@@ -631,9 +634,12 @@ def run_batch(inputs: Sequence[str], out: str | Path, *, bundle: str | Path | No
     return result
 
 
-def _score(paths: list[str], payload: ModelPayload, actors: int, threads: int,
-           window: tuple[float, float] | None, part_rows: int, verbose: bool) -> Iterator[pa.Table]:
-    """The Ray Data pipeline: paths -> blocks -> actor pool -> result tables, as they finish."""
+def _score(paths: list[str], payload: ModelPayload, actors: int, options: dict[str, Any],
+           part_rows: int, verbose: bool) -> Iterator[pa.Table]:
+    """The Ray Data pipeline: paths -> blocks -> actor pool -> result tables, as they finish.
+
+    `options` are the actors' keyword arguments besides the payload (threads, window,
+    domain_check)."""
     import ray
     import ray.data
 
@@ -649,13 +655,13 @@ def _score(paths: list[str], payload: ModelPayload, actors: int, threads: int,
         _Scorer,
         # The bundle as bytes: Ray Data puts the constructor arguments into the object store
         # once per job, and every actor (on every node) receives and verifies them.
-        fn_constructor_kwargs={"payload": payload, "threads": threads, "window": window},
+        fn_constructor_kwargs={"payload": payload, **options},
         batch_size=rows_per_block,
         batch_format="numpy",
         # One block at a time per actor: blocks then go to whichever actor is free, rather than
         # queueing on the actors next to the (tiny) input data; files are read by path anyway.
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        num_cpus=threads,
+        num_cpus=options["threads"],
     )
     try:
         yield from scored.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..batch import DEFAULT_PART_ROWS  # the runner imports only the standard library up front
-from .common import BUNDLE_HELP, RAW, Progress, error, isatty, positive_int, window_arg
+from .common import BUNDLE_HELP, DOMAIN_CHECK_OFF, RAW, Progress, error, isatty, positive_int, window_arg
 
 if TYPE_CHECKING:
     from ..batch import Cluster, ModelPayload
@@ -57,6 +57,9 @@ def add_parser(commands: Any) -> None:
                             "default, else the smallest that passed its parity check)")
     batch.add_argument("--window", type=window_arg, metavar="lung|mediastinum|W,L",
                        help="CT window for DICOM (default: the bundle's)")
+    batch.add_argument("--no-domain-check", action="store_true",
+                       help="research use only: label every input, even one unlike the training "
+                            "images (default: check)")
     batch.add_argument("--part-rows", type=positive_int, default=DEFAULT_PART_ROWS, metavar="N",
                        help=f"at most N rows per Parquet part; a kill loses at most the parts in "
                             f"flight (default: {DEFAULT_PART_ROWS}, fewer for small jobs)")
@@ -104,11 +107,14 @@ def run(args: Any) -> int:
         with contextlib.suppress(ValueError):  # not the main thread
             previous.append(signal.signal(signal.SIGTERM, stop))
 
+    if args.no_domain_check and not args.quiet:
+        print(DOMAIN_CHECK_OFF, file=sys.stderr)
     try:
         result = run_batch(args.inputs, args.out, bundle=args.bundle, artifact=args.artifact,
                            actors=args.actors, threads=args.threads, address=args.address,
                            window=args.window, part_rows=args.part_rows,
                            runtime_env=parse_runtime_env(args.runtime_env), verbose=args.verbose,
+                           domain_check=not args.no_domain_check,
                            on_start=on_start, on_cluster=on_cluster, on_part=on_part)
     except KeyboardInterrupt:
         if progress:
