@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ct_edge.preprocess import MEMORY_BOUND_MB
+from ct_edge.limits import MEMORY_BOUND_MB
 
 from .compare import p50
 from .report import fmt

@@ -56,7 +56,7 @@ def limit_memory(bundle_dir: Path, name: str, folder: Path,
                  kinds: tuple[str, ...] = ()) -> dict:
     """Peak RSS of classifying the largest accepted input of each kind (`limit_input`) with
     artifact `name`, each in a fresh process, against MEMORY_BOUND_MB."""
-    from ct_edge.preprocess import MAX_FILE_BYTES, MAX_PIXELS, MEMORY_BOUND_MB
+    from ct_edge.limits import MAX_FILE_BYTES, MAX_PIXELS, MEMORY_BOUND_MB
 
     folder.mkdir(parents=True, exist_ok=True)
     inputs = {}
@@ -87,7 +87,7 @@ def limit_input(folder: Path, kind: str) -> Path:
     import numpy as np
     from PIL import Image
 
-    from ct_edge.preprocess import MAX_PIXELS
+    from ct_edge.limits import MAX_PIXELS
 
     side = math.isqrt(MAX_PIXELS)
     rng = np.random.default_rng(0)

@@ -253,14 +253,15 @@ def test_bundle_flags_foreign_inputs_and_answers_its_own(tiny_bundle: Path, synt
 
 def test_explanations_carry_the_status(tiny_bundle: Path, tmp_path: Path) -> None:
     from ct_edge.classifier import Classifier
+    from ct_edge.explain import explain
 
     noise = _foreign_png(tmp_path, "noise", RNG.uniform(0, 255, (128, 128)))
-    explanation = Classifier.from_bundle(tiny_bundle).explain(noise)
+    explanation = explain(Classifier.from_bundle(tiny_bundle), noise)
     assert explanation.status == "out_of_domain"
     assert explanation.reason.startswith("unlike the training images")
     record = explanation.to_dict()
     assert record["label"] is None and record["status"] == "out_of_domain"
-    forced = Classifier.from_bundle(tiny_bundle, domain_check=False).explain(noise)
+    forced = explain(Classifier.from_bundle(tiny_bundle, domain_check=False), noise)
     assert forced.status != "out_of_domain" and "domain check off" in forced.reason
 
 

@@ -30,7 +30,8 @@ from bundle_helpers import write_bundle  # noqa: E402
 
 from ct_edge.bundle import Bundle  # noqa: E402
 from ct_edge.errors import BundleError, InputError  # noqa: E402
-from ct_edge.preprocess import MAX_PIXELS, MAX_SIDE, PreprocessSpec, preprocess  # noqa: E402
+from ct_edge.limits import MAX_PIXELS, MAX_SIDE  # noqa: E402
+from ct_edge.preprocess import PreprocessSpec, preprocess  # noqa: E402
 from tools import fuzz  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"

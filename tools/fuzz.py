@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ct_edge.preprocess import MAX_PIXELS, MEMORY_BOUND_MB
+from ct_edge.limits import MAX_PIXELS, MEMORY_BOUND_MB
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"

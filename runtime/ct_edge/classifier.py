@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,10 +19,6 @@ from .dicom import INFO_KEY, DicomError, DicomInfo
 from .domain import FeatureGate, metadata_reason
 from .errors import REBUILD_BUNDLE, BundleError, InputError
 from .preprocess import PreprocessSpec, Source, decode, fit
-
-if TYPE_CHECKING:
-    from .explain import Explanation
-
 
 STATUSES = ("ok", "uncertain", "out_of_domain")
 CHECK_OFF = "domain check off (research use): the label is forced"
@@ -210,13 +205,6 @@ class Classifier:
         outputs = self.backend.run(batch, maps=True, features=True)
         return (apply_temperature(outputs.probabilities, self.bundle.temperature), outputs.maps,
                 self.gate.scores(outputs.features))
-
-    def explain(self, source: Source, method: str | None = None,
-                target: str | None = None) -> Explanation:
-        """A heatmap of where the answer comes from; see `ct_edge.explain.explain`."""
-        from .explain import explain
-
-        return explain(self, source, method=method, target=target)
 
     def _result(self, path: str, probabilities: np.ndarray, timings: dict[str, float],
                 score: float | None = None, info: DicomInfo | None = None) -> Prediction:

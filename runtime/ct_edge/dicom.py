@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
-from .preprocess import MAX_FILE_BYTES, STRIP_ROWS, one_line
+from .errors import InputError, one_line
+from .limits import MAX_FILE_BYTES, STRIP_ROWS
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -178,7 +178,7 @@ def _to_unit_range(ds, pixels: np.ndarray, photometric: str, window: tuple[float
 def _gray_image(ds, pixels: np.ndarray, photometric: str, window: tuple[float, float], name: str,
                 apply_modality_lut, apply_voi_lut) -> Image.Image:
     """One gray frame -> 'F' image in [0, 1], air dark, STRIP_ROWS rows at a time: whole-frame
-    float temporaries (pydicom's LUTs return float64) would break preprocess.MEMORY_BOUND_MB."""
+    float temporaries (pydicom's LUTs return float64) would break limits.MEMORY_BOUND_MB."""
     ct = str(ds.get("Modality", "")).strip().upper() == "CT"
     voi = not ct and ("WindowCenter" in ds or "VOILUTSequence" in ds)
     tops = range(0, pixels.shape[0], STRIP_ROWS)

@@ -23,3 +23,9 @@ class InputError(CtEdgeError):
 
 class BundleError(CtEdgeError):
     """The model bundle is missing, unknown, tampered with or unusable."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line: library messages can span lines or be empty."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

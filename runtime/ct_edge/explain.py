@@ -19,7 +19,6 @@ does not find two plausible lung fields. Pillow and numpy only.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

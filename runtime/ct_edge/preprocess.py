@@ -21,27 +21,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import DICOM_SUFFIXES
-from .errors import EMPTY_PATH, InputError
+from .errors import EMPTY_PATH, InputError, one_line
+from .limits import MAX_FILE_BYTES, MAX_PIXELS, MAX_SIDE, STRIP_ROWS
 
 Source = str | Path | bytes
 Aspect = Literal["stretch", "letterbox", "crop"]
 Contrast = Literal["none", "stretch"]
 
-# The memory bound: peak RSS of the runtime process (engine and model loaded) classifying any
-# input it accepts, so a 1 GB Pi-class board keeps room for the rest. The limits below are chosen
-# to meet it (benchmarks.memory.limit_input makes the largest accepted input of each kind).
-MEMORY_BOUND_MB = 256
-# 4,320 x 4,320 (18.7 M pixels): the largest chest detectors (43 cm CR/DX panels at 100 um,
-# ~4,300 x 4,300) fit; a CT slice is 512 x 512. A 16-bit PNG costs ~6 bytes a pixel (source +
-# float32 gray), an uncompressed DICOM ~8 (file bytes + pixels + float32 gray): at this limit the
-# worst accepted input stays under MEMORY_BOUND_MB with either engine. Larger is refused as a bomb.
-MAX_PIXELS = 4_320 * 4_320
-# Pillow's decoders spend time and memory per row: a 72-byte PNG claiming 1 x 64,000,000 pixels
-# took 5 s and 1.3 GB (found by tools/fuzz.py). No scan is anywhere near this long on one side.
-MAX_SIDE = 16_384
-# The whole file is read into memory: an uncompressed 16-bit DICOM at MAX_PIXELS is 37 MB.
-MAX_FILE_BYTES = 64 * 1024 * 1024
-STRIP_ROWS = 256  # rows converted to gray at a time: no whole-image temporaries
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # more than 8 bits: gray becomes float32
 _EXIF_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -161,12 +147,6 @@ def _read_bytes(source: Source) -> tuple[bytes, str]:
 def is_dicom(data: bytes) -> bool:
     """True for a DICOM Part 10 file (128-byte preamble, then 'DICM')."""
     return len(data) > 132 and data[128:132] == b"DICM"
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line: library messages can span lines or be empty."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Image:

@@ -29,8 +29,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..preprocess import MAX_FILE_BYTES, one_line
+from ..errors import InputError, one_line
+from ..limits import MAX_FILE_BYTES
 from ..store import Store, StoreError, bundle_identity
 from .config import NodeConfig
 from .contexts import (

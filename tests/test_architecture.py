@@ -1,0 +1,125 @@
+"""The shape of the `ct_edge` package (../shared/DESIGN.md): a library with thin front ends.
+
+- the library never imports a front end (cli, server, dicom_node);
+- front ends never import each other, except that a `ct-edge` command module starts one;
+- no import circle between modules, lazy and type-checking imports included;
+- no private `_name` imported from another module;
+- command modules import only the standard library and ct_edge at module level (start-up time).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "runtime" / "ct_edge"
+FRONT_ENDS = ("cli", "server", "dicom_node")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["ct_edge", *parts])
+
+
+def modules() -> dict[str, tuple[Path, ast.Module]]:
+    return {module_name(path): (path, ast.parse(path.read_text(), str(path)))
+            for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute module an ImportFrom names (relative imports resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = importer.split(".")
+    if not is_package:
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
+def imports(found: dict[str, tuple[Path, ast.Module]]) -> dict[str, set[str]]:
+    """Module -> the ct_edge modules it imports anywhere in its body."""
+    edges: dict[str, set[str]] = {}
+    for name, (path, tree) in found.items():
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = resolve(name, path.name == "__init__.py", node)
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    targets.add(sub if sub in found else target)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        edges[name] = {t for t in targets if t in found and t != name}
+    return edges
+
+
+def front_end(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in FRONT_ENDS else None
+
+
+FOUND = modules()
+EDGES = imports(FOUND)
+
+
+def test_the_library_never_imports_a_front_end() -> None:
+    bad = [(a, b) for a, targets in EDGES.items() for b in targets
+           if front_end(a) is None and front_end(b) is not None]
+    assert bad == []
+
+
+def test_front_ends_do_not_import_each_other() -> None:
+    # A command module (`ct-edge serve`, `ct-edge listen`) may start another front end.
+    bad = [(a, b) for a, targets in EDGES.items() for b in targets
+           if front_end(a) and front_end(b) and front_end(a) != front_end(b)
+           and front_end(a) != "cli"]
+    assert bad == []
+
+
+def test_no_import_circle() -> None:
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            current = todo.pop()
+            if current == goal:
+                return True
+            if current not in seen:
+                seen.add(current)
+                todo.extend(EDGES.get(current, ()))
+        return False
+
+    # A package's __init__ importing its own submodules (and back) is how packages work.
+    circles = sorted({tuple(sorted((a, b))) for a, targets in EDGES.items() for b in targets
+                      if reaches(b, a) and not (a.startswith(b + ".") or b.startswith(a + "."))})
+    assert circles == []
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    bad = []
+    for name, (path, tree) in FOUND.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and resolve(name, path.name == "__init__.py",
+                                                            node).startswith("ct_edge"):
+                bad += [f"{name}: {alias.name}" for alias in node.names
+                        if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert bad == []
+
+
+@pytest.mark.parametrize("name", sorted(n for n in FOUND if n.startswith("ct_edge.cli")))
+def test_command_modules_import_only_the_standard_library_up_front(name: str) -> None:
+    _, tree = FOUND[name]
+    heavy = []
+    for node in tree.body:  # module level only: functions import what they run
+        if isinstance(node, ast.Import):
+            heavy += [a.name for a in node.names if a.name.split(".")[0] not in sys.stdlib_module_names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            root = node.module.split(".")[0]
+            if root not in sys.stdlib_module_names and root != "__future__":
+                heavy.append(node.module)
+    assert heavy == []
