@@ -330,8 +330,20 @@ def test_empty_folder_is_an_input_error_and_others_still_run(capsys, bundle: Pat
     assert good["label"] in LABELS
 
 
+def test_dicom_without_an_image_is_out_of_domain_not_an_error(capsys, bundle: Path,
+                                                               tmp_path: Path) -> None:
+    """A well-formed DICOM object with no pixels (a report, a plan) is refused, with a reason."""
+    from test_preprocess import BAD_INPUTS
+
+    make, _ = BAD_INPUTS["dicom without pixel data"]
+    code, out, err = run(capsys, "classify", "--json", "--bundle", bundle, make(tmp_path))
+    (row,) = records(out)
+    assert code == 0 and error_lines(err) == []
+    assert row["status"] == "out_of_domain" and row["label"] is None and row["reason"]
+
+
 @pytest.mark.parametrize("case", ["empty file", "truncated png", "truncated jpeg", "text named .png",
-                                  "dicom without pixel data", "png bomb 50000x50000",
+                                  "png bomb 50000x50000",
                                   "png over own limit", "missing path", "fifo", "gif"])
 def test_bad_input_is_one_line_and_exit_1(capsys, bundle: Path, tmp_path: Path, case: str) -> None:
     from test_preprocess import BAD_INPUTS
