@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +112,9 @@ def write_int8(ctx: WriteContext) -> bytes:
     input_name = session.get_inputs()[0].name
     prepared = ctx.workdir / "onnx-int8-prepared.onnx"
     quantized = ctx.workdir / "onnx-int8.onnx"
-    with quiet():
+    # Shape inference writes temporary files (and external data of large models) into the current
+    # folder: keep them in the work folder, never beside the user's files.
+    with quiet(), contextlib.chdir(ctx.workdir):
         quant_pre_process(fp32, prepared)
         quantize_static(prepared, quantized, _Reader(input_name, images),
                         quant_format=QuantFormat.QDQ, per_channel=True,
