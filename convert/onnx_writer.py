@@ -110,11 +110,12 @@ def write_int8(ctx: WriteContext) -> bytes:
     fp32 = ctx.once("onnx-fp32", lambda: _fp32_proto(ctx))
     session = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    prepared = ctx.workdir / "onnx-int8-prepared.onnx"
-    quantized = ctx.workdir / "onnx-int8.onnx"
+    workdir = ctx.workdir.resolve()  # absolute: the current folder changes below
+    prepared = workdir / "onnx-int8-prepared.onnx"
+    quantized = workdir / "onnx-int8.onnx"
     # Shape inference writes temporary files (and external data of large models) into the current
     # folder: keep them in the work folder, never beside the user's files.
-    with quiet(), contextlib.chdir(ctx.workdir):
+    with quiet(), contextlib.chdir(workdir):
         quant_pre_process(fp32, prepared)
         quantize_static(prepared, quantized, _Reader(input_name, images),
                         quant_format=QuantFormat.QDQ, per_channel=True,
