@@ -334,7 +334,8 @@ def for_training(fit: Fit, config: TrainConfig, samples: Sequence[data_mod.Sampl
         "data": source, "confidence": [round(float(c), 6) for c in confidence],
         "correct": [bool(c) for c in correct]})
     plot([("held out", confidence, correct)], out / PLOT_FILE,
-         f"{method}: {source}", target, DEFAULT_MIN_COVERAGE)
+         f"{config.data or 'built-in synthetic CT slices'}: {source}", target,
+         DEFAULT_MIN_COVERAGE)
     test_probs = scale_temperature(model.predict(test[0], verbose=0), temperature)
     found["test_split"] = at_threshold(test_probs.max(1), test_probs.argmax(1) == test[1],
                                        point["threshold"])
