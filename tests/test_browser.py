@@ -1,6 +1,7 @@
 """The page at `/` in a real headless browser (Debian's chromium + chromium-driver, Selenium):
 upload a PNG and a DICOM, see the label, the status and the heatmap appear, see the history rows;
-the page fits a phone screen. Screenshots go to artifacts/browser/ (ignored) to be looked at.
+see DICOM series appear with their slice ribbon, status and counts; the page fits a phone screen.
+Screenshots go to artifacts/browser/ (ignored) to be looked at.
 
 Skips with the reason when chromium is not installed here; `tools/setup_system.sh` installs it
 and CI runs that before the tests.
@@ -136,3 +137,85 @@ def test_page_asks_for_the_token_and_then_works(browser, tiny_bundle: Path,
         browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
         wait_for(browser, lambda d: "classes:" in d.find_element(By.ID, "model").text)
         assert not browser.find_element(By.ID, "token-section").is_displayed()
+
+
+def add_series(store: Store, series_uid: str, slices: list[dict | None]) -> int:
+    """What `ct-edge listen` records, through the store API: one instance per item, classified
+    with the result dict (None: still waiting); the series id."""
+    for n, result in enumerate(slices):
+        instance_id = store.add_dicom_instance(
+            sop_instance_uid=f"{series_uid}.{n + 1}", study_uid="1.2.826.0.1.3680043.2.7",
+            series_uid=series_uid, spool_path=f"spool/{n}.dcm", nbytes=1000, modality="CT",
+            patient_id="PATIENT-42", description="CHEST 1mm", instance_number=n + 1,
+            slice_location=-5.0 * n)
+        if result is not None:
+            store.add_dicom_result(instance_id, source=f"dicom {series_uid}.{n + 1}", **result)
+    return store.get_dicom_series(series_uid=series_uid)["id"]
+
+
+def test_series_appear_with_ribbon_status_and_counts(browser, tiny_bundle: Path,
+                                                     tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    normal = {"status": "ok", "label": "Normal",
+              "probabilities": {"COVID-19": 0.05, "Normal": 0.9, "Viral Pneumonia": 0.05}}
+    covid = {"status": "ok", "label": "COVID-19",
+             "probabilities": {"COVID-19": 0.8, "Normal": 0.1, "Viral Pneumonia": 0.1}}
+    unsure = {"status": "uncertain", "label": "COVID-19", "reason": "confidence below 0.70",
+              "probabilities": {"COVID-19": 0.5, "Normal": 0.3, "Viral Pneumonia": 0.2}}
+    outside = {"status": "out_of_domain", "reason": "unlike the training images (score 8.1 > 3.2)"}
+    unreadable = {"status": None, "error": "pixel data cannot be decoded"}
+    data_dir = tmp_path / "data"
+    with serving(tiny_bundle, data_dir) as url, Store(data_dir) as listener:
+        receiving = add_series(listener, "1.2.826.0.1.3680043.2.7.1001",
+                               [normal] * 6 + [covid] * 3 + [None] * 3)
+        browser.get(url + "/")
+        card = wait_for(browser, lambda d: d.find_elements(
+            By.CSS_SELECTOR, f'.series[data-series-id="{receiving}"]'))[0]
+        assert card.get_attribute("data-state") == "receiving"
+        assert card.find_element(By.CSS_SELECTOR, ".status").text.startswith("RECEIVING")
+        assert "12 slices" in card.text and "9 classified" in card.text and "3 waiting" in card.text
+        assert "PATIENT-42" not in browser.find_element(By.TAG_NAME, "body").text
+        # A series the node completes while the page is open appears without a reload.
+        done = add_series(listener, "1.2.826.0.1.3680043.2.7.2002",
+                          [normal] * 20 + [unsure] * 8 + [covid] * 10 + [outside] * 3 + [unreadable])
+        listener.complete_dicom_series(
+            done, status="uncertain", label="COVID-19", reason="confidence 0.52 below 0.70",
+            probabilities={"COVID-19": 0.52, "Normal": 0.4, "Viral Pneumonia": 0.08},
+            aggregate="topk-mean", counts={"slices": 42})
+        card = wait_for(browser, lambda d: d.find_elements(
+            By.CSS_SELECTOR, f'.series[data-series-id="{done}"]'), timeout=30)[0]
+        status = card.find_element(By.CSS_SELECTOR, ".status")
+        assert status.text.startswith("UNCERTAIN") and status.get_attribute("role") == "alert"
+        assert card.find_element(By.CSS_SELECTOR, ".label").text == "Series: COVID-19 52.0%"
+        counts = card.find_element(By.CSS_SELECTOR, ".counts").text
+        assert counts == ("42 slices · 38 classified (8 uncertain) · 3 out of domain · "
+                          "1 unreadable")
+        cells = card.find_elements(By.CSS_SELECTOR, ".ribbon .cell")
+        assert [c.get_attribute("data-status") for c in cells] == (
+            ["ok"] * 20 + ["uncertain"] * 8 + ["ok"] * 10 + ["out_of_domain"] * 3 + ["error"])
+        assert "UNCERTAIN" in cells[20].get_attribute("aria-label")
+        # Keyboard: one Tab stop, arrow keys walk the slices and the result is read out.
+        assert [c.get_attribute("tabindex") for c in cells].count("0") == 1
+        cells[0].click()
+        for _ in range(40):
+            browser.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
+        active = browser.switch_to.active_element
+        assert active.get_attribute("data-index") == "40"
+        card = browser.find_element(By.CSS_SELECTOR, f'.series[data-series-id="{done}"]')
+        detail = card.find_element(By.CSS_SELECTOR, ".slice-detail").text
+        assert detail.startswith("Slice 41 of 42") and "out of domain" in detail
+        browser.execute_script("arguments[0].scrollIntoView()", card)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "series_desktop.png"))
+        section = browser.find_element(By.ID, "series-title").find_element(By.XPATH, "..")
+        section.screenshot(str(SCREENSHOTS / "series_section.png"))
+
+        browser.set_window_size(390, 844)
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 1, f"the page is {overflow} px wider than a phone screen"
+        browser.execute_script("arguments[0].scrollIntoView()",
+                               browser.find_element(By.ID, "series-title"))
+        browser.save_screenshot(str(SCREENSHOTS / "series_phone.png"))

@@ -221,6 +221,95 @@ def test_missing_results_are_404(api: Running) -> None:
         assert status == 404 and "error" in body, path
 
 
+# --- DICOM series (written by `ct-edge listen`; here through the store API) ---------------------
+
+
+def add_series(store: Store, series_uid: str, slices: list[dict | None]) -> int:
+    """Record one received instance per item (slice locations descending from 0), classify those
+    with a result dict (None: still waiting); the series id."""
+    for n, result in enumerate(slices):
+        instance_id = store.add_dicom_instance(
+            sop_instance_uid=f"{series_uid}.{n + 1}", study_uid="1.2.826.0.1.99", modality="CT",
+            series_uid=series_uid, spool_path=f"spool/{n}.dcm", nbytes=1000,
+            patient_id="PATIENT-42", description="CHEST 1mm", instance_number=n + 1,
+            slice_location=-5.0 * n, calling_ae="SCANNER")
+        if result is not None:
+            store.add_dicom_result(instance_id, source=f"dicom {series_uid}.{n + 1}", **result)
+    return store.get_dicom_series(series_uid=series_uid)["id"]
+
+
+OK = {"status": "ok", "label": "Normal", "probabilities": {"Normal": 0.9, "COVID": 0.1}}
+UNSURE = {"status": "uncertain", "label": "COVID", "probabilities": {"Normal": 0.45, "COVID": 0.55},
+          "reason": "confidence 0.55 below the operating point 0.70"}
+OUTSIDE = {"status": "out_of_domain", "reason": "modality MR; this bundle accepts CT"}
+UNREADABLE = {"status": None, "error": "pixel data cannot be decoded"}
+
+
+def test_series_list_newest_first_paged_with_live_counts(classifier: Classifier,
+                                                         tmp_path: Path) -> None:
+    with serving(classifier, tmp_path / "data") as api:
+        status, page = api.json("GET", "/v1/series")
+        assert (status, page["series"], page["total"]) == (200, [], 0)
+        first = add_series(api.store, "1.2.826.0.1.1", [OK, UNSURE, OUTSIDE, UNREADABLE])
+        api.store.complete_dicom_series(first, status="uncertain", label="Normal",
+                                        probabilities={"Normal": 0.6, "COVID": 0.4},
+                                        reason="below the operating point", aggregate="topk-mean",
+                                        counts={"slices": 4, "used": 2})
+        second = add_series(api.store, "1.2.826.0.1.2", [OK, None])
+        status, page = api.json("GET", "/v1/series")
+        assert status == 200 and (page["total"], page["limit"], page["offset"]) == (2, 50, 0)
+        assert [s["id"] for s in page["series"]] == [second, first]
+        newest, oldest = page["series"]
+        assert newest["state"] == "receiving" and newest["status"] is None
+        assert newest["progress"] == {"slices": 2, "waiting": 1, "ok": 1, "uncertain": 0,
+                                      "out_of_domain": 0, "unreadable": 0}
+        assert oldest["state"] == "complete" and oldest["label"] == "Normal"
+        assert oldest["status"] == "uncertain" and oldest["instances"] == 4
+        assert oldest["progress"] == {"slices": 4, "waiting": 0, "ok": 1, "uncertain": 1,
+                                      "out_of_domain": 1, "unreadable": 1}
+        assert oldest["description"] == "CHEST 1mm" and oldest["modality"] == "CT"
+        # The API and the page show no patient identifier.
+        assert all("patient_id" not in s for s in page["series"])
+        assert b"PATIENT-42" not in api.request("GET", f"/v1/series/{first}")[2]
+        status, page = api.json("GET", "/v1/series?limit=1&offset=1")
+        assert [s["id"] for s in page["series"]] == [first] and page["total"] == 2
+
+
+def test_series_detail_has_its_slice_results_in_slice_order(classifier: Classifier,
+                                                            tmp_path: Path) -> None:
+    with serving(classifier, tmp_path / "data") as api:
+        series_id = add_series(api.store, "1.2.826.0.1.3", [OK, UNSURE, OUTSIDE, UNREADABLE, None])
+        status, series = api.json("GET", f"/v1/series/{series_id}")
+        assert status == 200 and series["id"] == series_id
+        assert series["series_uid"] == "1.2.826.0.1.3" and series["progress"]["slices"] == 5
+        slices = series["slices"]
+        # Slice order is head to feet: slice location descending (0, -5, -10, ...).
+        assert [s["slice_location"] for s in slices] == [0.0, -5.0, -10.0, -15.0, -20.0]
+        assert [s["status"] for s in slices] == ["ok", "uncertain", "out_of_domain", None, None]
+        assert [s["state"] for s in slices] == ["classified"] * 4 + ["received"]
+        assert slices[0]["label"] == "Normal" and slices[0]["probabilities"]["Normal"] == 0.9
+        assert slices[2]["label"] is None and "modality MR" in slices[2]["reason"]
+        assert slices[3]["error"] == "pixel data cannot be decoded"
+        assert slices[4]["result_id"] is None
+        # Each classified slice is also a result row the results endpoint serves.
+        status, row = api.json("GET", f"/v1/results/{slices[1]['result_id']}")
+        assert status == 200 and row["origin"] == "dicom" and row["status"] == "uncertain"
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=5000", "offset=-1"])
+def test_bad_series_queries_are_400(api: Running, query: str) -> None:
+    status, body = api.json("GET", f"/v1/series?{query}")
+    assert status == 400 and "error" in body
+
+
+def test_missing_series_are_404_and_writes_405(api: Running) -> None:
+    for path in ("/v1/series/999999", "/v1/series/9999999999999999999", "/v1/series/x"):
+        status, body = api.json("GET", path)
+        assert status == 404 and "error" in body, path
+    status, headers, _ = api.request("POST", "/v1/series", b"{}")
+    assert status == 405 and headers["allow"] == "GET"
+
+
 # --- errors: 400 / 404 / 405 / 411 / 413 / 415 -------------------------------------------------
 
 
@@ -441,6 +530,7 @@ def test_token_guards_everything_but_health_and_the_page(classifier: Classifier,
                                    ("GET", "/v2", None), ("GET", "/v2/models/ct-edge", None),
                                    ("POST", "/v2/models/ct-edge/infer", b"{}"),
                                    ("GET", "/metrics", None), ("GET", "/v1/results/1", None),
+                                   ("GET", "/v1/series", None), ("GET", "/v1/series/1", None),
                                    ("GET", "/nowhere", None)]:
             for headers in ({}, {"Authorization": "Bearer wrong-token-xx"},
                             {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
@@ -455,6 +545,7 @@ def test_token_guards_everything_but_health_and_the_page(classifier: Classifier,
         good = {"Authorization": f"Bearer {TOKEN}"}
         assert api.request("POST", "/v1/classify", PNG, good)[0] == 200
         assert api.request("GET", "/v1/results", None, good)[0] == 200
+        assert api.request("GET", "/v1/series", None, good)[0] == 200
         assert api.store.count() == 1  # refused requests stored nothing
         for path in ("/v2/health/live", "/v2/health/ready", "/", "/static/app.js"):
             assert api.request("GET", path)[0] == 200, path
@@ -576,7 +667,8 @@ def test_fuzz_never_gets_a_500(api: Running) -> None:
                      {"inputs": [{"name": "input", "shape": [1, 2, 2, 3], "datatype": "FP32",
                                   "data": [0.5] * 12}]}]
     paths = ["/v1/classify", "/v1/classify?explain=1", "/v2/models/ct-edge/infer",
-             "/v1/results", "/v1/results/1", "/metrics", "/", "/v2/models/ct-edge"]
+             "/v1/results", "/v1/results/1", "/v1/series", "/v1/series/1", "/metrics", "/",
+             "/v2/models/ct-edge"]
     statuses: dict[int, int] = {}
     for case in range(400):
         kind = case % 5

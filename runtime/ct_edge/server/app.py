@@ -98,6 +98,8 @@ ROUTES: list[Route] = [(method, re.compile(f"^{pattern}$"), name) for method, pa
     ("GET", "/v1/results", "results"),
     ("GET", r"/v1/results/(?P<id>[0-9]{1,19})", "result"),
     ("GET", r"/v1/results/(?P<id>[0-9]{1,19})/heatmap\.png", "heatmap"),
+    ("GET", "/v1/series", "series_list"),
+    ("GET", r"/v1/series/(?P<id>[0-9]{1,19})", "series"),
     ("GET", "/metrics", "metrics"),
 ]]
 OPEN_ROUTES = {"page", "static", "health_live", "health_ready"}
@@ -424,6 +426,25 @@ class Handler(BaseHTTPRequestHandler):
             raise ClientError(404, f"no heatmap for result {params['id']}")
         self._send(200, data, "image/png")
 
+    def _series_list(self, params: dict, query: dict, body: bytes) -> None:
+        limit = _int_query(query, "limit", 50, 1, 1000)
+        offset = _int_query(query, "offset", 0, 0, MAX_RESULT_ID)
+        store = self.server.service.store
+        rows = store.list_dicom_series(limit, offset)
+        progress = store.dicom_series_progress([row["id"] for row in rows])
+        self._json(200, {"series": [_public_series(row, progress[row["id"]]) for row in rows],
+                         "total": store.count_dicom_series(), "limit": limit, "offset": offset})
+
+    def _series(self, params: dict, query: dict, body: bytes) -> None:
+        store = self.server.service.store
+        series_id = _result_id(params, "series")
+        row = store.get_dicom_series(series_id)
+        if row is None:
+            raise ClientError(404, f"no series {params['id']}")
+        slices = store.dicom_series_slices(series_id)
+        progress = store.dicom_series_progress([series_id])[series_id]
+        self._json(200, {**_public_series(row, progress), "slices": slices})
+
     def _metrics(self, params: dict, query: dict, body: bytes) -> None:
         self._send(200, self.server.metrics.render().encode(),
                    "text/plain; version=0.0.4; charset=utf-8")
@@ -438,10 +459,10 @@ def _int_query(query: dict, key: str, default: int, low: int, high: int) -> int:
     return int(raw)
 
 
-def _result_id(params: dict) -> int:
+def _result_id(params: dict, kind: str = "result") -> int:
     value = int(params["id"])
     if value > MAX_RESULT_ID:
-        raise ClientError(404, f"no result {params['id']}")
+        raise ClientError(404, f"no {kind} {params['id']}")
     return value
 
 
@@ -449,6 +470,13 @@ def _public(row: dict) -> dict:
     """A store row as the API shows it: the heatmap as a URL."""
     row = dict(row)
     row["heatmap"] = f"/v1/results/{row['id']}/heatmap.png" if row["heatmap"] else None
+    return row
+
+
+def _public_series(row: dict, progress: dict[str, int]) -> dict:
+    """A DICOM series as the API shows it: no patient identifier; live slice counts."""
+    row = {key: value for key, value in row.items() if key != "patient_id"}
+    row["progress"] = progress
     return row
 
 
