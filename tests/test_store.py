@@ -235,3 +235,29 @@ def test_results_command_series_view(tmp_path: Path, capsys) -> None:
     Store(tmp_path).close()
     assert cli.main(["results", "--data-dir", str(tmp_path), "--series"]) == 0
     assert capsys.readouterr().out.strip() == "no DICOM series stored"
+
+
+def test_series_progress_counts_each_instance_once_and_live(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        def receive(n: int) -> int:
+            return store.add_dicom_instance(sop_instance_uid=f"1.9.{n}", study_uid="1.9",
+                                            series_uid="1.9.1", spool_path=f"{n}.dcm", nbytes=10)
+
+        ids = [receive(n) for n in range(4)]
+        store.add_dicom_result(ids[0], source="a", status="ok", label="Normal",
+                               probabilities={"Normal": 0.9, "COVID-19": 0.1})
+        store.add_dicom_result(ids[1], source="b", status="out_of_domain", reason="modality MR")
+        store.add_dicom_result(ids[2], source="c", status=None, error="cannot decode")
+        series_id = store.get_dicom_series(series_uid="1.9.1")["id"]
+        empty = dict.fromkeys(("slices", "waiting", "ok", "uncertain", "out_of_domain",
+                               "unreadable"), 0)
+        assert store.dicom_series_progress([series_id, series_id + 1]) == {
+            series_id: {"slices": 4, "waiting": 1, "ok": 1, "uncertain": 0, "out_of_domain": 1,
+                        "unreadable": 1},
+            series_id + 1: empty}
+        receive(0)  # sent again: replaces the classified copy, waits again, counts once
+        assert store.dicom_series_progress([series_id])[series_id] == {
+            "slices": 4, "waiting": 2, "ok": 0, "uncertain": 0, "out_of_domain": 1,
+            "unreadable": 1}
+        assert store.count_dicom_series() == 1
+        assert store.dicom_series_progress([]) == {}
