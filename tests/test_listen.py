@@ -571,7 +571,9 @@ def test_series_report_is_forwarded(ct_bundle: Path, tmp_path: Path) -> None:
             assert dcmtk("storescu", listener.port, *map(str, info.files)).returncode == 0
             series = wait_series(listener.data_dir, info.series_uid, instances=5)
             deadline = time.monotonic() + 60
-            while not list(received.iterdir()) and time.monotonic() < deadline:
+            # The receiver writes the file before the node logs the C-STORE's answer: wait for both.
+            while time.monotonic() < deadline and not (
+                    list(received.iterdir()) and "forwarded to RESEARCHPACS" in listener.log()):
                 time.sleep(0.2)
             log = listener.log()
     finally:
