@@ -64,7 +64,7 @@ def test_student_follows_the_teacher_not_only_the_labels() -> None:
     rng = np.random.default_rng(0)
     x = rng.random((24, 48, 48, 3), dtype=np.float32)  # teacher size 48, student 32
     y = np.zeros(24, np.int64)  # every label says class 0; the teacher says mostly class 2
-    config = TrainConfig(arch="edge-sep", epochs=15, patience=15, learning_rate=3e-3,
+    config = TrainConfig(abstention_folds=0, arch="edge-sep", epochs=15, patience=15, learning_rate=3e-3,
                          batch_size=8, augment=True, class_weights=False,
                          spec=replace(PreprocessSpec(), size=32).to_dict())
     student, history = distill(_constant_teacher(48, q), config, x, y, x[:6], y[:6],

@@ -204,7 +204,8 @@ def test_training_killed_mid_epoch_resumes_and_finishes(tmp_path: Path) -> None:
     data = write_easy_images(tmp_path / "data", train_per_class=30, test_per_class=20)
     epochs = 10
     command = [sys.executable, "-m", "training.train", "--data", str(data), "--epochs", str(epochs),
-               "--patience", str(epochs), "--arch", "reference", "--no-augment"]
+               "--patience", str(epochs), "--arch", "reference", "--no-augment",
+               "--abstention-folds", "0"]
 
     def train(out: str) -> Run:
         # cwd: the decode cache (artifacts/cache) lands in tmp_path, not in the repository.
