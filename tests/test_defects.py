@@ -19,10 +19,8 @@ from ct_edge import cli
 from ct_edge import explain as explain_module
 from ct_edge.classifier import Classifier
 from ct_edge.errors import EMPTY_PATH, BundleError, InputError
+from ct_edge.limits import MAX_PIXELS, MEMORY_BOUND_MB, STRIP_ROWS
 from ct_edge.preprocess import (
-    MAX_PIXELS,
-    MEMORY_BOUND_MB,
-    STRIP_ROWS,
     PreprocessSpec,
     check_window,
     decode,
