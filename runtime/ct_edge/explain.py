@@ -55,7 +55,6 @@ class Explanation:
     path: str
     label: str
     probabilities: dict[str, float]
-    uncertain: bool
     target: str  # the class the heatmap is for (the predicted one unless asked otherwise)
     method: str
     artifact: str
@@ -73,12 +72,16 @@ class Explanation:
     status: str = "ok"
     reason: str | None = None
 
+    @property
+    def uncertain(self) -> bool:
+        return self.status == "uncertain"
+
     def to_dict(self) -> dict:
         """The --json object (without the output path)."""
         answered = self.status != "out_of_domain"
         return {"path": self.path, "label": self.label if answered else None,
-                "confidence": round(self.probabilities[self.label], 6) if answered else 0.0,
-                "uncertain": self.uncertain, "status": self.status, "reason": self.reason,
+                "confidence": round(self.probabilities[self.label], 6) if answered else None,
+                "status": self.status, "reason": self.reason,
                 "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
                 "target": self.target, "method": self.method, "artifact": self.artifact,
                 "peak": self.peak, "lung_share": _round(self.lung_share),
@@ -150,7 +153,6 @@ def explain(classifier: Classifier, source: Source | np.ndarray, method: str | N
         path=name, label=classifier.labels[best],
         probabilities={label: float(p) for label, p in zip(classifier.labels, probabilities,
                                                             strict=True)},
-        uncertain=bool(probabilities[best] < classifier.bundle.uncertain_below),
         target=classifier.labels[index], method=method, artifact=classifier.artifact.name,
         image=gray, heatmap=heatmap, source_size=input_size,
         peak=peak_location(heatmap, input_size, classifier.spec, decoded_size),
@@ -431,7 +433,10 @@ def render(e: Explanation, panel: int = PANEL) -> Image.Image:
             draw.line([(px, py - 7), (px, py + 7)], fill=color, width=width)
     font, small = _font(15), _font(12)
     confidence = e.probabilities[e.label]
-    title = f"{e.label} {confidence:.1%}" + (" (uncertain)" if e.uncertain else "")
+    if e.status == "out_of_domain":
+        title = f"OUT OF DOMAIN: no answer (heat for the model's pick, {e.label})"
+    else:
+        title = f"{e.label} {confidence:.1%}" + (" (UNCERTAIN)" if e.uncertain else "")
     draw.text((6, 4), title, fill=(255, 255, 255), font=font)
     others = "   ".join(f"{label} {p:.1%}" for label, p in
                        sorted(e.probabilities.items(), key=lambda item: -item[1]))
