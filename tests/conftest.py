@@ -31,9 +31,8 @@ def tiny_model(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     from training.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("model")
-    # abstention_folds=0: the operating point from the validation split, not two more trainings.
     train(TrainConfig(data=str(synthetic_root), out=str(out), epochs=3, patience=3,
-                      cache=str(out / "cache"), abstention_folds=0))
+                      cache=str(out / "cache")))
     return out
 
 

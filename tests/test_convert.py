@@ -35,8 +35,7 @@ def easy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("convert")
     data = write_easy_images(base / "data", train_per_class=30, test_per_class=20)
     out = base / "model"
-    train(TrainConfig(abstention_folds=0,
-                      data=str(data), out=str(out), arch="reference", epochs=10, patience=10,
+    train(TrainConfig(data=str(data), out=str(out), arch="reference", epochs=10, patience=10,
                       augment=False, cache=str(base / "cache"),
                       spec=PreprocessSpec(size=SIZE).to_dict()))
     return out / "model.keras"

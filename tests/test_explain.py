@@ -26,7 +26,7 @@ from ct_edge.explain import (
 )
 from ct_edge.preprocess import PreprocessSpec
 
-JSON_KEYS = {"path", "label", "confidence", "uncertain", "status", "reason", "probabilities",
+JSON_KEYS = {"path", "label", "confidence", "status", "reason", "probabilities",
              "target", "method", "artifact", "peak", "lung_share", "lung_area", "border_share", "border_area",
              "timings_ms", "output", "error"}
 
