@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error, native_info_silenced
+from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error, native_info_silenced, port
 
 EXAMPLES = """\
 examples:
@@ -58,16 +58,6 @@ def _cidr_list(text: str) -> tuple[str, ...]:
     return parts
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0-65535 (0: any free port), got {value}")
-    return value
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -96,7 +86,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--bundle", metavar="DIR", help=BUNDLE_HELP)
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default: 0.0.0.0, every interface)")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port, default=DEFAULT_PORT,
                         help=f"TCP port (default: {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--ae-title", type=_ae_title, default="CTEDGE",
                         help="this node's AE title; associations calling another are rejected "

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error, native_info_silenced
+from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error, native_info_silenced, port
 
 ENV_TOKEN = "CT_EDGE_TOKEN"
 DEFAULT_PORT = 8080
@@ -27,16 +27,6 @@ endpoint but /v2/health/* and the page's own files then needs 'Authorization: Be
 Each answer is committed to the results store (--data-dir) before it is sent. SIGINT/SIGTERM stop
 it cleanly: requests in flight finish, the store is closed. docs/serve.md has the details.
 """
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0-65535 (0: any free port), got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -69,7 +59,7 @@ def add_parser(commands: Any) -> None:
                         help="artifact to run (default: the bundle's default)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port, default=DEFAULT_PORT,
                         help=f"TCP port (default: {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="results store and heatmaps (default: $CT_EDGE_DATA, else "
