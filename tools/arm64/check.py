@@ -133,7 +133,7 @@ def run(command: list[str], env: dict[str, str], what: str, timeout: float) -> t
 
 
 def compare(host: dict, arm: dict, tolerance: float) -> tuple[list[str], dict]:
-    """Same label and probabilities within `tolerance` for every artifact and input, int8 ones
+    """Same label, status and probabilities within `tolerance` for every artifact and input, int8 ones
     included. For an int8-output model the report adds, as a diagnosis when it fails, how many
     output quantization steps apart the raw outputs are and whether TFLite's portable reference
     kernels agree (then the difference is in the optimized kernels, not in the runtime)."""
@@ -150,9 +150,10 @@ def compare(host: dict, arm: dict, tolerance: float) -> tuple[list[str], dict]:
             if a["path"] != b["path"]:
                 problems.append(f"{name}: inputs out of order ({a['path']} vs {b['path']})")
                 continue
-            same += a["label"] == b["label"]
-            if a["label"] != b["label"]:
-                problems.append(f"{name}: {a['path']}: x86 says {a['label']}, aarch64 {b['label']}")
+            answer_a, answer_b = (a["label"], a.get("status")), (b["label"], b.get("status"))
+            same += answer_a == answer_b
+            if answer_a != answer_b:
+                problems.append(f"{name}: {a['path']}: x86 says {answer_a}, aarch64 {answer_b}")
             # np.max, not max(): a NaN must propagate, not lose every comparison
             diff = float(np.max(np.abs([a["probabilities"][k] - b["probabilities"][k]
                                         for k in a["probabilities"]])))

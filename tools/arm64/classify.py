@@ -41,11 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         results = []
         for path in args.images:
-            prediction = classifier.predict(path)
-            # The engine's own output, before the bundle's temperature scaling.
-            raw = classifier.backend.predict(preprocess(path, classifier.spec)[None])[0]
-            results.append({"path": path, "label": prediction.label,
-                            "probabilities": prediction.probabilities, "raw": raw.tolist()})
+            prediction = classifier.predict(path)  # label and status, domain gate included
+            x = preprocess(path, classifier.spec)[None]
+            # The model's probabilities also for inputs the gate refuses (no label, maybe no
+            # inference), and the engine's own output before the bundle's temperature scaling.
+            probabilities = classifier.predict_array(x)[0]
+            raw = classifier.backend.predict(x)[0]
+            results.append({"path": path, "label": prediction.label, "status": prediction.status,
+                            "probabilities": dict(zip(classifier.labels, map(float, probabilities),
+                                                      strict=True)),
+                            "raw": raw.tolist()})
         t2 = time.perf_counter()
         entry = {"engine": classifier.backend.engine, "sha256": classifier.artifact.sha256,
                  "load_seconds": round(t1 - t0, 3), "classify_seconds": round(t2 - t1, 3),
