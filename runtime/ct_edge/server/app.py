@@ -27,8 +27,8 @@ from urllib.parse import parse_qs, urlsplit
 from .. import DISCLAIMER, __version__
 from ..classifier import STATUSES
 from ..store import StoreError
-from . import oip
 from .metrics import Metrics
+from .oip import infer, model_metadata, server_metadata
 from .service import Busy, ClientError, Service
 
 STATIC = Path(__file__).parent / "static"
@@ -378,15 +378,15 @@ class Handler(BaseHTTPRequestHandler):
     _model_ready = _health_ready
 
     def _server_metadata(self, params: dict, query: dict, body: bytes) -> None:
-        self._json(200, oip.server_metadata())
+        self._json(200, server_metadata())
 
     def _model_metadata(self, params: dict, query: dict, body: bytes) -> None:
-        self._json(200, oip.model_metadata(self.server.service))
+        self._json(200, model_metadata(self.server.service))
 
     def _infer(self, params: dict, query: dict, body: bytes) -> None:
         header = self.headers.get("Inference-Header-Content-Length")
         service = self.server.service
-        self._json(200, service.run(oip.infer, service, body, header))
+        self._json(200, service.run(infer, service, body, header))
 
     # --- plain endpoints ------------------------------------------------------------------------
 
