@@ -32,8 +32,9 @@ from .schema import (
     RESULT_COLUMNS,
     StoreError,
     migrate,
+    result_values,
     schema_version,
-    utc_now,
+    transaction,
 )
 from .series import SERIES_COLUMNS, DicomSeriesStore
 
@@ -118,20 +119,18 @@ class Store(DicomSeriesStore):
             artifact: str | None = None, artifact_sha256: str | None = None,
             heatmap_png: bytes | None = None) -> int:
         """Write one result (and its heatmap file) and commit; the new row's id."""
-        probabilities = dict(probabilities or {})
-        confidence = probabilities.get(label) if label is not None else None
         heatmap = self._write_heatmap(heatmap_png) if heatmap_png is not None else None
-        values = (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256, status,
-                  reason, label, confidence, json.dumps(probabilities),
-                  json.dumps(dict(timings_ms or {})), heatmap, error, origin)
+        values = result_values(source=source, origin=origin, status=status, label=label,
+                               probabilities=probabilities, reason=reason, timings_ms=timings_ms,
+                               error=error, sha256=sha256, bundle_sha256=bundle_sha256,
+                               artifact=artifact, artifact_sha256=artifact_sha256, heatmap=heatmap)
         try:
-            with self._lock:
-                cursor = self._db.execute(INSERT_RESULT, values)
-                return int(cursor.lastrowid)
-        except sqlite3.Error as exc:
+            with transaction(self._db, self._lock, self.path) as db:
+                return int(db.execute(INSERT_RESULT, values).lastrowid)
+        except StoreError:
             if heatmap:
                 (self.heatmaps / heatmap).unlink(missing_ok=True)
-            raise StoreError(f"cannot write to the results store {self.path}: {exc}") from None
+            raise
 
     def add_prediction(self, prediction: Any, *, origin: str, source: str | None = None,
                        sha256: str | None = None, bundle_sha256: str | None = None,

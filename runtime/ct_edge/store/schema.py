@@ -6,9 +6,13 @@ Each runs once, in its own transaction, and the table `schema_version` records i
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sqlite3
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 
 from ..errors import CtEdgeError
 
@@ -23,6 +27,37 @@ INSERT_RESULT = (f"INSERT INTO results ({', '.join(RESULT_COLUMNS[1:])}) "
 
 class StoreError(CtEdgeError):
     """The store cannot be opened or written (unwritable folder, a newer schema, a corrupt file)."""
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection, lock: threading.Lock | threading.RLock,
+                path: Path) -> Iterator[sqlite3.Connection]:
+    """Under the store's lock, one committed transaction (rolled back on any error); an sqlite
+    error becomes one StoreError naming the store."""
+    try:
+        with lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot write to the results store {path}: {exc}") from None
+
+
+def result_values(*, source: str, origin: str, status: str | None, label: str | None,
+                  probabilities: Mapping[str, float] | None, reason: str | None,
+                  timings_ms: Mapping[str, float] | None, error: str | None, sha256: str | None,
+                  bundle_sha256: str | None, artifact: str | None, artifact_sha256: str | None,
+                  heatmap: str | None) -> tuple:
+    """One `results` row in INSERT_RESULT's column order."""
+    probabilities = dict(probabilities or {})
+    confidence = probabilities.get(label) if label is not None else None
+    return (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256, status,
+            reason, label, confidence, json.dumps(probabilities),
+            json.dumps(dict(timings_ms or {})), heatmap, error, origin)
 
 
 def utc_now() -> str:

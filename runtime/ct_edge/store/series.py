@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .schema import INSERT_RESULT, MAX_PAGE, StoreError, utc_now, utc_text
+from .schema import INSERT_RESULT, MAX_PAGE, result_values, transaction, utc_now, utc_text
 
 SERIES_COLUMNS = ("id", "study_uid", "series_uid", "patient_id", "modality", "description",
                   "calling_ae", "first_received_at", "last_received_at", "instances", "state",
@@ -46,49 +46,40 @@ class DicomSeriesStore:
         sent again replaces the earlier copy (it is classified again, counted once) and a
         completed series it belongs to goes back to 'receiving'."""
         now = utc_now()
-        try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    # Select first: an upsert would use up an AUTOINCREMENT id per instance.
-                    row = self._db.execute("SELECT id FROM dicom_series WHERE series_uid = ?",
-                                           (series_uid,)).fetchone()
-                    if row:
-                        series_id = int(row[0])
-                        self._db.execute("UPDATE dicom_series SET last_received_at = ?, "
-                                         "state = 'receiving' WHERE id = ?", (now, series_id))
-                    else:
-                        series_id = int(self._db.execute(
-                            "INSERT INTO dicom_series (study_uid, series_uid, patient_id, "
-                            "modality, description, calling_ae, first_received_at, "
-                            "last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (study_uid, series_uid, patient_id, modality, description, calling_ae,
-                             now, now)).lastrowid)
-                    fields = (sop_class_uid, series_id, instance_number, slice_location,
-                              spool_path, int(nbytes), sha256, now, calling_ae, peer)
-                    old = self._db.execute("SELECT id FROM dicom_instances WHERE "
-                                           "sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
-                    if old:
-                        self._db.execute(
-                            "UPDATE dicom_instances SET sop_class_uid = ?, series_id = ?, "
-                            "instance_number = ?, slice_location = ?, spool_path = ?, bytes = ?, "
-                            "sha256 = ?, received_at = ?, calling_ae = ?, peer = ?, "
-                            "state = 'received', result_id = NULL WHERE id = ?", (*fields, old[0]))
-                        instance_id = int(old[0])
-                    else:
-                        instance_id = int(self._db.execute(
-                            "INSERT INTO dicom_instances (sop_class_uid, series_id, instance_number, "
-                            "slice_location, spool_path, bytes, sha256, received_at, calling_ae, "
-                            "peer, sop_instance_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (*fields, sop_instance_uid)).lastrowid)
-                        self._db.execute("UPDATE dicom_series SET instances = instances + 1 "
-                                         "WHERE id = ?", (series_id,))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write to the results store {self.path}: {exc}") from None
+        with transaction(self._db, self._lock, self.path) as db:
+            # Select first: an upsert would use up an AUTOINCREMENT id per instance.
+            row = db.execute("SELECT id FROM dicom_series WHERE series_uid = ?",
+                             (series_uid,)).fetchone()
+            if row:
+                series_id = int(row[0])
+                db.execute("UPDATE dicom_series SET last_received_at = ?, "
+                           "state = 'receiving' WHERE id = ?", (now, series_id))
+            else:
+                series_id = int(db.execute(
+                    "INSERT INTO dicom_series (study_uid, series_uid, patient_id, "
+                    "modality, description, calling_ae, first_received_at, "
+                    "last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (study_uid, series_uid, patient_id, modality, description, calling_ae,
+                     now, now)).lastrowid)
+            fields = (sop_class_uid, series_id, instance_number, slice_location,
+                      spool_path, int(nbytes), sha256, now, calling_ae, peer)
+            old = db.execute("SELECT id FROM dicom_instances WHERE "
+                             "sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
+            if old:
+                db.execute(
+                    "UPDATE dicom_instances SET sop_class_uid = ?, series_id = ?, "
+                    "instance_number = ?, slice_location = ?, spool_path = ?, bytes = ?, "
+                    "sha256 = ?, received_at = ?, calling_ae = ?, peer = ?, "
+                    "state = 'received', result_id = NULL WHERE id = ?", (*fields, old[0]))
+                instance_id = int(old[0])
+            else:
+                instance_id = int(db.execute(
+                    "INSERT INTO dicom_instances (sop_class_uid, series_id, instance_number, "
+                    "slice_location, spool_path, bytes, sha256, received_at, calling_ae, "
+                    "peer, sop_instance_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*fields, sop_instance_uid)).lastrowid)
+                db.execute("UPDATE dicom_series SET instances = instances + 1 "
+                           "WHERE id = ?", (series_id,))
         return instance_id
 
     def pending_dicom_instances(self) -> list[dict[str, Any]]:
@@ -103,26 +94,17 @@ class DicomSeriesStore:
 
     def add_dicom_result(self, instance_id: int, **result: Any) -> int:
         """`add` (origin 'dicom') and mark the instance classified, in one transaction."""
-        probabilities = dict(result.get("probabilities") or {})
-        label = result.get("label")
-        values = (utc_now(), str(result["source"]), result.get("sha256"), result.get("bundle_sha256"),
-                  result.get("artifact"), result.get("artifact_sha256"), result.get("status"),
-                  result.get("reason"), label, probabilities.get(label) if label else None,
-                  json.dumps(probabilities), json.dumps(dict(result.get("timings_ms") or {})),
-                  None, result.get("error"), "dicom")
-        try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    result_id = int(self._db.execute(INSERT_RESULT, values).lastrowid)
-                    self._db.execute("UPDATE dicom_instances SET state = 'classified', "
-                                     "result_id = ? WHERE id = ?", (result_id, int(instance_id)))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write to the results store {self.path}: {exc}") from None
+        values = result_values(
+            source=result["source"], origin="dicom", status=result.get("status"),
+            label=result.get("label"), probabilities=result.get("probabilities"),
+            reason=result.get("reason"), timings_ms=result.get("timings_ms"),
+            error=result.get("error"), sha256=result.get("sha256"),
+            bundle_sha256=result.get("bundle_sha256"), artifact=result.get("artifact"),
+            artifact_sha256=result.get("artifact_sha256"), heatmap=None)
+        with transaction(self._db, self._lock, self.path) as db:
+            result_id = int(db.execute(INSERT_RESULT, values).lastrowid)
+            db.execute("UPDATE dicom_instances SET state = 'classified', result_id = ? "
+                       "WHERE id = ?", (result_id, int(instance_id)))
         return result_id
 
     def stable_dicom_series(self, received_before: datetime) -> list[int]:
@@ -160,17 +142,14 @@ class DicomSeriesStore:
                               bundle_sha256: str | None = None, report: str | None = None) -> None:
         """Store a series result and mark the series 'complete' (committed)."""
         probabilities = dict(probabilities)
-        try:
-            with self._lock:
-                self._db.execute(
-                    "UPDATE dicom_series SET state = 'complete', completed_at = ?, status = ?, "
-                    "reason = ?, label = ?, confidence = ?, probabilities = ?, aggregate = ?, "
-                    "counts = ?, bundle_sha256 = ?, report = ? WHERE id = ?",
-                    (utc_now(), status, reason, label, probabilities.get(label) if label else None,
-                     json.dumps(probabilities), aggregate, json.dumps(dict(counts)),
-                     bundle_sha256, report, int(series_id)))
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write to the results store {self.path}: {exc}") from None
+        with transaction(self._db, self._lock, self.path) as db:
+            db.execute(
+                "UPDATE dicom_series SET state = 'complete', completed_at = ?, status = ?, "
+                "reason = ?, label = ?, confidence = ?, probabilities = ?, aggregate = ?, "
+                "counts = ?, bundle_sha256 = ?, report = ? WHERE id = ?",
+                (utc_now(), status, reason, label, probabilities.get(label) if label else None,
+                 json.dumps(probabilities), aggregate, json.dumps(dict(counts)),
+                 bundle_sha256, report, int(series_id)))
 
     def get_dicom_series(self, series_id: int | None = None,
                          series_uid: str | None = None) -> dict[str, Any] | None:
