@@ -74,8 +74,49 @@ class DicomError(InputError):
         self.info = info
 
 
-def decode_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels: int) -> Image.Image:
-    """DICOM bytes -> gray 'F' image in [0, 1], its DicomInfo in `image.info["dicom"]`.
+@dataclass
+class DicomFrame:
+    """One decoded frame and the header it needs: what `read_dicom` gives once the file's own
+    bytes may be dropped (the caller's copy is the largest buffer left; limits.MEMORY_BOUND_MB)."""
+
+    ds: object  # the pydicom Dataset, pixel data elements removed
+    pixels: np.ndarray
+    name: str
+    window: tuple[float, float]
+    info: DicomInfo
+
+    def to_image(self) -> Image.Image:
+        """The frame -> gray 'F' image in [0, 1], its DicomInfo in `image.info["dicom"]`.
+        Raises DicomError for values it cannot use."""
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+        ds, pixels, name = self.ds, self.pixels, self.name
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+        try:
+            if pixels.ndim == 2 and photometric != "PALETTE COLOR":
+                image = _gray_image(ds, pixels, photometric, self.window, name,
+                                    apply_modality_lut, apply_voi_lut)
+            else:
+                scaled = _to_unit_range(ds, pixels, photometric, apply_color_lut)
+                if scaled.ndim != 2:
+                    raise InputError(name, f"unsupported DICOM pixel array shape {scaled.shape}")
+                if not np.isfinite(scaled).all():
+                    raise InputError(name, "DICOM pixel values are not finite")
+                image = Image.fromarray(np.ascontiguousarray(scaled, dtype=np.float32), mode="F")
+        except InputError as exc:
+            raise DicomError(exc.path, exc.problem, self.info) from None
+        except MemoryError:
+            raise DicomError(name, "not enough memory to decode this DICOM file", self.info) \
+                from None
+        except Exception as exc:  # pydicom's LUT functions raise many unrelated types
+            raise DicomError(name, f"cannot apply the DICOM lookup tables ({one_line(exc)})",
+                             self.info) from None
+        image.info[INFO_KEY] = self.info
+        return image
+
+
+def read_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels: int) -> DicomFrame:
+    """DICOM bytes -> its header and one decoded frame (`DicomFrame.to_image` makes the image).
     Raises InputError (DicomError once the header was read) for anything it cannot use."""
     try:
         import pydicom
@@ -83,30 +124,33 @@ def decode_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels
     except ImportError:
         raise InputError(name, "DICOM support needs pydicom 3: pip install 'ct-edge[dicom]'") from None
     _check_inflated_size(data, name)
+    stream = io.BytesIO(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        if "TransferSyntaxUID" not in ds.file_meta:  # no file meta (ACR-NEMA style): as read
-            implicit, little = ds.original_encoding
-            ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
-                                              uid.ExplicitVRLittleEndian if little else
-                                              uid.ExplicitVRBigEndian)
-        info = DicomInfo.from_dataset(ds)
-    except MemoryError:
-        raise InputError(name, "not enough memory to decode this DICOM file") from None
-    except Exception as exc:  # pydicom raises many unrelated types for a damaged file
-        raise InputError(name, f"cannot decode the DICOM pixel data ({_syntax(data)}{one_line(exc)})") \
-            from None
-    try:
-        image = _decode_pixels(ds, data, name, window, max_pixels)
-    except InputError as exc:
-        raise DicomError(exc.path, exc.problem, info) from None
-    image.info[INFO_KEY] = info
-    return image
+        try:
+            ds = pydicom.dcmread(stream, force=True)
+            if "TransferSyntaxUID" not in ds.file_meta:  # no file meta (ACR-NEMA style): as read
+                implicit, little = ds.original_encoding
+                ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                                  uid.ExplicitVRLittleEndian if little else
+                                                  uid.ExplicitVRBigEndian)
+            info = DicomInfo.from_dataset(ds)
+        except MemoryError:
+            raise InputError(name, "not enough memory to decode this DICOM file") from None
+        except Exception as exc:  # pydicom raises many unrelated types for a damaged file
+            raise InputError(name, "cannot decode the DICOM pixel data "
+                                   f"({_syntax(data)}{one_line(exc)})") from None
+        try:
+            pixels = _decode_frame(ds, data, name, max_pixels)
+        except InputError as exc:
+            raise DicomError(exc.path, exc.problem, info) from None
+    finally:
+        stream.close()  # a dataset read from a buffer keeps it: closing frees its copy
+    return DicomFrame(ds=ds, pixels=pixels, name=name, window=window, info=info)
 
 
-def _decode_pixels(ds, data: bytes, name: str, window: tuple[float, float],
-                   max_pixels: int) -> Image.Image:
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+def _decode_frame(ds, data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """The one frame classified (the middle one of a multi-frame object), as decoded."""
+    from pydicom.pixels import pixel_array
 
     try:
         if not any(tag in ds for tag in _PIXEL_TAGS):
@@ -120,14 +164,6 @@ def _decode_pixels(ds, data: bytes, name: str, window: tuple[float, float],
         _check_frame_size(ds, frames // 2 if frames > 1 else 0, frames, rows, cols, name)
         # Decode only the frame we use: a 500-slice volume must not be expanded in memory.
         pixels = pixel_array(ds, index=frames // 2 if frames > 1 else None)
-        for tag in _PIXEL_TAGS:  # the encoded copy: the frame is all that is used from here on
-            ds.pop(tag, None)
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-        if pixels.ndim == 2 and photometric != "PALETTE COLOR":
-            return _gray_image(ds, pixels, photometric, window, name, apply_modality_lut,
-                               apply_voi_lut)
-        scaled = _to_unit_range(ds, pixels, photometric, window,
-                                apply_color_lut, apply_modality_lut, apply_voi_lut)
     except InputError:
         raise
     except MemoryError:
@@ -135,11 +171,9 @@ def _decode_pixels(ds, data: bytes, name: str, window: tuple[float, float],
     except Exception as exc:  # pydicom and its pixel decoders raise many unrelated types
         raise InputError(name, f"cannot decode the DICOM pixel data ({_syntax(data)}{one_line(exc)})") \
             from None
-    if scaled.ndim != 2:
-        raise InputError(name, f"unsupported DICOM pixel array shape {scaled.shape}")
-    if not np.isfinite(scaled).all():
-        raise InputError(name, "DICOM pixel values are not finite")
-    return Image.fromarray(np.ascontiguousarray(scaled, dtype=np.float32), mode="F")
+    for tag in _PIXEL_TAGS:  # the encoded copy: the frame is all that is used from here on
+        ds.pop(tag, None)
+    return pixels
 
 
 def _check_frame_size(ds, index: int, frames: int, rows: int, cols: int, name: str) -> None:
@@ -162,8 +196,7 @@ def _check_frame_size(ds, index: int, frames: int, rows: int, cols: int, name: s
                                f"says {cols}x{rows}")
 
 
-def _to_unit_range(ds, pixels: np.ndarray, photometric: str, window: tuple[float, float],
-                   apply_color_lut, apply_modality_lut, apply_voi_lut) -> np.ndarray:
+def _to_unit_range(ds, pixels: np.ndarray, photometric: str, apply_color_lut) -> np.ndarray:
     """Decoded pixels of one frame -> float32 (rows, cols) in [0, 1], air dark."""
     if photometric == "PALETTE COLOR" and pixels.ndim == 2:
         pixels = apply_color_lut(pixels, ds)

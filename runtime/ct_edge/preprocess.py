@@ -159,9 +159,13 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
     data, name = _read_bytes(source)
     # Files without the DICOM preamble (old ACR-NEMA style) are recognised by their suffix.
     if is_dicom(data) or name.lower().endswith(DICOM_SUFFIXES):
-        from .dicom import decode_dicom  # pydicom is an optional extra
+        from .dicom import read_dicom  # pydicom is an optional extra
 
-        return decode_dicom(data, name, spec.window, MAX_PIXELS)
+        frame = read_dicom(data, name, spec.window, MAX_PIXELS)
+        # The file's bytes go before the float image is made: at the pixel limit both together
+        # would take the process over limits.MEMORY_BOUND_MB.
+        del data
+        return frame.to_image()
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
