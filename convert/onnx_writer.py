@@ -101,7 +101,11 @@ class _Reader:
 
 
 def write_int8(ctx: WriteContext) -> bytes:
-    """Static QDQ, per-channel int8 weights and int8 activations, calibrated with MinMax."""
+    """Static QDQ, per-channel int8 weights and int8 activations, calibrated with MinMax.
+
+    Weights use 7 bits (reduce_range): onnxruntime's x86 kernels without VNNI (AVX2, AVX-512F)
+    sum pairs of 8-bit products in int16 and saturate, which flipped answers on an AVX2-only CPU.
+    """
     import onnxruntime as ort
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -118,7 +122,7 @@ def write_int8(ctx: WriteContext) -> bytes:
     with quiet(), contextlib.chdir(workdir):
         quant_pre_process(fp32, prepared)
         quantize_static(prepared, quantized, _Reader(input_name, images),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     return quantized.read_bytes()
 

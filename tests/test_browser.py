@@ -98,8 +98,9 @@ def test_upload_png_and_dicom_shows_answers_heatmap_and_history(
         for card in cards:
             status = card.find_element(By.CSS_SELECTOR, ".status")
             assert status.text.split("\n")[0] in (
-                "Answered", "UNCERTAIN: the model is not confident; do not rely on this label",
-                "NOT ANSWERED: this image is outside what the model knows")
+                "OK: answered from inside the model's domain",
+                "UNCERTAIN: the model is not confident; do not rely on this label",
+                "OUT OF DOMAIN: no label; this image is outside what the model knows")
             assert card.get_attribute("data-status") in ("ok", "uncertain", "out_of_domain")
         scan = by_name[png.name]
         assert scan.get_attribute("data-status") in ("ok", "uncertain"), scan.text
@@ -195,7 +196,7 @@ def test_series_appear_with_ribbon_status_and_counts(browser, tiny_bundle: Path,
         cells = card.find_elements(By.CSS_SELECTOR, ".ribbon .cell")
         assert [c.get_attribute("data-status") for c in cells] == (
             ["ok"] * 20 + ["uncertain"] * 8 + ["ok"] * 10 + ["out_of_domain"] * 3 + ["error"])
-        assert "UNCERTAIN" in cells[20].get_attribute("aria-label")
+        assert cells[20].get_attribute("aria-label").endswith(", uncertain")
         # Keyboard: one Tab stop, arrow keys walk the slices and the result is read out.
         assert [c.get_attribute("tabindex") for c in cells].count("0") == 1
         cells[0].click()

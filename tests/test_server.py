@@ -596,6 +596,15 @@ def test_the_page_and_its_assets(api: Running) -> None:
     assert api.request("GET", "/static/..%2Fapp.py")[0] == 404
 
 
+def test_the_page_says_each_status_in_the_words_of_the_cli(api: Running) -> None:
+    from ct_edge import STATUS_WORDS
+
+    status, _, body = api.request("GET", "/static/app.js")
+    assert status == 200
+    tags = re.search(r"const names = (\{[^}]*\})", body.decode()).group(1)
+    assert json.loads(re.sub(r"(\w+):", r'"\1":', tags)) == STATUS_WORDS
+
+
 # --- queue full (503) and time limit (504) -------------------------------------------------------
 
 

@@ -211,8 +211,8 @@ def test_results_command_lists_the_store(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["id", "time", "(UTC)"]
-    assert "second.dcm" in lines[1] and "NOT ANSWERED" in lines[1] and "modality MR" in lines[1]
-    assert "first.png" in lines[2] and "Normal 80.0%" in lines[2] and "answered" in lines[2]
+    assert "second.dcm" in lines[1] and "out of domain" in lines[1] and "modality MR" in lines[1]
+    assert "first.png" in lines[2] and "Normal 80.0%" in lines[2] and " ok " in lines[2]
     assert lines[-1] == "2 of 2 shown, newest first"
     assert cli.main(["results", "--data-dir", str(tmp_path), "--json", "--limit", "1",
                      "--status", "ok"]) == 0

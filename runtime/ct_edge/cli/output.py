@@ -9,14 +9,13 @@ import json
 import shutil
 from typing import IO, TYPE_CHECKING
 
-from .. import DISCLAIMER
+from .. import DISCLAIMER, STATUS_WORDS
 from .common import isatty
 
 if TYPE_CHECKING:
     from ..classifier import Prediction
 
 # What each status means, in plain words, for the table's footer.
-STATUS_WORDS = {"ok": "ok", "uncertain": "uncertain", "out_of_domain": "out of domain"}
 
 
 class Writer:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .. import STATUS_WORDS as BY_STATUS
 from .common import EXIT_OK, EXIT_USAGE, RAW, error, positive_int
 
-STATUS_WORDS = {"ok": "answered", "uncertain": "UNCERTAIN", "out_of_domain": "NOT ANSWERED",
-                None: "unreadable"}
+STATUS_WORDS = {**BY_STATUS, None: "unreadable"}
 EXAMPLES = """\
 examples:
   ct-edge results                          (the 20 newest results)

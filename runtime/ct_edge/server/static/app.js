@@ -40,18 +40,20 @@ function pct(p) { return (100 * p).toFixed(1) + "%"; }
 function statusWords(result) {
   if (result.error) return ["error", "Could not read this file", result.error];
   if (result.status === "out_of_domain") {
-    return ["out_of_domain", "NOT ANSWERED: this image is outside what the model knows",
+    return ["out_of_domain", "OUT OF DOMAIN: no label; this image is outside what the model knows",
             result.reason || "it is unlike the images the model was trained on"];
   }
   if (result.status === "uncertain") {
     return ["uncertain", "UNCERTAIN: the model is not confident; do not rely on this label",
             result.reason || ""];
   }
-  return ["ok", "Answered", "confidence at or above the bundle's operating point"];
+  return ["ok", "OK: answered from inside the model's domain",
+          "confidence at or above the bundle's operating point"];
 }
 
 function statusTag(status, error) {
-  const names = { ok: "answered", uncertain: "uncertain", out_of_domain: "not answered" };
+  // The same words as ct_edge.STATUS_WORDS (the CLI table and `ct-edge results`).
+  const names = { ok: "ok", uncertain: "uncertain", out_of_domain: "out of domain" };
   const key = error ? "error" : status;
   return el("span", { class: "tag " + key }, error ? "unreadable" : (names[status] || status));
 }
@@ -179,9 +181,9 @@ function sliceWords(slice, index, total) {
   const kind = sliceKind(slice);
   if (kind === "waiting") return where + ": received, not classified yet";
   if (kind === "error") return where + ": unreadable (" + (slice.error || "no result") + ")";
-  if (kind === "out_of_domain") return where + ": not answered, out of domain (" + (slice.reason || "") + ")";
+  if (kind === "out_of_domain") return where + ": out of domain, no label (" + (slice.reason || "") + ")";
   const answer = slice.label + " " + pct(slice.confidence || 0);
-  return where + ": " + answer + (kind === "uncertain" ? ", UNCERTAIN" : ", answered");
+  return where + ": " + answer + (kind === "uncertain" ? ", uncertain" : ", ok");
 }
 
 function seriesStatus(series) {
@@ -191,7 +193,7 @@ function seriesStatus(series) {
   }
   if (!series.status) return ["error", "NO RESULT: none of the slices could be read", series.reason || ""];
   if (series.status === "out_of_domain") {
-    return ["out_of_domain", "NOT ANSWERED: this series is outside what the model knows",
+    return ["out_of_domain", "OUT OF DOMAIN: no label; this series is outside what the model knows",
             series.reason || "most of its slices are unlike the images the model was trained on"];
   }
   return statusWords(series);
@@ -308,7 +310,7 @@ function seriesLegend() {
   labels.slice().reverse().forEach((label) => {
     legend.prepend(el("li", { class: "label-item" },
                       el("span", { class: "cell ok " + labelClass(label), "aria-hidden": "true" }),
-                      " " + label + " (answered)"));
+                      " " + label + " (ok)"));
   });
 }
 
