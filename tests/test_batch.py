@@ -21,6 +21,10 @@ from types import SimpleNamespace
 import pytest
 
 from ct_edge import batch, cli
+from ct_edge.batch import cluster as batch_cluster
+from ct_edge.batch import parts
+from ct_edge.batch.payload import error_row, rows_to_table
+from ct_edge.batch.scorer import Scorer
 from ct_edge.errors import BundleError
 from ct_edge.inputs import predictions
 
@@ -40,9 +44,9 @@ def ray_auth_disabled():
     side caches the auth mode and token, so one pytest process must not mix modes. The default
     (a random token, in the environment only) is exercised by the subprocess test below."""
     saved = os.environ.get("RAY_AUTH_MODE")
-    batch._set_auth_env({"RAY_AUTH_MODE": "disabled"})
+    batch_cluster.set_auth_env({"RAY_AUTH_MODE": "disabled"})
     yield
-    batch._set_auth_env({"RAY_AUTH_MODE": saved})
+    batch_cluster.set_auth_env({"RAY_AUTH_MODE": saved})
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def classify_reference(bundle: Path, artifact: str, paths: list[str]) -> dict:
 
 
 def rows_by_path(out: Path) -> dict[str, dict]:
-    rows = batch.read_results(out).to_pylist()
+    rows = parts.read_results(out).to_pylist()
     paths = [row["path"] for row in rows]
     assert len(paths) == len(set(paths)), "an input was scored twice"
     return {row["path"]: row for row in rows}
@@ -104,7 +108,7 @@ class TestLocalCluster:
     def local_ray(self):
         """One private local cluster (2 CPUs, its own temp dir, nothing in $HOME) for the class."""
         pytest.importorskip("ray")
-        with batch.ray_cluster(num_cpus=2) as cluster:
+        with batch_cluster.ray_cluster(num_cpus=2) as cluster:
             assert cluster.started and cluster.cpus == 2
             yield cluster
         assert not Path(cluster.temp_dir).exists(), "the cluster's temp dir was left behind"
@@ -120,9 +124,9 @@ class TestLocalCluster:
         first = batch.run_batch(scans.inputs, out, bundle=bundle, artifact=artifact, actors=2,
                                 part_rows=6, stop_after_parts=2)
         assert first.parts == 2 and 0 < first.rows < scans.count and not first.complete
-        assert len(batch.part_files(out)) == 2
+        assert len(parts.part_files(out)) == 2
         # Parts without error rows stay as they are; error rows are retried (the file may be fixed).
-        kept = {p.name: p.stat().st_mtime_ns for p in batch.part_files(out)
+        kept = {p.name: p.stat().st_mtime_ns for p in parts.part_files(out)
                 if pq.read_table(p, columns=["error"])["error"].null_count == pq.read_metadata(p).num_rows}
         ok_first = first.rows - first.errors
 
@@ -137,7 +141,7 @@ class TestLocalCluster:
         assert "images/s on 2 actors" in summary
         for path in {*scans.bad, scans.missing}:  # one line per error row, retried ones too
             assert f"error: {path}: " in captured.err
-        assert all(p.stat().st_mtime_ns == kept[p.name] for p in batch.part_files(out)
+        assert all(p.stat().st_mtime_ns == kept[p.name] for p in parts.part_files(out)
                    if p.name in kept), "a part of the first run was rewritten"
 
         rows = rows_by_path(out)
@@ -180,7 +184,7 @@ class TestLocalCluster:
         tampered = replace(payload, model=bytes([payload.model[0] ^ 1]) + payload.model[1:])
         with pytest.raises(batch.BatchError, match=r"the Ray job failed \(.*BundleError: the "
                                                    r"model bytes .* do not match"):
-            list(batch._score(scans.good[:4], tampered, 1, {"threads": 1, "window": None}, 10, False))
+            list(batch.score_on_ray(scans.good[:4], tampered, 1, {"threads": 1, "window": None}, 10, False))
 
 
 @pytest.mark.ray
@@ -216,7 +220,7 @@ def test_multi_node_cluster_scores_on_every_node(scans, bundle_artifact, tmp_pat
     finally:
         if cluster is not None:
             cluster.shutdown()
-        batch._restore_env("RAY_TMPDIR", saved)
+        batch_cluster.restore_env("RAY_TMPDIR", saved)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -246,7 +250,7 @@ def test_killed_process_then_rerun_completes_without_duplicates(bundle_artifact,
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 **kwargs)
         deadline = time.monotonic() + 120
-        while (len(batch.part_files(out)) < parts and proc.poll() is None
+        while (len(parts.part_files(out)) < parts and proc.poll() is None
                and time.monotonic() < deadline):
             time.sleep(0.02)
         children = _children(proc.pid)
@@ -313,7 +317,7 @@ def _wait_gone(pids: list[int], timeout: float = 20.0) -> None:
 def test_actor_verifies_the_bytes_it_receives(bundle_artifact, scans) -> None:
     bundle, artifact = bundle_artifact
     payload = batch.ModelPayload.from_bundle(bundle, artifact)
-    scorer = batch._Scorer(payload)
+    scorer = Scorer(payload)
     rows = scorer.score([scans.good[0], scans.bad[0]])
     assert rows[0]["label"] in payload.labels and rows[0]["error"] is None
     assert rows[1]["label"] is None and rows[1]["error"]
@@ -322,9 +326,9 @@ def test_actor_verifies_the_bytes_it_receives(bundle_artifact, scans) -> None:
 
     flipped = bytes([payload.model[0] ^ 1]) + payload.model[1:]
     with pytest.raises(BundleError, match="do not match the manifest's sha256"):
-        batch._Scorer(replace(payload, model=flipped))
+        Scorer(replace(payload, model=flipped))
     with pytest.raises(BundleError, match="manifest bytes"):
-        batch._Scorer(replace(payload, manifest=payload.manifest + b" "))
+        Scorer(replace(payload, manifest=payload.manifest + b" "))
 
 
 def test_actors_honour_no_domain_check(bundle_artifact, tmp_path) -> None:
@@ -336,7 +340,7 @@ def test_actors_honour_no_domain_check(bundle_artifact, tmp_path) -> None:
     payload = batch.ModelPayload.from_bundle(bundle, artifact)
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96), np.uint8)).save(noise)
-    checked, forced = batch._Scorer(payload), batch._Scorer(payload, domain_check=False)
+    checked, forced = Scorer(payload), Scorer(payload, domain_check=False)
     assert checked.classifier.gate is not None and forced.classifier.gate is None
     (row,) = checked.score([str(noise)])
     assert row["status"] == "out_of_domain" and row["label"] is None
@@ -374,16 +378,16 @@ def test_parts_are_written_whole_and_the_folder_is_locked(bundle_artifact, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     (out / ".tmp-part-old.parquet").write_bytes(b"half a part from a killed run")
-    with batch.locked_out(out):
+    with parts.locked_out(out):
         assert not (out / ".tmp-part-old.parquet").exists()
         with pytest.raises(batch.BatchError, match="another ct-edge batch job"), \
-                batch.locked_out(out):
+                parts.locked_out(out):
             pass
-        part = batch.PartWriter(out, "run").write(
-            batch.rows_to_table([batch.error_row("/x.png", "no such file", payload)],
+        part = parts.PartWriter(out, "run").write(
+            rows_to_table([error_row("/x.png", "no such file", payload)],
                                 payload.labels))
     assert part.name == "part-run-000001.parquet"
-    assert batch.read_done(out, payload) == set()  # an error row is retried by the next run
+    assert parts.read_done(out, payload) == set()  # an error row is retried by the next run
     assert [p.name for p in out.iterdir() if p.name.startswith(".tmp")] == []
 
 

@@ -221,24 +221,27 @@ def test_batch_reports_missing_and_empty_paths_without_starting_ray(
 
 
 def _error_and_ok_part(out: Path, bundle_dir: Path):
-    from ct_edge import batch
+    from ct_edge.batch.parts import PartWriter
+    from ct_edge.batch.payload import ModelPayload, error_row, rows_to_table
 
-    payload = batch.ModelPayload.from_bundle(bundle_dir, "tflite-fp32")
-    ok = {**batch.error_row("/y.png", "x", payload), "error": None, "label": payload.labels[0],
+    payload = ModelPayload.from_bundle(bundle_dir, "tflite-fp32")
+    ok = {**error_row("/y.png", "x", payload), "error": None, "label": payload.labels[0],
           "status": "ok"}
     out.mkdir()
-    batch.PartWriter(out, "run").write(batch.rows_to_table(
-        [batch.error_row("/x.png", "no such file", payload), ok], payload.labels))
-    return batch, payload
+    PartWriter(out, "run").write(rows_to_table(
+        [error_row("/x.png", "no such file", payload), ok], payload.labels))
+    return payload
 
 
 def test_batch_error_rows_are_not_done_and_are_dropped_before_a_retry(
         bundle: Path, tmp_path: Path) -> None:  # noqa: F811
     pytest.importorskip("pyarrow", reason="ct-edge batch needs the [ray] extra")
-    batch, payload = _error_and_ok_part(tmp_path / "out", bundle)
-    assert batch.read_done(tmp_path / "out", payload) == {"/y.png"}
-    assert batch.drop_error_rows(tmp_path / "out", {"/x.png", "/y.png"}) == 1
-    assert [row["path"] for row in batch.read_results(tmp_path / "out").to_pylist()] == ["/y.png"]
+    from ct_edge.batch import parts
+
+    payload = _error_and_ok_part(tmp_path / "out", bundle)
+    assert parts.read_done(tmp_path / "out", payload) == {"/y.png"}
+    assert parts.drop_error_rows(tmp_path / "out", {"/x.png", "/y.png"}) == 1
+    assert [row["path"] for row in parts.read_results(tmp_path / "out").to_pylist()] == ["/y.png"]
 
 
 @pytest.mark.ray
@@ -246,6 +249,7 @@ def test_batch_rerun_retries_a_file_fixed_after_an_error(bundle: Path,  # noqa: 
                                                          tmp_path: Path) -> None:
     pytest.importorskip("ray")
     from ct_edge import batch
+    from ct_edge.batch import parts
 
     image = tmp_path / "scan.png"
     image.write_bytes(b"not yet an image")
@@ -255,7 +259,7 @@ def test_batch_rerun_retries_a_file_fixed_after_an_error(bundle: Path,  # noqa: 
     shutil.copyfile(GOOD[0], image)  # the file is fixed
     again = batch.run_batch([str(image)], out, bundle=bundle, artifact="tflite-fp32", actors=1)
     assert (again.rows, again.errors, again.skipped) == (1, 0, 0)
-    rows = batch.read_results(out).to_pylist()
+    rows = parts.read_results(out).to_pylist()
     assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["label"] is not None
 
 

@@ -1,0 +1,146 @@
+"""The --out folder of a batch job: Parquet parts, each written whole (temp name, fsync, rename),
+the lock that keeps one job per folder, and what a rerun reads back to resume."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .payload import BatchError, ModelPayload
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+TMP_PREFIX = ".tmp-"
+LOCK_NAME = ".ct-edge-batch.lock"
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob(f"{PART_PREFIX}*{PART_SUFFIX}") if p.is_file())
+
+
+def read_done(out: Path, payload: ModelPayload) -> set[str]:
+    """Paths that parts in `out` already hold a result for; refuses parts written with another
+    model. An error row is not a result: the file may have been fixed, so a rerun retries it."""
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    for part in part_files(out):
+        try:
+            table = pq.read_table(part, columns=["path", "error", "bundle_sha256",
+                                                 "artifact_sha256"])
+        except Exception as exc:  # a part is renamed into place whole, so this is outside damage
+            raise BatchError(f"{part}: unreadable result part ({exc}); move it away and run "
+                             "again to rescore its inputs") from None
+        for column, mine in (("bundle_sha256", payload.manifest_sha256),
+                             ("artifact_sha256", payload.artifact_sha256)):
+            theirs = set(table.column(column).to_pylist()) - {mine}
+            if theirs:
+                raise BatchError(f"{out} holds results of another model ({column} "
+                                 f"{sorted(theirs)[0][:12]}..., this run {mine[:12]}...); score "
+                                 "into a new --out folder or use the same bundle and --artifact")
+        done.update(path for path, error in zip(table.column("path").to_pylist(),
+                                                table.column("error").to_pylist(), strict=True)
+                    if error is None)
+    return done
+
+
+def count_rows(out: Path) -> int:
+    """Rows in the parts of `out` (from the Parquet footers; no data is read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(part).metadata.num_rows for part in part_files(out))
+
+
+def drop_error_rows(out: Path, paths: set[str]) -> int:
+    """Remove the error rows of `paths` from the parts in `out` before they are scored again, so
+    an input never has two rows. Each part is rewritten whole (temp file, then rename) or, left
+    empty, deleted; a kill in between only means the input is retried once more. Returns the
+    number of rows dropped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    wanted = pa.array(sorted(paths), pa.string())
+    dropped = 0
+    for part in part_files(out):
+        table = pq.read_table(part)
+        stale = pc.and_(pc.is_valid(table["error"]), pc.is_in(table["path"], value_set=wanted))
+        count = pc.sum(pc.cast(stale, pa.int64())).as_py() or 0
+        if not count:
+            continue
+        kept = table.filter(pc.invert(stale))
+        if kept.num_rows == 0:
+            part.unlink()
+        else:
+            tmp = out / f"{TMP_PREFIX}{part.name}"
+            pq.write_table(kept, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, part)
+        dropped += count
+    return dropped
+
+
+class PartWriter:
+    """Writes result tables into `out` as part files, each atomically (temp name, then rename)."""
+
+    def __init__(self, out: Path, run_id: str) -> None:
+        self.out, self.run_id = out, run_id
+        self.count = 0
+
+    def write(self, table: pa.Table) -> Path:
+        import pyarrow.parquet as pq
+
+        self.count += 1
+        name = f"{PART_PREFIX}{self.run_id}-{self.count:06d}{PART_SUFFIX}"
+        tmp = self.out / f"{TMP_PREFIX}{name}"
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as handle:  # on disk before the name says it is complete
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.out / name)
+        with contextlib.suppress(OSError):  # make the rename itself durable where possible
+            fd = os.open(self.out, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return self.out / name
+
+
+@contextlib.contextmanager
+def locked_out(out: Path) -> Iterator[None]:
+    """Create `out`, take its lock (one job per folder) and drop temp files a killed run left."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole job
+    except OSError as exc:
+        raise BatchError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BatchError(f"another ct-edge batch job is writing to {out}; wait for it or "
+                             "choose another --out") from None
+        for stale in out.glob(f"{TMP_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        yield
+
+
+def read_results(out: str | Path) -> pa.Table:
+    """Every part in `out` as one table (for tests, notebooks and the benchmark)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = part_files(Path(out))
+    if not parts:
+        return pa.table({})
+    return pa.concat_tables([pq.read_table(p) for p in parts])
