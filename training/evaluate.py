@@ -42,7 +42,7 @@ BASE: dict = {
     "augment": True, "aug_rotation": 0.05, "aug_zoom": 0.1, "aug_translate": 0.0,
     "aug_flip": True, "aug_brightness": 0.1, "aug_contrast": 0.0,
     "schedule": "plateau", "warmup_epochs": 0, "label_smoothing": 0.0, "weight_decay": 0.0,
-    "ema": False, "mixup": 0.0,
+    "ema": False, "mixup": 0.0, "recipe": "finetune",
 }
 COSINE = {"schedule": "cosine"}
 STRONG_AUG = {"aug_rotation": 0.08, "aug_zoom": 0.15, "aug_translate": 0.08,
@@ -95,6 +95,10 @@ _CHANGES: dict[str, dict] = {
     "edge-gap-crop-p20-strongaug": {"patience": 20, "epochs": 80, **STRONG_AUG},
     "edge-gap-deep-crop-p20-strongaug": {"arch": "edge-gap-deep", "patience": 20, "epochs": 80,
                                          **STRONG_AUG},
+    # issue 14: ImageNet EfficientNet-Lite0 kept frozen, a logistic head (training.probe)
+    "effnet-probe-128": {"arch": "efficientnet-lite0", "recipe": "probe"},
+    "effnet-probe-160": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 160},
+    "effnet-probe-224": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 224},
 }
 EXPERIMENTS: dict[str, dict] = {name: {**BASE, **change} for name, change in _CHANGES.items()}
 # The current defaults of TrainConfig/PreprocessSpec, whatever they are (what `make train` uses).

@@ -11,6 +11,8 @@ InputShape = tuple[int, int, int]
 Builder = Callable[[InputShape, int], keras.Model]
 ARCHITECTURES: dict[str, Builder] = {}
 DEFAULT_ARCHITECTURE = "edge-gap"
+# Architectures with ImageNet weights: the ones the `probe` recipe (frozen backbone) can use.
+PRETRAINED = ("efficientnet-lite0",)
 
 
 def register(name: str) -> Callable[[Builder], Builder]:

@@ -9,6 +9,9 @@ features is cross-validated with exactly the folds of `training.evaluate.cross_v
 by near-duplicate group, `data.kfold_hash_splits` with the run's seed); its L2 strength is chosen
 by an inner k-fold (same grouping) on the training part only, never on the test fold. Figures are
 the share of all images right, each image tested once per seed, without and with flip averaging.
+
+The same head is a training recipe: `python -m training.train --arch efficientnet-lite0 --recipe
+probe` (`fit_probe`) gives a model folder that `python -m convert` turns into a bundle.
 """
 
 from __future__ import annotations
@@ -114,11 +117,13 @@ class LinearHead:
         return _softmax(z @ self.theta[:-1] + self.theta[-1])
 
 
-def fit_path(x: np.ndarray, y: np.ndarray, lambdas: list[float],
-             classes: int = len(LABELS)) -> list[LinearHead]:
+def fit_path(x: np.ndarray, y: np.ndarray, lambdas: list[float], classes: int = len(LABELS),
+             per_feature: bool = True) -> list[LinearHead]:
     """One LinearHead per L2 strength on the same data: standardised and decomposed once, each
-    fit started from the solution of the next stronger penalty."""
-    mean, scale = x.mean(axis=0), x.std(axis=0)
+    fit started from the solution of the next stronger penalty. `per_feature` False scales all
+    features by one common standard deviation instead of each by its own."""
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0) if per_feature else np.full(x.shape[1], x.std())
     scale[scale < 1e-8] = 1.0
     xs = (x - mean) / scale
     _, singular, vt = np.linalg.svd(xs, full_matrices=False)
@@ -225,6 +230,97 @@ def cross_validate_probe(samples: list[data_mod.Sample], x: np.ndarray, x_flip: 
         tta[te] = (plain[te] + head.predict_proba(x_flip[te])) / 2
         chosen.append(l2)
     return {"plain": plain, "tta": tta, "l2": chosen}
+
+
+# --- the `probe` training recipe: what `python -m training.train --recipe probe` fits ---------
+
+
+def _inner_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """A fold number per row, stratified by class, drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    for label in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == label))
+        fold[rows] = np.arange(len(rows)) % folds
+    return fold
+
+
+def choose_l2_on_arrays(x: np.ndarray, x_flip: np.ndarray | None, y: np.ndarray,
+                        lambdas: list[float], folds: int, seed: int,
+                        per_feature: bool = True) -> float:
+    """`choose_l2` for a training split given as arrays (no file groups): stratified inner folds;
+    an image and its flip (`x_flip`, trained on when given) stay on one side."""
+    fold = _inner_folds(y, min(folds, int(np.bincount(y).min())), seed)
+    probs = np.zeros((len(lambdas), len(y), len(LABELS)))
+    for k in np.unique(fold):
+        tr, te = fold != k, fold == k
+        xt, yt = ((np.vstack([x[tr], x_flip[tr]]), np.concatenate([y[tr], y[tr]]))
+                  if x_flip is not None else (x[tr], y[tr]))
+        for j, head in enumerate(fit_path(xt, yt, lambdas, per_feature=per_feature)):
+            probs[j, te] = head.predict_proba(x[te])
+    return lambdas[int(np.argmin([_log_loss(p, y) for p in probs]))]
+
+
+def dense_weights(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) of a Dense layer whose softmax is `head.predict_proba`: standardisation
+    and basis folded into one matrix."""
+    kernel = (head.basis / head.scale[:, None]) @ head.theta[:-1]
+    return kernel, head.theta[-1] - head.mean @ kernel
+
+
+def fit_probe(config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+              y_val: np.ndarray, out: Path | None = None, verbose: int | None = None):
+    """`training.train.fit_model` for `config.recipe == "probe"`: the architecture's ImageNet
+    backbone stays frozen, its 'gap' features feed a LinearHead (L2 by inner k-fold on the
+    training split only; with augmentation, also fitted on horizontal flips), and the head, its
+    standardisation folded in, becomes the 'logits' Dense layer. Returns (model, history)."""
+    import csv
+
+    import keras
+
+    from .models import PRETRAINED, build_model
+
+    if config.arch not in PRETRAINED:
+        raise ValueError(f"the probe recipe needs a pretrained architecture ({', '.join(PRETRAINED)}),"
+                         f" not {config.arch!r}")
+    keras.utils.set_random_seed(config.seed)
+    spec = config.preprocess_spec()
+    model = build_model(config.arch, (spec.size, spec.size, spec.channels), len(LABELS))
+    pooled = keras.Model(model.inputs, model.get_layer("gap").output)
+
+    def features(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(pooled.predict_on_batch(x[i:i + 16]), np.float64)
+                               for i in range(0, len(x), 16)]) if len(x) else np.zeros((0, 1))
+
+    flips = config.augment and config.aug_flip
+    f_train = features(x_train)
+    f_flip = features(np.ascontiguousarray(x_train[:, :, ::-1])) if flips else None
+    lambdas = [float(v) for v in DEFAULT_LAMBDAS.split(",")]
+    # One common scale, not one per feature: per-feature standardisation gave a few features of
+    # tiny spread weights 500x the median, and int8 (weights and the pooled activations alike)
+    # then rounded the rest to nothing (tflite-int8 agreed with Keras on 51% of a test split).
+    l2 = choose_l2_on_arrays(f_train, f_flip, y_train, lambdas, 5, config.seed, per_feature=False)
+    xt, yt = ((np.vstack([f_train, f_flip]), np.concatenate([y_train, y_train]))
+              if flips else (f_train, y_train))
+    head = fit_path(xt, yt, [l2], per_feature=False)[0]
+    model.get_layer("logits").set_weights([w.astype(np.float32) for w in dense_weights(head)])
+    history = {"loss": [_log_loss(head.predict_proba(f_train), y_train)],
+               "accuracy": [float((head.predict_proba(f_train).argmax(1) == y_train).mean())]}
+    if len(y_val):
+        val_probs = head.predict_proba(features(x_val))
+        history.update(val_loss=[_log_loss(val_probs, y_val)],
+                       val_accuracy=[float((val_probs.argmax(1) == y_val).mean())])
+    if verbose != 0:
+        print(f"probe: {len(xt)} training features (flips: {'yes' if flips else 'no'}), L2 {l2} "
+              f"chosen by inner 5-fold CV; training loss {history['loss'][0]:.3f}"
+              + (f", validation loss {history['val_loss'][0]:.3f}" if len(y_val) else ""),
+              flush=True)
+    if out is not None:  # what train() reads back, as for a gradient-trained run of one epoch
+        with (Path(out) / "history.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["epoch", *history])
+            writer.writeheader()
+            writer.writerow({"epoch": 0, **{k: v[0] for k, v in history.items()}})
+    return model, history
 
 
 def _floats(text: str) -> list[float]:

@@ -30,7 +30,7 @@ from .metrics import (
     fit_temperature,
     scale_temperature,
 )
-from .models import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from .models import ARCHITECTURES, DEFAULT_ARCHITECTURE, PRETRAINED
 from .synthetic import DEFAULT_ROOT as BUILTIN_DATA
 
 DEFAULT_OUT = Path("artifacts") / "model"
@@ -70,6 +70,9 @@ class TrainConfig:
     ema: bool = False             # cosine only: the final model holds an exponential moving
                                   # average of the weights (validation during training: raw ones)
     mixup: float = 0.0            # Beta(a, a) mixup of training batches when a > 0
+    # "finetune": every layer trained by gradient descent (the options above); "probe": a
+    # pretrained backbone kept frozen and a logistic head fitted exactly (training.probe).
+    recipe: str = "finetune"
     spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
     cache: str = str(data_mod.DEFAULT_CACHE)
     # What the images are ("ct" slices or projection "xray"s): the bundle's domain (ct_edge.domain).
@@ -216,6 +219,10 @@ def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
               x_val: np.ndarray, y_val: np.ndarray, out: Path | None = None,
               verbose: int | None = None):
     """Build and fit one model; returns (model, history dict). Used by training and evaluation."""
+    if config.recipe == "probe":
+        from .probe import fit_probe
+
+        return fit_probe(config, x_train, y_train, x_val, y_val, out, verbose)
     import keras
     import tensorflow as tf
 
@@ -396,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
     add("--arch", default=defaults.arch, choices=sorted(ARCHITECTURES),
         help=f"architecture (default: {defaults.arch})")
+    add("--recipe", default=defaults.recipe, choices=["finetune", "probe"],
+        help="finetune: train every layer; probe: keep a pretrained backbone frozen and fit a "
+        f"logistic head on its features (needs --arch efficientnet-lite0) (default: {defaults.recipe})")
     add("--epochs", type=int, default=defaults.epochs,
         help=f"maximum epochs; early stopping usually ends sooner (default: {defaults.epochs})")
     add("--batch-size", type=int, default=defaults.batch_size,
@@ -429,12 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.recipe == "probe" and args.arch not in PRETRAINED:
+        parser.error(f"--recipe probe needs a pretrained --arch ({', '.join(PRETRAINED)})")
     spec = PreprocessSpec(aspect=args.aspect, size=args.size)
     config = TrainConfig(data=args.data, out=args.out, arch=args.arch, epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.lr,
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,
                          schedule=args.schedule, label_smoothing=args.label_smoothing,
+                         recipe=args.recipe,
                          spec=spec.to_dict(), modality=args.modality,
                          abstention_folds=args.abstention_folds, target_risk=args.target_risk)
     try:
