@@ -220,3 +220,18 @@ def test_series_appear_with_ribbon_status_and_counts(browser, tiny_bundle: Path,
         browser.execute_script("arguments[0].scrollIntoView()",
                                browser.find_element(By.ID, "series-title"))
         browser.save_screenshot(str(SCREENSHOTS / "series_phone.png"))
+
+
+def test_the_page_screenshot_tool_shows_every_upload(tiny_bundle: Path, synthetic_root: Path,
+                                                      tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tools.page_screenshot import screenshot
+
+    scans = [sorted((synthetic_root / "test" / label).glob("*.png"))[0]
+             for label in ("COVID-19", "Normal")]
+    out = screenshot(tiny_bundle, [*scans, FIXTURES / "ct_small.dcm"], tmp_path / "page.png",
+                     width=640, height=800)
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] == 640 and 600 <= image.size[1] <= 800
+        assert len(set(image.convert("L").getdata())) > 32  # a rendered page, not a blank one
