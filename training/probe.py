@@ -191,7 +191,8 @@ def _log_loss(probs: np.ndarray, y: np.ndarray) -> float:
 
 
 def choose_l2(samples: list[data_mod.Sample], x: np.ndarray, x_flip: np.ndarray, y: np.ndarray,
-              lambdas: list[float], folds: int, seed: int, train_flip: bool) -> tuple[float, list]:
+              lambdas: list[float], folds: int, seed: int, train_flip: bool,
+              per_feature: bool = True) -> tuple[float, list]:
     """The L2 strength of `lambdas` with the least inner-CV log loss (flip-averaged), folds by
     near-duplicate group over `samples` (rows of x, y) only. Returns it and every lambda's loss."""
     index = {s.path: i for i, s in enumerate(samples)}
@@ -201,7 +202,7 @@ def choose_l2(samples: list[data_mod.Sample], x: np.ndarray, x_flip: np.ndarray,
         te = np.asarray([index[s.path] for s in test_part])
         xt, yt = ((np.vstack([x[tr], x_flip[tr]]), np.concatenate([y[tr], y[tr]]))
                   if train_flip else (x[tr], y[tr]))
-        for j, head in enumerate(fit_path(xt, yt, lambdas)):
+        for j, head in enumerate(fit_path(xt, yt, lambdas, per_feature=per_feature)):
             probs[j, te] = (head.predict_proba(x[te]) + head.predict_proba(x_flip[te])) / 2
     losses = [_log_loss(p, y) for p in probs]
     return lambdas[int(np.argmin(losses))], losses
@@ -209,7 +210,8 @@ def choose_l2(samples: list[data_mod.Sample], x: np.ndarray, x_flip: np.ndarray,
 
 def cross_validate_probe(samples: list[data_mod.Sample], x: np.ndarray, x_flip: np.ndarray,
                          y: np.ndarray, seed: int, folds: int = 5, inner_folds: int = 5,
-                         lambdas: list[float] | None = None, train_flip: bool = False) -> dict:
+                         lambdas: list[float] | None = None, train_flip: bool = False,
+                         per_feature: bool = True) -> dict:
     """Out-of-fold probabilities of a linear head on frozen features `x` (rows = `samples`),
     with `training.evaluate.cross_validate`'s folds for `seed`; `train_flip` also trains on the
     flipped copies. Returns {'plain', 'tta'} (n, classes) probabilities and the chosen L2 per fold.
@@ -222,10 +224,10 @@ def cross_validate_probe(samples: list[data_mod.Sample], x: np.ndarray, x_flip: 
         tr = np.asarray([index[s.path] for s in train_part])
         te = np.asarray([index[s.path] for s in test_part])
         l2, _ = choose_l2(list(train_part), x[tr], x_flip[tr], y[tr], lambdas, inner_folds,
-                          seed + fold, train_flip)
+                          seed + fold, train_flip, per_feature)
         xt, yt = ((np.vstack([x[tr], x_flip[tr]]), np.concatenate([y[tr], y[tr]]))
                   if train_flip else (x[tr], y[tr]))
-        head = LinearHead(l2).fit(xt, yt)
+        head = fit_path(xt, yt, [l2], per_feature=per_feature)[0]
         plain[te] = head.predict_proba(x[te])
         tta[te] = (plain[te] + head.predict_proba(x_flip[te])) / 2
         chosen.append(l2)
@@ -351,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"L2 strengths to choose from (default: {DEFAULT_LAMBDAS})")
     parser.add_argument("--train-flip", action="store_true",
                         help="also train on the flipped copies (default: off)")
+    parser.add_argument("--common-scale", action="store_true",
+                        help="scale all features by one common spread, as the probe recipe does "
+                        "(default: each feature by its own)")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help=f"folder for the feature caches and results (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -376,11 +381,13 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in _ints(args.seeds):
                     started = time.time()
                     result = cross_validate_probe(samples, x, x_flip, y, seed, args.folds,
-                                                  args.inner_folds, lambdas, args.train_flip)
+                                                  args.inner_folds, lambdas, args.train_flip,
+                                                  not args.common_scale)
                     seconds = time.time() - started
                     for mode in ("plain", "tta"):
                         wrong = np.flatnonzero(result[mode].argmax(1) != y)
                         rows.append({"size": size, "features": name, "train_flip": args.train_flip,
+                                     "common_scale": args.common_scale,
                                      "tta": mode == "tta", "seed": seed, "n": len(y),
                                      "errors": len(wrong), "accuracy": 1 - len(wrong) / len(y),
                                      "log_loss": _log_loss(result[mode], y), "l2": result["l2"],
@@ -391,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{rows[-1]['accuracy']:.1%} of {len(y)} ({len(wrong)} errors), "
                               f"log loss {rows[-1]['log_loss']:.3f}, l2 {result['l2']} "
                               f"({seconds:.0f} s)", flush=True)
-        tag = "-trainflip" if args.train_flip else ""
+        tag = ("-trainflip" if args.train_flip else "") + ("-common" if args.common_scale else "")
         data_mod.write_json(out / f"results{tag}-{args.features.replace(',', '_')}"
                             f"-{args.sizes.replace(',', '_')}.json", {"rows": rows, "argv": argv
                                                                        or sys.argv[1:]})
