@@ -49,7 +49,7 @@ def test_l2_is_chosen_from_the_candidates_on_the_training_arrays_only() -> None:
     chosen = choose_l2_on_arrays(x, x[:, ::-1].copy(), y, lambdas, folds=5, seed=0)
     assert chosen in lambdas
     assert choose_l2_on_arrays(x, None, y, lambdas, folds=5, seed=0) in lambdas
-    assert isinstance(LinearHead(chosen).fit(x, y), LinearHead)
+    assert isinstance(fit_path(x, y, [chosen])[0], LinearHead)
 
 
 def test_train_refuses_the_probe_recipe_for_an_architecture_without_weights(capsys) -> None:

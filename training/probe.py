@@ -109,9 +109,6 @@ class LinearHead:
     basis: np.ndarray | None = None
     theta: np.ndarray | None = None
 
-    def fit(self, x: np.ndarray, y: np.ndarray, classes: int = len(LABELS)) -> LinearHead:
-        return fit_path(x, y, [self.l2], classes)[0]
-
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         z = ((x - self.mean) / self.scale) @ self.basis
         return _softmax(z @ self.theta[:-1] + self.theta[-1])
