@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ct_edge.preprocess import PreprocessSpec
-from training import evaluate
+from training import evaluate, mixture
 from training.train import TrainConfig
 
 
@@ -66,6 +66,12 @@ def test_a_tiny_cross_validation_with_an_ensemble_and_flip(synthetic_root: Path,
     assert len({p["path"] for p in predictions}) == len(predictions) == 36
     assert all(1 / 3 - 1e-6 <= p["confidence"] <= 1.0 for p in predictions)
     assert evaluate.out_of_fold(run)[1].mean() == pytest.approx(evaluate.pooled_accuracy(run))
+    # ...and the ensemble's own probabilities, before the temperature, for training.mixture
+    assert all(len(p["probabilities"]) == 3 and abs(sum(p["probabilities"]) - 1) < 1e-4
+               and max(p["probabilities"]) == p["probabilities"][["COVID-19", "Normal",
+               "Viral Pneumonia"].index(p["predicted"])] for p in predictions)
+    assert mixture.mixed_accuracy([run])[0] == pytest.approx(evaluate.pooled_accuracy(run))
+    assert all(len(p["flipped_probabilities"]) == 3 for p in predictions)
     single = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache")
     assert single["folds"][0]["n_test"] == run["folds"][0]["n_test"]  # the same folds...
     assert [f["loss"] for f in single["folds"]] != [f["loss"] for f in run["folds"]]  # ...averaged

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.probe import LinearHead, choose_l2_on_arrays, dense_weights, fit_path
+from training.probe import LinearHead, choose_l2, dense_weights, fit_path, stratified_folds
 
 
 def _features(seed: int = 0, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
@@ -46,9 +46,13 @@ def test_one_common_scale_keeps_weights_of_tiny_features_small() -> None:
 def test_l2_is_chosen_from_the_candidates_on_the_training_arrays_only() -> None:
     x, y = _features()
     lambdas = [1e-3, 1e-1, 10.0]
-    chosen = choose_l2_on_arrays(x, x[:, ::-1].copy(), y, lambdas, folds=5, seed=0)
-    assert chosen in lambdas
-    assert choose_l2_on_arrays(x, None, y, lambdas, folds=5, seed=0) in lambdas
+    fold = stratified_folds(y, 5, seed=0)
+    for label in np.unique(y):  # every inner fold holds every class
+        assert set(fold[y == label]) == set(range(5))
+    flipped = x[:, ::-1].copy()
+    chosen, losses = choose_l2(x, flipped, y, fold, lambdas, train_flip=True, score_flip=True)
+    assert chosen in lambdas and losses[lambdas.index(chosen)] == min(losses) and len(losses) == 3
+    assert choose_l2(x, None, y, fold, lambdas)[0] in lambdas
     assert isinstance(fit_path(x, y, [chosen])[0], LinearHead)
 
 

@@ -160,7 +160,7 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
         pick = lambda part: np.asarray([index[s.path] for s in part])  # noqa: E731
         started = time.time()
         y_test, y_val = y_all[pick(test_part)], y_all[pick(val_part)]
-        test_probs, val_probs, epochs = [], [], []
+        test_probs, val_probs, flipped_probs, epochs = [], [], [], []
         for member in range(members):
             # With an output folder, fit_model uses exactly the callbacks `make train` uses for
             # the recipe (plateau: early stopping, ReduceLROnPlateau, best-epoch checkpoint;
@@ -171,9 +171,11 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
                                            x_all[pick(val_part)], y_all[pick(val_part)],
                                            out=Path(scratch), verbose=0)
             test_probs.append(_predict(model, x_all[pick(test_part)], tta))
+            flipped_probs.append(model.predict(x_all[pick(test_part)][:, :, ::-1], verbose=0))
             val_probs.append(_predict(model, x_all[pick(val_part)], tta))
             epochs.append(len(history["loss"]))
         test_probs, val_probs = np.mean(test_probs, axis=0), np.mean(val_probs, axis=0)
+        flipped_probs = np.mean(flipped_probs, axis=0)
         temperature = fit_temperature(val_probs, y_val)
         scaled = scale_temperature(test_probs, temperature)  # what the runtime's bundle answers
         report = classification_report(test_probs, y_test, LABELS)
@@ -203,11 +205,16 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
                        for s, t, p in zip(test_part, y_test, test_probs, strict=True)
                        if int(p.argmax()) != t],
             # Every test image, temperature-scaled: the out-of-fold predictions the
-            # risk-coverage curve (training.abstention) is drawn from.
+            # risk-coverage curve (training.abstention) is drawn from; with the model's own
+            # probabilities, and those of the mirrored image, so recipes and flip averaging can
+            # be mixed afterwards (training.mixture).
             "predictions": [{"path": str(s.path), "true": LABELS[t],
                              "predicted": LABELS[int(p.argmax())],
-                             "confidence": round(float(p.max()), 6)}
-                            for s, t, p in zip(test_part, y_test, scaled, strict=True)],
+                             "confidence": round(float(p.max()), 6),
+                             "probabilities": [round(float(v), 6) for v in raw],
+                             "flipped_probabilities": [round(float(v), 6) for v in flipped]}
+                            for s, t, p, raw, flipped in zip(test_part, y_test, scaled, test_probs,
+                                                             flipped_probs, strict=True)],
         }
         results.append(result)
         int8_note = (f"  int8 {result['int8_accuracy']:.1%}, agreement {result['int8_agreement']:.1%}"
@@ -265,7 +272,7 @@ def markdown_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _seed_of(label: str) -> tuple[str, int]:
+def seed_of(label: str) -> tuple[str, int]:
     name, _, seed = label.partition("@seed")
     return name, int(seed or 0)
 
@@ -281,7 +288,7 @@ def seed_table(runs: dict[str, dict], baseline: str = "edge-gap-crop") -> str:
     mean ± std over seeds, and the paired difference to `baseline` on the same seeds."""
     by_name: dict[str, dict[int, dict]] = {}
     for label, run in runs.items():
-        name, seed = _seed_of(label)
+        name, seed = seed_of(label)
         by_name.setdefault(name, {})[seed] = run
     head = ("| experiment | seeds | params | accuracy per seed (all images) | mean ± std over seeds | "
             f"Δ vs {baseline}, same seeds (pts) | loss (mean of folds) |")
@@ -335,7 +342,7 @@ def _by_recipe(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
     by_name: dict[str, dict[int, dict]] = {}
     for label, run in runs.items():
         if all(fold.get("predictions") for fold in run["folds"]):
-            name, seed = _seed_of(label)
+            name, seed = seed_of(label)
             by_name.setdefault(name, {})[seed] = run
     return by_name
 

@@ -187,20 +187,40 @@ def _log_loss(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
 
 
-def choose_l2(samples: list[data_mod.Sample], x: np.ndarray, x_flip: np.ndarray, y: np.ndarray,
-              lambdas: list[float], folds: int, seed: int, train_flip: bool,
-              per_feature: bool = True) -> tuple[float, list]:
-    """The L2 strength of `lambdas` with the least inner-CV log loss (flip-averaged), folds by
-    near-duplicate group over `samples` (rows of x, y) only. Returns it and every lambda's loss."""
+def group_folds(samples: list[data_mod.Sample], folds: int, seed: int) -> np.ndarray:
+    """A fold number per row of `samples`: training.evaluate's folds by near-duplicate group."""
     index = {s.path: i for i, s in enumerate(samples)}
+    fold = np.empty(len(samples), dtype=np.int64)
+    for k, (_, test_part) in enumerate(data_mod.kfold_hash_splits(samples, folds, seed)):
+        fold[[index[s.path] for s in test_part]] = k
+    return fold
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """A fold number per row, stratified by class, drawn from `seed` (for arrays without files)."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    for label in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == label))
+        fold[rows] = np.arange(len(rows)) % min(folds, int(np.bincount(y).min()))
+    return fold
+
+
+def choose_l2(x: np.ndarray, x_flip: np.ndarray | None, y: np.ndarray, fold: np.ndarray,
+              lambdas: list[float], train_flip: bool = False, score_flip: bool = False,
+              per_feature: bool = True) -> tuple[float, list[float]]:
+    """The L2 strength of `lambdas` with the least inner-CV log loss over the folds `fold` (a fold
+    number per row; an image and its flip stay on one side). `train_flip` also trains on
+    `x_flip`, `score_flip` scores the mean with the flipped image (as flip TTA answers).
+    Returns it and every lambda's loss."""
     probs = np.zeros((len(lambdas), len(y), len(LABELS)))
-    for train_part, test_part in data_mod.kfold_hash_splits(samples, folds, seed):
-        tr = np.asarray([index[s.path] for s in train_part])
-        te = np.asarray([index[s.path] for s in test_part])
+    for k in np.unique(fold):
+        tr, te = fold != k, fold == k
         xt, yt = ((np.vstack([x[tr], x_flip[tr]]), np.concatenate([y[tr], y[tr]]))
                   if train_flip else (x[tr], y[tr]))
         for j, head in enumerate(fit_path(xt, yt, lambdas, per_feature=per_feature)):
-            probs[j, te] = (head.predict_proba(x[te]) + head.predict_proba(x_flip[te])) / 2
+            probs[j, te] = (((head.predict_proba(x[te]) + head.predict_proba(x_flip[te])) / 2)
+                            if score_flip else head.predict_proba(x[te]))
     losses = [_log_loss(p, y) for p in probs]
     return lambdas[int(np.argmin(losses))], losses
 
@@ -220,8 +240,9 @@ def cross_validate_probe(samples: list[data_mod.Sample], x: np.ndarray, x_flip: 
     for fold, (train_part, test_part) in enumerate(data_mod.kfold_hash_splits(samples, folds, seed)):
         tr = np.asarray([index[s.path] for s in train_part])
         te = np.asarray([index[s.path] for s in test_part])
-        l2, _ = choose_l2(list(train_part), x[tr], x_flip[tr], y[tr], lambdas, inner_folds,
-                          seed + fold, train_flip, per_feature)
+        inner = group_folds(list(train_part), inner_folds, seed + fold)
+        l2, _ = choose_l2(x[tr], x_flip[tr], y[tr], inner, lambdas, train_flip, score_flip=True,
+                          per_feature=per_feature)
         xt, yt = ((np.vstack([x[tr], x_flip[tr]]), np.concatenate([y[tr], y[tr]]))
                   if train_flip else (x[tr], y[tr]))
         head = fit_path(xt, yt, [l2], per_feature=per_feature)[0]
@@ -232,32 +253,6 @@ def cross_validate_probe(samples: list[data_mod.Sample], x: np.ndarray, x_flip: 
 
 
 # --- the `probe` training recipe: what `python -m training.train --recipe probe` fits ---------
-
-
-def _inner_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """A fold number per row, stratified by class, drawn from `seed`."""
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(y), dtype=np.int64)
-    for label in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == label))
-        fold[rows] = np.arange(len(rows)) % folds
-    return fold
-
-
-def choose_l2_on_arrays(x: np.ndarray, x_flip: np.ndarray | None, y: np.ndarray,
-                        lambdas: list[float], folds: int, seed: int,
-                        per_feature: bool = True) -> float:
-    """`choose_l2` for a training split given as arrays (no file groups): stratified inner folds;
-    an image and its flip (`x_flip`, trained on when given) stay on one side."""
-    fold = _inner_folds(y, min(folds, int(np.bincount(y).min())), seed)
-    probs = np.zeros((len(lambdas), len(y), len(LABELS)))
-    for k in np.unique(fold):
-        tr, te = fold != k, fold == k
-        xt, yt = ((np.vstack([x[tr], x_flip[tr]]), np.concatenate([y[tr], y[tr]]))
-                  if x_flip is not None else (x[tr], y[tr]))
-        for j, head in enumerate(fit_path(xt, yt, lambdas, per_feature=per_feature)):
-            probs[j, te] = head.predict_proba(x[te])
-    return lambdas[int(np.argmin([_log_loss(p, y) for p in probs]))]
 
 
 def dense_weights(head: LinearHead) -> tuple[np.ndarray, np.ndarray]:
@@ -298,7 +293,8 @@ def fit_probe(config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
     # One common scale, not one per feature: per-feature standardisation gave a few features of
     # tiny spread weights 500x the median, and int8 (weights and the pooled activations alike)
     # then rounded the rest to nothing (tflite-int8 agreed with Keras on 51% of a test split).
-    l2 = choose_l2_on_arrays(f_train, f_flip, y_train, lambdas, 5, config.seed, per_feature=False)
+    l2, _ = choose_l2(f_train, f_flip, y_train, stratified_folds(y_train, 5, config.seed),
+                      lambdas, train_flip=flips, per_feature=False)
     xt, yt = ((np.vstack([f_train, f_flip]), np.concatenate([y_train, y_train]))
               if flips else (f_train, y_train))
     head = fit_path(xt, yt, [l2], per_feature=False)[0]
