@@ -16,6 +16,7 @@ import numpy as np
 
 from ct_edge.domain import DEFAULT_RULE, DOMAIN_FILE, MODALITIES, FeatureGate, fit_arrays, fit_threshold
 from training import data as data_mod
+from training.ensemble import ensemble_export_model, first_member_head
 from training.gradcam import cam_model
 
 from .dataset import TrainingRecord
@@ -40,13 +41,20 @@ def export_model(model: Any) -> tuple[Any, Any | None]:
     try:
         features = model.get_layer(FEATURES_LAYER).input
     except ValueError:
-        return maps_model or model, maps_model
+        ensemble = ensemble_export_model(model)  # an ensemble gates on its first member's
+        return (ensemble, maps_model) if ensemble is not None else (maps_model or model, maps_model)
     outputs = list(maps_model.outputs if maps_model is not None else model.outputs[:1])
     return keras.Model(model.inputs, [*outputs, features], name=f"{model.name}-export"), maps_model
 
 
 def head_weights(model: Any) -> tuple[np.ndarray, np.ndarray]:
-    kernel, bias = model.get_layer(FEATURES_LAYER).get_weights()
+    """(W, b) of the Dense layer the gate's features feed: the model's, or an ensemble's first
+    member's."""
+    try:
+        layer = model.get_layer(FEATURES_LAYER)
+    except ValueError:
+        layer = first_member_head(model)
+    kernel, bias = layer.get_weights()
     return np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
 
 

@@ -30,7 +30,7 @@ def test_mixed_sizes_average_probabilities_and_class_maps(tmp_path: Path) -> Non
     import keras
     import tensorflow as tf
 
-    from training.ensemble import ensemble_cam_model, merge, predict_mean
+    from training.ensemble import ensemble_cam_model, ensemble_export_model, merge, predict_mean
     from training.gradcam import MAPS_LAYER, cam_model
 
     members = _members((64, 32, 64))
@@ -58,6 +58,14 @@ def test_mixed_sizes_average_probabilities_and_class_maps(tmp_path: Path) -> Non
                 + member_maps[2]) / 3
     np.testing.assert_allclose(maps, expected, atol=1e-4)
     assert ensemble_cam_model(members[0]) is None  # a plain model is not an ensemble
+    # The domain gate's features: the first member's pooled features, the input of its head.
+    export = ensemble_export_model(loaded)
+    assert export.output_names == ["probabilities", MAPS_LAYER, "features"]
+    exported = export.predict(x, verbose=0)
+    first = keras.Model(members[0].inputs, members[0].get_layer("logits").input)
+    np.testing.assert_allclose(exported[2], first.predict(x, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(exported[0], probabilities, atol=1e-6)
+    assert ensemble_export_model(members[0]) is None
 
 
 def test_members_must_agree_on_channels() -> None:
@@ -95,6 +103,8 @@ def test_merged_ensemble_converts_with_class_maps(tiny_model: Path, tmp_path: Pa
         manifest = convert_model(tmp_path / "ens" / "model.keras", bundle)
     manifest = manifest or json.loads((bundle / "manifest.json").read_text())
     assert manifest["explain"]["method"] == "cam"
+    # ...and the first member's domain gate, so a foreign input is refused by the ensemble too
+    assert manifest["domain"]["method"] == "mahalanobis" and (bundle / "domain.npz").is_file()
     statuses = {a["name"]: a["status"] for a in manifest["artifacts"]}
     assert statuses.get("onnx-fp32") == "passed" and statuses.get("tflite-fp32") == "passed"
     classifier = Classifier.from_bundle(bundle, artifact="onnx-fp32", threads=1)

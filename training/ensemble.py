@@ -26,6 +26,8 @@ from .gradcam import MAPS_LAYER, cam_model
 
 ENSEMBLE_ARCH = "ensemble"
 MEMBER_PREFIX = "member"
+LOGITS_LAYER = "logits"  # a member's Dense head; its input is the member's pooled features
+FEATURES_OUTPUT = "features"
 
 
 def _size(model: Any) -> tuple[int, int, int]:
@@ -33,15 +35,16 @@ def _size(model: Any) -> tuple[int, int, int]:
 
 
 def _graph(members: Sequence[Any], shapes: Sequence[tuple[int, int, int]], name: str,
-           with_maps: bool) -> Any:
+           with_maps: bool, with_features: bool = False) -> Any:
     """Input of the largest member, each member on its (resized) copy, mean probabilities as the
-    output 'probabilities', and with_maps: the mean class map as a second output 'class_maps'."""
+    output 'probabilities', with_maps: the mean class map as a second output 'class_maps', and
+    with_features: the first member's pooled features (the domain gate's) as the last output."""
     import keras
     from keras import layers
 
     largest = max(shapes)
     inputs = keras.Input(largest, name="image")
-    probabilities, maps = [], []
+    probabilities, maps, features = [], [], []
     for index, (member, shape) in enumerate(zip(members, shapes, strict=True)):
         x = inputs
         if shape != largest:
@@ -51,6 +54,7 @@ def _graph(members: Sequence[Any], shapes: Sequence[tuple[int, int, int]], name:
         if isinstance(out, list | tuple):
             probabilities.append(out[0])
             maps.append(out[1])
+            features.extend(out[2:3])
         else:
             probabilities.append(out)
     mean = (layers.Average(name="mean_probabilities")(probabilities) if len(members) > 1
@@ -64,13 +68,17 @@ def _graph(members: Sequence[Any], shapes: Sequence[tuple[int, int, int]], name:
         mean_maps = (layers.Average(name="mean_maps")(resized) if len(resized) > 1
                      else layers.Identity(name="mean_maps")(resized[0]))
         outputs.append(layers.Activation("linear", name=MAPS_LAYER, dtype="float32")(mean_maps))
+        if with_features:
+            outputs.append(layers.Activation("linear", name=FEATURES_OUTPUT,
+                                             dtype="float32")(features[0]))
     return keras.Model(inputs, outputs if with_maps else outputs[0], name=name)
 
 
 def merge(models: Sequence[Any], name: str = "ensemble") -> Any:
     """One Keras model: input of the largest member, output 'probabilities' the mean of the
-    members' probabilities. Members with a GAP + Dense head are stored CAM-ready (two outputs),
-    so `ensemble_cam_model` can add the mean class map without retraining or reloading them."""
+    members' probabilities. Members with a GAP + Dense 'logits' head are stored CAM-ready, with
+    their pooled features (three outputs), so `ensemble_cam_model` and `ensemble_export_model`
+    add the mean class map and the domain gate's features without retraining them."""
     import keras
 
     if not models:
@@ -88,6 +96,9 @@ def merge(models: Sequence[Any], name: str = "ensemble") -> Any:
     members = []
     for index, model in enumerate(models):
         graph = with_maps[index] if cam_ready else model
+        if cam_ready:
+            graph = keras.Model(graph.inputs, [*graph.outputs,
+                                               model.get_layer(LOGITS_LAYER).input])
         # A fresh wrapper per member: unique names, the member's own layers shared, not copied.
         members.append(keras.Model(graph.inputs, graph.outputs,
                                    name=f"{MEMBER_PREFIX}{index}_{model.name}"))
@@ -106,9 +117,26 @@ def ensemble_cam_model(model: Any) -> Any | None:
     """The ensemble with a second output 'class_maps' (the members' mean class map), the same
     weights; None when `model` is not an ensemble of CAM-ready members."""
     members = ensemble_members(model)
-    if not members or any(len(m.outputs) != 2 for m in members):
+    if not members or any(len(m.outputs) < 2 for m in members):
         return None
     return _graph(members, [_size(m) for m in members], f"{model.name}-cam", with_maps=True)
+
+
+def ensemble_export_model(model: Any) -> Any | None:
+    """The ensemble with outputs probabilities, mean class map and the first member's pooled
+    features (the domain gate is the first member's, e.g. the default model's, as measured in
+    docs/domain.md); None when its members were stored without features."""
+    members = ensemble_members(model)
+    if not members or any(len(m.outputs) != 3 for m in members):
+        return None
+    return _graph(members, [_size(m) for m in members], f"{model.name}-export", with_maps=True,
+                  with_features=True)
+
+
+def first_member_head(model: Any) -> Any | None:
+    """The first member's 'logits' Dense layer (the head the domain gate's features feed)."""
+    members = ensemble_members(model)
+    return members[0].get_layer(LOGITS_LAYER) if members else None
 
 
 def member_dirs(arg: str) -> list[Path]:
