@@ -20,15 +20,14 @@ import pytest
 from ct_edge.classifier import Classifier
 from ct_edge.server import ServerConfig, Service, create_server
 from ct_edge.store import Store
+from tools import chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 SCREENSHOTS = ROOT / "artifacts" / "browser"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
+    not chromium.available(),
     reason="chromium and chromium-driver are not installed (bash tools/setup_system.sh installs "
            "them; CI does)")
 
@@ -50,17 +49,8 @@ def serving(bundle: Path, data_dir: Path, token: str | None = None) -> Iterator[
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[object]:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service as DriverService
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-extensions", "--window-size=1100,1400",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=DriverService(executable_path=CHROMEDRIVER), options=options)
+    pytest.importorskip("selenium.webdriver")
+    driver = chromium.start(tmp_path / "chromium-profile", 1100, 1400)
     driver.set_page_load_timeout(60)
     try:
         yield driver

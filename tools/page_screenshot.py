@@ -12,7 +12,6 @@ given; the page shows the newest first.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import threading
@@ -23,34 +22,25 @@ from ct_edge.errors import CtEdgeError
 from ct_edge.server import ServerConfig, Service, create_server
 from ct_edge.store import Store
 
+from . import chromium
+
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 700, 950
 
 
 def screenshot(bundle: Path, files: list[Path], out: Path, width: int = DEFAULT_WIDTH,
                height: int = DEFAULT_HEIGHT, timeout: float = 60.0) -> Path:
     """Upload `files` to a fresh server of `bundle` through the page; save the window to `out`."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not (chromium and driver_path):
+    if not chromium.available():
         raise CtEdgeError("chromium and chromium-driver are needed: bash tools/setup_system.sh")
     with tempfile.TemporaryDirectory(prefix="ct-edge-page-") as scratch:
         store = Store(Path(scratch) / "data")
         server = create_server(ServerConfig(port=0), Service(Classifier.from_bundle(bundle), store))
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
-        options = webdriver.ChromeOptions()
-        options.binary_location = chromium
-        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--no-first-run", "--disable-extensions", "--hide-scrollbars",
-                     f"--window-size={width},{height}", f"--user-data-dir={scratch}/profile"):
-            options.add_argument(flag)
-        driver = webdriver.Chrome(service=DriverService(executable_path=driver_path),
-                                  options=options)
+        driver = chromium.start(Path(scratch) / "profile", width, height, "--hide-scrollbars")
         try:
             driver.get(server.url + "/")
             wait = WebDriverWait(driver, timeout)
