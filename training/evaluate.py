@@ -99,6 +99,8 @@ _CHANGES: dict[str, dict] = {
     "effnet-probe-128": {"arch": "efficientnet-lite0", "recipe": "probe"},
     "effnet-probe-160": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 160},
     "effnet-probe-224": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 224},
+    # edge-gap on the probe's 224-px input, resized to 128 inside: a mixture's member as it ships
+    "edge-gap-from224": {"arch": "edge-gap-resize128", "size": 224},
 }
 EXPERIMENTS: dict[str, dict] = {name: {**BASE, **change} for name, change in _CHANGES.items()}
 # The current defaults of TrainConfig/PreprocessSpec, whatever they are (what `make train` uses).

@@ -108,15 +108,30 @@ def _register_variant(name: str, settings: dict) -> None:
 @register("edge-gap")
 def edge_gap(input_shape: InputShape, num_classes: int) -> keras.Model:
     """Conv-BN-ReLU blocks 16/32/48/64 with max-pooling, a 96-filter conv, GAP, one Dense."""
+    return _edge_gap(input_shape, num_classes, "edge-gap")
+
+
+@register("edge-gap-resize128")
+def edge_gap_resize128(input_shape: InputShape, num_classes: int) -> keras.Model:
+    """edge-gap behind an in-graph bilinear resize to 128 px: it takes a larger input (the
+    224-px input a mixture with the pretrained probe shares) at edge-gap's cost, and is trained
+    on exactly what that one graph will feed it."""
+    return _edge_gap(input_shape, num_classes, "edge-gap-resize128", resize_to=128)
+
+
+def _edge_gap(input_shape: InputShape, num_classes: int, name: str,
+              resize_to: int | None = None) -> keras.Model:
     inputs = keras.Input(input_shape, name="image")
     x = inputs
+    if resize_to is not None and tuple(input_shape[:2]) != (resize_to, resize_to):
+        x = layers.Resizing(resize_to, resize_to, interpolation="bilinear", name="resize_in")(x)
     for filters in (16, 32, 48, 64):
         x = _conv_bn(x, filters)
         x = layers.MaxPooling2D()(x)
     x = _conv_bn(x, 96)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(0.3)(x)
-    return keras.Model(inputs, _head(x, num_classes), name="edge-gap")
+    return keras.Model(inputs, _head(x, num_classes), name=name)
 
 
 @register("edge-sep")
