@@ -42,7 +42,7 @@ BASE: dict = {
     "augment": True, "aug_rotation": 0.05, "aug_zoom": 0.1, "aug_translate": 0.0,
     "aug_flip": True, "aug_brightness": 0.1, "aug_contrast": 0.0,
     "schedule": "plateau", "warmup_epochs": 0, "label_smoothing": 0.0, "weight_decay": 0.0,
-    "ema": False, "mixup": 0.0, "recipe": "finetune",
+    "ema": False, "mixup": 0.0, "recipe": "finetune", "int8_grid": False,
 }
 COSINE = {"schedule": "cosine"}
 STRONG_AUG = {"aug_rotation": 0.08, "aug_zoom": 0.15, "aug_translate": 0.08,
@@ -99,6 +99,8 @@ _CHANGES: dict[str, dict] = {
     "effnet-probe-128": {"arch": "efficientnet-lite0", "recipe": "probe"},
     "effnet-probe-160": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 160},
     "effnet-probe-224": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 224},
+    "effnet-probe-224-grid": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 224,
+                              "int8_grid": True},
     # edge-gap on the probe's 224-px input, resized to 128 inside: a mixture's member as it ships
     "edge-gap-from224": {"arch": "edge-gap-resize128", "size": 224},
 }

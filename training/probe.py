@@ -280,6 +280,10 @@ def fit_probe(config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
     keras.utils.set_random_seed(config.seed)
     spec = config.preprocess_spec()
     model = build_model(config.arch, (spec.size, spec.size, spec.channels), len(LABELS))
+    if config.int8_grid:
+        from .int8_grid import snap_convolutions
+
+        snap_convolutions(model)
     pooled = keras.Model(model.inputs, model.get_layer("gap").output)
 
     def features(x: np.ndarray) -> np.ndarray:

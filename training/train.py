@@ -73,6 +73,9 @@ class TrainConfig:
     # "finetune": every layer trained by gradient descent (the options above); "probe": a
     # pretrained backbone kept frozen and a logistic head fitted exactly (training.probe).
     recipe: str = "finetune"
+    # probe only: snap the frozen backbone's convolutions to the int8 grid first
+    # (training.int8_grid), so the Keras model and its int8 artifacts share the weights.
+    int8_grid: bool = False
     spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
     cache: str = str(data_mod.DEFAULT_CACHE)
     # What the images are ("ct" slices or projection "xray"s): the bundle's domain (ct_edge.domain).
@@ -406,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recipe", default=defaults.recipe, choices=["finetune", "probe"],
         help="finetune: train every layer; probe: keep a pretrained backbone frozen and fit a "
         f"logistic head on its features (needs --arch efficientnet-lite0) (default: {defaults.recipe})")
+    add("--int8-grid", action="store_true",
+        help="probe recipe: snap the frozen backbone's convolutions to the int8 grid first, so "
+        "the Keras model and its int8 artifacts share the weights (default: off)")
     add("--epochs", type=int, default=defaults.epochs,
         help=f"maximum epochs; early stopping usually ends sooner (default: {defaults.epochs})")
     add("--batch-size", type=int, default=defaults.batch_size,
@@ -443,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.recipe == "probe" and args.arch not in PRETRAINED:
         parser.error(f"--recipe probe needs a pretrained --arch ({', '.join(PRETRAINED)})")
+    if args.int8_grid and args.recipe != "probe":
+        parser.error("--int8-grid snaps a frozen backbone: it needs --recipe probe")
     spec = PreprocessSpec(aspect=args.aspect, size=args.size)
     config = TrainConfig(data=args.data, out=args.out, arch=args.arch, epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.lr,
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,
                          schedule=args.schedule, label_smoothing=args.label_smoothing,
-                         recipe=args.recipe,
+                         recipe=args.recipe, int8_grid=args.int8_grid,
                          spec=spec.to_dict(), modality=args.modality,
                          abstention_folds=args.abstention_folds, target_risk=args.target_risk)
     try:
