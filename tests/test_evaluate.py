@@ -85,6 +85,11 @@ def test_int8_check_converts_each_fold_and_runs_it_in_the_runtime(synthetic_root
     for fold in run["folds"]:
         assert 0.0 <= fold["int8_accuracy"] <= 1.0 and 0.0 <= fold["int8_agreement"] <= 1.0
     assert "int8_agreement" in run["summary"]
+    # each image's int8 answers too, so training.mixture can mix the artifacts' answers
+    for fold in run["folds"]:
+        int8_top1 = [int(np.argmax(p["int8_probabilities"])) for p in fold["predictions"]]
+        keras_top1 = [int(np.argmax(p["probabilities"])) for p in fold["predictions"]]
+        assert np.mean(np.equal(int8_top1, keras_top1)) == pytest.approx(fold["int8_agreement"])
     with pytest.raises(ValueError, match="single model"):
         evaluate.cross_validate(synthetic_root, config, folds=2, members=2, int8=True)
 

@@ -60,7 +60,7 @@ def test_runs_without_probabilities_or_on_other_images_are_refused(tmp_path: Pat
 
 def test_a_flip_member_averages_with_the_mirrored_image(tmp_path: Path) -> None:
     # EDGE's one error (0.4 vs 0.6) becomes right once averaged with a mirrored 0.5 vs 0.25
-    assert mixture.mixed_accuracy([EDGE], flips=[True]) == (1.0, 0)
+    assert mixture.mixed_accuracy([EDGE], views=["flip"]) == (1.0, 0)
     (tmp_path / "edge.json").write_text(json.dumps(EDGE))
     rows = mixture.mixture_rows(mixture.load_runs(tmp_path), ["edge:flip"], baseline="edge")
     assert [(r["name"], r["accuracy"]) for r in rows] == [("edge", [0.75]), ("edge:flip", [1.0])]
@@ -69,4 +69,23 @@ def test_a_flip_member_averages_with_the_mirrored_image(tmp_path: Path) -> None:
                                         for row in fold["predictions"]]} for fold in EDGE["folds"]]}
     assert mixture.mixed_accuracy([plain]) == (0.75, 1)
     with pytest.raises(mixture.MixtureError, match="flipped probabilities"):
-        mixture.mixed_accuracy([plain], flips=[True])
+        mixture.mixed_accuracy([plain], views=["flip"])
+
+
+def test_int8_answers_and_the_agreement_of_two_mixtures(tmp_path: Path) -> None:
+    quantized = json.loads(json.dumps(PROBE))
+    for fold in quantized["folds"]:
+        for row in fold["predictions"]:
+            row["int8_probabilities"] = row["probabilities"]
+    quantized["folds"][0]["predictions"][0]["int8_probabilities"] = [0.2, 0.8, 0.0]  # one flip
+    for name, run in {"edge": EDGE, "probe": quantized}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    runs = mixture.load_runs(tmp_path)
+    assert mixture.agreement(runs, ["probe"], ["probe:int8"]) == {0: (0.75, 1)}
+    assert mixture.agreement(runs, ["edge", "probe"], ["edge", "probe:int8"]) == {0: (0.75, 1)}
+    with pytest.raises(mixture.MixtureError, match="unknown view"):
+        mixture.parse_member("probe:fp16")
+    with pytest.raises(mixture.MixtureError, match="without --int8"):
+        mixture.agreement(runs, ["edge"], ["edge:int8"])
+    assert mixture.main(["--runs", str(tmp_path), "--members", "edge,probe",
+                         "--versus", "edge,probe:int8", "--baseline", "edge"]) == 0

@@ -183,7 +183,7 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
         temperature = fit_temperature(val_probs, y_val)
         scaled = scale_temperature(test_probs, temperature)  # what the runtime's bundle answers
         report = classification_report(test_probs, y_test, LABELS)
-        quantized = {}
+        quantized, int8_probs = {}, None
         if int8:
             from convert.pipeline import DEFAULT_CALIBRATION_IMAGES  # as `make convert`
 
@@ -216,9 +216,12 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
                              "predicted": LABELS[int(p.argmax())],
                              "confidence": round(float(p.max()), 6),
                              "probabilities": [round(float(v), 6) for v in raw],
-                             "flipped_probabilities": [round(float(v), 6) for v in flipped]}
-                            for s, t, p, raw, flipped in zip(test_part, y_test, scaled, test_probs,
-                                                             flipped_probs, strict=True)],
+                             "flipped_probabilities": [round(float(v), 6) for v in flipped],
+                             **({"int8_probabilities": [round(float(v), 6) for v in int8_probs[i]]}
+                                if int8_probs is not None else {})}
+                            for i, (s, t, p, raw, flipped) in enumerate(zip(
+                                test_part, y_test, scaled, test_probs, flipped_probs,
+                                strict=True))],
         }
         results.append(result)
         int8_note = (f"  int8 {result['int8_accuracy']:.1%}, agreement {result['int8_agreement']:.1%}"

@@ -1,14 +1,17 @@
 """Mixtures of cross-validated recipes: the mean of their out-of-fold probabilities.
 
     python -m training.mixture --runs artifacts/evaluate/covid19-xray \\
-        --members edge-gap-crop,effnet-probe-224[:flip] [--baseline edge-gap-crop]
+        --members edge-gap-crop,effnet-probe-224[:flip|:int8] [--baseline edge-gap-crop] \\
+        [--versus edge-gap-crop,effnet-probe-224:int8]
 
 `training.evaluate` records every test image's probabilities; runs of one seed share their
 folds whatever the recipe, so the mean of two recipes' probabilities per image is exactly what
 a one-graph ensemble of their fold models (`training.ensemble`) would have answered on those
 folds, without training anything again; `:flip` averages a recipe with its answer on the
-mirrored image (flip TTA). Figures are the share of all images right per seed,
-mean ± std over the seeds every member ran, and the paired difference to the baseline.
+mirrored image (flip TTA), `:int8` takes its full-int8 TFLite answers (runs made with --int8).
+Figures are the share of all images right per seed, mean ± std over the seeds every member
+ran, and the paired difference to the baseline; `--versus` adds the top-1 agreement per seed of
+the mixture with another (e.g. the same members in int8).
 """
 
 from __future__ import annotations
@@ -30,33 +33,52 @@ class MixtureError(CtEdgeError):
     """Runs that cannot be mixed: missing, without probabilities, or on other images."""
 
 
-FLIP = ":flip"
+# What a member's answer is: `recipe` its probabilities, `recipe:flip` their mean with the
+# mirrored image's (flip TTA, as a graph that runs both), `recipe:int8` its full-int8 artifact's.
+VIEWS = {"": ("probabilities",), "flip": ("probabilities", "flipped_probabilities"),
+         "int8": ("int8_probabilities",)}
 
 
-def out_of_fold_probabilities(run: dict, flip: bool = False) -> dict[str, tuple[int, np.ndarray]]:
-    """Per image (class folder/file name): its true class index and the recipe's probabilities;
-    `flip`: their mean with the mirrored image's (flip TTA, as a graph that runs both answers)."""
+def parse_member(spec: str) -> tuple[str, str]:
+    """'recipe[:view]' -> (recipe, view)."""
+    recipe, _, view = spec.partition(":")
+    if view not in VIEWS:
+        raise MixtureError(f"{spec}: unknown view {view!r}; use one of "
+                           + ", ".join(f":{v}" for v in VIEWS if v))
+    return recipe, view
+
+
+def out_of_fold_probabilities(run: dict, view: str = "") -> dict[str, tuple[int, np.ndarray]]:
+    """Per image (class folder/file name): its true class index and the recipe's probabilities
+    as `view` (VIEWS) says."""
     rows = [p for fold in run["folds"] for p in fold.get("predictions", ())]
-    keys = ["probabilities", "flipped_probabilities"] if flip else ["probabilities"]
+    keys = VIEWS[view]
     if not rows or any(key not in r for r in rows for key in keys):
         raise MixtureError(f"run has no per-image {' or '.join(k.replace('_', ' ') for k in keys)}"
-                           " (made before they were recorded; run training.evaluate again)")
+                           " (made before they were recorded, or without --int8; run "
+                           "training.evaluate again)")
     return {"/".join(Path(r["path"]).parts[-2:]):
             (LABELS.index(r["true"]), np.mean([np.asarray(r[k], np.float64) for k in keys], axis=0))
             for r in rows}
 
 
-def mixed_accuracy(runs: list[dict], flips: list[bool] | None = None) -> tuple[float, int]:
-    """Accuracy over all images of the mean of the runs' probabilities (each flip-averaged where
-    `flips` says so), and the error count."""
-    tables = [out_of_fold_probabilities(run, flip)
-              for run, flip in zip(runs, flips or [False] * len(runs), strict=True)]
+def mixed_probabilities(runs: list[dict], views: list[str] | None = None
+                        ) -> dict[str, tuple[int, np.ndarray]]:
+    """Per image: true class and the mean of the runs' probabilities (each as its view)."""
+    tables = [out_of_fold_probabilities(run, view)
+              for run, view in zip(runs, views or [""] * len(runs), strict=True)]
     images = set(tables[0])
     if any(set(t) != images for t in tables[1:]):
         raise MixtureError("runs tested different images; mix runs of the same data only")
-    errors = sum(int(np.mean([t[image][1] for t in tables], axis=0).argmax()) != tables[0][image][0]
-                 for image in images)
-    return 1.0 - errors / len(images), errors
+    return {image: (tables[0][image][0], np.mean([t[image][1] for t in tables], axis=0))
+            for image in sorted(images)}
+
+
+def mixed_accuracy(runs: list[dict], views: list[str] | None = None) -> tuple[float, int]:
+    """Accuracy over all images of the mean of the runs' probabilities, and the error count."""
+    mixed = mixed_probabilities(runs, views)
+    errors = sum(int(p.argmax()) != true for true, p in mixed.values())
+    return 1.0 - errors / len(mixed), errors
 
 
 def load_runs(folder: Path) -> dict[str, dict[int, dict]]:
@@ -70,21 +92,32 @@ def load_runs(folder: Path) -> dict[str, dict[int, dict]]:
     return by_name
 
 
-def mixture_rows(by_name: dict[str, dict[int, dict]], members: list[str],
-                 baseline: str) -> list[dict]:
-    """One row per recipe and for the mixture: accuracy per seed on the seeds all of them ran.
-    A member or baseline named `recipe:flip` is that recipe's runs with flip TTA."""
-    recipes = {m.removesuffix(FLIP) for m in [*members, baseline]}
+def _seeds(by_name: dict[str, dict[int, dict]], specs: list[str]) -> list[int]:
+    recipes = {parse_member(m)[0] for m in specs}
     missing = sorted(n for n in recipes if n not in by_name)
     if missing:
         raise MixtureError(f"no runs of {', '.join(missing)}; found: {', '.join(sorted(by_name))}")
     seeds = sorted(set.intersection(*(set(by_name[n]) for n in recipes)))
     if not seeds:
-        raise MixtureError(f"{', '.join(members)} and {baseline} share no seed")
+        raise MixtureError(f"{', '.join(specs)} share no seed")
+    return seeds
+
+
+def _mixed(by_name: dict[str, dict[int, dict]], specs: list[str], seed: int
+           ) -> dict[str, tuple[int, np.ndarray]]:
+    parsed = [parse_member(m) for m in specs]
+    return mixed_probabilities([by_name[r][seed] for r, _ in parsed], [v for _, v in parsed])
+
+
+def mixture_rows(by_name: dict[str, dict[int, dict]], members: list[str],
+                 baseline: str) -> list[dict]:
+    """One row per recipe and for the mixture: accuracy per seed on the seeds all of them ran."""
+    seeds = _seeds(by_name, [*members, baseline])
 
     def score(names: list[str], seed: int) -> tuple[float, int]:
-        return mixed_accuracy([by_name[n.removesuffix(FLIP)][seed] for n in names],
-                              [n.endswith(FLIP) for n in names])
+        mixed = _mixed(by_name, names, seed)
+        errors = sum(int(p.argmax()) != true for true, p in mixed.values())
+        return 1.0 - errors / len(mixed), errors
 
     base = [score([baseline], s)[0] for s in seeds]
     rows = []
@@ -99,6 +132,17 @@ def mixture_rows(by_name: dict[str, dict[int, dict]], members: list[str],
                      "std": float(np.std(accuracy, ddof=1)) if len(seeds) > 1 else 0.0,
                      "paired": None if names == [baseline] else paired})
     return rows
+
+
+def agreement(by_name: dict[str, dict[int, dict]], members: list[str],
+              versus: list[str]) -> dict[int, tuple[float, int]]:
+    """Per seed: top-1 agreement of two mixtures over all images, and how many images differ."""
+    out = {}
+    for seed in _seeds(by_name, [*members, *versus]):
+        a, b = _mixed(by_name, members, seed), _mixed(by_name, versus, seed)
+        differ = sum(int(a[i][1].argmax()) != int(b[i][1].argmax()) for i in a)
+        out[seed] = (1.0 - differ / len(a), differ)
+    return out
 
 
 def markdown(rows: list[dict], baseline: str) -> str:
@@ -129,20 +173,34 @@ def main(argv: list[str] | None = None) -> int:
                         help="a training.evaluate results folder (one data set's JSON files)")
     parser.add_argument("--members", required=True,
                         help="comma-separated recipe labels to average, each optionally with "
-                        f"{FLIP} for flip TTA, e.g. edge-gap-crop,effnet-probe-224{FLIP}")
+                        ":flip (flip TTA) or :int8 (its full-int8 answers), e.g. "
+                        "edge-gap-crop,effnet-probe-224:flip")
     parser.add_argument("--baseline", default="edge-gap-crop",
                         help="recipe the paired differences are taken to (default: edge-gap-crop)")
+    parser.add_argument("--versus", default=None,
+                        help="another member list; prints its top-1 agreement with --members per "
+                        "seed, e.g. the same members with :int8 (default: none)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     members = [m.strip() for m in args.members.split(",") if m.strip()]
     if not members:
         parser.error("--members needs a recipe")
     try:
-        rows = mixture_rows(load_runs(Path(args.runs)), members, args.baseline)
+        by_name = load_runs(Path(args.runs))
+        rows = mixture_rows(by_name, members, args.baseline)
+        versus = [m.strip() for m in (args.versus or "").split(",") if m.strip()]
+        agreed = agreement(by_name, members, versus) if versus else {}
     except (CtEdgeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(rows, indent=2) if args.json else markdown(rows, args.baseline), end="")
+    if args.json:
+        print(json.dumps({"rows": rows, "agreement": {str(k): v[0] for k, v in agreed.items()}},
+                         indent=2))
+        return 0
+    print(markdown(rows, args.baseline), end="")
+    if agreed:
+        print(f"\ntop-1 agreement of {' + '.join(members)} with {' + '.join(versus)}: "
+              + ", ".join(f"seed {s} {a:.1%} ({d} differ)" for s, (a, d) in agreed.items()))
     return 0
 
 
