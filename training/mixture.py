@@ -103,10 +103,15 @@ def _seeds(by_name: dict[str, dict[int, dict]], specs: list[str]) -> list[int]:
     return seeds
 
 
+def _runs_and_views(by_name: dict[str, dict[int, dict]], specs: list[str], seed: int
+                    ) -> tuple[list[dict], list[str]]:
+    parsed = [parse_member(m) for m in specs]
+    return [by_name[r][seed] for r, _ in parsed], [v for _, v in parsed]
+
+
 def _mixed(by_name: dict[str, dict[int, dict]], specs: list[str], seed: int
            ) -> dict[str, tuple[int, np.ndarray]]:
-    parsed = [parse_member(m) for m in specs]
-    return mixed_probabilities([by_name[r][seed] for r, _ in parsed], [v for _, v in parsed])
+    return mixed_probabilities(*_runs_and_views(by_name, specs, seed))
 
 
 def mixture_rows(by_name: dict[str, dict[int, dict]], members: list[str],
@@ -115,9 +120,7 @@ def mixture_rows(by_name: dict[str, dict[int, dict]], members: list[str],
     seeds = _seeds(by_name, [*members, baseline])
 
     def score(names: list[str], seed: int) -> tuple[float, int]:
-        mixed = _mixed(by_name, names, seed)
-        errors = sum(int(p.argmax()) != true for true, p in mixed.values())
-        return 1.0 - errors / len(mixed), errors
+        return mixed_accuracy(*_runs_and_views(by_name, names, seed))
 
     base = [score([baseline], s)[0] for s in seeds]
     rows = []
