@@ -6,13 +6,14 @@ STAMP  := $(VENV)/.installed
 DATA   ?=
 EPOCHS ?=
 ARCH   ?=
+RECIPE ?=
 MODEL  ?= artifacts/model/model.keras
 BUNDLE ?= artifacts/bundle
 QUICK  ?=
 
 DATA_ARG   = $(if $(DATA),--data "$(DATA)")
 EPOCHS_ARG = $(if $(EPOCHS),--epochs $(EPOCHS))
-ARCH_ARG   = $(if $(ARCH),--arch $(ARCH))
+ARCH_ARG   = $(if $(ARCH),--arch $(ARCH)) $(if $(RECIPE),--recipe $(RECIPE))
 
 comma := ,
 
@@ -36,7 +37,7 @@ demo: setup  ## the main job on built-in synthetic data: generate, train, conver
 	$(BIN)/ct-edge classify --bundle $(BUNDLE) artifacts/data/synthetic/test/*/0000[01].png
 	$(BIN)/ct-edge explain --bundle $(BUNDLE) artifacts/data/synthetic/test/*/00000.png -o artifacts/explain/
 
-train: setup  ## train: make train [DATA=dir] [EPOCHS=n] [ARCH=name]
+train: setup  ## train: make train [DATA=dir] [EPOCHS=n] [ARCH=name] [RECIPE=finetune|probe|mixture]
 	$(BIN)/python -m training.train $(DATA_ARG) $(EPOCHS_ARG) $(ARCH_ARG)
 
 convert: setup  ## TFLite + ONNX bundle with parity gate: make convert [DATA=dir]

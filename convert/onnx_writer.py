@@ -106,13 +106,15 @@ def write_int8(ctx: WriteContext) -> bytes:
     Weights use 7 bits (reduce_range): onnxruntime's x86 kernels without VNNI (AVX2, AVX-512F)
     sum pairs of 8-bit products in int16 and saturate, which flipped answers on an AVX2-only CPU.
     """
+    import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     images = ctx.calibration_images()
     fp32 = ctx.once("onnx-fp32", lambda: _fp32_proto(ctx))
-    session = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
+    serialized = fp32.SerializeToString()
+    session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     workdir = ctx.workdir.resolve()  # absolute: the current folder changes below
     prepared = workdir / "onnx-int8-prepared.onnx"
@@ -120,7 +122,13 @@ def write_int8(ctx: WriteContext) -> bytes:
     # Shape inference writes temporary files (and external data of large models) into the current
     # folder: keep them in the work folder, never beside the user's files.
     with quiet(), contextlib.chdir(workdir):
-        quant_pre_process(fp32, prepared)
+        # A copy each time: quant_pre_process moves the proto's tensors to external data.
+        try:
+            quant_pre_process(onnx.load_from_string(serialized), prepared)
+        except Exception:
+            # Its symbolic shape inference gives up on a graph that resizes inside (a mixture:
+            # "Incomplete symbolic shape inference") unless allowed to merge the unknown sizes.
+            quant_pre_process(onnx.load_from_string(serialized), prepared, auto_merge=True)
         quantize_static(prepared, quantized, _Reader(input_name, images),
                         quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)

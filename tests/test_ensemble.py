@@ -111,3 +111,57 @@ def test_merged_ensemble_converts_with_class_maps(tiny_model: Path, tmp_path: Pa
     x = np.random.default_rng(0).random((1, 128, 128, 3), dtype=np.float32)
     p, maps = classifier.backend.predict_with_maps(x)
     assert p.shape == (1, 3) and maps.shape[0] == 1 and maps.shape[-1] == 3
+
+
+def test_the_mixture_recipe_refuses_an_architecture(capsys) -> None:
+    from training.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--recipe", "mixture", "--arch", "edge-gap"])
+    assert "drop --arch" in capsys.readouterr().err
+
+
+def test_a_mixture_member_cannot_be_a_mixture() -> None:
+    from training.ensemble import fit_mixture
+    from training.train import TrainConfig, fit_model
+
+    config = TrainConfig(recipe="mixture", mixture_members=[{"recipe": "mixture"}])
+    x, y = np.zeros((3, 32, 32, 3), np.float32), np.arange(3)
+    with pytest.raises(ValueError, match="cannot itself be a mixture"):
+        fit_mixture(fit_model, config, x, y, x, y)
+
+
+@pytest.mark.slow
+def test_the_mixture_recipe_trains_merges_calibrates_and_converts(synthetic_root: Path,
+                                                                  tmp_path: Path) -> None:
+    """`make train --recipe mixture` end to end, with two small members: one graph, its own
+    temperature, the members' folders, the six artifacts (onnx-int8 of a graph that resizes
+    inside included)."""
+    import keras
+
+    from convert.pipeline import ParityError, convert_model
+    from training.ensemble import ensemble_members
+    from training.train import TrainConfig, train
+
+    out = tmp_path / "mixture"
+    metrics = train(TrainConfig(
+        data=str(synthetic_root), out=str(out), epochs=2, patience=2, cache=str(tmp_path / "cache"),
+        recipe="mixture", arch="mixture", spec={"size": 96, "channels": 3}, abstention_folds=0,
+        mixture_members=[{"arch": "edge-gap-resize128"}, {"arch": "edge-gap", "seed": 7}]))
+    assert metrics["architecture"] == "mixture"
+    assert {p.name for p in out.glob("member*")} == {"member0-edge-gap-resize128", "member1-edge-gap"}
+    assert (out / "learning_curves.png").is_file() and (out / "gradcam.png").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"] == "mixture" and config["calibration"]["fitted_on"] == "validation split"
+    model = keras.models.load_model(out / "model.keras", compile=False)
+    members = ensemble_members(model)
+    assert [m.name for m in members] == ["member0_edge-gap-resize128", "member1_edge-gap"]
+    assert model.input_shape == (None, 96, 96, 3)
+    bundle = tmp_path / "bundle"
+    manifest = None
+    with contextlib.suppress(ParityError):
+        manifest = convert_model(out / "model.keras", bundle)
+    manifest = manifest or json.loads((bundle / "manifest.json").read_text())
+    converted = {a["name"] for a in manifest["artifacts"] if a.get("sha256")}  # parity aside
+    assert converted == {"tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8",
+                         "onnx-fp32", "onnx-int8"}, manifest["artifacts"]

@@ -9,14 +9,21 @@ to the finest grid among them, averaged. `convert` exports it as the class-map o
 `training.gradcam.cam_model`), so `ct-edge explain` works on the ensemble as on one model.
 The model folder gets a config.json from the largest member (same data, seed and split), so
 `python -m convert --model <out>/model.keras` checks parity on that member's test split.
+
+The **mixture recipe** (`python -m training.train --recipe mixture`, `fit_mixture`) trains the
+members on the same images and merges them here, so `make train` produces a one-graph mixture with
+the temperature and the uncertain threshold fitted to the mixture itself, and `training.evaluate`
+cross-validates it (and its one-graph int8 artifact) like any recipe.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,16 @@ ENSEMBLE_ARCH = "ensemble"
 MEMBER_PREFIX = "member"
 LOGITS_LAYER = "logits"  # a member's Dense head; its input is the member's pooled features
 FEATURES_OUTPUT = "features"
+MIXTURE_RECIPE = "mixture"
+MIXTURE_SIZE = 224  # the mixture's input: the pretrained member's size
+# The registered mixture (docs/accuracy.md, issue 14): TrainConfig changes per member, all trained
+# on the same (224-px) images. Edge-gap behind an in-graph resize to 128, trained on exactly what
+# the graph feeds it, and the frozen ImageNet EfficientNet-Lite0 with a logistic head, its weights
+# snapped to the int8 grid. The first member's pooled features feed the domain gate.
+MIXTURE_MEMBERS: tuple[dict, ...] = (
+    {"arch": "edge-gap-resize128", "recipe": "finetune"},
+    {"arch": "efficientnet-lite0", "recipe": "probe", "int8_grid": True},
+)
 
 
 def _size(model: Any) -> tuple[int, int, int]:
@@ -175,6 +192,40 @@ def build(member_folders: Sequence[Path], out: Path) -> dict:
     return {"members": len(models), "input": list(_size(model)),
             "params": int(model.count_params()),
             "class_maps": ensemble_cam_model(model) is not None}
+
+
+def mixture_members(config: Any) -> list[dict]:
+    """The member changes of a mixture run: `config.mixture_members`, else the registered ones."""
+    return [dict(m) for m in (config.mixture_members or MIXTURE_MEMBERS)]
+
+
+def fit_mixture(fit: Callable[..., tuple[Any, dict]], config: Any, x_train: np.ndarray,
+                y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                out: Path | None = None, verbose: int | None = None) -> tuple[Any, dict]:
+    """`training.train.fit_model` for `config.recipe == "mixture"`: each member fitted by `fit`
+    (fit_model itself, passed in so this module never imports train) on the same arrays and seed,
+    in its own subfolder of `out` (resumable there), then merged. Returns (model, the first
+    member's history); `out/history.csv` is the first member's, for the learning curves."""
+    models, histories = [], []
+    for index, changes in enumerate(mixture_members(config)):
+        if changes.get("recipe") == MIXTURE_RECIPE:
+            raise ValueError("a mixture member cannot itself be a mixture")
+        member = replace(config, **{"recipe": "finetune", **changes}, mixture_members=None)
+        member_out = None
+        if out is not None:
+            member_out = Path(out) / f"{MEMBER_PREFIX}{index}-{member.arch}"
+            member_out.mkdir(parents=True, exist_ok=True)
+            member = replace(member, out=str(member_out))
+        if verbose != 0:
+            print(f"mixture member {index + 1}/{len(mixture_members(config))}: {member.arch} "
+                  f"({member.recipe})", flush=True)
+        model, history = fit(member, x_train, y_train, x_val, y_val, out=member_out,
+                             verbose=verbose)
+        models.append(model)
+        histories.append(history)
+        if member_out is not None and index == 0 and (member_out / "history.csv").is_file():
+            shutil.copyfile(member_out / "history.csv", Path(out) / "history.csv")
+    return merge(models, name=MIXTURE_RECIPE), histories[0]
 
 
 def predict_mean(models: Sequence[Any], x: np.ndarray) -> np.ndarray:

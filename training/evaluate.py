@@ -103,6 +103,8 @@ _CHANGES: dict[str, dict] = {
                               "int8_grid": True},
     # edge-gap on the probe's 224-px input, resized to 128 inside: a mixture's member as it ships
     "edge-gap-from224": {"arch": "edge-gap-resize128", "size": 224},
+    # both in one graph, trained per fold (training.ensemble.fit_mixture): `make train --recipe mixture`
+    "mixture-224": {"arch": "mixture", "recipe": "mixture", "size": 224},
 }
 EXPERIMENTS: dict[str, dict] = {name: {**BASE, **change} for name, change in _CHANGES.items()}
 # The current defaults of TrainConfig/PreprocessSpec, whatever they are (what `make train` uses).

@@ -99,6 +99,10 @@ def grad_cam(model: Any, images: np.ndarray, classes: np.ndarray | None = None,
     import keras
     import tensorflow as tf
 
+    if layer is None and cam_head(model) is None:
+        maps_model = cam_model(model)  # an ensemble: its members' mean class map
+        if maps_model is not None:
+            return _mean_cam(maps_model, images, classes)
     layer = layer or last_feature_layer(model)
     probe = keras.Model(model.inputs, [layer.output, model.get_layer("logits").output,
                                        model.outputs[0]])
@@ -116,6 +120,23 @@ def grad_cam(model: Any, images: np.ndarray, classes: np.ndarray | None = None,
         cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)).numpy()
         maps.append(cam)
         probs.append(np.asarray(probabilities))
+    cams = np.concatenate(maps).astype(np.float32)
+    peak = cams.max(axis=(1, 2), keepdims=True)
+    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0), np.concatenate(probs)
+
+
+def _mean_cam(maps_model: Any, images: np.ndarray,
+              classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """`grad_cam` of a model without one 'logits' layer (an ensemble), from its class maps: for a
+    GAP + Dense head Grad-CAM's channel weights are the Dense kernel / (h * w), so Grad-CAM is the
+    class map itself, up to the ReLU and the scaling to max 1 done here."""
+    maps, probs = [], []
+    for start in range(0, len(images), 32):
+        probabilities, class_maps = maps_model.predict(images[start : start + 32], verbose=0)
+        chosen = (probabilities.argmax(axis=1) if classes is None
+                  else np.asarray(classes[start : start + 32]))
+        maps.append(np.maximum(class_maps[np.arange(len(chosen)), :, :, chosen], 0.0))
+        probs.append(probabilities)
     cams = np.concatenate(maps).astype(np.float32)
     peak = cams.max(axis=(1, 2), keepdims=True)
     return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0), np.concatenate(probs)
@@ -170,9 +191,13 @@ def gradcam_grid(model: Any, x: np.ndarray, y: np.ndarray, path: Path,
                         fontsize=8, transform=ax.transAxes)
         axes[row, 0].text(-0.08, 0.5, label, rotation=90, ha="right", va="center", fontsize=9,
                           transform=axes[row, 0].transAxes)
-    layer = last_feature_layer(model)
-    fig.suptitle(title or f"Grad-CAM on '{layer.name}' {tuple(layer.output.shape[1:3])}: "
-                 f"{per_class} correct | {per_class} wrong per true class", fontsize=9)
+    if cam_head(model) is None and cam_model(model) is not None:
+        where = f"the members' mean class map {tuple(cams.shape[1:3])}"
+    else:
+        layer = last_feature_layer(model)
+        where = f"'{layer.name}' {tuple(layer.output.shape[1:3])}"
+    fig.suptitle(title or f"Grad-CAM on {where}: {per_class} correct | {per_class} wrong per "
+                 "true class", fontsize=9)
     save_figure(fig, path)
     return path
 

@@ -24,6 +24,7 @@ from ct_edge.preprocess import PreprocessSpec
 
 from . import abstention
 from . import data as data_mod
+from .ensemble import MIXTURE_MEMBERS, MIXTURE_RECIPE, MIXTURE_SIZE, fit_mixture, mixture_members
 from .metrics import (
     classification_report,
     expected_calibration_error,
@@ -76,6 +77,9 @@ class TrainConfig:
     # probe only: snap the frozen backbone's convolutions to the int8 grid first
     # (training.int8_grid), so the Keras model and its int8 artifacts share the weights.
     int8_grid: bool = False
+    # "mixture" only (training.ensemble.fit_mixture): TrainConfig changes of each member, all
+    # trained on the same images and merged into one graph; None: the registered mixture.
+    mixture_members: list | None = None
     spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
     cache: str = str(data_mod.DEFAULT_CACHE)
     # What the images are ("ct" slices or projection "xray"s): the bundle's domain (ct_edge.domain).
@@ -226,6 +230,8 @@ def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         from .probe import fit_probe
 
         return fit_probe(config, x_train, y_train, x_val, y_val, out, verbose)
+    if config.recipe == MIXTURE_RECIPE:
+        return fit_mixture(fit_model, config, x_train, y_train, x_val, y_val, out, verbose)
     import keras
     import tensorflow as tf
 
@@ -383,8 +389,9 @@ def train(config: TrainConfig) -> dict:
     data_mod.write_json(out / "metrics.json", metrics)
     data_mod.write_json(out / CONFIG_FILE, {**asdict(config), "data": str(root),
                                             "modality": modality, "calibration": calibration})
-    learning_curves(history, best_epoch, out / "learning_curves.png",
-                    f"{config.arch} on {root.name}")
+    trained = (f"{MIXTURE_RECIPE} (curves: member 1, {mixture_members(config)[0]['arch']})"
+               if config.recipe == MIXTURE_RECIPE else config.arch)
+    learning_curves(history, best_epoch, out / "learning_curves.png", f"{trained} on {root.name}")
     confusion_matrix_plot(report["confusion_matrix"], LABELS, out / "confusion_matrix.png",
                           f"test split ({report['n']} images), accuracy {report['accuracy']:.1%}")
     from .gradcam import gradcam_grid  # Grad-CAM of correct and wrong test predictions per class
@@ -404,11 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data", default=None, help="data folder <root>/<split>/<class>/<image>; default: the "
         f"built-in synthetic set (generated into {BUILTIN_DATA})")
     add("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
-    add("--arch", default=defaults.arch, choices=sorted(ARCHITECTURES),
+    add("--arch", default=None, choices=sorted(ARCHITECTURES),
         help=f"architecture (default: {defaults.arch})")
-    add("--recipe", default=defaults.recipe, choices=["finetune", "probe"],
+    members = " + ".join(f"{m['arch']} ({m['recipe']})" for m in MIXTURE_MEMBERS)
+    add("--recipe", default=defaults.recipe, choices=["finetune", "probe", MIXTURE_RECIPE],
         help="finetune: train every layer; probe: keep a pretrained backbone frozen and fit a "
-        f"logistic head on its features (needs --arch efficientnet-lite0) (default: {defaults.recipe})")
+        "logistic head on its features (needs --arch efficientnet-lite0); mixture: train "
+        f"{members} on the same images and merge them into one graph (no --arch; "
+        f"{MIXTURE_SIZE} px unless --size) (default: {defaults.recipe})")
     add("--int8-grid", action="store_true",
         help="probe recipe: snap the frozen backbone's convolutions to the int8 grid first, so "
         "the Keras model and its int8 artifacts share the weights (default: off)")
@@ -424,8 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {defaults.seed})")
     add("--aspect", default=PreprocessSpec().aspect, choices=["crop", "letterbox", "stretch"],
         help=f"how non-square images become square (default: {PreprocessSpec().aspect})")
-    add("--size", type=int, default=PreprocessSpec().size,
-        help=f"input size in pixels, square (default: {PreprocessSpec().size})")
+    add("--size", type=int, default=None,
+        help=f"input size in pixels, square (default: {PreprocessSpec().size}; "
+        f"{MIXTURE_SIZE} for --recipe mixture)")
     add("--no-augment", action="store_true", help="train without augmentation (default: augment)")
     add("--schedule", default=defaults.schedule, choices=["plateau", "cosine"],
         help="plateau: early stopping on validation loss, best epoch kept, LR halved on plateaus; "
@@ -447,12 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.recipe == "probe" and args.arch not in PRETRAINED:
+    mixture = args.recipe == MIXTURE_RECIPE
+    if mixture and args.arch is not None:
+        parser.error("--recipe mixture trains its own members; drop --arch")
+    arch = MIXTURE_RECIPE if mixture else args.arch or DEFAULT_ARCHITECTURE
+    if args.recipe == "probe" and arch not in PRETRAINED:
         parser.error(f"--recipe probe needs a pretrained --arch ({', '.join(PRETRAINED)})")
     if args.int8_grid and args.recipe != "probe":
         parser.error("--int8-grid snaps a frozen backbone: it needs --recipe probe")
-    spec = PreprocessSpec(aspect=args.aspect, size=args.size)
-    config = TrainConfig(data=args.data, out=args.out, arch=args.arch, epochs=args.epochs,
+    size = args.size or (MIXTURE_SIZE if mixture else PreprocessSpec().size)
+    spec = PreprocessSpec(aspect=args.aspect, size=size)
+    config = TrainConfig(data=args.data, out=args.out, arch=arch, epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.lr,
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,
                          schedule=args.schedule, label_smoothing=args.label_smoothing,
