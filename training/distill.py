@@ -32,6 +32,7 @@ from ct_edge.errors import CtEdgeError
 from ct_edge.preprocess import PreprocessSpec
 
 from . import data as data_mod
+from .ensemble import MIXTURE_RECIPE, MIXTURE_SIZE
 from .metrics import classification_report
 from .train import TrainConfig, augmenter
 
@@ -291,11 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: print the markdown table of --cv-fold result files")
     add("--data", type=Path, help="data folder, for --cv-fold")
     add("--seed", type=int, default=0, help="cross-validation seed, for --cv-fold (default: 0)")
+    add("--teacher-recipe", default="finetune", choices=["finetune", "probe", "mixture"],
+        help="for --cv-fold: the teacher's recipe; mixture: `--recipe mixture` of training.train "
+        "(its own members, lr and epochs; 224 px unless --teacher-size) (default: %(default)s)")
     add("--teacher-arch", default="efficientnet-lite0", help="for --cv-fold (default: %(default)s)")
     add("--teacher-lr", type=float, default=3e-4, help="for --cv-fold (default: %(default)s)")
     add("--teacher-epochs", type=int, default=15, help="for --cv-fold (default: %(default)s)")
-    add("--teacher-size", type=int, default=PreprocessSpec().size,
-        help="for --cv-fold (default: %(default)s)")
+    add("--teacher-size", type=int, default=None,
+        help=f"for --cv-fold (default: {PreprocessSpec().size}; {MIXTURE_SIZE} for a mixture)")
     add("--arch", default="edge-gap", help="student architecture (default: %(default)s)")
     add("--size", type=int, default=PreprocessSpec().size,
         help="student input size (default: %(default)s)")
@@ -311,9 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv_fold is not None:
         if args.data is None or args.out is None:
             parser.error("--cv-fold needs --data and --out (a JSON file)")
-        settings = {"arch": args.teacher_arch, "learning_rate": args.teacher_lr,
-                    "epochs": args.teacher_epochs,
-                    "spec": PreprocessSpec(size=args.teacher_size).to_dict()}
+        if args.teacher_recipe == MIXTURE_RECIPE:
+            size = args.teacher_size or MIXTURE_SIZE
+            settings = {"arch": MIXTURE_RECIPE, "recipe": MIXTURE_RECIPE,
+                        "spec": PreprocessSpec(size=size).to_dict()}
+        else:
+            settings = {"arch": args.teacher_arch, "recipe": args.teacher_recipe,
+                        "learning_rate": args.teacher_lr, "epochs": args.teacher_epochs,
+                        "spec": PreprocessSpec(size=args.teacher_size
+                                               or PreprocessSpec().size).to_dict()}
         try:
             result = compare_fold(args.data, args.seed, args.cv_fold, settings, args.temperature,
                                   args.alpha)
