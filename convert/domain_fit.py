@@ -16,7 +16,7 @@ import numpy as np
 
 from ct_edge.domain import DEFAULT_RULE, DOMAIN_FILE, MODALITIES, FeatureGate, fit_arrays, fit_threshold
 from training import data as data_mod
-from training.ensemble import ensemble_export_model, first_member_head
+from training.ensemble import ensemble_export_model, ensemble_members, first_member_head
 from training.gradcam import cam_model
 
 from .dataset import TrainingRecord
@@ -81,6 +81,13 @@ def split_arrays(record: TrainingRecord, samples: list, desc: str) -> tuple[np.n
     return x, y
 
 
+def features_source(model: Any) -> str:
+    """Where the gate's features come from, in words: the model's or its first member's head."""
+    members = ensemble_members(model)
+    owner = f" of member '{members[0].name}'" if members else ""
+    return f"input of '{FEATURES_LAYER}'{owner}"
+
+
 def fit_domain(model: Any, export: Any, record: TrainingRecord, splits: data_mod.Splits,
                modality: str | None, calibration: np.ndarray | None = None,
                method: str = DEFAULT_METHOD, rule: str = DEFAULT_RULE) -> Fitted | None:
@@ -113,8 +120,8 @@ def fit_domain(model: Any, export: Any, record: TrainingRecord, splits: data_mod
         "modality_name": MODALITIES[modality]["name"] if modality in MODALITIES else None,
         "method": method, "threshold": gate.threshold, "rule": rule,
         "file": DOMAIN_FILE, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-        "features": {"output": "features", "dim": gate.feature_dim, "layer": f"input of "
-                     f"'{FEATURES_LAYER}'", "ceiling": ceiling},
+        "features": {"output": "features", "dim": gate.feature_dim,
+                     "layer": features_source(model), "ceiling": ceiling},
         "fitted_on": {"statistics": f"training split ({len(x_train)} images)",
                       "threshold": f"validation split ({len(x_val)} images), {rule} of their "
                                    "scores"},

@@ -165,3 +165,6 @@ def test_the_mixture_recipe_trains_merges_calibrates_and_converts(synthetic_root
     converted = {a["name"] for a in manifest["artifacts"] if a.get("sha256")}  # parity aside
     assert converted == {"tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8",
                          "onnx-fp32", "onnx-int8"}, manifest["artifacts"]
+    # the domain gate reads the first member's pooled features, and the manifest says so
+    assert manifest["domain"]["features"]["layer"] == \
+        "input of 'logits' of member 'member0_edge-gap-resize128'"
