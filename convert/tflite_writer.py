@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .bias_correction import corrected, offsets
 from .quiet import quiet
 
 if TYPE_CHECKING:
@@ -18,6 +19,10 @@ METADATA_NAME = "ct_edge_manifest"
 
 
 def _convert(ctx: WriteContext, configure: Callable[[Any, Any], None]) -> bytes:
+    return _convert_model(ctx.model, configure)
+
+
+def _convert_model(model: Any, configure: Callable[[Any, Any], None]) -> bytes:
     import tensorflow as tf
 
     with quiet(), warnings.catch_warnings():
@@ -25,7 +30,7 @@ def _convert(ctx: WriteContext, configure: Callable[[Any, Any], None]) -> bytes:
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         # from_keras_model, not from_concrete_functions: with Keras 3 the latter keeps the
         # weights as unfrozen READ_VARIABLE ops and the model outputs NaN.
-        converter = tf.lite.TFLiteConverter.from_keras_model(ctx.model)
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
         configure(converter, tf)
         return bytes(converter.convert())
 
@@ -51,9 +56,8 @@ def write_dynamic(ctx: WriteContext) -> bytes:
     return _convert(ctx, configure)
 
 
-def write_int8(ctx: WriteContext) -> bytes:
-    """Full integer: int8 weights and activations, int8 input and output tensors."""
-    images = ctx.calibration_images()
+def full_int8(model: Any, images: np.ndarray) -> bytes:
+    """int8 weights and activations, int8 input and output tensors, calibrated on `images`."""
 
     def representative() -> Any:
         for i in range(len(images)):
@@ -66,7 +70,16 @@ def write_int8(ctx: WriteContext) -> bytes:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
 
-    return _convert(ctx, configure)
+    return _convert_model(model, configure)
+
+
+def write_int8(ctx: WriteContext) -> bytes:
+    """Full integer, each head's bias corrected for the mean int8 error on the calibration
+    images (convert.bias_correction)."""
+    images = ctx.calibration_images()
+    found = offsets(ctx.model, images, full_int8)
+    with corrected(found):
+        return full_int8(ctx.model, images)
 
 
 def embed_metadata(model: bytes, metadata: dict) -> bytes:
