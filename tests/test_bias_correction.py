@@ -61,3 +61,14 @@ def test_weights_are_restored_when_the_conversion_fails() -> None:
         assert not np.array_equal(layer.get_weights()[1], saved[1])
         raise RuntimeError("conversion failed")
     np.testing.assert_array_equal(layer.get_weights()[1], saved[1])
+
+
+def test_the_head_error_tool_splits_the_error_into_offset_and_rest(tiny_model) -> None:
+    from tools.int8_head_error import head_errors, main
+
+    rows = head_errors(tiny_model / "model.keras")
+    assert [r["images"] for r in rows] == ["calibration (training split)",
+                                           "held out (validation + test)"]
+    for r in rows:
+        assert len(r["offset"]) == 3 and 0.0 <= r["rms_after_offset"] <= r["rms"] + 1e-9
+    assert main(["--model", str(tiny_model / "nope.keras")]) == 2
