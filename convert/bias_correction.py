@@ -25,9 +25,9 @@ LOGITS_LAYER = "logits"
 
 def heads(model: Any) -> list[Any]:
     """(sub)models that own a 'logits' Dense layer: the model itself, or each ensemble member."""
-    import keras
+    from training.ensemble import ensemble_members
 
-    owners = [layer for layer in model.layers if isinstance(layer, keras.Model)] or [model]
+    owners = ensemble_members(model) or [model]
     found = []
     for owner in owners:
         try:
