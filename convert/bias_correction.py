@@ -10,6 +10,10 @@ measured on the calibration images rather than derived from BatchNorm statistics
 Dense layer, of the model or of each ensemble member, is converted alone to full int8 with the
 calibration images, its mean error over them is subtracted from its bias, and the artifact is
 converted from those weights. The Keras model the parity gate compares against is unchanged.
+
+Only for models of the recipes where it was measured to help (`RECIPES`, recorded in config.json):
+held out, it raised the probe's int8 agreement from 97.8% to 98.7% (five seeds) and the mixture's
+from 97.6% to 98.8% (seed 0), but lowered gradient-trained edge-gap's from 248 to 246 of 248.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from typing import Any
 import numpy as np
 
 LOGITS_LAYER = "logits"
+RECIPES = ("probe", "mixture")  # training recipes whose int8 artifacts are bias-corrected
+
+
+def wanted(recipe: str | None) -> bool:
+    """Whether a model trained with `recipe` gets its full-int8 heads bias-corrected."""
+    return recipe in RECIPES
 
 
 def heads(model: Any) -> list[Any]:

@@ -39,6 +39,7 @@ class TrainingRecord:
     uncertain_below: float | None = None
     operating_point: dict | None = None
     modality: str | None = None  # 'ct' | 'xray'; None in records from before it was kept
+    recipe: str | None = None  # training's recipe ('finetune', 'probe', 'mixture')
 
 
 def read_training_record(model_dir: Path) -> TrainingRecord | None:
@@ -70,7 +71,8 @@ def read_training_record(model_dir: Path) -> TrainingRecord | None:
             data_fingerprint=fingerprint,
             uncertain_below=None if threshold is None else float(threshold),
             operating_point=operating_point,
-            modality=str(config["modality"]) if config.get("modality") else None)
+            modality=str(config["modality"]) if config.get("modality") else None,
+            recipe=str(config["recipe"]) if config.get("recipe") else None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConvertError(f"{path}: unreadable training config ({type(exc).__name__}: {exc})") from None
 

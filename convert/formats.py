@@ -46,6 +46,7 @@ class WriteContext:
     calibration: np.ndarray  # float32 (n, h, w, c) training images; empty when no row needs it
     workdir: Path
     memo: dict[str, Any] = field(default_factory=dict)
+    bias_correction: bool = False  # full-int8 heads bias-corrected (convert.bias_correction)
 
     def once(self, key: str, make: Callable[[], Any]) -> Any:
         """Shared intermediate results (e.g. the float32 ONNX graph the int8 one starts from)."""

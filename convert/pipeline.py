@@ -21,7 +21,7 @@ from ct_edge.domain import DOMAIN_FILE
 from ct_edge.preprocess import PreprocessSpec
 from training.gradcam import describe
 
-from . import dataset, domain_fit, parity, report, staging
+from . import bias_correction, dataset, domain_fit, parity, report, staging
 from .errors import ConvertError, ParityError
 from .formats import (
     DEFAULT_ARTIFACT,
@@ -148,7 +148,8 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
                                          dir=out.parent) as work:
             if domain_data is not None:
                 staging.write_file(staged / DOMAIN_FILE, domain_data)
-            context = WriteContext(export, images, Path(work))
+            context = WriteContext(export, images, Path(work),
+                                   bias_correction=bias_correction.wanted(record.recipe))
             for index, row in enumerate(rows, 1):
                 meta = model_metadata(row, LABELS, record.spec, record.temperature, model_sha,
                                       created, uncertain_below=record.uncertain_below,

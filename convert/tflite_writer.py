@@ -74,10 +74,10 @@ def full_int8(model: Any, images: np.ndarray) -> bytes:
 
 
 def write_int8(ctx: WriteContext) -> bytes:
-    """Full integer, each head's bias corrected for the mean int8 error on the calibration
-    images (convert.bias_correction)."""
+    """Full integer; with `ctx.bias_correction`, each head's bias corrected for its mean int8
+    error on the calibration images (convert.bias_correction)."""
     images = ctx.calibration_images()
-    found = offsets(ctx.model, images, full_int8)
+    found = offsets(ctx.model, images, full_int8) if ctx.bias_correction else []
     with corrected(found):
         return full_int8(ctx.model, images)
 

@@ -72,3 +72,16 @@ def test_the_head_error_tool_splits_the_error_into_offset_and_rest(tiny_model) -
     for r in rows:
         assert len(r["offset"]) == 3 and 0.0 <= r["rms_after_offset"] <= r["rms"] + 1e-9
     assert main(["--model", str(tiny_model / "nope.keras")]) == 2
+
+
+def test_only_the_recipes_it_was_measured_to_help_are_corrected(tmp_path) -> None:
+    import json
+
+    from convert.bias_correction import wanted
+    from convert.dataset import read_training_record
+
+    assert wanted("probe") and wanted("mixture")
+    assert not wanted("finetune") and not wanted(None)  # edge-gap: 248 -> 246 of 248 held out
+    (tmp_path / "config.json").write_text(json.dumps({"recipe": "mixture", "seed": 0}))
+    record = read_training_record(tmp_path)
+    assert record is not None and record.recipe == "mixture"

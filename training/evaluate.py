@@ -124,9 +124,12 @@ def _predict(model, x: np.ndarray, tta: bool) -> np.ndarray:
     return probs
 
 
-def int8_probabilities(model, calibration: np.ndarray, x: np.ndarray) -> np.ndarray:
+def int8_probabilities(model, calibration: np.ndarray, x: np.ndarray,
+                       recipe: str | None = None) -> np.ndarray:
     """What the shipped full-int8 TFLite artifact answers: the converter's own writer and
-    CAM-ready head, run by the runtime's own backend."""
+    CAM-ready head (bias-corrected as `make convert` does for `recipe`), run by the runtime's
+    own backend."""
+    from convert.bias_correction import wanted
     from convert.formats import FORMATS, WriteContext
     from ct_edge.backends import TFLiteBackend
 
@@ -134,7 +137,8 @@ def int8_probabilities(model, calibration: np.ndarray, x: np.ndarray) -> np.ndar
 
     row = next(f for f in FORMATS if f.name == "tflite-int8")
     with tempfile.TemporaryDirectory(prefix="ct-edge-cv-int8-") as scratch:
-        data = row.writer(WriteContext(cam_model(model) or model, calibration, Path(scratch)))
+        data = row.writer(WriteContext(cam_model(model) or model, calibration, Path(scratch),
+                                       bias_correction=wanted(recipe)))
     backend = TFLiteBackend(data, threads=None)
     return np.concatenate([backend.predict(x[i : i + 1]) for i in range(len(x))])
 
@@ -192,7 +196,7 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
             fit_x = x_all[pick(fit_part)]
             order = np.random.default_rng(config.seed + fold).permutation(len(fit_x))
             int8_probs = int8_probabilities(model, fit_x[order[:DEFAULT_CALIBRATION_IMAGES]],
-                                            x_all[pick(test_part)])
+                                            x_all[pick(test_part)], config.recipe)
             quantized = {"int8_accuracy": float((int8_probs.argmax(1) == y_test).mean()),
                          "int8_agreement": float((int8_probs.argmax(1)
                                                   == test_probs.argmax(1)).mean())}
