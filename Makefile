@@ -13,7 +13,8 @@ QUICK  ?=
 
 DATA_ARG   = $(if $(DATA),--data "$(DATA)")
 EPOCHS_ARG = $(if $(EPOCHS),--epochs $(EPOCHS))
-ARCH_ARG   = $(if $(ARCH),--arch $(ARCH)) $(if $(RECIPE),--recipe $(RECIPE))
+ARCH_ARG   = $(if $(ARCH),--arch $(ARCH))
+RECIPE_ARG = $(if $(RECIPE),--recipe $(RECIPE))
 
 comma := ,
 
@@ -38,7 +39,7 @@ demo: setup  ## the main job on built-in synthetic data: generate, train, conver
 	$(BIN)/ct-edge explain --bundle $(BUNDLE) artifacts/data/synthetic/test/*/00000.png -o artifacts/explain/
 
 train: setup  ## train: make train [DATA=dir] [EPOCHS=n] [ARCH=name] [RECIPE=finetune|probe|mixture]
-	$(BIN)/python -m training.train $(DATA_ARG) $(EPOCHS_ARG) $(ARCH_ARG)
+	$(BIN)/python -m training.train $(DATA_ARG) $(EPOCHS_ARG) $(ARCH_ARG) $(RECIPE_ARG)
 
 convert: setup  ## TFLite + ONNX bundle with parity gate: make convert [DATA=dir]
 	$(BIN)/python -m convert --model $(MODEL) --out $(BUNDLE) $(DATA_ARG)

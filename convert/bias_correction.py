@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-LOGITS_LAYER = "logits"
+from training.ensemble import LOGITS_LAYER, ensemble_members
+
 RECIPES = ("probe", "mixture")  # training recipes whose int8 artifacts are bias-corrected
 
 
@@ -34,57 +35,52 @@ def wanted(recipe: str | None) -> bool:
 
 
 def heads(model: Any) -> list[Any]:
-    """(sub)models that own a 'logits' Dense layer: the model itself, or each ensemble member."""
-    from training.ensemble import ensemble_members
-
-    owners = ensemble_members(model) or [model]
+    """(sub)models that own a biased 'logits' Dense layer: the model, or each ensemble member."""
     found = []
-    for owner in owners:
+    for owner in ensemble_members(model) or [model]:
         try:
-            owner.get_layer(LOGITS_LAYER)
+            layer = owner.get_layer(LOGITS_LAYER)
         except ValueError:
             continue
-        found.append(owner)
+        if len(layer.get_weights()) == 2:  # kernel and bias
+            found.append(owner)
     return found
 
 
-def int8_outputs(data: bytes, images: np.ndarray) -> np.ndarray:
-    """Dequantized output of a one-output full-int8 TFLite model, one image at a time."""
-    from ai_edge_litert.interpreter import Interpreter
+def head_model(owner: Any) -> Any:
+    """The owner's input to its 'logits' output, as a model of its own."""
+    import keras
 
-    interpreter = Interpreter(model_content=data)
-    interpreter.allocate_tensors()
-    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    (in_scale, in_zero), (out_scale, out_zero) = source["quantization"], target["quantization"]
-    out = []
-    for image in images:
-        q = np.clip(np.round(image[None] / in_scale + in_zero), -128, 127)
-        interpreter.set_tensor(source["index"], q.astype(source["dtype"]))
-        interpreter.invoke()
-        out.append((interpreter.get_tensor(target["index"]).astype(np.float32) - out_zero)
-                   * out_scale)
-    return np.concatenate(out)
+    return keras.Model(owner.inputs, owner.get_layer(LOGITS_LAYER).output,
+                       name=f"{owner.name}-logits")
+
+
+def at_input_size(images: np.ndarray, owner: Any) -> np.ndarray:
+    """`images` at the owner's input size, resized as the ensemble's Resizing layer does."""
+    import tensorflow as tf
+
+    size = tuple(int(d) for d in owner.inputs[0].shape[1:3])
+    return images if images.shape[1:3] == size else \
+        tf.image.resize(images, size, "bilinear").numpy()
+
+
+def int8_outputs(data: bytes, images: np.ndarray) -> np.ndarray:
+    """Dequantized output of a one-output full-int8 TFLite model, through the runtime's backend."""
+    from ct_edge.backends import TFLiteBackend
+
+    backend = TFLiteBackend(data, threads=None)
+    return np.concatenate([backend.predict(images[i : i + 1]) for i in range(len(images))])
 
 
 def offsets(model: Any, images: np.ndarray,
             convert: Callable[[Any, np.ndarray], bytes]) -> list[tuple[Any, np.ndarray]]:
     """[('logits' layer, mean int8 - float error of its output on `images`)] for each head.
     `convert(keras_model, calibration_images)` writes a full-int8 TFLite model."""
-    import keras
-    import tensorflow as tf
-
     found = []
     for owner in heads(model):
-        layer = owner.get_layer(LOGITS_LAYER)
-        if len(layer.get_weights()) != 2:  # no bias to correct
-            continue
-        logits = keras.Model(owner.inputs, layer.output, name=f"{owner.name}-logits")
-        size = tuple(int(d) for d in owner.inputs[0].shape[1:3])
-        x = images if images.shape[1:3] == size else \
-            tf.image.resize(images, size, "bilinear").numpy()  # as the ensemble's Resizing
-        reference = logits.predict(x, verbose=0)
-        quantized = int8_outputs(convert(logits, x), x)
-        found.append((layer, (quantized - reference).mean(axis=0)))
+        logits, x = head_model(owner), at_input_size(images, owner)
+        error = int8_outputs(convert(logits, x), x) - logits.predict(x, verbose=0)
+        found.append((owner.get_layer(LOGITS_LAYER), error.mean(axis=0)))
     return found
 
 

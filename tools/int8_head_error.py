@@ -24,9 +24,8 @@ from ct_edge.preprocess import PreprocessSpec
 
 def head_errors(model_path: Path) -> list[dict]:
     import keras
-    import tensorflow as tf
 
-    from convert.bias_correction import LOGITS_LAYER, heads, int8_outputs
+    from convert.bias_correction import at_input_size, head_model, heads, int8_outputs
     from convert.tflite_writer import full_int8
     from training import data as data_mod
 
@@ -42,15 +41,10 @@ def head_errors(model_path: Path) -> list[dict]:
     model = keras.models.load_model(model_path, compile=False)
     rows = []
     for owner in heads(model):
-        logits = keras.Model(owner.inputs, owner.get_layer(LOGITS_LAYER).output)
-        size = tuple(int(d) for d in owner.inputs[0].shape[1:3])
-
-        def at_size(x: np.ndarray, size: tuple[int, ...] = size) -> np.ndarray:
-            return x if x.shape[1:3] == size else tf.image.resize(x, size, "bilinear").numpy()
-
-        data = full_int8(logits, at_size(arrays["calibration (training split)"]))
+        logits = head_model(owner)
+        data = full_int8(logits, at_input_size(arrays["calibration (training split)"], owner))
         for name, x in arrays.items():
-            x = at_size(x)
+            x = at_input_size(x, owner)
             error = int8_outputs(data, x) - logits.predict(x, verbose=0)
             offset = error.mean(axis=0)
             rows.append({"head": owner.name, "images": name, "n": len(x),

@@ -206,8 +206,9 @@ def fit_mixture(fit: Callable[..., tuple[Any, dict]], config: Any, x_train: np.n
     (fit_model itself, passed in so this module never imports train) on the same arrays and seed,
     in its own subfolder of `out` (resumable there), then merged. Returns (model, the first
     member's history); `out/history.csv` is the first member's, for the learning curves."""
-    models, histories = [], []
-    for index, changes in enumerate(mixture_members(config)):
+    changes_per_member = mixture_members(config)
+    models, first_history = [], {}
+    for index, changes in enumerate(changes_per_member):
         if changes.get("recipe") == MIXTURE_RECIPE:
             raise ValueError("a mixture member cannot itself be a mixture")
         member = replace(config, **{"recipe": "finetune", **changes}, mixture_members=None)
@@ -217,15 +218,16 @@ def fit_mixture(fit: Callable[..., tuple[Any, dict]], config: Any, x_train: np.n
             member_out.mkdir(parents=True, exist_ok=True)
             member = replace(member, out=str(member_out))
         if verbose != 0:
-            print(f"mixture member {index + 1}/{len(mixture_members(config))}: {member.arch} "
+            print(f"mixture member {index + 1}/{len(changes_per_member)}: {member.arch} "
                   f"({member.recipe})", flush=True)
         model, history = fit(member, x_train, y_train, x_val, y_val, out=member_out,
                              verbose=verbose)
         models.append(model)
-        histories.append(history)
-        if member_out is not None and index == 0 and (member_out / "history.csv").is_file():
-            shutil.copyfile(member_out / "history.csv", Path(out) / "history.csv")
-    return merge(models, name=MIXTURE_RECIPE), histories[0]
+        if index == 0:
+            first_history = history
+            if member_out is not None and (member_out / "history.csv").is_file():
+                shutil.copyfile(member_out / "history.csv", Path(out) / "history.csv")
+    return merge(models, name=MIXTURE_RECIPE), first_history
 
 
 def predict_mean(models: Sequence[Any], x: np.ndarray) -> np.ndarray:
