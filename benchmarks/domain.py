@@ -93,9 +93,9 @@ RULES = ("q99", "max", "mean+3sd", "mean+4sd")
 
 def compare_methods(classifier: Classifier, model: Path, x: dict[str, np.ndarray],
                     y_train: np.ndarray) -> list[dict]:
-    import keras
+    from training.models import load_keras_model
 
-    keras_model = keras.models.load_model(model, compile=False)
+    keras_model = load_keras_model(model)
     weights, bias = (np.asarray(w, np.float32) for w in keras_model.get_layer("logits").get_weights())
     features = {name: _features(classifier, images) for name, images in x.items() if len(images)}
     ceiling = classifier.gate.arrays.get("ceiling") if classifier.gate else None

@@ -300,9 +300,9 @@ def gate_reasons(outcomes: Sequence[Outcome]) -> list[str]:
 def _load_keras(path: Path, spec: PreprocessSpec) -> Any:
     try:
         with quiet():
-            import keras
+            from training.models import load_keras_model
 
-            model = keras.models.load_model(path, compile=False)
+            model = load_keras_model(path)
     except Exception as exc:  # Keras raises many types for an unreadable file
         raise ConvertError(f"cannot load the Keras model {path}: {_one_line(exc)}") from None
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])

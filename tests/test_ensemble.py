@@ -68,6 +68,40 @@ def test_mixed_sizes_average_probabilities_and_class_maps(tmp_path: Path) -> Non
     assert ensemble_export_model(members[0]) is None
 
 
+def test_flip_tta_averages_each_member_over_the_mirror_and_reloads(tmp_path: Path) -> None:
+    import keras
+
+    from training.ensemble import ensemble_cam_model, ensemble_export_model, has_flip_tta, merge, predict_mean
+    from training.gradcam import MAPS_LAYER, cam_model
+    from training.models import load_keras_model
+
+    members = _members((64, 32))
+    ensemble = merge(members, flip_tta=True)
+    x = np.random.default_rng(2).random((3, 64, 64, 3), dtype=np.float32)
+    probabilities = ensemble.predict(x, verbose=0)
+    np.testing.assert_allclose(probabilities, predict_mean(members, x, flip_tta=True), atol=1e-5)
+    # Mirror-invariant: the image and its mirror get the same answer, unlike the plain mean.
+    np.testing.assert_allclose(ensemble.predict(x[:, :, ::-1], verbose=0), probabilities,
+                               atol=1e-5)
+    assert np.abs(merge(members).predict(x, verbose=0) - probabilities).max() > 1e-4
+
+    ensemble.save(tmp_path / "model.keras")
+    loaded = load_keras_model(tmp_path / "model.keras")
+    assert has_flip_tta(loaded) and not has_flip_tta(merge(members))
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), probabilities, atol=1e-6)
+    p, maps = ensemble_cam_model(loaded).predict(x, verbose=0)
+    np.testing.assert_allclose(p, probabilities, atol=1e-6)
+    # The mirrored pass's class map is mirrored back: the map of the mirror is the mirror's map.
+    _, maps_of_mirror = cam_model(loaded).predict(x[:, :, ::-1], verbose=0)
+    np.testing.assert_allclose(maps_of_mirror, maps[:, :, ::-1], atol=1e-5)
+    export = ensemble_export_model(loaded)
+    assert export.output_names == ["probabilities", MAPS_LAYER, "features"]
+    first = keras.Model(members[0].inputs, members[0].get_layer("logits").input)
+    # The gate's features stay the unmirrored image's.
+    np.testing.assert_allclose(export.predict(x, verbose=0)[2], first.predict(x, verbose=0),
+                               atol=1e-5)
+
+
 def test_members_must_agree_on_channels() -> None:
     from training.ensemble import merge
     from training.models import build_model
@@ -86,14 +120,17 @@ def test_cli_reports_a_missing_member_in_one_line(tmp_path: Path, capsys) -> Non
 
 
 @pytest.mark.slow
-def test_merged_ensemble_converts_with_class_maps(tiny_model: Path, tmp_path: Path) -> None:
-    """Three copies of one trained model (so parity is that model's) through the real converter."""
+@pytest.mark.parametrize("flip_tta", [False, True], ids=["plain", "flip-tta"])
+def test_merged_ensemble_converts_with_class_maps(tiny_model: Path, tmp_path: Path,
+                                                  flip_tta: bool) -> None:
+    """Copies of one trained model (so parity is that model's) through the real converter; with
+    flip_tta the mirrored pass goes through every writer too."""
     from convert.pipeline import ParityError, convert_model
     from ct_edge.classifier import Classifier
     from training.ensemble import build, main
 
     assert main(["--members", ",".join([str(tiny_model)] * 3), "--out", str(tmp_path / "e")]) == 0
-    info = build([tiny_model] * 2, tmp_path / "ens")
+    info = build([tiny_model] * 2, tmp_path / "ens", flip_tta=flip_tta)
     assert info["members"] == 2 and info["class_maps"]
     config = json.loads((tmp_path / "ens" / "config.json").read_text())
     assert config["arch"] == "ensemble" and config["seed"] == 0
@@ -107,6 +144,9 @@ def test_merged_ensemble_converts_with_class_maps(tiny_model: Path, tmp_path: Pa
     assert manifest["domain"]["method"] == "mahalanobis" and (bundle / "domain.npz").is_file()
     statuses = {a["name"]: a["status"] for a in manifest["artifacts"]}
     assert statuses.get("onnx-fp32") == "passed" and statuses.get("tflite-fp32") == "passed"
+    if flip_tta:  # every writer handles the mirror (TFLite REVERSE_V2, its ONNX form), int8 too
+        assert set(statuses) >= {"tflite-int8", "onnx-int8", "tflite-fp16", "tflite-dynamic"}
+        assert statuses["tflite-int8"] == "passed", statuses
     classifier = Classifier.from_bundle(bundle, artifact="onnx-fp32", threads=1)
     x = np.random.default_rng(0).random((1, 128, 128, 3), dtype=np.float32)
     p, maps = classifier.backend.predict_with_maps(x)

@@ -23,11 +23,10 @@ from ct_edge.preprocess import PreprocessSpec
 
 
 def head_errors(model_path: Path) -> list[dict]:
-    import keras
-
     from convert.bias_correction import at_input_size, head_model, heads, int8_outputs
     from convert.tflite_writer import full_int8
     from training import data as data_mod
+    from training.models import load_keras_model
 
     config = json.loads((model_path.parent / "config.json").read_text(encoding="utf-8"))
     splits = data_mod.load_splits(Path(config["data"]), config["val_fraction"],
@@ -38,7 +37,7 @@ def head_errors(model_path: Path) -> list[dict]:
             "held out (validation + test)": splits.val + splits.test}
     arrays = {name: data_mod.load_arrays(part, spec, cache, progress=False)[0]
               for name, part in sets.items()}
-    model = keras.models.load_model(model_path, compile=False)
+    model = load_keras_model(model_path)
     rows = []
     for owner in heads(model):
         logits = head_model(owner)

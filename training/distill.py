@@ -151,7 +151,7 @@ def distill(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_train: np.
 
 def load_teacher(folder: Path) -> tuple[Any, dict]:
     """The teacher's model.keras and config.json (data, seed and split come from it)."""
-    import keras
+    from .models import load_keras_model
 
     path = folder / "model.keras"
     if not path.is_file():
@@ -159,7 +159,7 @@ def load_teacher(folder: Path) -> tuple[Any, dict]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: the teacher has no config.json (data and split)")
-    return keras.models.load_model(path, compile=False), json.loads(config_path.read_text())
+    return load_keras_model(path), json.loads(config_path.read_text())
 
 
 def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, alpha: float,

@@ -35,6 +35,7 @@ ENSEMBLE_ARCH = "ensemble"
 MEMBER_PREFIX = "member"
 LOGITS_LAYER = "logits"  # a member's Dense head; its input is the member's pooled features
 FEATURES_OUTPUT = "features"
+FLIP_LAYER = "flip_tta"  # the mirrored input of a graph that averages over a horizontal flip
 MIXTURE_RECIPE = "mixture"
 MIXTURE_SIZE = 224  # the mixture's input: the pretrained member's size
 # The registered mixture (docs/accuracy.md, issue 14): TrainConfig changes per member, all trained
@@ -52,29 +53,38 @@ def _size(model: Any) -> tuple[int, int, int]:
 
 
 def _graph(members: Sequence[Any], shapes: Sequence[tuple[int, int, int]], name: str,
-           with_maps: bool, with_features: bool = False) -> Any:
+           with_maps: bool, with_features: bool = False, flip_tta: bool = False) -> Any:
     """Input of the largest member, each member on its (resized) copy, mean probabilities as the
     output 'probabilities', with_maps: the mean class map as a second output 'class_maps', and
-    with_features: the first member's pooled features (the domain gate's) as the last output."""
+    with_features: the first member's pooled features (the domain gate's) as the last output.
+    flip_tta: every member also runs on the mirrored image; its probabilities and its class map,
+    mirrored back, join the means (the features stay the unmirrored image's, as the gate was
+    fitted on them)."""
     import keras
     from keras import layers
 
+    from .models import HorizontalFlip
+
     largest = max(shapes)
     inputs = keras.Input(largest, name="image")
+    views = [inputs]
+    if flip_tta:
+        views.append(HorizontalFlip(name=FLIP_LAYER)(inputs))
     probabilities, maps, features = [], [], []
     for index, (member, shape) in enumerate(zip(members, shapes, strict=True)):
-        x = inputs
-        if shape != largest:
-            x = layers.Resizing(shape[0], shape[1], interpolation="bilinear",
-                                name=f"resize{index}_{shape[0]}")(x)
-        out = member(x)
-        if isinstance(out, list | tuple):
-            probabilities.append(out[0])
-            maps.append(out[1])
-            features.extend(out[2:3])
-        else:
-            probabilities.append(out)
-    mean = (layers.Average(name="mean_probabilities")(probabilities) if len(members) > 1
+        for view, x in enumerate(views):
+            if shape != largest:
+                x = layers.Resizing(shape[0], shape[1], interpolation="bilinear",
+                                    name=f"resize{index}_{shape[0]}" + ("_flip" if view else ""))(x)
+            out = member(x)
+            if isinstance(out, list | tuple):
+                probabilities.append(out[0])
+                maps.append(HorizontalFlip(name=f"maps{index}_unflip")(out[1]) if view else out[1])
+                if not view:
+                    features.extend(out[2:3])
+            else:
+                probabilities.append(out)
+    mean = (layers.Average(name="mean_probabilities")(probabilities) if len(probabilities) > 1
             else layers.Identity(name="mean_probabilities")(probabilities[0]))
     outputs = [layers.Activation("linear", name="probabilities", dtype="float32")(mean)]
     if with_maps:
@@ -91,11 +101,12 @@ def _graph(members: Sequence[Any], shapes: Sequence[tuple[int, int, int]], name:
     return keras.Model(inputs, outputs if with_maps else outputs[0], name=name)
 
 
-def merge(models: Sequence[Any], name: str = "ensemble") -> Any:
+def merge(models: Sequence[Any], name: str = "ensemble", flip_tta: bool = False) -> Any:
     """One Keras model: input of the largest member, output 'probabilities' the mean of the
-    members' probabilities. Members with a GAP + Dense 'logits' head are stored CAM-ready, with
-    their pooled features (three outputs), so `ensemble_cam_model` and `ensemble_export_model`
-    add the mean class map and the domain gate's features without retraining them."""
+    members' probabilities (with flip_tta: on the image and its mirror). Members with a GAP +
+    Dense 'logits' head are stored CAM-ready, with their pooled features (three outputs), so
+    `ensemble_cam_model` and `ensemble_export_model` add the mean class map and the domain gate's
+    features without retraining them."""
     import keras
 
     if not models:
@@ -119,7 +130,7 @@ def merge(models: Sequence[Any], name: str = "ensemble") -> Any:
         # A fresh wrapper per member: unique names, the member's own layers shared, not copied.
         members.append(keras.Model(graph.inputs, graph.outputs,
                                    name=f"{MEMBER_PREFIX}{index}_{model.name}"))
-    return _graph(members, shapes, name, with_maps=False)
+    return _graph(members, shapes, name, with_maps=False, flip_tta=flip_tta)
 
 
 def ensemble_members(model: Any) -> list[Any]:
@@ -130,13 +141,19 @@ def ensemble_members(model: Any) -> list[Any]:
             if isinstance(layer, keras.Model) and layer.name.startswith(MEMBER_PREFIX)]
 
 
+def has_flip_tta(model: Any) -> bool:
+    """Whether a merged graph averages each member over the mirrored image too."""
+    return any(layer.name == FLIP_LAYER for layer in model.layers)
+
+
 def ensemble_cam_model(model: Any) -> Any | None:
     """The ensemble with a second output 'class_maps' (the members' mean class map), the same
     weights; None when `model` is not an ensemble of CAM-ready members."""
     members = ensemble_members(model)
     if not members or any(len(m.outputs) < 2 for m in members):
         return None
-    return _graph(members, [_size(m) for m in members], f"{model.name}-cam", with_maps=True)
+    return _graph(members, [_size(m) for m in members], f"{model.name}-cam", with_maps=True,
+                  flip_tta=has_flip_tta(model))
 
 
 def ensemble_export_model(model: Any) -> Any | None:
@@ -147,7 +164,7 @@ def ensemble_export_model(model: Any) -> Any | None:
     if not members or any(len(m.outputs) != 3 for m in members):
         return None
     return _graph(members, [_size(m) for m in members], f"{model.name}-export", with_maps=True,
-                  with_features=True)
+                  with_features=True, flip_tta=has_flip_tta(model))
 
 
 def first_member_head(model: Any) -> Any | None:
@@ -160,19 +177,19 @@ def member_dirs(arg: str) -> list[Path]:
     return [Path(p) for p in arg.split(",") if p]
 
 
-def build(member_folders: Sequence[Path], out: Path) -> dict:
+def build(member_folders: Sequence[Path], out: Path, flip_tta: bool = False) -> dict:
     """Loads each member's model.keras, merges them, writes <out>/model.keras and config.json."""
-    import keras
+    from .models import load_keras_model
 
     models, configs = [], []
     for folder in member_folders:
         path = folder / "model.keras"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no model.keras in member folder {folder}")
-        models.append(keras.models.load_model(path, compile=False))
+        models.append(load_keras_model(path))
         config_path = folder / "config.json"
         configs.append(json.loads(config_path.read_text()) if config_path.is_file() else {})
-    model = merge(models)
+    model = merge(models, flip_tta=flip_tta)
     largest = max(range(len(models)), key=lambda i: _size(models[i]))
     config = dict(configs[largest])
     def split_of(c: dict) -> str:
@@ -211,7 +228,8 @@ def fit_mixture(fit: Callable[..., tuple[Any, dict]], config: Any, x_train: np.n
     for index, changes in enumerate(changes_per_member):
         if changes.get("recipe") == MIXTURE_RECIPE:
             raise ValueError("a mixture member cannot itself be a mixture")
-        member = replace(config, **{"recipe": "finetune", **changes}, mixture_members=None)
+        member = replace(config, **{"recipe": "finetune", **changes}, mixture_members=None,
+                         flip_tta=False)
         member_out = None
         if out is not None:
             member_out = Path(out) / f"{MEMBER_PREFIX}{index}-{member.arch}"
@@ -227,18 +245,19 @@ def fit_mixture(fit: Callable[..., tuple[Any, dict]], config: Any, x_train: np.n
             first_history = history
             if member_out is not None and (member_out / "history.csv").is_file():
                 shutil.copyfile(member_out / "history.csv", Path(out) / "history.csv")
-    return merge(models, name=MIXTURE_RECIPE), first_history
+    return merge(models, name=MIXTURE_RECIPE, flip_tta=config.flip_tta), first_history
 
 
-def predict_mean(models: Sequence[Any], x: np.ndarray) -> np.ndarray:
+def predict_mean(models: Sequence[Any], x: np.ndarray, flip_tta: bool = False) -> np.ndarray:
     """What the merged graph computes, member by member (for checking it)."""
     import tensorflow as tf
 
     out = []
     for model in models:
         size = _size(model)
-        xi = x if x.shape[1:] == size else tf.image.resize(x, size[:2], "bilinear").numpy()
-        out.append(model.predict(xi, verbose=0))
+        for view in [x, x[:, :, ::-1]] if flip_tta else [x]:
+            xi = view if view.shape[1:] == size else tf.image.resize(view, size[:2], "bilinear").numpy()
+            out.append(model.predict(xi, verbose=0))
     return np.mean(out, axis=0)
 
 
@@ -248,9 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", required=True,
                         help="comma-separated model folders (each with model.keras, config.json)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged model")
+    parser.add_argument("--flip-tta", action="store_true",
+                        help="each member also runs on the mirrored image inside the graph and "
+                        "the means include it: twice the compute (default: off)")
     args = parser.parse_args(argv)
     try:
-        info = build(member_dirs(args.members), args.out)
+        info = build(member_dirs(args.members), args.out, args.flip_tta)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

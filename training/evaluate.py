@@ -42,7 +42,7 @@ BASE: dict = {
     "augment": True, "aug_rotation": 0.05, "aug_zoom": 0.1, "aug_translate": 0.0,
     "aug_flip": True, "aug_brightness": 0.1, "aug_contrast": 0.0,
     "schedule": "plateau", "warmup_epochs": 0, "label_smoothing": 0.0, "weight_decay": 0.0,
-    "ema": False, "mixup": 0.0, "recipe": "finetune", "int8_grid": False,
+    "ema": False, "mixup": 0.0, "recipe": "finetune", "int8_grid": False, "flip_tta": False,
 }
 COSINE = {"schedule": "cosine"}
 STRONG_AUG = {"aug_rotation": 0.08, "aug_zoom": 0.15, "aug_translate": 0.08,
@@ -105,6 +105,8 @@ _CHANGES: dict[str, dict] = {
     "edge-gap-from224": {"arch": "edge-gap-resize128", "size": 224},
     # both in one graph, trained per fold (training.ensemble.fit_mixture): `make train --recipe mixture`
     "mixture-224": {"arch": "mixture", "recipe": "mixture", "size": 224},
+    # the same with every member also run on the mirrored image inside the graph (issue 14)
+    "mixture-224-tta": {"arch": "mixture", "recipe": "mixture", "size": 224, "flip_tta": True},
 }
 EXPERIMENTS: dict[str, dict] = {name: {**BASE, **change} for name, change in _CHANGES.items()}
 # The current defaults of TrainConfig/PreprocessSpec, whatever they are (what `make train` uses).

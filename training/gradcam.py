@@ -259,18 +259,17 @@ def compare(model_path: Path, bundle: Path, artifacts: list[str] | None = None,
     Both explain the class the Keras model predicts. Times are `explain()` on the file (decode,
     preprocess, heatmap, lung mask) plus rendering the PNG, measured separately.
     """
-    import keras
-
     from ct_edge.classifier import Classifier
     from ct_edge.explain import choose_method, explain, render, resize
 
     from . import data as data_mod
+    from .models import load_keras_model
 
     samples, spec, cache = _test_split(model_path, data)
     samples = samples[:limit] if limit else samples
     x, y, skipped = data_mod.load_arrays(samples, spec, cache, progress=False)
     samples = [s for s in samples if str(s.path) not in {path for path, _ in skipped}]
-    model = keras.models.load_model(model_path, compile=False)
+    model = load_keras_model(model_path)
     cams, probs = grad_cam(model, x)
     classes = probs.argmax(axis=1)
     # Upsampled to the input as the device heatmap is, then both down to the comparison grid.
@@ -353,13 +352,12 @@ def main(argv: list[str] | None = None) -> int:
             data_mod.write_json(args.out, report)
         print(markdown(report), end="")
         return 0
-    import keras
-
     from . import data as data_mod
+    from .models import load_keras_model
 
     samples, spec, cache = _test_split(args.model, args.data)
     x, y, _ = data_mod.load_arrays(samples, spec, cache, progress=False)
-    model = keras.models.load_model(args.model, compile=False)
+    model = load_keras_model(args.model)
     path = gradcam_grid(model, x, y, args.out or args.model.parent / "gradcam.png")
     print(f"wrote {path}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 from keras import layers
@@ -13,6 +14,20 @@ ARCHITECTURES: dict[str, Builder] = {}
 DEFAULT_ARCHITECTURE = "edge-gap"
 # Architectures with ImageNet weights: the ones the `probe` recipe (frozen backbone) can use.
 PRETRAINED = ("efficientnet-lite0",)
+
+
+@keras.saving.register_keras_serializable(package="ct_edge")
+class HorizontalFlip(layers.Layer):
+    """The image mirrored left-right (axis 2 of NHWC): flip averaging inside one graph.
+    Registered, so a saved model that uses it loads through `load_keras_model`."""
+
+    def call(self, x):
+        return keras.ops.flip(x, axis=2)
+
+
+def load_keras_model(path: str | Path) -> keras.Model:
+    """A saved model.keras, with this project's own layers known to Keras."""
+    return keras.models.load_model(path, compile=False)
 
 
 def register(name: str) -> Callable[[Builder], Builder]:

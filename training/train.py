@@ -80,6 +80,9 @@ class TrainConfig:
     # "mixture" only (training.ensemble.fit_mixture): TrainConfig changes of each member, all
     # trained on the same images and merged into one graph; None: the registered mixture.
     mixture_members: list | None = None
+    # "mixture" only: every member also runs on the mirrored image inside the one graph and the
+    # means include it (flip averaging at twice the compute).
+    flip_tta: bool = False
     spec: dict = field(default_factory=lambda: PreprocessSpec().to_dict())
     cache: str = str(data_mod.DEFAULT_CACHE)
     # What the images are ("ct" slices or projection "xray"s): the bundle's domain (ct_edge.domain).
@@ -422,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--int8-grid", action="store_true",
         help="probe recipe: snap the frozen backbone's convolutions to the int8 grid first, so "
         "the Keras model and its int8 artifacts share the weights (default: off)")
+    add("--flip-tta", action="store_true",
+        help="mixture recipe: every member also runs on the mirrored image inside the one graph "
+        "and the means include it; twice the compute per image (default: off)")
     add("--epochs", type=int, default=defaults.epochs,
         help=f"maximum epochs; early stopping usually ends sooner (default: {defaults.epochs})")
     add("--batch-size", type=int, default=defaults.batch_size,
@@ -466,13 +472,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--recipe probe needs a pretrained --arch ({', '.join(PRETRAINED)})")
     if args.int8_grid and args.recipe != "probe":
         parser.error("--int8-grid snaps a frozen backbone: it needs --recipe probe")
+    if args.flip_tta and not mixture:
+        parser.error("--flip-tta averages the members of one graph: it needs --recipe mixture")
     size = args.size or (MIXTURE_SIZE if mixture else PreprocessSpec().size)
     spec = PreprocessSpec(aspect=args.aspect, size=size)
     config = TrainConfig(data=args.data, out=args.out, arch=arch, epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.lr,
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,
                          schedule=args.schedule, label_smoothing=args.label_smoothing,
-                         recipe=args.recipe, int8_grid=args.int8_grid,
+                         recipe=args.recipe, int8_grid=args.int8_grid, flip_tta=args.flip_tta,
                          spec=spec.to_dict(), modality=args.modality,
                          abstention_folds=args.abstention_folds, target_risk=args.target_risk)
     try:
