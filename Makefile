@@ -7,6 +7,7 @@ DATA   ?=
 EPOCHS ?=
 ARCH   ?=
 RECIPE ?=
+FLIP_TTA ?=
 MODEL  ?= artifacts/model/model.keras
 BUNDLE ?= artifacts/bundle
 QUICK  ?=
@@ -15,6 +16,7 @@ DATA_ARG   = $(if $(DATA),--data "$(DATA)")
 EPOCHS_ARG = $(if $(EPOCHS),--epochs $(EPOCHS))
 ARCH_ARG   = $(if $(ARCH),--arch $(ARCH))
 RECIPE_ARG = $(if $(RECIPE),--recipe $(RECIPE))
+FLIP_TTA_ARG = $(if $(FLIP_TTA),--flip-tta)
 
 comma := ,
 
@@ -38,8 +40,8 @@ demo: setup  ## the main job on built-in synthetic data: generate, train, conver
 	$(BIN)/ct-edge classify --bundle $(BUNDLE) artifacts/data/synthetic/test/*/0000[01].png
 	$(BIN)/ct-edge explain --bundle $(BUNDLE) artifacts/data/synthetic/test/*/00000.png -o artifacts/explain/
 
-train: setup  ## train: make train [DATA=dir] [EPOCHS=n] [ARCH=name] [RECIPE=finetune|probe|mixture]
-	$(BIN)/python -m training.train $(DATA_ARG) $(EPOCHS_ARG) $(ARCH_ARG) $(RECIPE_ARG)
+train: setup  ## train: make train [DATA=dir] [EPOCHS=n] [ARCH=name] [RECIPE=finetune|probe|mixture [FLIP_TTA=1]]
+	$(BIN)/python -m training.train $(DATA_ARG) $(EPOCHS_ARG) $(ARCH_ARG) $(RECIPE_ARG) $(FLIP_TTA_ARG)
 
 convert: setup  ## TFLite + ONNX bundle with parity gate: make convert [DATA=dir]
 	$(BIN)/python -m convert --model $(MODEL) --out $(BUNDLE) $(DATA_ARG)
