@@ -9,6 +9,8 @@ to the finest grid among them, averaged. `convert` exports it as the class-map o
 `training.gradcam.cam_model`), so `ct-edge explain` works on the ensemble as on one model.
 The model folder gets a config.json from the largest member (same data, seed and split), so
 `python -m convert --model <out>/model.keras` checks parity on that member's test split.
+With `--flip-tta` every member also runs on the mirrored image inside the graph (twice the
+compute); the means then include those answers and their class maps, mirrored back.
 
 The **mixture recipe** (`python -m training.train --recipe mixture`, `fit_mixture`) trains the
 members on the same images and merges them here, so `make train` produces a one-graph mixture with
