@@ -43,6 +43,7 @@ BASE: dict = {
     "aug_flip": True, "aug_brightness": 0.1, "aug_contrast": 0.0,
     "schedule": "plateau", "warmup_epochs": 0, "label_smoothing": 0.0, "weight_decay": 0.0,
     "ema": False, "mixup": 0.0, "recipe": "finetune", "int8_grid": False, "flip_tta": False,
+    "probe_uses_val": False,
 }
 COSINE = {"schedule": "cosine"}
 STRONG_AUG = {"aug_rotation": 0.08, "aug_zoom": 0.15, "aug_translate": 0.08,
@@ -101,6 +102,9 @@ _CHANGES: dict[str, dict] = {
     "effnet-probe-224": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 224},
     "effnet-probe-224-grid": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 224,
                               "int8_grid": True},
+    # the same head fitted on the validation images too (no early stopping needs them)
+    "effnet-probe-224-grid-val": {"arch": "efficientnet-lite0", "recipe": "probe", "size": 224,
+                                  "int8_grid": True, "probe_uses_val": True},
     # edge-gap on the probe's 224-px input, resized to 128 inside: a mixture's member as it ships
     "edge-gap-from224": {"arch": "edge-gap-resize128", "size": 224},
     # both in one graph, trained per fold (training.ensemble.fit_mixture): `make train --recipe mixture`

@@ -290,6 +290,8 @@ def fit_probe(config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
         return np.concatenate([np.asarray(pooled.predict_on_batch(x[i:i + 16]), np.float64)
                                for i in range(0, len(x), 16)]) if len(x) else np.zeros((0, 1))
 
+    if config.probe_uses_val:
+        x_train, y_train = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
     flips = config.augment and config.aug_flip
     f_train = features(x_train)
     f_flip = features(np.ascontiguousarray(x_train[:, :, ::-1])) if flips else None
@@ -305,7 +307,7 @@ def fit_probe(config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
     model.get_layer("logits").set_weights([w.astype(np.float32) for w in dense_weights(head)])
     history = {"loss": [_log_loss(head.predict_proba(f_train), y_train)],
                "accuracy": [float((head.predict_proba(f_train).argmax(1) == y_train).mean())]}
-    if len(y_val):
+    if len(y_val) and not config.probe_uses_val:
         val_probs = head.predict_proba(features(x_val))
         history.update(val_loss=[_log_loss(val_probs, y_val)],
                        val_accuracy=[float((val_probs.argmax(1) == y_val).mean())])

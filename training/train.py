@@ -77,6 +77,9 @@ class TrainConfig:
     # probe only: snap the frozen backbone's convolutions to the int8 grid first
     # (training.int8_grid), so the Keras model and its int8 artifacts share the weights.
     int8_grid: bool = False
+    # probe only: fit the head on the training and the validation images (the probe needs no
+    # validation split: its L2 is chosen by inner cross-validation, and nothing stops early).
+    probe_uses_val: bool = False
     # "mixture" only (training.ensemble.fit_mixture): TrainConfig changes of each member, all
     # trained on the same images and merged into one graph; None: the registered mixture.
     mixture_members: list | None = None
