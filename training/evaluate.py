@@ -111,6 +111,13 @@ _CHANGES: dict[str, dict] = {
     "mixture-224": {"arch": "mixture", "recipe": "mixture", "size": 224},
     # the same with every member also run on the mirrored image inside the graph (issue 14)
     "mixture-224-tta": {"arch": "mixture", "recipe": "mixture", "size": 224, "flip_tta": True},
+    # ...and the probe's head fitted on the validation images too: the next candidate, registered
+    # in docs/accuracy.md (seventh session) for seeds 5-9
+    "mixture-224-tta-val": {"arch": "mixture", "recipe": "mixture", "size": 224, "flip_tta": True,
+                            "mixture_members": [
+                                {"arch": "edge-gap-resize128", "recipe": "finetune"},
+                                {"arch": "efficientnet-lite0", "recipe": "probe", "int8_grid": True,
+                                 "probe_uses_val": True}]},
 }
 EXPERIMENTS: dict[str, dict] = {name: {**BASE, **change} for name, change in _CHANGES.items()}
 # The current defaults of TrainConfig/PreprocessSpec, whatever they are (what `make train` uses).
