@@ -162,6 +162,9 @@ def test_the_mixture_recipe_refuses_an_architecture(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--flip-tta"])  # flip averaging belongs to the one graph of a mixture
     assert "needs --recipe mixture" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--probe-uses-val"])  # edge-gap's validation split drives early stopping
+    assert "needs --recipe probe or mixture" in capsys.readouterr().err
 
 
 def test_a_mixture_member_cannot_be_a_mixture() -> None:

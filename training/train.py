@@ -428,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--int8-grid", action="store_true",
         help="probe recipe: snap the frozen backbone's convolutions to the int8 grid first, so "
         "the Keras model and its int8 artifacts share the weights (default: off)")
+    add("--probe-uses-val", action="store_true",
+        help="probe recipe (or the mixture's probe member): fit the head on the validation images "
+        "too; the probe needs none (inner cross-validation picks its L2, nothing stops early), "
+        "but the temperature is then fitted on images the head has seen (default: off)")
     add("--flip-tta", action="store_true",
         help="mixture recipe: every member also runs on the mirrored image inside the one graph "
         "and the means include it; twice the compute per image (default: off)")
@@ -475,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--recipe probe needs a pretrained --arch ({', '.join(PRETRAINED)})")
     if args.int8_grid and args.recipe != "probe":
         parser.error("--int8-grid snaps a frozen backbone: it needs --recipe probe")
+    if args.probe_uses_val and args.recipe not in ("probe", MIXTURE_RECIPE):
+        parser.error("--probe-uses-val changes a probe's head: it needs --recipe probe or mixture")
     if args.flip_tta and not mixture:
         parser.error("--flip-tta averages the members of one graph: it needs --recipe mixture")
     size = args.size or (MIXTURE_SIZE if mixture else PreprocessSpec().size)
@@ -484,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,
                          schedule=args.schedule, label_smoothing=args.label_smoothing,
                          recipe=args.recipe, int8_grid=args.int8_grid, flip_tta=args.flip_tta,
+                         probe_uses_val=args.probe_uses_val,
                          spec=spec.to_dict(), modality=args.modality,
                          abstention_folds=args.abstention_folds, target_risk=args.target_risk)
     try:
