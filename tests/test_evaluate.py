@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ct_edge.preprocess import PreprocessSpec
-from training import evaluate, mixture
+from training import cv_runs, evaluate, mixture
 from training.train import TrainConfig
 
 
@@ -35,8 +36,8 @@ def test_seed_table_pools_images_and_pairs_seeds() -> None:
     runs = {"base": _run([0.9, 1.0]), "base@seed1": _run([0.8, 0.9]),
             "better": _run([1.0, 1.0]), "better@seed1": _run([0.9, 1.0]),
             "one-seed-only": _run([1.0, 1.0])}
-    assert evaluate.pooled_accuracy(runs["base"]) == pytest.approx(0.95)
-    table = evaluate.seed_table(runs, baseline="base")
+    assert cv_runs.pooled_accuracy(runs["base"]) == pytest.approx(0.95)
+    table = cv_runs.seed_table(runs, baseline="base")
     (better,) = [line for line in table.splitlines() if line.startswith("| better ")]
     assert "100.0% / 95.0%" in better and "97.5% ± 3.5%" in better
     assert "+7.5 ± 3.5 (2 seeds)" in better  # +5 and +10 points
@@ -45,7 +46,7 @@ def test_seed_table_pools_images_and_pairs_seeds() -> None:
 
 def test_hard_images_are_the_ones_every_run_gets_wrong() -> None:
     runs = {"a": _run([0.9], wrong=["x.png", "y.png"]), "b": _run([0.9], wrong=["x.png"])}
-    text = evaluate.hard_images(runs)
+    text = cv_runs.hard_images(runs)
     assert text.startswith("1 image(s)") and "Covid/x.png: wrong 2x, taken for Normal 2x" in text
     assert "y.png" not in text
 
@@ -65,12 +66,12 @@ def test_a_tiny_cross_validation_with_an_ensemble_and_flip(synthetic_root: Path,
     predictions = [p for fold in run["folds"] for p in fold["predictions"]]
     assert len({p["path"] for p in predictions}) == len(predictions) == 36
     assert all(1 / 3 - 1e-6 <= p["confidence"] <= 1.0 for p in predictions)
-    assert evaluate.out_of_fold(run)[1].mean() == pytest.approx(evaluate.pooled_accuracy(run))
+    assert cv_runs.out_of_fold(run)[1].mean() == pytest.approx(cv_runs.pooled_accuracy(run))
     # ...and the ensemble's own probabilities, before the temperature, for training.mixture
     assert all(len(p["probabilities"]) == 3 and abs(sum(p["probabilities"]) - 1) < 1e-4
                and max(p["probabilities"]) == p["probabilities"][["COVID-19", "Normal",
                "Viral Pneumonia"].index(p["predicted"])] for p in predictions)
-    assert mixture.mixed_accuracy([run])[0] == pytest.approx(evaluate.pooled_accuracy(run))
+    assert mixture.mixed_accuracy([run])[0] == pytest.approx(cv_runs.pooled_accuracy(run))
     assert all(len(p["flipped_probabilities"]) == 3 for p in predictions)
     single = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache")
     assert single["folds"][0]["n_test"] == run["folds"][0]["n_test"]  # the same folds...
@@ -112,16 +113,40 @@ def _predicting_run(seed: int, n: int = 40) -> dict:
 def test_abstention_table_and_plot_pool_the_seeds_of_a_recipe(tmp_path: Path) -> None:
     runs = {"base": _predicting_run(0), "base@seed1": _predicting_run(1),
             "old": _run([0.9, 0.8])}  # recorded no predictions: left out
-    confidence, correct = evaluate.out_of_fold(runs["base"])
+    confidence, correct = cv_runs.out_of_fold(runs["base"])
     assert len(confidence) == 40 and (correct == (confidence >= 0.55)).all()
-    table = evaluate.abstention_table(runs)
+    table = cv_runs.abstention_table(runs)
     (row,) = [line for line in table.splitlines() if line.startswith("| base ")]
-    pooled = np.concatenate([evaluate.out_of_fold(runs[k])[0] for k in ("base", "base@seed1")])
+    pooled = np.concatenate([cv_runs.out_of_fold(runs[k])[0] for k in ("base", "base@seed1")])
     wrong = pooled < 0.55
     # the rule by brute force: the lowest threshold answering >= 50% with <= 3% of them wrong
     threshold = min(t for t in pooled if (pooled >= t).mean() >= 0.5
                     and wrong[pooled >= t].mean() <= 0.03)
     assert "| 0, 1 | 80 | 20.0% |" in row and f"| {threshold:.3f} |" in row and "| yes |" in row
+    assert row.endswith("| yes | — |")  # no int8 answers recorded
     assert "| old " not in table
-    (plot,) = evaluate.abstention_plots(runs, tmp_path)
+    # with --int8 answers: the images the int8 confidence puts across that threshold
+    answered, unanswered = pooled[pooled >= threshold].min(), pooled[pooled < threshold].max()
+    for run in (runs["base"], runs["base@seed1"]):
+        for fold in run["folds"]:
+            fold["temperature"] = 1.0
+            for p in fold["predictions"]:
+                c = {answered: threshold - 0.01, unanswered: threshold + 0.01}.get(
+                    p["confidence"], p["confidence"])
+                p["int8_probabilities"] = [c, (1 - c) / 2, (1 - c) / 2]
+    (row,) = [line for line in cv_runs.abstention_table(runs).splitlines()
+              if line.startswith("| base ")]
+    assert row.endswith("| yes | 97.5% (2 differ) |")
+    (plot,) = cv_runs.abstention_plots(runs, tmp_path)
     assert plot.name == "abstention-base.png" and plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_cv_runs_prints_the_tables_of_a_results_folder(tmp_path: Path, capsys) -> None:
+    for label in ("base", "base@seed1"):
+        run = _predicting_run(0 if label == "base" else 1)
+        (tmp_path / f"{label}.json").write_text(json.dumps(run))
+    assert cv_runs.main([str(tmp_path), "--baseline", "base"]) == 0
+    printed = capsys.readouterr().out
+    assert "| base | 0, 1 |" in printed and "int8 same ok / uncertain" in printed
+    assert cv_runs.main([str(tmp_path / "empty")]) == 2
+    assert "no training.evaluate runs" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def test_rows_pair_the_seeds_every_member_ran(tmp_path: Path) -> None:
     for name, run in {"edge": EDGE, "edge@seed1": PROBE, "probe": PROBE, "probe@seed1": EDGE,
                       "probe@seed2": EDGE}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(run))
-    rows = mixture.mixture_rows(mixture.load_runs(tmp_path), ["edge", "probe"], baseline="edge")
+    rows = mixture.mixture_rows(mixture.load_by_recipe(tmp_path), ["edge", "probe"], baseline="edge")
     assert [r["name"] for r in rows] == ["edge", "probe", "edge + probe"]
     mixed = rows[-1]
     assert mixed["seeds"] == [0, 1] and mixed["accuracy"] == [1.0, 1.0] and mixed["errors"] == [0, 0]
@@ -62,7 +62,7 @@ def test_a_flip_member_averages_with_the_mirrored_image(tmp_path: Path) -> None:
     # EDGE's one error (0.4 vs 0.6) becomes right once averaged with a mirrored 0.5 vs 0.25
     assert mixture.mixed_accuracy([EDGE], views=["flip"]) == (1.0, 0)
     (tmp_path / "edge.json").write_text(json.dumps(EDGE))
-    rows = mixture.mixture_rows(mixture.load_runs(tmp_path), ["edge:flip"], baseline="edge")
+    rows = mixture.mixture_rows(mixture.load_by_recipe(tmp_path), ["edge:flip"], baseline="edge")
     assert [(r["name"], r["accuracy"]) for r in rows] == [("edge", [0.75]), ("edge:flip", [1.0])]
     plain = {"folds": [{"predictions": [{k: v for k, v in row.items()
                                          if k != "flipped_probabilities"}
@@ -80,7 +80,7 @@ def test_int8_answers_and_the_agreement_of_two_mixtures(tmp_path: Path) -> None:
     quantized["folds"][0]["predictions"][0]["int8_probabilities"] = [0.2, 0.8, 0.0]  # one flip
     for name, run in {"edge": EDGE, "probe": quantized}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(run))
-    runs = mixture.load_runs(tmp_path)
+    runs = mixture.load_by_recipe(tmp_path)
     assert mixture.agreement(runs, ["probe"], ["probe:int8"]) == {0: (0.75, 1)}
     assert mixture.agreement(runs, ["edge", "probe"], ["edge", "probe:int8"]) == {0: (0.75, 1)}
     with pytest.raises(mixture.MixtureError, match="unknown view"):

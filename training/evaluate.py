@@ -11,7 +11,6 @@ are mean ± standard deviation over folds; with several seeds, over seeds too.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +26,14 @@ from ct_edge.preprocess import PreprocessSpec
 
 from . import abstention
 from . import data as data_mod
+from .cv_runs import (
+    abstention_plots,
+    abstention_table,
+    hard_images,
+    load_runs,
+    out_of_fold,
+    seed_table,
+)
 from .metrics import classification_report, expected_calibration_error, fit_temperature, scale_temperature
 from .train import TrainConfig, fit_model
 
@@ -298,126 +305,6 @@ def markdown_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def seed_of(label: str) -> tuple[str, int]:
-    name, _, seed = label.partition("@seed")
-    return name, int(seed or 0)
-
-
-def pooled_accuracy(run: dict) -> float:
-    """Share of all images right: each image is in exactly one test fold."""
-    tested = sum(f["n_test"] for f in run["folds"])
-    return 1.0 - sum(round((1 - f["accuracy"]) * f["n_test"]) for f in run["folds"]) / tested
-
-
-def seed_table(runs: dict[str, dict], baseline: str = "edge-gap-crop") -> str:
-    """Recipes measured with several seeds (other folds each): accuracy over all images per seed,
-    mean ± std over seeds, and the paired difference to `baseline` on the same seeds."""
-    by_name: dict[str, dict[int, dict]] = {}
-    for label, run in runs.items():
-        name, seed = seed_of(label)
-        by_name.setdefault(name, {})[seed] = run
-    head = ("| experiment | seeds | params | accuracy per seed (all images) | mean ± std over seeds | "
-            f"Δ vs {baseline}, same seeds (pts) | loss (mean of folds) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    base = by_name.get(baseline, {})
-    for name, seeds in sorted(by_name.items()):
-        if len(seeds) < 2:
-            continue
-        order = sorted(seeds)
-        acc = [pooled_accuracy(seeds[s]) for s in order]
-        paired = [100 * (pooled_accuracy(seeds[s]) - pooled_accuracy(base[s]))
-                  for s in order if s in base]
-        delta = (f"{np.mean(paired):+.1f} ± {np.std(paired, ddof=1):.1f} ({len(paired)} seeds)"
-                 if len(paired) > 1 and name != baseline else "—")
-        loss = np.mean([f["loss"] for s in order for f in seeds[s]["folds"]])
-        lines.append(f"| {name} | {', '.join(map(str, order))} | {seeds[order[0]]['params']:,} | "
-                     + " / ".join(f"{a:.1%}" for a in acc)
-                     + f" | {np.mean(acc):.1%} ± {np.std(acc, ddof=1):.1%} | {delta} | {loss:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
-def hard_images(runs: dict[str, dict], share: float = 0.8) -> str:
-    """Images wrong in at least `share` of the runs that tested them (every run tests every image
-    once): the same misses under every recipe point at the images, not at a recipe."""
-    wrong: dict[str, list[str]] = {}
-    with_errors = [run for run in runs.values() if all("errors" in f for f in run["folds"])]
-    for run in with_errors:
-        for fold in run["folds"]:
-            for error in fold["errors"]:
-                # class folder/file name: the same image whatever --data path the run was given
-                image = "/".join(Path(error["path"]).parts[-2:])
-                wrong.setdefault(image, []).append(error["predicted"])
-    rows = sorted((path, predicted) for path, predicted in wrong.items()
-                  if len(predicted) >= share * len(with_errors))
-    lines = [f"{len(rows)} image(s) wrong in at least {share:.0%} of {len(with_errors)} runs:", ""]
-    lines += [f"- {path}: wrong {len(predicted)}x, taken for "
-              + ", ".join(f"{label} {predicted.count(label)}x" for label in sorted(set(predicted)))
-              for path, predicted in rows]
-    return "\n".join(lines) + "\n"
-
-
-def out_of_fold(run: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, correct) of every image a run tested, from its folds' recorded predictions."""
-    rows = [p for fold in run["folds"] for p in fold.get("predictions", ())]
-    return (np.asarray([r["confidence"] for r in rows], dtype=np.float64),
-            np.asarray([r["predicted"] == r["true"] for r in rows], dtype=bool))
-
-
-def _by_recipe(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
-    """Runs that recorded per-image predictions, by recipe name and seed."""
-    by_name: dict[str, dict[int, dict]] = {}
-    for label, run in runs.items():
-        if all(fold.get("predictions") for fold in run["folds"]):
-            name, seed = seed_of(label)
-            by_name.setdefault(name, {})[seed] = run
-    return by_name
-
-
-def abstention_table(runs: dict[str, dict]) -> str:
-    """Per recipe: AURC per seed and the operating point chosen on all its seeds' out-of-fold
-    predictions pooled (training.abstention's rule)."""
-    head = ("| experiment | seeds | predictions | error rate | AURC per seed | AURC pooled (perfect "
-            "ranking) | threshold | answered | risk among answered (errors) | target met |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, seeds in sorted(_by_recipe(runs).items()):
-        order = sorted(seeds)
-        per_seed = [abstention.aurc(abstention.risk_coverage(*out_of_fold(seeds[s])))
-                    for s in order]
-        confidence, correct = (np.concatenate(parts) for parts in
-                               zip(*(out_of_fold(seeds[s]) for s in order), strict=True))
-        found = abstention.summary(confidence, correct)
-        point = found["operating_point"]
-        lines.append(
-            f"| {name} | {', '.join(map(str, order))} | {len(correct)} | {found['error_rate']:.1%} | "
-            + " / ".join(f"{v:.3f}" for v in per_seed)
-            + f" | {found['aurc']:.3f} ({found['aurc_optimal']:.3f}) | {point['threshold']:.3f} | "
-            f"{point['coverage']:.1%} | {point['risk']:.1%} ({point['errors']} of "
-            f"{point['answered']}; ≤ {point['risk_upper_95']:.1%} at 95%) | "
-            f"{'yes' if point['target_met'] else 'no'} |")
-    return "\n".join(lines) + "\n"
-
-
-def abstention_plots(runs: dict[str, dict], folder: Path) -> list[Path]:
-    """One risk–coverage PNG per recipe: all seeds pooled (operating point marked), and each seed."""
-    written = []
-    for name, seeds in sorted(_by_recipe(runs).items()):
-        order = sorted(seeds)
-        parts = [out_of_fold(seeds[s]) for s in order]
-        pooled = (np.concatenate([c for c, _ in parts]), np.concatenate([k for _, k in parts]))
-        first = seeds[order[0]]
-        data = Path(first["config"]["data"]).name
-        curves = [(f"{len(order)} seeds pooled" if len(order) > 1 else f"seed {order[0]}",
-                   *pooled)]
-        if len(order) > 1:
-            curves += [(f"seed {s}", *part) for s, part in zip(order, parts, strict=True)]
-        path = folder / f"abstention-{name}.png"
-        abstention.plot(curves, path, f"{name}: out-of-fold predictions of {first['k']}-fold CV "
-                        f"by near-duplicate group\non {first['n_images']} images of {data} "
-                        f"(train/ folder), seeds {', '.join(map(str, order))}")
-        written.append(path)
-    return written
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate",
                                      description=__doc__.split("\n\n")[0],
@@ -479,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"point ct-edge {run['abstention']['in_words']}", flush=True)
             data_mod.write_json(out / root.name / f"{label}.json", run)
             runs[label] = run
-        existing = {p.stem: json.loads(p.read_text()) for p in sorted((out / root.name).glob("*.json"))}
+        existing = load_runs(out / root.name)
         table = (markdown_table(existing) + "\nSeveral seeds:\n\n" + seed_table(existing)
                  + "\nHard images:\n\n" + hard_images(existing)
                  + "\nAbstention: risk-coverage of the out-of-fold predictions (training.abstention)"

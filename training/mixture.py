@@ -26,7 +26,7 @@ import numpy as np
 from ct_edge import LABELS
 from ct_edge.errors import CtEdgeError
 
-from .evaluate import seed_of
+from .cv_runs import load_runs, seed_of
 
 
 class MixtureError(CtEdgeError):
@@ -81,14 +81,14 @@ def mixed_accuracy(runs: list[dict], views: list[str] | None = None) -> tuple[fl
     return 1.0 - errors / len(mixed), errors
 
 
-def load_runs(folder: Path) -> dict[str, dict[int, dict]]:
+def load_by_recipe(folder: Path) -> dict[str, dict[int, dict]]:
     """Every run in a training.evaluate results folder, by recipe label and seed."""
     if not folder.is_dir():
         raise MixtureError(f"{folder}: no such results folder")
     by_name: dict[str, dict[int, dict]] = {}
-    for path in sorted(folder.glob("*.json")):
-        name, seed = seed_of(path.stem)
-        by_name.setdefault(name, {})[seed] = json.loads(path.read_text())
+    for label, run in load_runs(folder).items():
+        name, seed = seed_of(label)
+        by_name.setdefault(name, {})[seed] = run
     return by_name
 
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if not members:
         parser.error("--members needs a recipe")
     try:
-        by_name = load_runs(Path(args.runs))
+        by_name = load_by_recipe(Path(args.runs))
         rows = mixture_rows(by_name, members, args.baseline)
         versus = [m.strip() for m in (args.versus or "").split(",") if m.strip()]
         agreed = agreement(by_name, members, versus) if versus else {}

@@ -1,0 +1,183 @@
+"""Tables and plots from stored cross-validation runs (`training.evaluate`'s JSON files).
+
+Every run records each test image's answer, so seeds can be pooled, recipes paired by seed, the
+images every recipe misses listed and the risk-coverage of the out-of-fold answers drawn, all
+without training again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import abstention
+from .metrics import scale_temperature
+
+
+def seed_of(label: str) -> tuple[str, int]:
+    name, _, seed = label.partition("@seed")
+    return name, int(seed or 0)
+
+
+def pooled_accuracy(run: dict) -> float:
+    """Share of all images right: each image is in exactly one test fold."""
+    tested = sum(f["n_test"] for f in run["folds"])
+    return 1.0 - sum(round((1 - f["accuracy"]) * f["n_test"]) for f in run["folds"]) / tested
+
+
+def seed_table(runs: dict[str, dict], baseline: str = "edge-gap-crop") -> str:
+    """Recipes measured with several seeds (other folds each): accuracy over all images per seed,
+    mean ± std over seeds, and the paired difference to `baseline` on the same seeds."""
+    by_name: dict[str, dict[int, dict]] = {}
+    for label, run in runs.items():
+        name, seed = seed_of(label)
+        by_name.setdefault(name, {})[seed] = run
+    head = ("| experiment | seeds | params | accuracy per seed (all images) | mean ± std over seeds | "
+            f"Δ vs {baseline}, same seeds (pts) | loss (mean of folds) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    base = by_name.get(baseline, {})
+    for name, seeds in sorted(by_name.items()):
+        if len(seeds) < 2:
+            continue
+        order = sorted(seeds)
+        acc = [pooled_accuracy(seeds[s]) for s in order]
+        paired = [100 * (pooled_accuracy(seeds[s]) - pooled_accuracy(base[s]))
+                  for s in order if s in base]
+        delta = (f"{np.mean(paired):+.1f} ± {np.std(paired, ddof=1):.1f} ({len(paired)} seeds)"
+                 if len(paired) > 1 and name != baseline else "—")
+        loss = np.mean([f["loss"] for s in order for f in seeds[s]["folds"]])
+        lines.append(f"| {name} | {', '.join(map(str, order))} | {seeds[order[0]]['params']:,} | "
+                     + " / ".join(f"{a:.1%}" for a in acc)
+                     + f" | {np.mean(acc):.1%} ± {np.std(acc, ddof=1):.1%} | {delta} | {loss:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def hard_images(runs: dict[str, dict], share: float = 0.8) -> str:
+    """Images wrong in at least `share` of the runs that tested them (every run tests every image
+    once): the same misses under every recipe point at the images, not at a recipe."""
+    wrong: dict[str, list[str]] = {}
+    with_errors = [run for run in runs.values() if all("errors" in f for f in run["folds"])]
+    for run in with_errors:
+        for fold in run["folds"]:
+            for error in fold["errors"]:
+                # class folder/file name: the same image whatever --data path the run was given
+                image = "/".join(Path(error["path"]).parts[-2:])
+                wrong.setdefault(image, []).append(error["predicted"])
+    rows = sorted((path, predicted) for path, predicted in wrong.items()
+                  if len(predicted) >= share * len(with_errors))
+    lines = [f"{len(rows)} image(s) wrong in at least {share:.0%} of {len(with_errors)} runs:", ""]
+    lines += [f"- {path}: wrong {len(predicted)}x, taken for "
+              + ", ".join(f"{label} {predicted.count(label)}x" for label in sorted(set(predicted)))
+              for path, predicted in rows]
+    return "\n".join(lines) + "\n"
+
+
+def out_of_fold(run: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of every image a run tested, from its folds' recorded predictions."""
+    rows = [p for fold in run["folds"] for p in fold.get("predictions", ())]
+    return (np.asarray([r["confidence"] for r in rows], dtype=np.float64),
+            np.asarray([r["predicted"] == r["true"] for r in rows], dtype=bool))
+
+
+def int8_confidence(run: dict) -> np.ndarray | None:
+    """Top-1 confidence of the run's full-int8 answers, scaled by each fold's temperature as the
+    runtime does, in `out_of_fold`'s order; None for a run made without --int8."""
+    rows = [(p.get("int8_probabilities"), fold)
+            for fold in run["folds"] for p in fold.get("predictions", ())]
+    if not rows or any(probs is None for probs, _ in rows):
+        return None
+    return np.asarray([scale_temperature(np.asarray([probs], np.float32), fold["temperature"]).max()
+                       for probs, fold in rows], dtype=np.float64)
+
+
+def _by_recipe(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
+    """Runs that recorded per-image predictions, by recipe name and seed."""
+    by_name: dict[str, dict[int, dict]] = {}
+    for label, run in runs.items():
+        if all(fold.get("predictions") for fold in run["folds"]):
+            name, seed = seed_of(label)
+            by_name.setdefault(name, {})[seed] = run
+    return by_name
+
+
+def abstention_table(runs: dict[str, dict]) -> str:
+    """Per recipe: AURC per seed and the operating point chosen on all its seeds' out-of-fold
+    predictions pooled (training.abstention's rule), and for runs made with --int8 how many images
+    the full-int8 answer puts on the other side of that threshold (ok / uncertain; labels aside)."""
+    head = ("| experiment | seeds | predictions | error rate | AURC per seed | AURC pooled (perfect "
+            "ranking) | threshold | answered | risk among answered (errors) | target met | "
+            "int8 same ok / uncertain |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, seeds in sorted(_by_recipe(runs).items()):
+        order = sorted(seeds)
+        per_seed = [abstention.aurc(abstention.risk_coverage(*out_of_fold(seeds[s])))
+                    for s in order]
+        confidence, correct = (np.concatenate(parts) for parts in
+                               zip(*(out_of_fold(seeds[s]) for s in order), strict=True))
+        found = abstention.summary(confidence, correct)
+        point = found["operating_point"]
+        int8 = [int8_confidence(seeds[s]) for s in order]
+        same = "—"
+        if all(c is not None for c in int8):
+            int8_pooled, threshold = np.concatenate(int8), point["threshold"]
+            differ = int(np.sum((confidence >= threshold) != (int8_pooled >= threshold)))
+            same = f"{1 - differ / len(confidence):.1%} ({differ} differ)"
+        lines.append(
+            f"| {name} | {', '.join(map(str, order))} | {len(correct)} | {found['error_rate']:.1%} | "
+            + " / ".join(f"{v:.3f}" for v in per_seed)
+            + f" | {found['aurc']:.3f} ({found['aurc_optimal']:.3f}) | {point['threshold']:.3f} | "
+            f"{point['coverage']:.1%} | {point['risk']:.1%} ({point['errors']} of "
+            f"{point['answered']}; ≤ {point['risk_upper_95']:.1%} at 95%) | "
+            f"{'yes' if point['target_met'] else 'no'} | {same} |")
+    return "\n".join(lines) + "\n"
+
+
+def abstention_plots(runs: dict[str, dict], folder: Path) -> list[Path]:
+    """One risk–coverage PNG per recipe: all seeds pooled (operating point marked), and each seed."""
+    written = []
+    for name, seeds in sorted(_by_recipe(runs).items()):
+        order = sorted(seeds)
+        parts = [out_of_fold(seeds[s]) for s in order]
+        pooled = (np.concatenate([c for c, _ in parts]), np.concatenate([k for _, k in parts]))
+        first = seeds[order[0]]
+        data = Path(first["config"]["data"]).name
+        curves = [(f"{len(order)} seeds pooled" if len(order) > 1 else f"seed {order[0]}",
+                   *pooled)]
+        if len(order) > 1:
+            curves += [(f"seed {s}", *part) for s, part in zip(order, parts, strict=True)]
+        path = folder / f"abstention-{name}.png"
+        abstention.plot(curves, path, f"{name}: out-of-fold predictions of {first['k']}-fold CV "
+                        f"by near-duplicate group\non {first['n_images']} images of {data} "
+                        f"(train/ folder), seeds {', '.join(map(str, order))}")
+        written.append(path)
+    return written
+
+
+def load_runs(folder: Path) -> dict[str, dict]:
+    """Every run of one data set's results folder, by label ('recipe' or 'recipe@seedN')."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.cv_runs",
+                                     description="Print the several-seed and abstention tables "
+                                     "of stored training.evaluate runs, without training.")
+    parser.add_argument("runs", type=Path,
+                        help="a training.evaluate results folder (one data set's JSON files)")
+    parser.add_argument("--baseline", default="edge-gap-crop",
+                        help="recipe the paired differences are taken to (default: edge-gap-crop)")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.runs)
+    if not runs:
+        print(f"error: {args.runs}: no training.evaluate runs (*.json) there", file=sys.stderr)
+        return 2
+    print(seed_table(runs, args.baseline) + "\n" + abstention_table(runs), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
