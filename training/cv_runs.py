@@ -32,10 +32,7 @@ def pooled_accuracy(run: dict) -> float:
 def seed_table(runs: dict[str, dict], baseline: str = "edge-gap-crop") -> str:
     """Recipes measured with several seeds (other folds each): accuracy over all images per seed,
     mean ± std over seeds, and the paired difference to `baseline` on the same seeds."""
-    by_name: dict[str, dict[int, dict]] = {}
-    for label, run in runs.items():
-        name, seed = seed_of(label)
-        by_name.setdefault(name, {})[seed] = run
+    by_name = by_recipe(runs)
     head = ("| experiment | seeds | params | accuracy per seed (all images) | mean ± std over seeds | "
             f"Δ vs {baseline}, same seeds (pts) | loss (mean of folds) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -86,22 +83,28 @@ def out_of_fold(run: dict) -> tuple[np.ndarray, np.ndarray]:
 def int8_confidence(run: dict) -> np.ndarray | None:
     """Top-1 confidence of the run's full-int8 answers, scaled by each fold's temperature as the
     runtime does, in `out_of_fold`'s order; None for a run made without --int8."""
-    rows = [(p.get("int8_probabilities"), fold)
-            for fold in run["folds"] for p in fold.get("predictions", ())]
-    if not rows or any(probs is None for probs, _ in rows):
+    rows = [p.get("int8_probabilities") for fold in run["folds"] for p in fold.get("predictions", ())]
+    if not rows or any(probs is None for probs in rows):
         return None
-    return np.asarray([scale_temperature(np.asarray([probs], np.float32), fold["temperature"]).max()
-                       for probs, fold in rows], dtype=np.float64)
+    return np.concatenate([
+        scale_temperature(np.asarray([p["int8_probabilities"] for p in fold["predictions"]],
+                                     np.float32), fold["temperature"]).max(axis=1)
+        for fold in run["folds"] if fold.get("predictions")]).astype(np.float64)
+
+
+def by_recipe(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
+    """Runs by recipe name and seed ('recipe@seedN' labels)."""
+    by_name: dict[str, dict[int, dict]] = {}
+    for label, run in runs.items():
+        name, seed = seed_of(label)
+        by_name.setdefault(name, {})[seed] = run
+    return by_name
 
 
 def _by_recipe(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
     """Runs that recorded per-image predictions, by recipe name and seed."""
-    by_name: dict[str, dict[int, dict]] = {}
-    for label, run in runs.items():
-        if all(fold.get("predictions") for fold in run["folds"]):
-            name, seed = seed_of(label)
-            by_name.setdefault(name, {})[seed] = run
-    return by_name
+    return by_recipe({label: run for label, run in runs.items()
+                      if all(fold.get("predictions") for fold in run["folds"])})
 
 
 def abstention_table(runs: dict[str, dict]) -> str:
@@ -114,10 +117,9 @@ def abstention_table(runs: dict[str, dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, seeds in sorted(_by_recipe(runs).items()):
         order = sorted(seeds)
-        per_seed = [abstention.aurc(abstention.risk_coverage(*out_of_fold(seeds[s])))
-                    for s in order]
-        confidence, correct = (np.concatenate(parts) for parts in
-                               zip(*(out_of_fold(seeds[s]) for s in order), strict=True))
+        parts = [out_of_fold(seeds[s]) for s in order]
+        per_seed = [abstention.aurc(abstention.risk_coverage(*part)) for part in parts]
+        confidence, correct = (np.concatenate(column) for column in zip(*parts, strict=True))
         found = abstention.summary(confidence, correct)
         point = found["operating_point"]
         int8 = [int8_confidence(seeds[s]) for s in order]

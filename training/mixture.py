@@ -26,7 +26,7 @@ import numpy as np
 from ct_edge import LABELS
 from ct_edge.errors import CtEdgeError
 
-from .cv_runs import load_runs, seed_of
+from .cv_runs import by_recipe, load_runs
 
 
 class MixtureError(CtEdgeError):
@@ -85,11 +85,7 @@ def load_by_recipe(folder: Path) -> dict[str, dict[int, dict]]:
     """Every run in a training.evaluate results folder, by recipe label and seed."""
     if not folder.is_dir():
         raise MixtureError(f"{folder}: no such results folder")
-    by_name: dict[str, dict[int, dict]] = {}
-    for label, run in load_runs(folder).items():
-        name, seed = seed_of(label)
-        by_name.setdefault(name, {})[seed] = run
-    return by_name
+    return by_recipe(load_runs(folder))
 
 
 def _seeds(by_name: dict[str, dict[int, dict]], specs: list[str]) -> list[int]:
