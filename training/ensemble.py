@@ -59,33 +59,34 @@ def _graph(members: Sequence[Any], shapes: Sequence[tuple[int, int, int]], name:
     """Input of the largest member, each member on its (resized) copy, mean probabilities as the
     output 'probabilities', with_maps: the mean class map as a second output 'class_maps', and
     with_features: the first member's pooled features (the domain gate's) as the last output.
-    flip_tta: every member also runs on the mirrored image; its probabilities and its class map,
-    mirrored back, join the means (the features stay the unmirrored image's, as the gate was
-    fitted on them)."""
+    flip_tta: every member runs on the image and its mirror as one batch; its two probabilities and
+    class maps (the mirror's mirrored back) are averaged first (the features stay the unmirrored
+    image's, as the gate was fitted on them)."""
     import keras
     from keras import layers
 
-    from .models import HorizontalFlip
+    from .models import MirrorMean, WithMirror
 
     largest = max(shapes)
     inputs = keras.Input(largest, name="image")
-    views = [inputs]
-    if flip_tta:
-        views.append(HorizontalFlip(name=FLIP_LAYER)(inputs))
+    # flip_tta: one batch of two per member (the image, its mirror), so that each weight is
+    # stored and quantized once; two separate passes duplicated weights in the int8 file
+    # (docs/accuracy.md, eighth session).
+    batch = WithMirror(name=FLIP_LAYER)(inputs) if flip_tta else inputs
     probabilities, maps, features = [], [], []
     for index, (member, shape) in enumerate(zip(members, shapes, strict=True)):
-        for view, x in enumerate(views):
-            if shape != largest:
-                x = layers.Resizing(shape[0], shape[1], interpolation="bilinear",
-                                    name=f"resize{index}_{shape[0]}" + ("_flip" if view else ""))(x)
-            out = member(x)
-            if isinstance(out, list | tuple):
-                probabilities.append(out[0])
-                maps.append(HorizontalFlip(name=f"maps{index}_unflip")(out[1]) if view else out[1])
-                if not view:
-                    features.extend(out[2:3])
-            else:
-                probabilities.append(out)
+        x = batch
+        if shape != largest:
+            x = layers.Resizing(shape[0], shape[1], interpolation="bilinear",
+                                name=f"resize{index}_{shape[0]}")(x)
+        out = member(x)
+        outs = list(out) if isinstance(out, list | tuple) else [out]
+        if flip_tta:
+            outs = [MirrorMean(unflip=i == 1, first_only=i == 2, name=f"views{index}_{i}")(o)
+                    for i, o in enumerate(outs)]
+        probabilities.append(outs[0])
+        maps.extend(outs[1:2])
+        features.extend(outs[2:3])
     mean = (layers.Average(name="mean_probabilities")(probabilities) if len(probabilities) > 1
             else layers.Identity(name="mean_probabilities")(probabilities[0]))
     outputs = [layers.Activation("linear", name="probabilities", dtype="float32")(mean)]

@@ -18,11 +18,50 @@ PRETRAINED = ("efficientnet-lite0",)
 
 @keras.saving.register_keras_serializable(package="ct_edge")
 class HorizontalFlip(layers.Layer):
-    """The image mirrored left-right (axis 2 of NHWC): flip averaging inside one graph.
-    Registered, so a saved model that uses it loads through `load_keras_model`."""
+    """The image mirrored left-right (axis 2 of NHWC): the flip graphs saved before
+    `WithMirror` (two passes per member) use it. Registered, so they load through
+    `load_keras_model`."""
 
     def call(self, x):
         return keras.ops.flip(x, axis=2)
+
+
+@keras.saving.register_keras_serializable(package="ct_edge")
+class WithMirror(layers.Layer):
+    """A batch of n images becomes 2n: the images, then their mirrors. Every member of a flip
+    graph runs once on both, so each weight is stored and quantized once for the two views."""
+
+    def call(self, x):
+        return keras.ops.concatenate([x, keras.ops.flip(x, axis=2)], axis=0)
+
+    def compute_output_shape(self, input_shape):
+        batch = None if input_shape[0] is None else 2 * input_shape[0]
+        return (batch, *input_shape[1:])
+
+
+@keras.saving.register_keras_serializable(package="ct_edge")
+class MirrorMean(layers.Layer):
+    """The inverse of `WithMirror` for a member's output: the mean of each image's two answers
+    (with unflip, the mirror's spatial map mirrored back first); first_only: the image's own."""
+
+    def __init__(self, unflip: bool = False, first_only: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.unflip, self.first_only = unflip, first_only
+
+    def call(self, x):
+        first, mirrored = keras.ops.split(x, 2, axis=0)
+        if self.first_only:
+            return first
+        if self.unflip:
+            mirrored = keras.ops.flip(mirrored, axis=2)
+        return (first + mirrored) * 0.5
+
+    def compute_output_shape(self, input_shape):
+        batch = None if input_shape[0] is None else input_shape[0] // 2
+        return (batch, *input_shape[1:])
+
+    def get_config(self):
+        return {**super().get_config(), "unflip": self.unflip, "first_only": self.first_only}
 
 
 def load_keras_model(path: str | Path) -> keras.Model:

@@ -1,0 +1,42 @@
+"""benchmarks.tensors: what a bundle's TFLite files store, read from the flatbuffer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.tensors import inspect_bundle, main
+
+
+def test_constants_by_type_of_each_artifact(tiny_bundle: Path) -> None:
+    report = inspect_bundle(tiny_bundle)
+    assert {"model_fp32.tflite", "model_int8.tflite"} <= set(report)
+    for name, entry in report.items():
+        assert 0 < entry["bytes"] <= entry["file_bytes"], name
+        assert entry["tensors"] == sum(t["tensors"] for t in entry["by_type"].values())
+        assert entry["ops"] > 0
+    fp32, int8 = report["model_fp32.tflite"], report["model_int8.tflite"]
+    assert "int8" not in fp32["by_type"] and fp32["by_type"]["float32"]["bytes"] > 0.9 * fp32["bytes"]
+    # full int8: weights int8, biases int32, about a quarter of the float32 weights' bytes
+    assert int8["by_type"]["int8"]["bytes"] > 0 and int8["by_type"]["int32"]["tensors"] > 0
+    assert int8["by_type"]["int8"]["bytes"] <= 0.3 * fp32["by_type"]["float32"]["bytes"]
+
+
+def test_cli_table_json_and_one_line_errors(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    assert main([str(tiny_bundle)]) == 0
+    table = capsys.readouterr().out
+    assert "| model_int8.tflite |" in table and "int8 constants (MB)" in table
+    assert main([str(tiny_bundle / "model_int8.tflite"), "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"model_int8.tflite"}
+
+    damaged = tmp_path / "damaged.tflite"
+    damaged.write_bytes((tiny_bundle / "model_int8.tflite").read_bytes()[:2000])
+    text = tmp_path / "text.tflite"
+    text.write_text("not a model")
+    for path, problem in ((damaged, "damaged TFLite flatbuffer"),
+                          (text, "not a TFLite flatbuffer"), (tmp_path / "empty", "no .tflite")):
+        if path.name == "empty":
+            path.mkdir()
+        assert main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}") and problem in err and err.count("\n") == 1
