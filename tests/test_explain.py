@@ -192,7 +192,7 @@ def test_peak_maps_back_to_input_image_pixels(aspect: str, corner: tuple[float, 
 
 
 def test_lung_mask_finds_both_lungs_on_synthetic_slices_and_refuses_noise() -> None:
-    from training.synthetic import render_slice
+    from training.phantom import render_slice
 
     for seed in range(4):
         pixels = render_slice("Normal", np.random.default_rng(seed), 128) / 255.0
@@ -293,7 +293,7 @@ def _one_sided_cases(count: int) -> list[tuple[str, bytes, bool, np.ndarray]]:
     COVID-19 is bilateral, so one side of its slice is replaced by the healthy twin's.
     """
     from ct_edge.preprocess import preprocess
-    from training.synthetic import render_slice
+    from training.phantom import render_slice
 
     size, cases = 128, []
     half = np.arange(size)[None, :] < size // 2

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from training import synthetic
-from training.synthetic import CLASSES, generate_dataset, main, render_slice
+from training.phantom import CLASSES, render_slice
+from training.synthetic import generate_dataset, main
 
 SIZE = 96
 REPO = Path(__file__).resolve().parents[1]

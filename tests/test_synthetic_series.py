@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import UID
 
 from ct_edge.preprocess import PreprocessSpec, decode
-from training.synthetic import render_slice
+from training.phantom import render_slice
 from training.synthetic_series import (
     CT_IMAGE_STORAGE,
     finding_slices,

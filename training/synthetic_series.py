@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.synthetic import CLASSES, MIN_SIZE, render_slice
+from training.phantom import CLASSES, MIN_SIZE, render_slice
 
 LUNG_WINDOW = (1500.0, -600.0)  # (width, level) HU; ct_edge.preprocess.WINDOWS["lung"]
 RESCALE_INTERCEPT = -1024.0
