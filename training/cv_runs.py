@@ -109,8 +109,9 @@ def _by_recipe(runs: dict[str, dict]) -> dict[str, dict[int, dict]]:
 
 def abstention_table(runs: dict[str, dict]) -> str:
     """Per recipe: AURC per seed and the operating point chosen on all its seeds' out-of-fold
-    predictions pooled (training.abstention's rule), and for runs made with --int8 how many images
-    the full-int8 answer puts on the other side of that threshold (ok / uncertain; labels aside)."""
+    predictions pooled (training.abstention's rule), and for the seeds run with --int8 how many
+    images the full-int8 answer puts on the other side of that threshold (ok / uncertain; labels
+    aside)."""
     head = ("| experiment | seeds | predictions | error rate | AURC per seed | AURC pooled (perfect "
             "ranking) | threshold | answered | risk among answered (errors) | target met | "
             "int8 same ok / uncertain |")
@@ -123,11 +124,15 @@ def abstention_table(runs: dict[str, dict]) -> str:
         found = abstention.summary(confidence, correct)
         point = found["operating_point"]
         int8 = [int8_confidence(seeds[s]) for s in order]
+        have = [i for i, c in enumerate(int8) if c is not None]
         same = "—"
-        if all(c is not None for c in int8):
-            int8_pooled, threshold = np.concatenate(int8), point["threshold"]
-            differ = int(np.sum((confidence >= threshold) != (int8_pooled >= threshold)))
-            same = f"{1 - differ / len(confidence):.1%} ({differ} differ)"
+        if have:  # the seeds run with --int8, at the threshold of all seeds pooled
+            keras = np.concatenate([parts[i][0] for i in have])
+            above = np.concatenate([int8[i] for i in have]) >= point["threshold"]
+            differ = int(np.sum((keras >= point["threshold"]) != above))
+            only = ("" if len(have) == len(order) else
+                    f"; seed{'s' if len(have) > 1 else ''} {', '.join(str(order[i]) for i in have)}")
+            same = f"{1 - differ / len(keras):.1%} ({differ} differ{only})"
         lines.append(
             f"| {name} | {', '.join(map(str, order))} | {len(correct)} | {found['error_rate']:.1%} | "
             + " / ".join(f"{v:.3f}" for v in per_seed)
