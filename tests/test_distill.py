@@ -80,6 +80,58 @@ def test_student_follows_the_teacher_not_only_the_labels() -> None:
         distill(_constant_teacher(64, q), config, x, y, x[:6], y[:6])
 
 
+def test_the_view_bank_pairs_each_view_with_the_teachers_answer_on_it() -> None:
+    """The teacher answers on the very (augmented, blended) images the student gets, at its own
+    size; labels are blended with the same weights; the images own part is the larger."""
+    import keras
+
+    from training.distill import view_bank
+    from training.train import TrainConfig
+
+    rng = np.random.default_rng(1)
+    x = rng.random((10, 48, 48, 3), dtype=np.float32)
+    y = np.arange(10) % 3
+    seen = []
+
+    def teacher(batch, training=False):  # mean brightness decides, so the answer tracks the view
+        batch = np.asarray(batch)
+        seen.append(batch)
+        m = batch.mean(axis=(1, 2, 3))
+        return np.stack([m, 1 - m, np.zeros_like(m)], axis=1).astype(np.float32)
+
+    config = TrainConfig(spec=replace(PreprocessSpec(), size=32).to_dict())
+    keras.utils.set_random_seed(0)
+    images, labels, soft = view_bank(teacher, config, x, y, views=3, mixup=0.4, chunk=4)
+    assert images.shape == (30, 32, 32, 3) and labels.shape == soft.shape == (30, 3)
+    shown = np.concatenate(seen)
+    assert shown.shape == (30, 48, 48, 3)
+    np.testing.assert_allclose(soft[:, 0], shown.mean(axis=(1, 2, 3)), atol=1e-6)
+    np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-6)
+    own = labels[np.arange(30), np.tile(y, 3)]
+    assert (own >= 0.5 - 1e-6).all() and (own < 1).any()  # blended, own image the larger part
+    _, plain, _ = view_bank(teacher, config, x, y, views=1, mixup=0.0)
+    assert set(np.unique(plain)) == {0.0, 1.0}
+
+
+@pytest.mark.slow
+def test_a_student_on_the_view_bank_learns_the_teacher() -> None:
+    from training.distill import distill_on_bank
+    from training.train import TrainConfig
+
+    q = np.array([0.2, 0.3, 0.5], np.float32)
+    x = np.random.default_rng(0).random((24, 48, 48, 3), dtype=np.float32)
+    y = np.zeros(24, np.int64)  # the labels say class 0; with alpha 0 only the teacher counts
+    config = TrainConfig(arch="edge-sep", learning_rate=3e-3, batch_size=8,
+                         spec=replace(PreprocessSpec(), size=32).to_dict())
+    student, history = distill_on_bank(_constant_teacher(48, q), config, x, y, views=4,
+                                       mixup=0.2, epochs=6)
+    assert len(history["loss"]) == 6 and student.input_shape == (None, 32, 32, 3)
+    import tensorflow as tf
+
+    p = student.predict(tf.image.resize(x, (32, 32), antialias=True).numpy(), verbose=0)
+    assert np.argmax(p.mean(axis=0)) == 2 and np.abs(p.mean(axis=0) - q).max() < 0.15
+
+
 @pytest.mark.slow
 def test_cli_distils_a_trained_teacher_into_a_convertible_folder(tiny_model: Path,
                                                                  tmp_path: Path) -> None:

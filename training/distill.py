@@ -149,6 +149,69 @@ def distill(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_train: np.
     return student, {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
+def view_bank(teacher: Any, config: TrainConfig, x: np.ndarray, y: np.ndarray, views: int,
+              mixup: float, chunk: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images at the student's size, blended one-hot labels, the teacher's probabilities on
+    exactly those images): `views` augmented copies of every training image, each blended with
+    another image's augmented copy (weight ~ Beta(mixup, mixup), the image's own the larger part)
+    when mixup > 0. The teacher runs once per view, so a long student schedule costs no more
+    teacher time ("function matching", Beyer et al. 2022, with a fixed set of views)."""
+    import tensorflow as tf
+
+    spec = config.preprocess_spec()
+    augment = augmenter(config.seed, config)
+    rng = np.random.default_rng(config.seed)
+    one_hot = np.eye(len(LABELS), dtype=np.float32)[y]
+    images, labels, soft = [], [], []
+    for _ in range(views):
+        partners = rng.permutation(len(x))
+        for start in range(0, len(x), chunk):
+            own = np.arange(start, min(start + chunk, len(x)))
+            batch, target = augment(x[own], training=True), one_hot[own]
+            if mixup > 0:
+                lam = rng.beta(mixup, mixup, size=(len(own), 1)).astype(np.float32)
+                lam = np.maximum(lam, 1 - lam)
+                other = augment(x[partners[own]], training=True)
+                batch = lam[:, :, None, None] * batch + (1 - lam[:, :, None, None]) * other
+                target = lam * target + (1 - lam) * one_hot[partners[own]]
+            soft.append(np.asarray(teacher(batch, training=False), np.float32))
+            images.append(tf.image.resize(batch, (spec.size, spec.size), "bilinear",
+                                          antialias=True).numpy()
+                          if batch.shape[1] != spec.size else np.asarray(batch))
+            labels.append(target)
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(soft)
+
+
+def distill_on_bank(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
+                    views: int, mixup: float, epochs: int, temperature: float = 1.0,
+                    alpha: float = 0.0, verbose: int = 0) -> tuple[Any, dict]:
+    """`config.arch` trained on `view_bank`'s images for a fixed cosine schedule of `epochs`
+    passes over the bank (no early stopping: the validation split is not used), loss as
+    `distillation_loss`. Returns (student, history)."""
+    import keras
+    import tensorflow as tf
+
+    from .models import build_model
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    x, hard, soft = view_bank(teacher, config, x_train, y_train, views, mixup)
+    spec = config.preprocess_spec()
+    classes = len(LABELS)
+    student = build_model(config.arch, (spec.size, spec.size, spec.channels), classes)
+    logits_model = keras.Model(student.inputs, student.get_layer("logits").output)
+    targets = np.concatenate([hard, np.asarray(soften(soft, temperature))], axis=1)
+    steps = -(-len(x) // config.batch_size) * epochs
+    logits_model.compile(
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, steps)),
+        loss=distillation_loss(classes, temperature, alpha),
+        metrics=[hard_cross_entropy(classes), hard_accuracy(classes)])
+    history = logits_model.fit(x, targets, batch_size=config.batch_size, epochs=epochs,
+                               verbose=verbose, shuffle=True)
+    return student, {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
 def load_teacher(folder: Path) -> tuple[Any, dict]:
     """The teacher's model.keras and config.json (data, seed and split come from it)."""
     from .models import load_keras_model
@@ -205,10 +268,13 @@ def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, 
 
 def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
                  temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
-                 folds: int = 5, cache: Path = data_mod.DEFAULT_CACHE) -> dict:
+                 folds: int = 5, cache: Path = data_mod.DEFAULT_CACHE,
+                 bank: dict | None = None) -> dict:
     """One fold of `training.evaluate`'s cross-validation (same groups, folds, validation split,
     seeds): the default edge-gap, a teacher (TrainConfig fields in `teacher_settings`), their
-    mean (a mixed ensemble) and edge-gap distilled from the teacher, all on the same test fold."""
+    mean (a mixed ensemble) and edge-gap distilled from the teacher, all on the same test fold.
+    bank: {'views', 'mixup', 'epochs'} distils on a fixed set of views (`distill_on_bank`)
+    instead of online with early stopping."""
     from .train import fit_model
 
     base = TrainConfig(seed=seed + fold)  # the seed evaluate gives this fold's single model
@@ -231,7 +297,8 @@ def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
     fit, val, test = pick(fit_part), pick(val_part), pick(test_part)
     y_test = y_all[test]
     out: dict = {"seed": seed, "fold": fold, "n_test": len(test), "temperature": temperature,
-                 "alpha": alpha, "teacher_settings": teacher_settings, "models": {}}
+                 "alpha": alpha, "teacher_settings": teacher_settings, "bank": bank,
+                 "models": {}}
 
     def score(name: str, probabilities: np.ndarray, seconds: float, params: int) -> None:
         report = classification_report(probabilities, y_test, LABELS)
@@ -254,8 +321,12 @@ def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
     score("mean(edge-gap, teacher)", (probabilities["edge-gap"] + probabilities["teacher"]) / 2,
           0.0, out["models"]["edge-gap"]["params"] + out["models"]["teacher"]["params"])
     started = time.time()
-    student, _ = distill(teacher, base, x_big[fit], y_all[fit], x_big[val], y_all[val],
-                         temperature=temperature, alpha=alpha)
+    if bank:
+        student, _ = distill_on_bank(teacher, base, x_big[fit], y_all[fit], bank["views"],
+                                     bank["mixup"], bank["epochs"], temperature, alpha)
+    else:
+        student, _ = distill(teacher, base, x_big[fit], y_all[fit], x_big[val], y_all[val],
+                             temperature=temperature, alpha=alpha)
     score("edge-gap distilled", student.predict(x_all[test], verbose=0), time.time() - started,
           int(student.count_params()))
     return out
@@ -300,6 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     add("--teacher-epochs", type=int, default=15, help="for --cv-fold (default: %(default)s)")
     add("--teacher-size", type=int, default=None,
         help=f"for --cv-fold (default: {PreprocessSpec().size}; {MIXTURE_SIZE} for a mixture)")
+    add("--bank-views", type=int, default=0, metavar="V",
+        help="for --cv-fold: distil on V fixed augmented views of every training image, the "
+             "teacher run once per view, for --epochs passes with a cosine schedule and no early "
+             "stopping; 0: online, early stopping on the validation split (default: %(default)s)")
+    add("--mixup", type=float, default=0.0,
+        help="with --bank-views: blend every view with another image's, weight ~ Beta(a, a) "
+             "(default: %(default)s)")
     add("--arch", default="edge-gap", help="student architecture (default: %(default)s)")
     add("--size", type=int, default=PreprocessSpec().size,
         help="student input size (default: %(default)s)")
@@ -325,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                         "spec": PreprocessSpec(size=args.teacher_size
                                                or PreprocessSpec().size).to_dict()}
         try:
+            bank = ({"views": args.bank_views, "mixup": args.mixup, "epochs": args.epochs}
+                    if args.bank_views else None)
             result = compare_fold(args.data, args.seed, args.cv_fold, settings, args.temperature,
-                                  args.alpha)
+                                  args.alpha, bank=bank)
         except (CtEdgeError, OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
