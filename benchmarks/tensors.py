@@ -17,6 +17,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from convert.report import human_size
+
 TYPE_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16",
               9: "int8"}
 
@@ -73,14 +75,14 @@ def inspect_bundle(bundle: Path) -> dict[str, dict]:
 
 def markdown(report: dict[str, dict]) -> str:
     types = sorted({t for entry in report.values() for t in entry["by_type"]})
-    header = ["file", "file MB", "ops", *(f"{t} constants (MB)" for t in types),
+    header = ["file", "size", "ops", *(f"{t} constants (size)" for t in types),
               "buffers shared"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, entry in report.items():
-        cells = [name, f"{entry['file_bytes'] / 1e6:.2f}", str(entry["ops"])]
+        cells = [name, human_size(entry["file_bytes"]), str(entry["ops"])]
         for t in types:
             found = entry["by_type"].get(t)
-            cells.append(f"{found['tensors']} ({found['bytes'] / 1e6:.2f})" if found else "—")
+            cells.append(f"{found['tensors']} ({human_size(found['bytes'])})" if found else "—")
         cells.append(str(entry["shared_buffers"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""benchmarks.tensors: what a bundle's TFLite files store, read from the flatbuffer."""
+"""benchmarks.tensors (what a bundle's TFLite files store) and benchmarks.versus (one artifact of
+several bundles timed side by side)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_constants_by_type_of_each_artifact(tiny_bundle: Path) -> None:
 def test_cli_table_json_and_one_line_errors(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
     assert main([str(tiny_bundle)]) == 0
     table = capsys.readouterr().out
-    assert "| model_int8.tflite |" in table and "int8 constants (MB)" in table
+    assert "| model_int8.tflite |" in table and "int8 constants (size)" in table
     assert main([str(tiny_bundle / "model_int8.tflite"), "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"model_int8.tflite"}
 
@@ -40,3 +41,19 @@ def test_cli_table_json_and_one_line_errors(tiny_bundle: Path, tmp_path: Path, c
         assert main([str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {path}") and problem in err and err.count("\n") == 1
+
+
+def test_versus_times_the_same_artifact_of_several_bundles(tiny_bundle: Path, capsys) -> None:
+    """Structure only: the figures depend on the machine and its load."""
+    from benchmarks.versus import main as versus
+
+    assert versus([str(tiny_bundle), str(tiny_bundle), "--runs", "3", "--warmup", "1"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("tflite-int8, batch 1, one thread") and "| 1.00x |" in table
+    assert table.count(f"| {tiny_bundle} |") == 2
+    assert versus([str(tiny_bundle), "--artifact", "onnx-fp32", "--runs", "2", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["file"].endswith(".onnx") and row["constants"] is None
+    assert row["latency"]["runs"] == 2 and row["size_bytes"] > 0
+    assert versus([str(tiny_bundle), "--artifact", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: no artifact 'nope'")
