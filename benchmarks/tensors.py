@@ -16,11 +16,9 @@ import struct
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from convert.report import human_size
-
-TYPE_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7: "int16",
-              9: "int8"}
 
 
 def constants(data: bytes) -> dict:
@@ -33,8 +31,14 @@ def constants(data: bytes) -> dict:
         raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
     try:
         model = schema.ModelT.InitFromPackedBuf(data, 0)
+        return _count(model, {v: k.lower() for k, v in vars(schema.TensorType).items()
+                              if not k.startswith("_")})
     except (struct.error, IndexError, TypeError) as exc:
         raise ValueError(f"damaged TFLite flatbuffer: {exc}") from None
+
+
+def _count(model: Any, type_names: dict[int, str]) -> dict:
+    """`constants` of an unpacked flatbuffer model (`ModelT`)."""
     by_type: dict[str, dict[str, int]] = {}
     users: Counter[int] = Counter()
     ops = 0
@@ -48,7 +52,7 @@ def constants(data: bytes) -> dict:
             users[tensor.buffer] += 1
             if users[tensor.buffer] > 1:
                 continue  # counted once: a shared buffer is stored once
-            entry = by_type.setdefault(TYPE_NAMES.get(tensor.type, f"type{tensor.type}"),
+            entry = by_type.setdefault(type_names.get(tensor.type, f"type{tensor.type}"),
                                        {"tensors": 0, "bytes": 0})
             entry["tensors"] += 1
             entry["bytes"] += size

@@ -19,7 +19,7 @@ from convert.report import human_size
 from ct_edge.errors import CtEdgeError
 
 from .latency import sample_input, summarize
-from .tensors import constants
+from .tensors import inspect_bundle
 
 
 def side_by_side(bundles: list[Path], artifact: str, runs: int, warmup: int) -> list[dict]:
@@ -41,30 +41,34 @@ def side_by_side(bundles: list[Path], artifact: str, runs: int, warmup: int) -> 
             if round_ >= warmup:
                 taken.append(time.perf_counter() - start)
     rows = []
-    for bundle, taken in zip(bundles, samples, strict=True):
-        entry = next(a for a in json.loads((bundle / "manifest.json").read_text())["artifacts"]
-                     if a["name"] == artifact)
-        path = bundle / entry["file"]
-        stored = constants(path.read_bytes()) if path.suffix == ".tflite" else None
-        rows.append({"bundle": str(bundle), "file": entry["file"],
-                     "size_bytes": path.stat().st_size, "constants": stored,
-                     "latency": summarize(taken)})
+    for bundle, engine, taken in zip(bundles, engines, samples, strict=True):
+        path = engine.artifact.path
+        stored = inspect_bundle(path)[path.name] if path.suffix == ".tflite" else None
+        rows.append({"bundle": str(bundle), "file": path.name, "size_bytes": path.stat().st_size,
+                     "constants": stored, "latency": summarize(taken)})
     return rows
 
 
 def markdown(rows: list[dict], artifact: str) -> str:
     first = rows[0]["latency"]["p50_ms"]
     lines = [f"{artifact}, batch 1, one thread, calls interleaved:", "",
-             "| bundle | file | stored constants | ops | p50 ms | p95 ms | p50 vs first |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| bundle | file | size | stored constants | ops | p50 ms | p95 ms | p50 vs first |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         stored = row["constants"]
         lat = row["latency"]
-        lines.append(f"| {row['bundle']} | {human_size(row['size_bytes'])} | "
+        lines.append(f"| {row['bundle']} | {row['file']} | {human_size(row['size_bytes'])} | "
                      + (f"{human_size(stored['bytes'])} | {stored['ops']} | " if stored
                         else "— | — | "))
         lines[-1] += f"{lat['p50_ms']:.2f} | {lat['p95_ms']:.2f} | {lat['p50_ms'] / first:.2f}x |"
     return "\n".join(lines)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,16 +78,16 @@ def main(argv: list[str] | None = None) -> int:
                         "the reference of the ratio)")
     parser.add_argument("--artifact", default="tflite-int8",
                         help="artifact name in every bundle (default: %(default)s)")
-    parser.add_argument("--runs", type=int, default=200, help="timed rounds (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=10,
+    parser.add_argument("--runs", type=positive, default=200,
+                        help="timed rounds (default: %(default)s)")
+    parser.add_argument("--warmup", type=positive, default=10,
                         help="untimed rounds first (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
         rows = side_by_side(args.bundles, args.artifact, args.runs, args.warmup)
-    except (CtEdgeError, OSError, ValueError, KeyError, StopIteration) as exc:
-        problem = f"no artifact {args.artifact!r}" if isinstance(exc, StopIteration) else exc
-        print(f"error: {problem}", file=sys.stderr)
+    except (CtEdgeError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=2) if args.json else markdown(rows, args.artifact))
     return 0

@@ -109,8 +109,23 @@ def test_the_view_bank_pairs_each_view_with_the_teachers_answer_on_it() -> None:
     np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-6)
     own = labels[np.arange(30), np.tile(y, 3)]
     assert (own >= 0.5 - 1e-6).all() and (own < 1).any()  # blended, own image the larger part
+    import tensorflow as tf
+
+    np.testing.assert_allclose(images, tf.image.resize(shown, (32, 32), "bilinear",
+                                                       antialias=True).numpy(), atol=1e-6)
     _, plain, _ = view_bank(teacher, config, x, y, views=1, mixup=0.0)
     assert set(np.unique(plain)) == {0.0, 1.0}
+    # Labels blended with the images' weights: with augmentation off and every image of class k
+    # the constant value k / 2, each view's pixels are its label vector . (0, 0.5, 1).
+    flat = np.broadcast_to((y / 2.0).astype(np.float32)[:, None, None, None], x.shape).copy()
+    still = replace(config, aug_rotation=0.0, aug_zoom=0.0, aug_translate=0.0, aug_flip=False,
+                    aug_brightness=0.0, aug_contrast=0.0)
+    seen.clear()
+    images, labels, _ = view_bank(teacher, still, flat, y, views=2, mixup=0.4)
+    np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), labels @ [0.0, 0.5, 1.0], atol=1e-5)
+    assert (labels.max(axis=1) < 1).sum() > 5  # most views really are blends
+    with pytest.raises(ValueError, match="views >= 1"):
+        view_bank(teacher, config, x, y, views=0, mixup=0.0)
 
 
 @pytest.mark.slow
@@ -145,6 +160,9 @@ def test_cli_distils_a_trained_teacher_into_a_convertible_folder(tiny_model: Pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n"] > 0 and metrics["architecture"] == "edge-gap"
     assert main(["--teacher", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    for misuse in (["--bank-views", "4"], ["--cv-fold", "0", "--mixup", "0.4"]):
+        with pytest.raises(SystemExit):  # bank options outside --cv-fold, mixup without a bank
+            main(["--teacher", str(tiny_model), "--out", str(out), *misuse])
 
 
 def test_fold_table_pools_errors_over_the_folds_run() -> None:

@@ -102,6 +102,37 @@ def test_flip_tta_averages_each_member_over_the_mirror_and_reloads(tmp_path: Pat
                                atol=1e-5)
 
 
+def test_a_flip_graph_saved_with_two_passes_still_loads_and_is_rebuilt(tmp_path: Path) -> None:
+    """Flip graphs saved before the batch of two (a HorizontalFlip input, two passes through each
+    member) load, answer as before, and export as the batch-of-two graph with the same answers."""
+    import keras
+    from keras import layers
+
+    from training.ensemble import FLIP_LAYER, ensemble_export_model, ensemble_members, has_flip_tta, merge
+    from training.models import HorizontalFlip, load_keras_model
+
+    new = merge(_members((64, 32)), flip_tta=True)
+    inputs = keras.Input((64, 64, 3), name="image")
+    mirror = HorizontalFlip(name=FLIP_LAYER)(inputs)
+    answers = []
+    for index, member in enumerate(ensemble_members(new)):
+        for view, x in enumerate((inputs, mirror)):
+            if index:
+                x = layers.Resizing(32, 32, name=f"resize{index}_{view}")(x)
+            answers.append(member(x)[0])
+    old = keras.Model(inputs, layers.Activation("linear", name="probabilities")(
+        layers.Average(name="mean_probabilities")(answers)))
+    old.save(tmp_path / "old.keras")
+    loaded = load_keras_model(tmp_path / "old.keras")
+    x = np.random.default_rng(4).random((2, 64, 64, 3), dtype=np.float32)
+    expected = new.predict(x, verbose=0)
+    assert has_flip_tta(loaded)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-5)
+    export = ensemble_export_model(loaded)
+    assert any(layer.name.startswith("views") for layer in export.layers)  # the batch of two
+    np.testing.assert_allclose(export.predict(x, verbose=0)[0], expected, atol=1e-5)
+
+
 def test_members_must_agree_on_channels() -> None:
     from training.ensemble import merge
     from training.models import build_model

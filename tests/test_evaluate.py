@@ -142,10 +142,7 @@ def test_abstention_table_and_plot_pool_the_seeds_of_a_recipe(tmp_path: Path) ->
             del p["int8_probabilities"]
     (row,) = [line for line in cv_runs.abstention_table(runs).splitlines()
               if line.startswith("| base ")]
-    seed0 = [p for fold in runs["base"]["folds"] for p in fold["predictions"]]
-    differ = sum((p["confidence"] >= threshold) != (max(p["int8_probabilities"]) >= threshold)
-                 for p in seed0)
-    assert row.endswith(f"| yes | {1 - differ / 40:.1%} ({differ} differ; seed 0) |")
+    assert row.endswith("| yes | 97.5% (1 differ; seed 0) |")  # one of the two moved is seed 0's
     (plot,) = cv_runs.abstention_plots(runs, tmp_path)
     assert plot.name == "abstention-base.png" and plot.read_bytes().startswith(b"\x89PNG")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.tensors import inspect_bundle, main
 
 
@@ -50,10 +52,12 @@ def test_versus_times_the_same_artifact_of_several_bundles(tiny_bundle: Path, ca
     assert versus([str(tiny_bundle), str(tiny_bundle), "--runs", "3", "--warmup", "1"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("tflite-int8, batch 1, one thread") and "| 1.00x |" in table
-    assert table.count(f"| {tiny_bundle} |") == 2
+    assert table.count(f"| {tiny_bundle} | model_int8.tflite |") == 2
     assert versus([str(tiny_bundle), "--artifact", "onnx-fp32", "--runs", "2", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["file"].endswith(".onnx") and row["constants"] is None
     assert row["latency"]["runs"] == 2 and row["size_bytes"] > 0
     assert versus([str(tiny_bundle), "--artifact", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: no artifact 'nope'")
+    with pytest.raises(SystemExit):
+        versus([str(tiny_bundle), "--runs", "0"])  # a usage error, not a traceback

@@ -127,12 +127,12 @@ def abstention_table(runs: dict[str, dict]) -> str:
         have = [i for i, c in enumerate(int8) if c is not None]
         same = "—"
         if have:  # the seeds run with --int8, at the threshold of all seeds pooled
-            keras = np.concatenate([parts[i][0] for i in have])
+            in_float = np.concatenate([parts[i][0] for i in have])
             above = np.concatenate([int8[i] for i in have]) >= point["threshold"]
-            differ = int(np.sum((keras >= point["threshold"]) != above))
+            differ = int(np.sum((in_float >= point["threshold"]) != above))
             only = ("" if len(have) == len(order) else
                     f"; seed{'s' if len(have) > 1 else ''} {', '.join(str(order[i]) for i in have)}")
-            same = f"{1 - differ / len(keras):.1%} ({differ} differ{only})"
+            same = f"{1 - differ / len(in_float):.1%} ({differ} differ{only})"
         lines.append(
             f"| {name} | {', '.join(map(str, order))} | {len(correct)} | {found['error_rate']:.1%} | "
             + " / ".join(f"{v:.3f}" for v in per_seed)

@@ -12,6 +12,11 @@ alpha * cross-entropy(labels) + (1 - alpha) * T^2 * cross-entropy(teacher^(1/T),
 softmax(log p / T), so an ensemble's mean probabilities teach as well as one model's logits.
 Early stopping watches the plain cross-entropy on the validation split, as `make train` does.
 The student folder is an ordinary model folder: `python -m convert` takes it unchanged.
+
+`--cv-fold N --bank-views V [--mixup A]` distils instead on a fixed bank of views (`view_bank`,
+`distill_on_bank`): the teacher answers once on V augmented, optionally mixup-blended copies of
+every training image, and the student trains exactly --epochs passes over them with a cosine
+schedule, no early stopping and no class weights (the teacher's answers set the balance).
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ def distillation_loss(classes: int, temperature: float, alpha: float):
     return loss
 
 
+def check_weights(temperature: float, alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+        raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
+
+
 def hard_cross_entropy(classes: int):
     """The plain cross-entropy against the labels: what early stopping watches."""
     import tensorflow as tf
@@ -94,8 +104,7 @@ def distill(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_train: np.
 
     from .models import build_model
 
-    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
-        raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
+    check_weights(temperature, alpha)
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     spec = config.preprocess_spec()
@@ -158,6 +167,8 @@ def view_bank(teacher: Any, config: TrainConfig, x: np.ndarray, y: np.ndarray, v
     teacher time ("function matching", Beyer et al. 2022, with a fixed set of views)."""
     import tensorflow as tf
 
+    if views < 1 or mixup < 0:
+        raise ValueError(f"need views >= 1 and mixup >= 0, got {views}, {mixup}")
     spec = config.preprocess_spec()
     augment = augmenter(config.seed, config)
     rng = np.random.default_rng(config.seed)
@@ -193,6 +204,7 @@ def distill_on_bank(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_tr
 
     from .models import build_model
 
+    check_weights(temperature, alpha)
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     x, hard, soft = view_bank(teacher, config, x_train, y_train, views, mixup)
@@ -385,8 +397,17 @@ def main(argv: list[str] | None = None) -> int:
         help="softening temperature T (default: %(default)s)")
     add("--alpha", type=float, default=DEFAULT_ALPHA,
         help="weight of the label loss; 1 - alpha goes to the teacher (default: %(default)s)")
-    add("--epochs", type=int, default=TrainConfig().epochs, help="maximum epochs (default: %(default)s)")
+    add("--epochs", type=int, default=TrainConfig().epochs,
+        help="maximum epochs with early stopping; with --bank-views the exact number of passes "
+             "over the bank; --cv-fold without --bank-views uses the default (default: "
+             "%(default)s)")
     args = parser.parse_args(argv)
+    if (args.bank_views or args.mixup) and args.cv_fold is None:
+        parser.error("--bank-views and --mixup go with --cv-fold")
+    if args.mixup and not args.bank_views:
+        parser.error("--mixup needs --bank-views")
+    if args.bank_views < 0 or args.mixup < 0:
+        parser.error("--bank-views and --mixup must not be negative")
     if args.table:
         print(fold_table([json.loads(path.read_text(encoding="utf-8")) for path in args.table]))
         return 0
