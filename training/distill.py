@@ -53,6 +53,14 @@ def soften(probabilities: Any, temperature: float) -> Any:
     return tf.nn.softmax(logp / temperature, axis=-1)
 
 
+def at_size(x: Any, size: int) -> Any:
+    """Teacher-sized images at the student's size (antialiased bilinear); unchanged if equal."""
+    import tensorflow as tf
+
+    return x if x.shape[1] == size else tf.image.resize(x, (size, size), "bilinear",
+                                                        antialias=True)
+
+
 def distillation_loss(classes: int, temperature: float, alpha: float):
     """Loss on the student's logits; targets are [one-hot labels | teacher soft targets]."""
     import tensorflow as tf
@@ -117,9 +125,7 @@ def distill(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_train: np.
                          f"{teacher_size}")
 
     def to_student(x):
-        if teacher_size == (spec.size, spec.size):
-            return x
-        return tf.image.resize(x, (spec.size, spec.size), "bilinear", antialias=True)
+        return at_size(x, spec.size)
 
     one_hot = np.eye(classes, dtype=np.float32)
     weights = np.ones(len(y_train), np.float32)
@@ -165,7 +171,6 @@ def view_bank(teacher: Any, config: TrainConfig, x: np.ndarray, y: np.ndarray, v
     another image's augmented copy (weight ~ Beta(mixup, mixup), the image's own the larger part)
     when mixup > 0. The teacher runs once per view, so a long student schedule costs no more
     teacher time ("function matching", Beyer et al. 2022, with a fixed set of views)."""
-    import tensorflow as tf
 
     if views < 1 or mixup < 0:
         raise ValueError(f"need views >= 1 and mixup >= 0, got {views}, {mixup}")
@@ -186,9 +191,7 @@ def view_bank(teacher: Any, config: TrainConfig, x: np.ndarray, y: np.ndarray, v
                 batch = lam[:, :, None, None] * batch + (1 - lam[:, :, None, None]) * other
                 target = lam * target + (1 - lam) * one_hot[partners[own]]
             soft.append(np.asarray(teacher(batch, training=False), np.float32))
-            images.append(tf.image.resize(batch, (spec.size, spec.size), "bilinear",
-                                          antialias=True).numpy()
-                          if batch.shape[1] != spec.size else np.asarray(batch))
+            images.append(np.asarray(at_size(batch, spec.size)))
             labels.append(target)
     return np.concatenate(images), np.concatenate(labels), np.concatenate(soft)
 
