@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.tensors import inspect_bundle, main
+from benchmarks.tensors import constants, inspect_bundle, main
 
 
 def test_constants_by_type_of_each_artifact(tiny_bundle: Path) -> None:
@@ -23,6 +23,43 @@ def test_constants_by_type_of_each_artifact(tiny_bundle: Path) -> None:
     # full int8: weights int8, biases int32, about a quarter of the float32 weights' bytes
     assert int8["by_type"]["int8"]["bytes"] > 0 and int8["by_type"]["int32"]["tensors"] > 0
     assert int8["by_type"]["int8"]["bytes"] <= 0.3 * fp32["by_type"]["float32"]["bytes"]
+
+
+def test_a_buffer_used_by_two_tensors_is_counted_once() -> None:
+    """A hand-built flatbuffer with a known layout: 'w' and 'w_again' share one 16-byte buffer,
+    'b' owns 8 bytes, the activation 'x' has none."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    def buffer(data=None):
+        made = schema.BufferT()
+        made.data = data
+        return made
+
+    def tensor(name, kind, index):
+        made = schema.TensorT()
+        made.name, made.type, made.buffer, made.shape = name.encode(), kind, index, [4]
+        return made
+
+    graph = schema.SubGraphT()
+    graph.tensors = [tensor("w", schema.TensorType.FLOAT32, 1),
+                     tensor("w_again", schema.TensorType.FLOAT32, 1),
+                     tensor("b", schema.TensorType.INT32, 2),
+                     tensor("x", schema.TensorType.FLOAT32, 0)]
+    add = schema.OperatorT()
+    add.opcodeIndex, add.inputs, add.outputs = 0, [0, 1], [3]
+    graph.operators, graph.inputs, graph.outputs = [add], [], [3]
+    code = schema.OperatorCodeT()
+    code.builtinCode = schema.BuiltinOperator.ADD
+    model = schema.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
+    model.buffers = [buffer(), buffer(list(range(16))), buffer(list(range(8)))]
+    builder = flatbuffers.Builder(0)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+
+    assert constants(bytes(builder.Output())) == {
+        "by_type": {"float32": {"tensors": 1, "bytes": 16}, "int32": {"tensors": 1, "bytes": 8}},
+        "tensors": 2, "bytes": 24, "shared_buffers": 1, "ops": 1}
 
 
 def test_cli_table_json_and_one_line_errors(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
