@@ -10,10 +10,22 @@ set from being trivially separable. `training.synthetic` writes the built-in dat
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
+
+from .drawing import (
+    Frame,
+    blur,
+    branching_tree,
+    draw_lines,
+    make_frame,
+    pixel_blob,
+    sample_pixels,
+    smooth_noise,
+    smoothstep,
+    splat,
+)
 
 CLASSES: tuple[str, ...] = ("COVID-19", "Normal", "Viral Pneumonia")
 MIN_SIZE = 32
@@ -23,274 +35,6 @@ GENERATOR_VERSION = 2
 
 # float32 halves the cost of every full-grid operation; 8-bit output needs no more.
 _F = np.float32
-
-
-@functools.lru_cache(maxsize=8)
-def _freq2(size: int) -> np.ndarray:
-    fy = np.fft.fftfreq(size)[:, None]
-    fx = np.fft.rfftfreq(size)[None, :]
-    return fx**2 + fy**2
-
-
-def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur, sigma in pixels; periodic edges (the image border is air)."""
-    if sigma <= 0:
-        return img
-    n = img.shape[0]
-    if sigma < 2.5:
-        # Few taps: shifted sums beat an FFT round trip.
-        r = int(np.ceil(3.0 * sigma))
-        taps = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-        taps = (taps / taps.sum()).tolist()
-        pad = np.pad(img.astype(_F, copy=False), r, mode="wrap")
-        rows = taps[0] * pad[0:n]
-        for i, w in enumerate(taps[1:], start=1):
-            rows += w * pad[i : i + n]
-        out = taps[0] * rows[:, 0:n]
-        for i, w in enumerate(taps[1:], start=1):
-            out += w * rows[:, i : i + n]
-        return out
-    # NumPy's float32 FFT is slower than float64 here, so transform in float64.
-    gain = np.exp(-2.0 * (np.pi * sigma) ** 2 * _freq2(n))
-    out = np.fft.irfft2(np.fft.rfft2(img.astype(np.float64)) * gain, s=img.shape)
-    return out.astype(_F)
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    """Zero-mean, unit-std correlated noise with feature size ~sigma pixels."""
-    field = _blur(rng.standard_normal((size, size), dtype=_F), sigma)
-    return field / (field.std() + 1e-12)
-
-
-def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _splat(size: int, cols: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Bilinear point splatting onto a (size, size) grid."""
-    c0 = np.floor(cols)
-    r0 = np.floor(rows)
-    fc = cols - c0
-    fr = rows - r0
-    c = np.concatenate([c0, c0 + 1, c0, c0 + 1]).astype(np.intp)
-    r = np.concatenate([r0, r0, r0 + 1, r0 + 1]).astype(np.intp)
-    w = np.concatenate([(1 - fr) * (1 - fc), (1 - fr) * fc, fr * (1 - fc), fr * fc])
-    w *= np.tile(weights, 4)
-    ok = (r >= 0) & (r < size) & (c >= 0) & (c < size)
-    out = np.bincount(r[ok] * size + c[ok], weights=w[ok], minlength=size * size)
-    return out.reshape(size, size).astype(_F)
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """Pixel grid expressed in the body frame.
-
-    Image units span [-1, 1] across the image. ``p`` (patient's right to left, image left to
-    right) and ``q`` (anterior to posterior, image top to bottom) are image units rotated and
-    translated with the body, so anatomy is placed once and posed for free.
-    """
-
-    size: int
-    p: np.ndarray
-    q: np.ndarray
-    a: float  # body half-width
-    b: float  # body half-depth
-    cos: float
-    sin: float
-    tx: float
-    ty: float
-
-    @property
-    def px(self) -> float:
-        """Pixels per image unit."""
-        return self.size / 2.0
-
-    @property
-    def scale(self) -> float:
-        """Pixel lengths below are tuned at 192 px."""
-        return self.size / 192.0
-
-    def to_pixels(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = self.tx + self.cos * p - self.sin * q
-        y = self.ty + self.sin * p + self.cos * q
-        return (x + 1.0) * self.px - 0.5, (y + 1.0) * self.px - 0.5
-
-    def radius(
-        self,
-        cp: float,
-        cq: float,
-        rp: float,
-        rq: float,
-        angle: float = 0.0,
-        wobble: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Normalised elliptical radius (< 1 inside), optionally with a wavy outline."""
-        return _radius(self.p, self.q, cp, cq, rp, rq, angle, wobble)
-
-    def disc(
-        self,
-        cp: float,
-        cq: float,
-        rp: float,
-        rq: float,
-        angle: float = 0.0,
-        wobble: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Anti-aliased elliptical mask in [0, 1]."""
-        # Small shapes are evaluated only inside their bounding box: most of the render time
-        # would otherwise go to zeros far from the shape.
-        reach = max(rp, rq) * self.px
-        if wobble is not None:
-            reach *= 1.0 + np.abs(wobble[:, 0]).sum()
-        col, row = self.to_pixels(np.float64(cp), np.float64(cq))
-        r0, r1 = max(0, int(row - reach) - 2), min(self.size, int(row + reach) + 3)
-        c0, c1 = max(0, int(col - reach) - 2), min(self.size, int(col + reach) + 3)
-        out = np.zeros((self.size, self.size), _F)
-        if r0 < r1 and c0 < c1:
-            win = np.s_[r0:r1, c0:c1]
-            r = _radius(self.p[win], self.q[win], cp, cq, rp, rq, angle, wobble)
-            out[win] = self.inside(r, min(rp, rq))
-        return out
-
-    def inside(self, r: np.ndarray, radius: float) -> np.ndarray:
-        """Anti-aliased mask from a normalised radius field (about one pixel of ramp)."""
-        return np.clip((1.0 - r) * float(radius * self.px) + 0.5, 0.0, 1.0)
-
-
-def _radius(
-    p: np.ndarray,
-    q: np.ndarray,
-    cp: float,
-    cq: float,
-    rp: float,
-    rq: float,
-    angle: float,
-    wobble: np.ndarray | None,
-) -> np.ndarray:
-    # Python floats keep float32 grids in float32 (NumPy scalars would upcast them).
-    dp = p - float(cp)
-    dq = q - float(cq)
-    rp, rq = float(rp), float(rq)
-    if angle:
-        c, s = float(np.cos(angle)), float(np.sin(angle))
-        dp, dq = c * dp + s * dq, -s * dp + c * dq
-    up = dp / rp
-    uq = dq / rq
-    r = np.sqrt(up * up + uq * uq)
-    if wobble is not None:
-        # cos(k*phi + phase) through angle-addition recurrences: no arctan2/cos per pixel.
-        inv = 1.0 / np.maximum(r, 1e-6)
-        c1, s1 = up * inv, uq * inv
-        ck, sk = c1 * c1 - s1 * s1, 2.0 * c1 * s1
-        outline = np.ones_like(r)
-        for amp, phase in wobble.tolist():
-            outline += amp * np.cos(phase) * ck - amp * np.sin(phase) * sk
-            ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
-        r = r / outline
-    return r
-
-
-def _make_frame(rng: np.random.Generator, size: int) -> _Frame:
-    c = ((np.arange(size) + 0.5) / size * 2.0 - 1.0).astype(_F)
-    x, y = np.meshgrid(c, c)
-    theta = rng.uniform(-0.12, 0.12)
-    tx = rng.uniform(-0.06, 0.06)
-    ty = rng.uniform(-0.10, 0.02)
-    a = rng.uniform(0.76, 0.93)
-    b = a * rng.uniform(0.62, 0.78)
-    cos, sin = float(np.cos(theta)), float(np.sin(theta))
-    dx = x - tx
-    dy = y - ty
-    return _Frame(
-        size=size,
-        p=cos * dx + sin * dy,
-        q=-sin * dx + cos * dy,
-        a=a,
-        b=b,
-        cos=cos,
-        sin=sin,
-        tx=tx,
-        ty=ty,
-    )
-
-
-def _tree(
-    rng: np.random.Generator,
-    hilum: tuple[float, float],
-    heading: float,
-    spread: float,
-    trunks: int,
-    trunk_len: float,
-    depth: int,
-    step: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Random branching lines from a hilum in the body frame.
-
-    Returns points (p, q), each point's segment length and its generation (0 = trunk).
-    Vectorised per generation so a whole tree costs a handful of array operations.
-    """
-    start = np.tile(np.asarray(hilum, dtype=float), (trunks, 1))
-    head = heading + rng.uniform(-spread, spread, trunks)
-    length = trunk_len * rng.uniform(0.7, 1.15, trunks)
-    ps, qs, segs, gens = [], [], [], []
-    for gen in range(depth):
-        n = max(2, int(np.ceil(length.max() / step)))
-        t = np.arange(1, n + 1) / n
-        bend = rng.normal(0.0, 0.3, head.size)
-        ang = head[:, None] + bend[:, None] * t[None, :]
-        seg = np.broadcast_to((length / n)[:, None], ang.shape)
-        p = start[:, :1] + np.cumsum(np.cos(ang) * seg, axis=1)
-        q = start[:, 1:] + np.cumsum(np.sin(ang) * seg, axis=1)
-        ps.append(p.ravel())
-        qs.append(q.ravel())
-        segs.append(seg.ravel())
-        gens.append(np.full(p.size, gen))
-        m = head.size
-        fork = rng.uniform(0.25, 0.65, (m, 2)) * np.array([-1.0, 1.0])
-        start = np.repeat(np.stack([p[:, -1], q[:, -1]], axis=1), 2, axis=0)
-        head = (ang[:, -1:] + fork).ravel()
-        length = np.repeat(length, 2) * rng.uniform(0.65, 0.85, 2 * m)
-    return np.concatenate(ps), np.concatenate(qs), np.concatenate(segs), np.concatenate(gens)
-
-
-def _draw_lines(
-    frame: _Frame,
-    p: np.ndarray,
-    q: np.ndarray,
-    seg: np.ndarray,
-    intensity: np.ndarray | float,
-    sigma_px: float,
-) -> np.ndarray:
-    """Render points as a line of Gaussian cross-section whose peak equals `intensity`."""
-    sigma = max(0.5, sigma_px * frame.scale)
-    cols, rows = frame.to_pixels(p, q)
-    weights = np.broadcast_to(intensity, p.shape) * seg * frame.px * np.sqrt(2 * np.pi) * sigma
-    return _blur(_splat(frame.size, cols, rows, weights), sigma)
-
-
-def _sample_pixels(rng: np.random.Generator, weight: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
-    """Draw `n` pixel positions (cols, rows) with probability proportional to `weight`."""
-    cdf = np.cumsum(weight.ravel(), dtype=np.float64)
-    total = cdf[-1]
-    if n <= 0 or total <= 0:
-        return np.zeros(0), np.zeros(0)
-    idx = np.searchsorted(cdf, rng.uniform(0.0, total, n), side="right")
-    idx = np.minimum(idx, cdf.size - 1)
-    rows, cols = np.divmod(idx, weight.shape[1])
-    jitter = rng.uniform(-0.5, 0.5, (2, n))
-    return cols + jitter[0], rows + jitter[1]
-
-
-def _pixel_blob(frame: _Frame, col: float, row: float, rc: float, rr: float, angle: float) -> np.ndarray:
-    """Anisotropic Gaussian blob at a pixel position, radii in pixels."""
-    idx = np.arange(frame.size, dtype=_F)
-    dc = idx[None, :] - float(col)
-    dr = idx[:, None] - float(row)
-    c, s = float(np.cos(angle)), float(np.sin(angle))
-    u = (c * dc + s * dr) / float(rc)
-    v = (-s * dc + c * dr) / float(rr)
-    return np.exp(-0.5 * (u * u + v * v))
 
 
 @dataclass
@@ -306,7 +50,7 @@ class _Anatomy:
     overlay_alpha: np.ndarray
 
 
-def _anatomy(frame: _Frame, rng: np.random.Generator, lung_extent: float = 1.0) -> _Anatomy:
+def _anatomy(frame: Frame, rng: np.random.Generator, lung_extent: float = 1.0) -> _Anatomy:
     """Everything but the findings, drawn from a stream the label never touches.
 
     `lung_extent` scales both lungs (1 = the mid-chest slices of the training set; smaller
@@ -408,16 +152,16 @@ def _anatomy(frame: _Frame, rng: np.random.Generator, lung_extent: float = 1.0) 
         lungs.append(mask * cavity_lung * (1.0 - keepout))
         hila.append((side * a * rng.uniform(0.18, 0.24), b * rng.uniform(-0.12, 0.02)))
     lung = np.clip(lungs[0] + lungs[1], 0.0, 1.0)
-    depth = _blur(lung, 0.045 * size)
+    depth = blur(lung, 0.045 * size)
 
     # Gravity makes the posterior (dependent) lung slightly denser in every patient.
     lung_v = rng.uniform(0.05, 0.12)
     dependent = rng.uniform(0.0, 0.05) * np.clip(frame.q / b + 0.2, 0.0, 1.0)
-    texture = rng.uniform(0.006, 0.018) * _smooth_noise(rng, size, 1.5 * frame.scale)
+    texture = rng.uniform(0.006, 0.018) * smooth_noise(rng, size, 1.5 * frame.scale)
     parenchyma = lung_v + dependent + texture
     if rng.random() < 0.2:
         # Faint dependent subpleural band, present in every class as a benign look-alike.
-        band = (1.0 - _smoothstep(0.5, 0.75, depth)) * _smoothstep(0.1, 0.5, frame.q / b)
+        band = (1.0 - smoothstep(0.5, 0.75, depth)) * smoothstep(0.1, 0.5, frame.q / b)
         parenchyma = parenchyma + rng.uniform(0.02, 0.05) * band
 
     # Splats are collected per line width so that each width costs a single blur.
@@ -431,7 +175,7 @@ def _anatomy(frame: _Frame, rng: np.random.Generator, lung_extent: float = 1.0) 
     for side, hilum in zip((-1.0, 1.0), hila, strict=True):
         heading = 0.0 if side > 0 else np.pi
         trunks = int(rng.integers(3, 5))
-        p, q, seg, gen = _tree(rng, hilum, heading, 1.6, trunks, 0.07, 3, 0.6 / frame.px)
+        p, q, seg, gen = branching_tree(rng, hilum, heading, 1.6, trunks, 0.07, 3, 0.6 / frame.px)
         cols, rows = frame.to_pixels(p, q)
         mass = vessel_v * (1.0 - 0.2 * gen) * seg * norm
         big = gen < 2
@@ -440,7 +184,7 @@ def _anatomy(frame: _Frame, rng: np.random.Generator, lung_extent: float = 1.0) 
         hila_px.append(np.array(frame.to_pixels(np.float64(hilum[0]), np.float64(hilum[1]))))
 
     n_seg = int(rng.integers(40, 80) * frame.scale**2 + 8)
-    cols, rows = _sample_pixels(rng, lung * (0.2 + depth), n_seg)
+    cols, rows = sample_pixels(rng, lung * (0.2 + depth), n_seg)
     near = np.where(cols < (hila_px[0][0] + hila_px[1][0]) / 2, 0, 1)
     hub = np.stack(hila_px)[near]
     dc, dr = cols - hub[:, 0], rows - hub[:, 1]
@@ -455,13 +199,13 @@ def _anatomy(frame: _Frame, rng: np.random.Generator, lung_extent: float = 1.0) 
     thin.append((seg_c, seg_r, np.repeat(seg_mass, 12) * np.sqrt(2 * np.pi) * thin_sigma))
 
     n_dots = int(rng.integers(40, 90) * frame.scale**2 + 8)
-    cols, rows = _sample_pixels(rng, lung * (0.2 + depth), n_dots)
+    cols, rows = sample_pixels(rng, lung * (0.2 + depth), n_dots)
     dot_w = rng.uniform(0.3, 1.0, cols.size) * vessel_v * 2 * np.pi * thin_sigma**2
     thin.append((cols, rows, dot_w))
-    thick_splat = _splat(size, *(np.concatenate(parts) for parts in zip(*thick, strict=True)))
-    thin_splat = _splat(size, *(np.concatenate(parts) for parts in zip(*thin, strict=True)))
-    vessels = _blur(thick_splat, thick_sigma) + _blur(thin_splat, thin_sigma)
-    vessels = np.minimum(vessels, 0.6) * lung * _smoothstep(0.4, 0.6, depth)
+    thick_splat = splat(size, *(np.concatenate(parts) for parts in zip(*thick, strict=True)))
+    thin_splat = splat(size, *(np.concatenate(parts) for parts in zip(*thin, strict=True)))
+    vessels = blur(thick_splat, thick_sigma) + blur(thin_splat, thin_sigma)
+    vessels = np.minimum(vessels, 0.6) * lung * smoothstep(0.4, 0.6, depth)
 
     # The couch belongs to the scanner, not the body, so it does not rotate with the pose.
     bottom = frame.ty + float(np.hypot(a * frame.sin, b * frame.cos)) * 1.03
@@ -474,7 +218,7 @@ def _anatomy(frame: _Frame, rng: np.random.Generator, lung_extent: float = 1.0) 
         for offset, amp in ((0.0, 1.0), (rng.uniform(0.04, 0.08), 0.6)):
             dist = (yy - top - offset) * frame.px / max(0.8, 1.2 * frame.scale)
             table = np.maximum(table, amp * np.exp(-dist * dist))
-        table *= _smoothstep(width, width - 0.05, np.abs(xx))
+        table *= smoothstep(width, width - 0.05, np.abs(xx))
         table_v = rng.uniform(0.45, 0.7)
         overlay = overlay * overlay_alpha + table_v * table * (1.0 - overlay_alpha)
         overlay_alpha = np.clip(overlay_alpha + table, 0.0, 1.0)
@@ -518,38 +262,38 @@ def _severity(rng: np.random.Generator, subtle: tuple[float, float], overt: tupl
     return float(rng.uniform(low, high))
 
 
-def _covid(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings:
+def _covid(frame: Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings:
     """Bilateral, peripheral, patchy ground-glass opacities."""
     size = frame.size
     severity = _severity(rng, (0.0, 0.25), (0.55, 1.0))
     amp = 0.1 + 0.2 * severity
-    peripheral = 1.0 - _smoothstep(0.55, 0.9, anat.depth)
+    peripheral = 1.0 - smoothstep(0.55, 0.9, anat.depth)
     # Posterior and lateral pleura are favoured over the mediastinal surface.
-    posterior = 0.5 + _smoothstep(-0.4, 0.6, frame.q / frame.b)
-    lateral = _smoothstep(0.1, 0.5, np.abs(frame.p) / frame.a)
+    posterior = 0.5 + smoothstep(-0.4, 0.6, frame.q / frame.b)
+    lateral = smoothstep(0.1, 0.5, np.abs(frame.p) / frame.a)
     blobs = np.zeros((size, size), _F)
     for lung in anat.lungs:
         weight = lung * peripheral * posterior * (0.2 + lateral)
         n = 1 + int(rng.poisson(1.0 + 3.0 * severity))
-        cols, rows = _sample_pixels(rng, weight, n)
+        cols, rows = sample_pixels(rng, weight, n)
         for col, row in zip(cols, rows, strict=True):
             r_big = (0.055 + 0.07 * severity * rng.uniform(0.6, 1.2)) * size
             r_small = r_big * rng.uniform(0.45, 0.9)
             strength = rng.uniform(0.6, 1.0)
-            blob = _pixel_blob(frame, col, row, r_big, r_small, rng.uniform(0, np.pi))
+            blob = pixel_blob(frame, col, row, r_big, r_small, rng.uniform(0, np.pi))
             blobs = np.maximum(blobs, strength * blob)
-    patchy = blobs * (0.75 + 0.35 * _smooth_noise(rng, size, 3.0 * frame.scale))
-    haze = _smoothstep(0.2, 0.75, patchy)
+    patchy = blobs * (0.75 + 0.35 * smooth_noise(rng, size, 3.0 * frame.scale))
+    haze = smoothstep(0.2, 0.75, patchy)
     if rng.random() < 0.35 * severity:
         # Crazy paving: a fine reticular pattern on top of the ground glass.
-        mesh = np.abs(_smooth_noise(rng, size, 1.2 * frame.scale))
+        mesh = np.abs(smooth_noise(rng, size, 1.2 * frame.scale))
         haze = haze * (0.85 + 0.4 * (mesh < 0.25))
-    haze = _blur(haze, 1.2 * frame.scale) * anat.lung * amp
+    haze = blur(haze, 1.2 * frame.scale) * anat.lung * amp
     zero = np.zeros((size, size), _F)
     return _Findings(haze, zero, 0.0, zero, zero)
 
 
-def _viral(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings:
+def _viral(frame: Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings:
     """Central or lobar consolidation with a peribronchial pattern around the hilum."""
     size = frame.size
     severity = _severity(rng, (0.0, 0.2), (0.45, 1.0))
@@ -558,9 +302,9 @@ def _viral(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings
     sides = [first, 1 - first] if both else [first]
     # Well inside the lung, so that small consolidations stand out against aerated lung
     # instead of merging with the mediastinum.
-    central = _smoothstep(0.72, 0.95, anat.depth)
-    noise = 0.8 * _smooth_noise(rng, size, 5.0 * frame.scale)
-    noise += 0.4 * _smooth_noise(rng, size, 1.5 * frame.scale)
+    central = smoothstep(0.72, 0.95, anat.depth)
+    noise = 0.8 * smooth_noise(rng, size, 5.0 * frame.scale)
+    noise += 0.4 * smooth_noise(rng, size, 1.5 * frame.scale)
     solid = np.zeros((size, size), _F)
     for k, idx in enumerate(sides):
         lung = anat.lungs[idx]
@@ -581,19 +325,19 @@ def _viral(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings
             offset = rng.uniform(-0.03, 0.08) - 0.06 * extent
             along = lp * float(np.cos(ang)) + lq * float(np.sin(ang))
             reach = (0.18 + 0.4 * extent) * frame.a
-            lobe = _smoothstep(offset, offset + 0.01, along)
-            lobe *= 1.0 - _smoothstep(0.7 * reach, reach, np.sqrt(lp * lp + lq * lq))
+            lobe = smoothstep(offset, offset + 0.01, along)
+            lobe *= 1.0 - smoothstep(0.7 * reach, reach, np.sqrt(lp * lp + lq * lq))
             field = lobe * (0.75 + 0.15 * noise) + 0.1 * noise
         else:
             near_hilum = np.exp(from_hilum * from_hilum * float(-0.5 / (0.25 * frame.a) ** 2))
-            cols, rows = _sample_pixels(rng, lung * central * (0.2 + near_hilum), 1)
+            cols, rows = sample_pixels(rng, lung * central * (0.2 + near_hilum), 1)
             r_big = (0.05 + 0.1 * extent * rng.uniform(0.7, 1.2)) * size
             r_small = r_big * rng.uniform(0.5, 0.9)
-            blob = _pixel_blob(frame, cols[0], rows[0], r_big, r_small, rng.uniform(0, np.pi))
+            blob = pixel_blob(frame, cols[0], rows[0], r_big, r_small, rng.uniform(0, np.pi))
             field = blob + 0.18 * noise
-        solid = np.maximum(solid, _smoothstep(0.45, 0.6, field) * lung)
+        solid = np.maximum(solid, smoothstep(0.45, 0.6, field) * lung)
     # Soft halo around the dense core, as partially filled airspaces.
-    solid = np.clip(0.8 * solid + 0.5 * _blur(solid, 2.5 * frame.scale), 0.0, 1.0) * anat.lung
+    solid = np.clip(0.8 * solid + 0.5 * blur(solid, 2.5 * frame.scale), 0.0, 1.0) * anat.lung
     # Consolidation approaches soft-tissue density, well above ground glass.
     density = 0.5 + 0.5 * severity
     target = rng.uniform(0.48, 0.6) + 0.02 * noise
@@ -607,17 +351,17 @@ def _viral(frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings
         hp, hq = anat.hila[idx]
         heading = np.pi if idx == 0 else 0.0
         trunks = int(rng.integers(2, 5))
-        p, q, seg, _ = _tree(rng, (hp, hq), heading, 1.5, trunks, 0.08, 3, 0.6 / frame.px)
-        outer = _draw_lines(frame, p, q, seg, 1.0, 1.5)
-        inner = _draw_lines(frame, p, q, seg, 1.0, 0.6)
-        tube = np.clip(outer - 0.8 * inner, 0.0, None) + 0.35 * _blur(outer, 2.5 * frame.scale)
+        p, q, seg, _ = branching_tree(rng, (hp, hq), heading, 1.5, trunks, 0.08, 3, 0.6 / frame.px)
+        outer = draw_lines(frame, p, q, seg, 1.0, 1.5)
+        inner = draw_lines(frame, p, q, seg, 1.0, 0.6)
+        tube = np.clip(outer - 0.8 * inner, 0.0, None) + 0.35 * blur(outer, 2.5 * frame.scale)
         walls += wall_v * tube
         bronchogram = np.maximum(bronchogram, 0.6 * np.clip(inner, 0.0, 1.0))
-    fade = _smoothstep(0.45, 0.7, anat.depth) * anat.lung
+    fade = smoothstep(0.45, 0.7, anat.depth) * anat.lung
     return _Findings(np.zeros((size, size), _F), solid, solid_value, walls * fade, bronchogram * fade)
 
 
-def _findings(label: str, frame: _Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings:
+def _findings(label: str, frame: Frame, anat: _Anatomy, rng: np.random.Generator) -> _Findings:
     """The only class-dependent part of a slice."""
     if label == "COVID-19":
         return _covid(frame, anat, rng)
@@ -644,7 +388,7 @@ def _acquire(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     contrast = rng.uniform(0.85, 1.12)
     level = rng.uniform(-0.04, 0.05)
     img = np.clip(img, 0.0, 1.0) ** gamma * contrast + level
-    img = _blur(img, rng.uniform(0.3, 0.9) * scale)
+    img = blur(img, rng.uniform(0.3, 0.9) * scale)
     img = img + rng.uniform(0.008, 0.035) * rng.standard_normal(img.shape, dtype=_F)
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
@@ -665,7 +409,7 @@ def render_slice(label: str, rng: np.random.Generator, size: int = 192, *,
     anat_rng, finding_rng, acq_rng = rng.spawn(3)
     if anatomy_seed is not None:
         anat_rng = np.random.default_rng(anatomy_seed)
-    frame = _make_frame(anat_rng, size)
+    frame = make_frame(anat_rng, size)
     anat = _anatomy(frame, anat_rng, lung_extent)
     found = _findings(label, frame, anat, finding_rng)
     return _acquire(_compose(anat, found), acq_rng)
