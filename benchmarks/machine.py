@@ -7,6 +7,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+# Thread counts set from outside: TensorFlow's op determinism holds for one thread count only.
+THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 PACKAGES = ("ct-edge", "ai-edge-litert", "tflite-runtime", "onnxruntime", "tensorflow",
             "tensorflow-cpu", "keras", "numpy", "pillow", "pydicom", "matplotlib")
 
@@ -44,6 +46,8 @@ def describe() -> dict:
         "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
         "cores": os.cpu_count(),
         "cores_available": len(os.sched_getaffinity(0)),
+        "thread_settings": {name: os.environ[name] for name in THREAD_VARIABLES
+                            if name in os.environ},
         "memory_total_mb": round(int(memory.split()[0]) / 1024) if memory else None,
         "machine": platform.machine(),
         "os": f"{platform.system()} {platform.release()}",

@@ -180,3 +180,15 @@ def test_architectures_table_from_a_hand_made_result() -> None:
                         "| - |")
     text = render_markdown(results)
     assert "- reference: tflite-int8 cannot be the default" in text and "37 images" in text
+
+
+def test_machine_record_names_thread_counts_set_from_outside(monkeypatch) -> None:
+    """Op-deterministic training repeats only at the same thread count, so runs record it."""
+    from benchmarks import machine
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    assert machine.describe()["thread_settings"] == {"TF_NUM_INTRAOP_THREADS": "1"}
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS")
+    assert machine.describe()["thread_settings"] == {}

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import machine
 from ct_edge import DISCLAIMER, LABELS
 from ct_edge.errors import CtEdgeError
 from ct_edge.preprocess import PreprocessSpec
@@ -313,7 +314,7 @@ def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
     y_test = y_all[test]
     out: dict = {"seed": seed, "fold": fold, "n_test": len(test), "temperature": temperature,
                  "alpha": alpha, "teacher_settings": teacher_settings, "bank": bank,
-                 "models": {}}
+                 "machine": machine.describe(), "models": {}}
 
     def score(name: str, probabilities: np.ndarray, seconds: float, params: int) -> None:
         report = classification_report(probabilities, y_test, LABELS)

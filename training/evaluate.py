@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import machine
 from ct_edge import LABELS
 from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                                  int8=args.int8)
             run["config"] = {**asdict(config), "data": str(root), "members": args.members,
                              "tta": args.tta}
+            run["machine"] = machine.describe()
             run["command"] = (f"python -m training.evaluate --data {root} --experiments {name}"
                               + (f" --seed {args.seed}" if args.seed else "")
                               + (f" --members {args.members}" if args.members > 1 else "")
