@@ -7,6 +7,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from ct_edge.batch.cluster import available_cpus
+
 # Thread counts set from outside: TensorFlow's op determinism holds for one thread count only.
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 PACKAGES = ("ct-edge", "ai-edge-litert", "tflite-runtime", "onnxruntime", "tensorflow",
@@ -45,7 +47,7 @@ def describe() -> dict:
     return {
         "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
         "cores": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0)),
+        "cores_available": available_cpus(),
         "thread_settings": {name: os.environ[name] for name in THREAD_VARIABLES
                             if name in os.environ},
         "memory_total_mb": round(int(memory.split()[0]) / 1024) if memory else None,

@@ -31,21 +31,21 @@ def test_a_buffer_used_by_two_tensors_is_counted_once() -> None:
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
-    def buffer(data=None):
+    def buffer(data: list[int] | None = None) -> schema.BufferT:
         made = schema.BufferT()
         made.data = data
         return made
 
-    def tensor(name, kind, index):
+    def tensor(name: str, kind: int, index: int, shape: list[int]) -> schema.TensorT:
         made = schema.TensorT()
-        made.name, made.type, made.buffer, made.shape = name.encode(), kind, index, [4]
+        made.name, made.type, made.buffer, made.shape = name.encode(), kind, index, shape
         return made
 
     graph = schema.SubGraphT()
-    graph.tensors = [tensor("w", schema.TensorType.FLOAT32, 1),
-                     tensor("w_again", schema.TensorType.FLOAT32, 1),
-                     tensor("b", schema.TensorType.INT32, 2),
-                     tensor("x", schema.TensorType.FLOAT32, 0)]
+    graph.tensors = [tensor("w", schema.TensorType.FLOAT32, 1, [4]),
+                     tensor("w_again", schema.TensorType.FLOAT32, 1, [4]),
+                     tensor("b", schema.TensorType.INT32, 2, [2]),
+                     tensor("x", schema.TensorType.FLOAT32, 0, [4])]
     add = schema.OperatorT()
     add.opcodeIndex, add.inputs, add.outputs = 0, [0, 1], [3]
     graph.operators, graph.inputs, graph.outputs = [add], [], [3]

@@ -52,6 +52,7 @@ def smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarra
 
 
 def smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
+    """0 below edge0, 1 above edge1, a smooth cubic ramp between."""
     t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
 
@@ -97,7 +98,7 @@ class Frame:
 
     @property
     def scale(self) -> float:
-        """Pixel lengths below are tuned at 192 px."""
+        """Pixel lengths in `training.phantom` are tuned at 192 px."""
         return self.size / 192.0
 
     def to_pixels(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,6 +158,7 @@ def elliptical_radius(
     angle: float,
     wobble: np.ndarray | None,
 ) -> np.ndarray:
+    """`Frame.radius` on explicit (p, q) grids, so `Frame.disc` can pass a window of them."""
     # Python floats keep float32 grids in float32 (NumPy scalars would upcast them).
     dp = p - float(cp)
     dq = q - float(cq)
@@ -181,6 +183,7 @@ def elliptical_radius(
 
 
 def make_frame(rng: np.random.Generator, size: int) -> Frame:
+    """A (size, size) grid posed with a random body: tilt, shift, half-width and depth."""
     c = ((np.arange(size) + 0.5) / size * 2.0 - 1.0).astype(_F)
     x, y = np.meshgrid(c, c)
     theta = rng.uniform(-0.12, 0.12)

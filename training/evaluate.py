@@ -350,11 +350,12 @@ def main(argv: list[str] | None = None) -> int:
             label = (name + (f"+ens{args.members}" if args.members > 1 else "")
                      + ("+tta" if args.tta else "") + (f"@seed{args.seed}" if args.seed else ""))
             print(f"{label}: {args.folds}-fold cross-validation on {root}", flush=True)
+            started_on = machine.describe()
             run = cross_validate(root, config, args.folds, members=args.members, tta=args.tta,
                                  int8=args.int8)
             run["config"] = {**asdict(config), "data": str(root), "members": args.members,
                              "tta": args.tta}
-            run["machine"] = machine.describe()
+            run["machine"] = started_on
             run["command"] = (f"python -m training.evaluate --data {root} --experiments {name}"
                               + (f" --seed {args.seed}" if args.seed else "")
                               + (f" --members {args.members}" if args.members > 1 else "")
