@@ -160,9 +160,17 @@ def test_cli_distils_a_trained_teacher_into_a_convertible_folder(tiny_model: Pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n"] > 0 and metrics["architecture"] == "edge-gap"
     assert main(["--teacher", str(tmp_path / "missing"), "--out", str(out)]) == 2
-    for misuse in (["--bank-views", "4"], ["--cv-fold", "0", "--mixup", "0.4"]):
-        with pytest.raises(SystemExit):  # bank options outside --cv-fold, mixup without a bank
-            main(["--teacher", str(tiny_model), "--out", str(out), *misuse])
+    banked = tmp_path / "banked"
+    assert main(["--teacher", str(tiny_model), "--out", str(banked), "--size", "64",
+                 "--bank-views", "2", "--mixup", "0.4", "--epochs", "2"]) == 0
+    bank = {"views": 2, "mixup": 0.4}
+    assert json.loads((banked / "config.json").read_text())["distillation"]["bank"] == bank
+    metrics = json.loads((banked / "metrics.json").read_text())
+    assert metrics["bank"] == bank and metrics["epochs_run"] == 2  # exact passes, no early stop
+    for misuse in (["--out", str(out), "--bank-views", "4"],  # neither --teacher nor --cv-fold
+                   ["--teacher", str(tiny_model), "--out", str(out), "--mixup", "0.4"]):
+        with pytest.raises(SystemExit):
+            main(misuse)
 
 
 def test_fold_table_pools_errors_over_the_folds_run() -> None:

@@ -13,10 +13,11 @@ softmax(log p / T), so an ensemble's mean probabilities teach as well as one mod
 Early stopping watches the plain cross-entropy on the validation split, as `make train` does.
 The student folder is an ordinary model folder: `python -m convert` takes it unchanged.
 
-`--cv-fold N --bank-views V [--mixup A]` distils instead on a fixed bank of views (`view_bank`,
+`--bank-views V [--mixup A]` distils instead on a fixed bank of views (`view_bank`,
 `distill_on_bank`): the teacher answers once on V augmented, optionally mixup-blended copies of
 every training image, and the student trains exactly --epochs passes over them with a cosine
-schedule, no early stopping and no class weights (the teacher's answers set the balance).
+schedule, no early stopping and no class weights (the teacher's answers set the balance). With
+--teacher it writes a student folder as above; with --cv-fold N it scores one fold.
 """
 
 from __future__ import annotations
@@ -242,8 +243,10 @@ def load_teacher(folder: Path) -> tuple[Any, dict]:
 
 
 def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, alpha: float,
-        epochs: int) -> dict:
-    """Distil on the teacher's own training split; test on its test split; write the folder."""
+        epochs: int, bank: dict | None = None) -> dict:
+    """Distil on the teacher's own training split; test on its test split; write the folder.
+    bank: {'views', 'mixup'} distils on a fixed set of views for exactly `epochs` passes
+    (`distill_on_bank`) instead of online with early stopping."""
     teacher, teacher_config = load_teacher(teacher_dir)
     teacher_spec = PreprocessSpec.from_dict(teacher_config["spec"])
     root = Path(teacher_config["data"])
@@ -263,8 +266,12 @@ def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, 
                                              desc="decode test")
     print(f"distilling {teacher_dir} ({teacher_config.get('arch')}, {teacher_spec.size} px) into "
           f"{arch} at {size} px, T={temperature}, alpha={alpha}", flush=True)
-    student, history = distill(teacher, config, *arrays["train"], *arrays["val"],
-                               temperature=temperature, alpha=alpha, verbose=2)
+    if bank:
+        student, history = distill_on_bank(teacher, config, *arrays["train"], bank["views"],
+                                           bank["mixup"], epochs, temperature, alpha, verbose=2)
+    else:
+        student, history = distill(teacher, config, *arrays["train"], *arrays["val"],
+                                   temperature=temperature, alpha=alpha, verbose=2)
     report = classification_report(student.predict(x_test, verbose=0), y_test, LABELS)
     out.mkdir(parents=True, exist_ok=True)
     student.save(out / "model.keras")
@@ -272,12 +279,12 @@ def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, 
                "params": int(student.count_params()), "architecture": arch,
                "epochs_run": len(history["loss"]), "test_source": splits.test_source,
                "data_fingerprint": splits.fingerprint(), "teacher": str(teacher_dir),
-               "temperature": temperature, "alpha": alpha}
+               "temperature": temperature, "alpha": alpha, "bank": bank}
     data_mod.write_json(out / "metrics.json", metrics)
     data_mod.write_json(out / "config.json", {
         **asdict(config), "modality": config.modality or "xray",
         "distilled_from": str(teacher_dir), "distillation": {"temperature": temperature,
-                                                             "alpha": alpha},
+                                                             "alpha": alpha, "bank": bank},
         "calibration": {"temperature": 1.0, "fitted_on": "none (distilled)"}})
     return metrics
 
@@ -388,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--teacher-size", type=int, default=None,
         help=f"for --cv-fold (default: {PreprocessSpec().size}; {MIXTURE_SIZE} for a mixture)")
     add("--bank-views", type=int, default=0, metavar="V",
-        help="for --cv-fold: distil on V fixed augmented views of every training image, the "
+        help="distil on V fixed augmented views of every training image, the "
              "teacher run once per view, for --epochs passes with a cosine schedule and no early "
              "stopping; 0: online, early stopping on the validation split (default: %(default)s)")
     add("--mixup", type=float, default=0.0,
@@ -406,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
              "over the bank; --cv-fold without --bank-views uses the default (default: "
              "%(default)s)")
     args = parser.parse_args(argv)
-    if (args.bank_views or args.mixup) and args.cv_fold is None:
-        parser.error("--bank-views and --mixup go with --cv-fold")
+    if (args.bank_views or args.mixup) and args.cv_fold is None and args.teacher is None:
+        parser.error("--bank-views and --mixup go with --teacher or --cv-fold")
     if args.mixup and not args.bank_views:
         parser.error("--mixup needs --bank-views")
     if args.bank_views < 0 or args.mixup < 0:
@@ -442,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher is None or args.out is None:
         parser.error("--teacher and --out are required")
     try:
+        bank = {"views": args.bank_views, "mixup": args.mixup} if args.bank_views else None
         metrics = run(args.teacher, args.out, args.arch, args.size, args.temperature, args.alpha,
-                      args.epochs)
+                      args.epochs, bank)
     except (CtEdgeError, OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
