@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from convert.report import human_size
+from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
 
 from .latency import sample_input, summarize
@@ -64,13 +65,6 @@ def markdown(rows: list[dict], artifact: str) -> str:
     return "\n".join(lines)
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.versus",
                                      description=__doc__.split("\n\n")[0])
@@ -78,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the reference of the ratio)")
     parser.add_argument("--artifact", default="tflite-int8",
                         help="artifact name in every bundle (default: %(default)s)")
-    parser.add_argument("--runs", type=positive, default=200,
+    parser.add_argument("--runs", type=positive_int, default=200,
                         help="timed rounds (default: %(default)s)")
-    parser.add_argument("--warmup", type=positive, default=10,
+    parser.add_argument("--warmup", type=positive_int, default=10,
                         help="untimed rounds first (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
