@@ -20,7 +20,7 @@ from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
 
 from .latency import sample_input, summarize
-from .tensors import inspect_bundle
+from .tensors import constants
 
 
 def side_by_side(bundles: list[Path], artifact: str, runs: int, warmup: int) -> list[dict]:
@@ -44,8 +44,12 @@ def side_by_side(bundles: list[Path], artifact: str, runs: int, warmup: int) -> 
     rows = []
     for bundle, engine, taken in zip(bundles, engines, samples, strict=True):
         path = engine.artifact.path
-        stored = inspect_bundle(path)[path.name] if path.suffix == ".tflite" else None
-        rows.append({"bundle": str(bundle), "file": path.name, "size_bytes": path.stat().st_size,
+        data = path.read_bytes()
+        try:
+            stored = constants(data) if path.suffix == ".tflite" else None
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        rows.append({"bundle": str(bundle), "file": path.name, "size_bytes": len(data),
                      "constants": stored, "latency": summarize(taken)})
     return rows
 
