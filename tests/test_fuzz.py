@@ -1,6 +1,6 @@
 """Fuzzing the untrusted inputs: image/DICOM files and the bundle manifest (issue 8).
 
-The fast suite runs a short, fixed-seed campaign of tools/fuzz.py (a few hundred cases, each in a
+The fast suite runs a short, fixed-seed campaign of tools/fuzz/ (a few hundred cases, each in a
 separate worker process with a time limit and a memory bound), replays every saved regression
 input in tests/fixtures/fuzz/, and runs hypothesis properties in-process. `make fuzz` runs the
 long campaign (over 10,000 cases). docs/robustness.md has the figures.
@@ -32,14 +32,26 @@ from ct_edge.bundle import Bundle  # noqa: E402
 from ct_edge.errors import BundleError, InputError  # noqa: E402
 from ct_edge.limits import MAX_PIXELS, MAX_SIDE  # noqa: E402
 from ct_edge.preprocess import PreprocessSpec, preprocess  # noqa: E402
-from tools import fuzz  # noqa: E402
+from tools.fuzz.campaign import MAGICS, build_cases  # noqa: E402
+from tools.fuzz.cases import REGRESSIONS, SPEC_ARGS, Case, load_case, regression_cases, save_case  # noqa: E402
+from tools.fuzz.dicom import DicomBase, dicom_file  # noqa: E402
+from tools.fuzz.images import png_image, zlib_bomb  # noqa: E402
+from tools.fuzz.manifest import (  # noqa: E402
+    accepted_problem,
+    artifact_bytes,
+    base_manifest,
+    model_files,
+    write_bundle_layout,
+)
+from tools.fuzz.runner import Result, Runner, run_campaign  # noqa: E402
+from tools.fuzz.worker import check_array  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
 SEED = int(os.environ.get("CT_EDGE_FUZZ_SEED", "8"))
 SEEDS = {p.name: p.read_bytes() for p in sorted(FIXTURES.glob("*")) if p.suffix in (".png", ".jpg", ".dcm")}
 
 
-def _describe(results: list[fuzz.Result]) -> str:
+def _describe(results: list[Result]) -> str:
     return "\n".join(f"{r.outcome}: {r.case.label()}: {r.detail[-500:]}" for r in results[:10])
 
 
@@ -47,9 +59,9 @@ def _describe(results: list[fuzz.Result]) -> str:
 
 def test_the_harness_catches_each_kind_of_failure() -> None:
     """A stray exception, a hang, a dead worker and a memory hog are each reported as such."""
-    runner = fuzz.Runner(time_limit=3.0, memory_bound_mb=256)
+    runner = Runner(time_limit=3.0, memory_bound_mb=256)
     try:
-        outcomes = {action: runner.run(fuzz.Case("selftest", "selftest", action.encode())).outcome
+        outcomes = {action: runner.run(Case("selftest", "selftest", action.encode())).outcome
                     for action in ("raise", "hang", "die", "memory", "fine")}
     finally:
         runner.stop()
@@ -59,8 +71,8 @@ def test_the_harness_catches_each_kind_of_failure() -> None:
 
 def test_short_campaign_has_no_failures(tmp_path: Path) -> None:
     """What CI runs: bombs, a truncation sweep, ~300 generated inputs and ~100 manifests."""
-    cases = fuzz.build_cases(300, 100, SEED, quick=True)
-    report = fuzz.run_campaign(iter(cases), save=tmp_path / "found")
+    cases = build_cases(300, 100, SEED, quick=True)
+    report = run_campaign(iter(cases), save=tmp_path / "found")
     summary = report.summary()
     print(json.dumps({k: summary[k] for k in ("cases", "valid", "clean_errors", "crashes", "hangs",
                                               "memory", "seconds", "peak_rss_growth_mb")}))
@@ -72,26 +84,26 @@ def test_short_campaign_has_no_failures(tmp_path: Path) -> None:
 
 def test_saved_regression_inputs_stay_fixed() -> None:
     """Every input a campaign once failed on (tests/fixtures/fuzz/) now ends cleanly."""
-    cases = fuzz.regression_cases(fuzz.REGRESSIONS)
+    cases = regression_cases(REGRESSIONS)
     assert len(cases) >= 10
-    report = fuzz.run_campaign(iter(cases))
+    report = run_campaign(iter(cases))
     assert not report.failures, _describe(report.failures)
 
 
 def test_regression_files_round_trip(tmp_path: Path) -> None:
-    case = fuzz.Case("input", "mutate:gray8.png", b"\x89PNG...", ".dcm", 2)
-    assert fuzz.load_case(fuzz.save_case(case, tmp_path)).data == case.data
-    loaded = fuzz.load_case(fuzz.save_case(case, tmp_path))
+    case = Case("input", "mutate:gray8.png", b"\x89PNG...", ".dcm", 2)
+    assert load_case(save_case(case, tmp_path)).data == case.data
+    loaded = load_case(save_case(case, tmp_path))
     assert (loaded.suffix, loaded.spec) == (".dcm", 2)
-    manifest = fuzz.Case("manifest", "manifest", b'{"a": 1}', fs="fifo")
-    loaded = fuzz.load_case(fuzz.save_case(manifest, tmp_path))
+    manifest = Case("manifest", "manifest", b'{"a": 1}', fs="fifo")
+    loaded = load_case(save_case(manifest, tmp_path))
     assert (loaded.target, loaded.data, loaded.fs) == ("manifest", b'{"a": 1}', "fifo")
 
 
 def test_campaigns_are_reproducible_from_their_seed() -> None:
-    first = [c.digest() for c in fuzz.build_cases(40, 20, 3, quick=True)]
-    assert first == [c.digest() for c in fuzz.build_cases(40, 20, 3, quick=True)]
-    assert first != [c.digest() for c in fuzz.build_cases(40, 20, 4, quick=True)]
+    first = [c.digest() for c in build_cases(40, 20, 3, quick=True)]
+    assert first == [c.digest() for c in build_cases(40, 20, 3, quick=True)]
+    assert first != [c.digest() for c in build_cases(40, 20, 4, quick=True)]
 
 
 # --- the bugs the fuzzer found, as plain tests -------------------------------------------------
@@ -117,33 +129,33 @@ def test_float_tiff_with_nan_is_an_input_error() -> None:
 
 def test_a_very_long_side_is_refused_before_decoding() -> None:
     """Found: a 72-byte PNG claiming 1 x 64,000,000 pixels took 5 s and 1.3 GB to decode."""
-    data = fuzz.png_image(1, MAX_PIXELS, 8, 2, b"")  # within the pixel limit
+    data = png_image(1, MAX_PIXELS, 8, 2, b"")  # within the pixel limit
     start = time.perf_counter()
     with pytest.raises(InputError, match="side is over"):
         preprocess(data)
     assert time.perf_counter() - start < 1.0
-    assert preprocess(fuzz.png_image(MAX_SIDE, 2, 8, 0, bytes((MAX_SIDE + 1) * 2))).shape == (128, 128, 3)
+    assert preprocess(png_image(MAX_SIDE, 2, 8, 0, bytes((MAX_SIDE + 1) * 2))).shape == (128, 128, 3)
 
 
 def test_deflated_dicom_bomb_is_refused_and_a_small_one_decodes() -> None:
     """Found: pydicom inflated a 1 MiB deflated DICOM to 1 GiB in memory before any check."""
-    base = fuzz.DicomBase(SEEDS["ct_small.dcm"])
-    small = fuzz.dicom_file(dict(base.elements), "deflate")
-    plain = preprocess(fuzz.dicom_file(dict(base.elements), "explicit"))
+    base = DicomBase(SEEDS["ct_small.dcm"])
+    small = dicom_file(dict(base.elements), "deflate")
+    plain = preprocess(dicom_file(dict(base.elements), "explicit"))
     assert np.array_equal(preprocess(small), plain)
-    bomb = fuzz.dicom_file(dict(base.elements), "deflate", deflate_zeros=600 << 20)
+    bomb = dicom_file(dict(base.elements), "deflate", deflate_zeros=600 << 20)
     assert len(bomb) < 1 << 20
     with pytest.raises(InputError, match="decompression bomb guard"):
         preprocess(bomb)
 
 
-# tools/fuzz.py's stand-in model files, by artifact name (Bundle.load never parses a model).
-MODELS = {name: fuzz.artifact_bytes(file) for name, file in fuzz.model_files().items()}
+# tools/fuzz/manifest.py's stand-in model files, by artifact name (Bundle.load never parses a model).
+MODELS = {name: artifact_bytes(file) for name, file in model_files().items()}
 
 
 def _manifest() -> dict:
     """The fuzzer's valid starting manifest (written by convert.manifest; a fresh copy to edit)."""
-    return fuzz.base_manifest()
+    return base_manifest()
 
 
 def test_the_fuzzers_base_manifest_loads_and_every_artifact_verifies(tmp_path: Path) -> None:
@@ -188,7 +200,7 @@ def test_hostile_artifact_files_are_bundle_errors(tmp_path: Path, layout: str) -
     """A FIFO once hung read_verified, a sparse 8 GiB file exhausted memory, a loop raised."""
     root = tmp_path / "b" / "bundle"
     root.parent.mkdir()
-    fuzz._layout(root, json.dumps(_manifest()).encode(), layout)
+    write_bundle_layout(root, json.dumps(_manifest()).encode(), layout)
     start = time.perf_counter()
     with pytest.raises(BundleError):  # from load (a link out or a loop) or from read_verified
         Bundle.load(root).artifacts["tflite-int8"].read_verified()
@@ -214,14 +226,14 @@ def _clean_or_valid(source: bytes | Path, spec: PreprocessSpec) -> None:
         array = preprocess(source, spec)
     except InputError:
         return
-    assert fuzz.check_array(array, spec) is None
+    assert check_array(array, spec) is None
 
 
-SPECS = st.sampled_from([PreprocessSpec(**args) for args in fuzz.SPEC_ARGS])
+SPECS = st.sampled_from([PreprocessSpec(**args) for args in SPEC_ARGS])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.binary(max_size=4096), magic=st.sampled_from(fuzz.MAGICS), spec=SPECS)
+@given(data=st.binary(max_size=4096), magic=st.sampled_from(MAGICS), spec=SPECS)
 def test_any_bytes_give_an_array_or_an_input_error(data: bytes, magic: bytes,
                                                    spec: PreprocessSpec) -> None:
     _clean_or_valid(magic + data, spec)
@@ -246,7 +258,7 @@ def test_edited_fixtures_give_an_array_or_an_input_error(name: str, spec: Prepro
        mode=st.sampled_from([(8, 0), (16, 0), (8, 2), (8, 6), (1, 0)]))
 def test_png_headers_claiming_any_size_are_refused_or_decoded(width: int, height: int,
                                                               mode: tuple[int, int]) -> None:
-    data = fuzz.png_image(width, height, *mode, rows=b"\x00" * 64)
+    data = png_image(width, height, *mode, rows=b"\x00" * 64)
     if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
         with pytest.raises(InputError):
             preprocess(data)
@@ -275,7 +287,7 @@ def test_manifest_with_any_values_loads_or_is_a_bundle_error(tmp_path: Path, cha
         bundle = Bundle.load(root)
     except BundleError:
         return
-    assert fuzz.accepted_problem(bundle, root) is None
+    assert accepted_problem(bundle, root) is None
     for artifact in bundle.artifacts.values():
         try:
             artifact.read_verified()
@@ -287,7 +299,7 @@ def test_manifest_with_any_values_loads_or_is_a_bundle_error(tmp_path: Path, cha
 def test_png_builder_makes_real_pngs() -> None:
     """The harness's PNG writer: valid CRCs, so its mutations reach the decoder proper."""
     rows = b"".join(b"\x00" + bytes(range(16)) for _ in range(8))
-    array = preprocess(fuzz.png_image(16, 8, 8, 0, rows), PreprocessSpec(aspect="stretch", size=16))
+    array = preprocess(png_image(16, 8, 8, 0, rows), PreprocessSpec(aspect="stretch", size=16))
     assert array.shape == (16, 16, 3) and array.max() > 0
-    assert struct.unpack(">I", fuzz.png_image(3, 3)[16:20]) == (3,)
-    assert zlib.decompress(fuzz.zlib_bomb((3 << 20) + 5)) == bytes((3 << 20) + 5)
+    assert struct.unpack(">I", png_image(3, 3)[16:20]) == (3,)
+    assert zlib.decompress(zlib_bomb((3 << 20) + 5)) == bytes((3 << 20) + 5)

@@ -1,1 +1,1 @@
-"""Developer tools: the fuzz harness (tools.fuzz) and the aarch64 emulation check (tools/arm64)."""
+"""Developer tools: the fuzz harness (tools/fuzz/) and the aarch64 emulation check (tools/arm64)."""

@@ -179,7 +179,7 @@ def _decode_frame(ds, data: bytes, name: str, max_pixels: int) -> np.ndarray:
 def _check_frame_size(ds, index: int, frames: int, rows: int, cols: int, name: str) -> None:
     """Refuse a compressed frame whose own header (JPEG, JPEG 2000) claims another size than
     Rows x Columns: pydicom decodes it whole before it notices, so a 3 kB file claiming 104 M
-    pixels took 350 MB (found by tools/fuzz.py). Read from the codestream header only."""
+    pixels took 350 MB (found by tools/fuzz/). Read from the codestream header only."""
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
         return

@@ -10,7 +10,7 @@ MEMORY_BOUND_MB = 256
 # worst accepted input stays under MEMORY_BOUND_MB with either engine. Larger is refused as a bomb.
 MAX_PIXELS = 4_320 * 4_320
 # Pillow's decoders spend time and memory per row: a 72-byte PNG claiming 1 x 64,000,000 pixels
-# took 5 s and 1.3 GB (found by tools/fuzz.py). No scan is anywhere near this long on one side.
+# took 5 s and 1.3 GB (found by tools/fuzz/). No scan is anywhere near this long on one side.
 MAX_SIDE = 16_384
 # The whole file is read into memory: an uncompressed 16-bit DICOM at MAX_PIXELS is 37 MB.
 MAX_FILE_BYTES = 64 * 1024 * 1024
