@@ -3,7 +3,8 @@
 - the library never imports a front end (cli, server, dicom_node);
 - front ends never import each other, except that a `ct-edge` command module starts one;
 - no import circle between modules, lazy and type-checking imports included;
-- no private `_name` imported from another module;
+- no private `_name` imported from another module, here or anywhere in the repository
+  (training, convert, benchmarks, tools, tests);
 - command modules import only the standard library and ct_edge at module level (start-up time).
 """
 
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "runtime" / "ct_edge"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "runtime" / "ct_edge"
+# The repository's own top-level packages (what a private name may not be taken from).
+OWN_PACKAGES = ("ct_edge", "training", "convert", "benchmarks", "tools", "tests")
 FRONT_ENDS = ("cli", "server", "dicom_node")
 
 
@@ -109,6 +113,44 @@ def test_no_private_name_is_imported_across_modules() -> None:
                 bad += [f"{name}: {alias.name}" for alias in node.names
                         if alias.name.startswith("_") and not alias.name.startswith("__")]
     assert bad == []
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_uses(path: Path) -> list[str]:
+    """`from <own module> import _name` and `<own module>._name` in one file."""
+    tree = ast.parse(path.read_text(), str(path))
+    own_modules: set[str] = set()  # local names bound to one of the repository's modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0]
+                                                 in OWN_PACKAGES):
+            found += [f"from {node.module} import {a.name}" for a in node.names if private(a.name)]
+            own_modules.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            own_modules.update(a.asname or a.name.split(".")[0] for a in node.names
+                               if a.name.split(".")[0] in OWN_PACKAGES)
+    found += [f"{node.value.id}.{node.attr}" for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id in own_modules and private(node.attr)]
+    return found
+
+
+def test_no_private_name_is_taken_from_another_module_anywhere() -> None:
+    files = [path for folder in ("training", "convert", "benchmarks", "tools", "tests", "runtime")
+             for path in sorted((REPO / folder).rglob("*.py"))]
+    assert len(files) > 100
+    bad = [f"{path.relative_to(REPO)}: {use}" for path in files for use in private_uses(path)]
+    assert bad == []
+
+
+def test_the_private_name_check_sees_both_forms(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("from training.train import _hidden\nfrom training import evaluate\n"
+                      "import numpy as np\nevaluate._config(np._NoValue)\n")
+    assert private_uses(sample) == ["from training.train import _hidden", "evaluate._config"]
 
 
 @pytest.mark.parametrize("name", sorted(n for n in FOUND if n.startswith("ct_edge.cli")))

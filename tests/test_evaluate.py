@@ -23,11 +23,11 @@ def _run(fold_accuracies: list[float], n_test: int = 10, wrong: list[str] = ()) 
 
 
 def test_every_experiment_is_base_plus_its_change() -> None:
-    cosine = evaluate._config(TrainConfig(spec=PreprocessSpec().to_dict()),
+    cosine = evaluate.experiment_config(TrainConfig(spec=PreprocessSpec().to_dict()),
                               evaluate.EXPERIMENTS["cos-ls"])
     assert cosine.schedule == "cosine" and cosine.label_smoothing == 0.1
     assert cosine.arch == "edge-gap" and cosine.preprocess_spec().aspect == "crop"
-    stretch = evaluate._config(TrainConfig(), evaluate.EXPERIMENTS["reference-stretch"])
+    stretch = evaluate.experiment_config(TrainConfig(), evaluate.EXPERIMENTS["reference-stretch"])
     assert stretch.arch == "reference" and stretch.preprocess_spec().aspect == "stretch"
     assert stretch.schedule == "plateau" and stretch.augment
 

@@ -82,19 +82,19 @@ def test_temperature_never_sharpens_a_perfectly_classified_validation_split() ->
 
 
 def test_a_backup_cut_off_mid_write_is_repaired_or_dropped(tmp_path: Path) -> None:
-    from training.train import _usable_backup
+    from training.train import usable_backup
 
     backup = tmp_path / "backup-abc"
-    assert not _usable_backup(backup)
+    assert not usable_backup(backup)
     backup.mkdir()
     (backup / "training_metadata.json").write_text('{"epoch": 3, "batch": -1}')
-    assert _usable_backup(backup)
+    assert usable_backup(backup)
     (backup / "training_metadata.json").write_text('{"epo')  # killed mid-write
     (backup / "training_metadata.json.bkp").write_text('{"epoch": 2, "batch": -1}')
-    assert _usable_backup(backup)
+    assert usable_backup(backup)
     assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
     (backup / "training_metadata.json").write_text("")
-    assert not _usable_backup(backup) and not backup.exists()
+    assert not usable_backup(backup) and not backup.exists()
 
 
 def test_the_same_training_twice_gives_the_same_model() -> None:
@@ -133,11 +133,11 @@ def test_cosine_schedule_runs_every_epoch_and_decays_the_rate() -> None:
 def test_mixup_keeps_labels_distributions_and_the_image_mostly_itself() -> None:
     import tensorflow as tf
 
-    from training.train import _mixup
+    from training.train import mixup_batches
 
     x = tf.constant(np.arange(8, dtype=np.float32).reshape(8, 1, 1, 1))
     y = tf.one_hot(np.arange(8) % 3, 3)
-    mixed_x, mixed_y = _mixup(0.2, seed=0)(x, y)
+    mixed_x, mixed_y = mixup_batches(0.2, seed=0)(x, y)
     np.testing.assert_allclose(mixed_y.numpy().sum(axis=1), 1.0, rtol=1e-6)
     # lam >= 0.5: each row's own label keeps at least half the weight.
     assert (np.take_along_axis(mixed_y.numpy(), (np.arange(8) % 3)[:, None], 1) >= 0.5 - 1e-6).all()
@@ -145,12 +145,12 @@ def test_mixup_keeps_labels_distributions_and_the_image_mostly_itself() -> None:
 
 
 def test_an_unknown_schedule_and_cosine_only_options_are_refused() -> None:
-    from training.train import _optimizer
+    from training.train import build_optimizer
 
     with pytest.raises(ValueError, match="unknown schedule"):
-        _optimizer(TrainConfig(schedule="bogus"), steps_per_epoch=3)
+        build_optimizer(TrainConfig(schedule="bogus"), steps_per_epoch=3)
     # With early stopping the raw best-epoch weights would silently replace the average.
     with pytest.raises(ValueError, match="need schedule='cosine'"):
-        _optimizer(TrainConfig(ema=True), steps_per_epoch=3)
+        build_optimizer(TrainConfig(ema=True), steps_per_epoch=3)
     with pytest.raises(ValueError, match="warmup_epochs must be"):
-        _optimizer(TrainConfig(schedule="cosine", epochs=2, warmup_epochs=2), steps_per_epoch=3)
+        build_optimizer(TrainConfig(schedule="cosine", epochs=2, warmup_epochs=2), steps_per_epoch=3)

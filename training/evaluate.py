@@ -132,7 +132,7 @@ EXPERIMENTS: dict[str, dict] = {name: {**BASE, **change} for name, change in _CH
 EXPERIMENTS["default"] = {}
 
 
-def _config(base: TrainConfig, settings: dict) -> TrainConfig:
+def experiment_config(base: TrainConfig, settings: dict) -> TrainConfig:
     spec = replace(base.preprocess_spec(), **{k: v for k, v in settings.items() if k in SPEC_KEYS})
     fields = {k: v for k, v in settings.items() if k not in SPEC_KEYS}
     return replace(base, spec=spec.to_dict(), **fields)
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         runs: dict[str, dict] = {}
         for name in names:
-            config = _config(TrainConfig(seed=args.seed, spec=PreprocessSpec().to_dict()),
+            config = experiment_config(TrainConfig(seed=args.seed, spec=PreprocessSpec().to_dict()),
                              EXPERIMENTS[name])
             if args.epochs is not None:
                 config = replace(config, epochs=args.epochs)

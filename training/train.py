@@ -190,7 +190,7 @@ def _callbacks(config: TrainConfig, out: Path, val_available: bool) -> list:
     ]
 
 
-def _optimizer(config: TrainConfig, steps_per_epoch: int):
+def build_optimizer(config: TrainConfig, steps_per_epoch: int):
     import keras
 
     rate = config.learning_rate
@@ -212,7 +212,7 @@ def _optimizer(config: TrainConfig, steps_per_epoch: int):
     return keras.optimizers.Adam(rate, **options)
 
 
-def _mixup(alpha: float, seed: int):
+def mixup_batches(alpha: float, seed: int):
     """Mixes each batch with a shuffled copy of itself, weight ~ Beta(alpha, alpha)."""
     import tensorflow as tf
 
@@ -250,7 +250,7 @@ def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     spec = config.preprocess_spec()
     model = build_model(config.arch, (spec.size, spec.size, spec.channels), len(LABELS))
     steps_per_epoch = -(-len(x_train) // config.batch_size)
-    model.compile(optimizer=_optimizer(config, steps_per_epoch),
+    model.compile(optimizer=build_optimizer(config, steps_per_epoch),
                   loss=keras.losses.CategoricalCrossentropy(
                       label_smoothing=config.label_smoothing),
                   metrics=["accuracy"])
@@ -263,7 +263,7 @@ def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
         train = train.map(lambda x, y: (augment(x, training=True), y),
                           num_parallel_calls=tf.data.AUTOTUNE)
     if config.mixup:
-        train = train.map(_mixup(config.mixup, config.seed))
+        train = train.map(mixup_batches(config.mixup, config.seed))
     train = train.prefetch(tf.data.AUTOTUNE)
     val = (x_val, one_hot[y_val]) if len(y_val) else None
     weights = None
@@ -300,7 +300,7 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return {key: [float(r[key]) for r in ordered] for key in ordered[0] if key != "epoch"}
 
 
-def _usable_backup(backup: Path) -> bool:
+def usable_backup(backup: Path) -> bool:
     """True when a resumable backup exists; a backup killed mid-write is repaired or dropped.
 
     Keras falls back to the previous weights itself (double_checkpoint) but not to the previous
@@ -351,7 +351,7 @@ def train(config: TrainConfig) -> dict:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    resumed = _usable_backup(out / f"backup-{config.key()}")
+    resumed = usable_backup(out / f"backup-{config.key()}")
     if not resumed:
         for stale in ("history.csv", "checkpoint.keras"):
             (out / stale).unlink(missing_ok=True)
