@@ -26,9 +26,9 @@ import numpy as np
 
 from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
+from training import machine
 from training.synthetic import DEFAULT_ROOT as BUILTIN_DATA
 
-from . import machine
 from .latency import time_calls
 
 SCHEMA = "ct-edge-architectures/1"

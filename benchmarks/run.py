@@ -22,8 +22,9 @@ from pathlib import Path
 
 from ct_edge.bundle import Bundle
 from ct_edge.errors import CtEdgeError
+from training import machine
 
-from . import compare, endtoend, goals, inputs, machine, memory, report
+from . import compare, endtoend, goals, inputs, memory, report
 from .proc import REPO, all_cpus, one_cpu, run_worker
 
 SCHEMA = "ct-edge-bench/1"

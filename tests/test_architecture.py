@@ -146,6 +146,27 @@ def test_no_private_name_is_taken_from_another_module_anywhere() -> None:
     assert bad == []
 
 
+def imported_packages(folder: Path) -> set[str]:
+    """The repository's top-level packages that the modules under `folder` import, anywhere."""
+    found = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                found.add((node.module or "").split(".")[0])
+            elif isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+    return found & set(OWN_PACKAGES)
+
+
+@pytest.mark.parametrize(("folder", "allowed"), [
+    ("runtime/ct_edge", {"ct_edge"}),  # what ships to a device stands alone
+    ("training", {"ct_edge", "training", "convert"}),  # evaluate proves int8 the way convert does
+    ("convert", {"ct_edge", "training", "convert"}),
+])
+def test_the_heavy_side_never_imports_benchmarks_or_tools(folder: str, allowed: set[str]) -> None:
+    assert imported_packages(REPO / folder) <= allowed
+
+
 def test_the_private_name_check_sees_both_forms(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("from training.train import _hidden\nfrom training import evaluate\n"

@@ -184,7 +184,7 @@ def test_architectures_table_from_a_hand_made_result() -> None:
 
 def test_machine_record_names_thread_counts_set_from_outside(monkeypatch) -> None:
     """Op-deterministic training repeats only at the same thread count, so runs record it."""
-    from benchmarks import machine
+    from training import machine
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)

@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import machine
 from ct_edge import DISCLAIMER, LABELS
 from ct_edge.errors import CtEdgeError
 from ct_edge.preprocess import PreprocessSpec
 
 from . import data as data_mod
+from . import machine
 from .ensemble import MIXTURE_RECIPE, MIXTURE_SIZE
 from .metrics import classification_report
 from .train import TrainConfig, augmenter

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import machine
 from ct_edge import LABELS
 from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
 from ct_edge.preprocess import PreprocessSpec
 
-from . import abstention
+from . import abstention, machine
 from . import data as data_mod
 from .cv_runs import (
     abstention_plots,

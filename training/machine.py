@@ -1,4 +1,7 @@
-"""What the figures were measured on: CPU, cores, memory, load, Python and package versions."""
+"""What a measurement was made on: CPU, cores, threads, memory, load, Python and package versions.
+
+Used by training.evaluate and training.distill and by the benchmarks (which depend on training,
+not the other way round)."""
 
 from __future__ import annotations
 
