@@ -280,6 +280,27 @@ def test_bundle_flags_other_dicom_objects_by_header(tiny_bundle: Path) -> None:
     assert report.status == "out_of_domain" and "holds no image" in report.reason
 
 
+def test_classify_and_explain_refuse_a_report_alike(tiny_bundle: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    """A DICOM object with no image is out of domain for both commands, not an error in one."""
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from ct_edge import cli
+
+    report = get_testdata_file("reportsi.dcm")
+    records = []
+    for command in (["classify"], ["explain", "-o", str(tmp_path / "heat.png")]):
+        assert cli.main([*command, "--bundle", str(tiny_bundle), "--json", "-q", report]) == 0
+        records.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    for record in records:
+        assert (record["status"], record["label"], record["confidence"]) == ("out_of_domain", None,
+                                                                             None)
+        assert "holds no image" in record["reason"] and record["error"] is None
+    assert records[0]["reason"] == records[1]["reason"]
+    assert records[1]["output"] is None and not (tmp_path / "heat.png").exists()
+
+
 def test_bundle_without_domain_section_still_loads(tiny_bundle: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -50,8 +50,9 @@ class Prediction:
         return self.status == "uncertain"
 
     @property
-    def confidence(self) -> float:
-        return self.probabilities[self.label] if self.label else 0.0
+    def confidence(self) -> float | None:
+        """The probability of the label; None when there is no label (out_of_domain, error)."""
+        return self.probabilities[self.label] if self.label else None
 
     def ranked(self, top_k: int | None = None) -> list[tuple[str, float]]:
         """The top_k (label, probability) pairs, most probable first (ties in label order)."""
@@ -65,7 +66,7 @@ class Prediction:
         """
         shown = {label for label, _ in self.ranked(top_k)}
         return {"path": self.path, "label": self.label,
-                "confidence": round(self.confidence, 6) if self.error is None else None,
+                "confidence": None if self.confidence is None else round(self.confidence, 6),
                 "status": self.status, "reason": self.reason,
                 "probabilities": {label: round(p, 6) for label, p in self.probabilities.items()
                                   if label in shown},
@@ -179,6 +180,15 @@ class Classifier:
             return None
         return metadata_reason(info, self.bundle.modality)
 
+    def refusal(self, exc: DicomError) -> Prediction | None:
+        """The out_of_domain result for a DICOM object with no image to classify whose header is
+        foreign to the bundle (a report, a segmentation...); None: an input error after all."""
+        reason = self.metadata_reason(exc.info)
+        if reason is None:
+            return None
+        return Prediction(path=exc.path, label=None, probabilities={}, status="out_of_domain",
+                          reason=reason)
+
     @property
     def has_maps(self) -> bool:
         """True when the artifact carries a class-activation-map output (see ct_edge.explain)."""
@@ -234,11 +244,11 @@ class Classifier:
         try:
             image = decode(source, self.spec)
         except DicomError as exc:
-            reason = self.metadata_reason(exc.info)
-            if reason is None:
+            refused = self.refusal(exc)
+            if refused is None:
                 raise
-            return Prediction(path=exc.path, label=None, probabilities={}, status="out_of_domain",
-                              reason=reason, timings_ms={"decode": (time.perf_counter() - t0) * 1e3})
+            refused.timings_ms["decode"] = (time.perf_counter() - t0) * 1e3
+            return refused
         info = image.info.get(INFO_KEY)
         t1 = time.perf_counter()
         timings["decode"] = (t1 - t0) * 1e3

@@ -68,7 +68,7 @@ class Scorer:
                 rows.append(error_row(prediction.path, prediction.error, payload, self.node_id))
                 continue
             rows.append({"path": prediction.path, "label": prediction.label,
-                         "confidence": prediction.confidence if prediction.label else None,
+                         "confidence": prediction.confidence,
                          "status": prediction.status, "reason": prediction.reason,
                          **{label: prediction.probabilities.get(label) for label in payload.labels},
                          "error": None, "artifact": payload.artifact,

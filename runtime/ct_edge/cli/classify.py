@@ -36,7 +36,8 @@ output: a table (file, label, confidence, status, the other classes). Every resu
 status: 'ok' (answered), 'uncertain' (a label, but confidence below the bundle's operating
 point: treat as inconclusive) or 'out_of_domain' (not like the images the model was trained on,
 e.g. another modality or a photograph: no label, and a reason). --json objects hold: path,
-label, confidence, status, reason, probabilities {label: p, in the bundle's label order},
+label and confidence (both null when out_of_domain), status, reason, probabilities {label: p,
+in the bundle's label order},
 timings_ms and error (null, or why the input could not be read).
 exit codes: 0 all inputs processed (flagged ones included), 1 some inputs could not be read
 (one 'error:' line each on stderr), 2 usage or bundle error.

@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..classifier import Classifier
+    from ..dicom import DicomError
     from ..errors import InputError
     from ..explain import choose_method, explain, save
 
@@ -111,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError(path, problem)
             result = explain(classifier, path, method=method, target=args.target)
         except InputError as exc:
+            refused = classifier.refusal(exc) if isinstance(exc, DicomError) else None
+            if refused is not None:  # as `classify` answers it: out of domain, not an error
+                refused.path = path
+                print(json.dumps({**refused.to_dict(), "output": None}, ensure_ascii=False)
+                      if args.json else f"{path}: out of domain, no label ({refused.reason}); "
+                      "no image to explain", flush=True)
+                continue
             failed += 1
             error(f"{path}: {' '.join(exc.problem.split())}")
             if args.json:
