@@ -625,3 +625,41 @@ def test_progress_only_on_a_terminal_with_many_files(capsys, bundle: Path, tmp_p
     run(capsys, "classify", "--json", "--quiet", "--bundle", bundle, tmp_path)
     run(capsys, "classify", "--json", "--bundle", bundle, *GOOD)  # too few files
     assert drawn == []
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+def stored_results(data_dir: Path) -> Path:
+    """A results store in `data_dir` with one answered row."""
+    from ct_edge.store import Store
+
+    with Store(data_dir) as store:
+        store.add(source="scan.png", origin="test", status="ok", label="Normal",
+                  probabilities={"COVID-19": 0.1, "Normal": 0.8, "Viral Pneumonia": 0.1})
+    return data_dir
+
+
+def test_results_table_is_followed_by_the_disclaimer(capsys, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "results", "--data-dir", stored_results(tmp_path))
+    assert code == 0 and "Normal 80.0%" in out
+    assert out.splitlines()[-2:] == ["1 of 1 shown, newest first", DISCLAIMER] and not err
+
+
+def test_results_json_stays_one_row_per_line_with_the_disclaimer_on_stderr(
+        capsys, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "results", "--data-dir", stored_results(tmp_path), "--json")
+    (row,) = records(out)
+    assert code == 0 and row["label"] == "Normal" and "disclaimer" not in row
+    assert err.splitlines() == [DISCLAIMER]
+
+
+def test_results_help_states_every_default(capsys) -> None:
+    code, out, _ = run(capsys, "results", "--help")
+    assert code == 0 and "examples:" in out
+    results = cli.build_parser().parse_args(["results"])
+    assert (results.status, results.label, results.series) == (None, None, False)
+    options = " ".join(out.split("options:", 1)[1].split("examples:", 1)[0].split())
+    for flag in ("--data-dir", "--json", "--limit", "--status", "--label", "--series"):
+        help_text = options.split(flag, 1)[1].split(" --", 1)[0]
+        assert "default" in help_text, flag

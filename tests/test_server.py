@@ -152,7 +152,8 @@ def test_classify_returns_the_cli_json_object_plus_the_row_id(api: Running,
     status, result = api.json("POST", "/v1/classify?name=scan%20one.png", body=PNG,
                               headers={"Content-Type": "image/png"})
     assert status == 200
-    assert set(result) == PREDICTION_KEYS | {"id"}
+    assert set(result) == PREDICTION_KEYS | {"id", "disclaimer"}
+    assert result["disclaimer"] == DISCLAIMER
     expected = classifier.predict(PNG).to_dict()
     assert result["label"] == expected["label"] and result["status"] == expected["status"]
     assert result["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
@@ -308,6 +309,20 @@ def test_missing_series_are_404_and_writes_405(api: Running) -> None:
         assert status == 404 and "error" in body, path
     status, headers, _ = api.request("POST", "/v1/series", b"{}")
     assert status == 405 and headers["allow"] == "GET"
+
+
+def test_every_v1_body_with_a_result_carries_the_disclaimer(classifier: Classifier,
+                                                              tmp_path: Path) -> None:
+    with serving(classifier, tmp_path / "data") as api:
+        result_id = api.json("POST", "/v1/classify", body=PNG)[1]["id"]
+        series_id = add_series(api.store, "1.2.826.0.1.9", [OK])
+        for path in ("/v1/results", f"/v1/results/{result_id}", "/v1/series",
+                     f"/v1/series/{series_id}"):
+            status, body = api.json("GET", path)
+            assert status == 200 and body["disclaimer"] == DISCLAIMER, path
+        # On the body, not repeated in each row: the rows keep their shape.
+        assert "disclaimer" not in api.json("GET", "/v1/results")[1]["results"][0]
+        assert "disclaimer" not in api.json("GET", "/v1/series")[1]["series"][0]
 
 
 # --- errors: 400 / 404 / 405 / 411 / 413 / 415 -------------------------------------------------
@@ -513,6 +528,29 @@ def test_fp32_nan_and_header_length_errors_are_400(api: Running, classifier: Cla
         status, answer = api.json("POST", "/v2/models/ct-edge/infer", body=b"{}",
                                   headers={"Inference-Header-Content-Length": length})
         assert status == 400 and "Inference-Header-Content-Length" in answer["error"]
+
+
+@pytest.mark.parametrize("bad_item, status, fragment", [
+    (b"garbage, not an image", 415, "image[1]: not a PNG, JPEG or DICOM"),
+    (PNG[:60], 400, "image[1]:"),
+    (b"", 400, "image[1]: empty file"),
+], ids=["not-an-image", "damaged-png", "empty"])
+def test_a_refused_infer_batch_stores_nothing(api: Running, bad_item: bytes, status: int,
+                                              fragment: str) -> None:
+    before = api.store.count()
+    answer_status, body = api.json("POST", "/v2/models/ct-edge/infer",
+                                   infer_request(PNG, bad_item, PNG))
+    assert answer_status == status and fragment in body["error"], body
+    assert api.store.count() == before  # image[0] was readable, yet it is not stored either
+
+
+def test_an_answered_infer_batch_stores_every_item_in_order(api: Running) -> None:
+    before = api.store.count()
+    status, response = api.json("POST", "/v2/models/ct-edge/infer", infer_request(PNG, JPEG, PNG))
+    assert status == 200, response
+    ids = response["parameters"]["result_ids"]
+    assert api.store.count() == before + 3 and ids == sorted(ids)
+    assert [api.store.get(i)["source"] for i in ids] == ["image[0]", "image[1]", "image[2]"]
 
 
 def test_infer_with_a_non_image_file_is_415(api: Running) -> None:

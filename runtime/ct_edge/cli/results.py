@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+from .. import DISCLAIMER
 from .. import STATUS_WORDS as BY_STATUS
 from .common import EXIT_OK, EXIT_USAGE, RAW, error, positive_int
 
@@ -18,8 +20,8 @@ examples:
   ct-edge results --data-dir /var/lib/ct-edge
 
 Reads the store in --data-dir (default: $CT_EDGE_DATA, else $XDG_DATA_HOME/ct-edge, else
-~/.local/share/ct-edge), newest first. --json prints one JSON object per line. Exit code 2 when
-there is no store there.
+~/.local/share/ct-edge), newest first. --json prints one JSON object per line. The disclaimer
+follows the table (on stderr with --json). Exit code 2 when there is no store there.
 """
 
 
@@ -35,10 +37,13 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--limit", type=positive_int, default=20, metavar="N",
                         help="show the N newest (default: 20, at most 1000)")
     parser.add_argument("--status", choices=("ok", "uncertain", "out_of_domain"),
-                        help="only results with this status")
-    parser.add_argument("--label", help="only results with this label")
+                        help="only results with this status (default: all results, "
+                             "unreadable ones too)")
+    parser.add_argument("--label", help="only results with this label (default: all results, "
+                                        "labelled or not)")
     parser.add_argument("--series", action="store_true",
-                        help="list DICOM series (from `ct-edge listen`) instead of results")
+                        help="list DICOM series (from `ct-edge listen`) instead of results "
+                             "(default: results)")
     parser.set_defaults(handler=run)
 
 
@@ -62,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
-        return EXIT_OK
-    print(render_series(rows) if args.series else render_results(rows, total))
+    else:
+        print(render_series(rows) if args.series else render_results(rows, total))
+    print(DISCLAIMER, file=sys.stderr if args.json else sys.stdout)  # JSON stays pure
     return EXIT_OK
 
 

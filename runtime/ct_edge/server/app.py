@@ -2,7 +2,8 @@
 behind that choice): routing, bearer-token auth, body cap, CORS, the page and its assets.
 
 Every answer is JSON (`{"error": "..."}` with a 4xx status for a refused request) except the page,
-its assets, heatmap PNGs and /metrics. A handler thread reads the request and waits; the work
+its assets, heatmap PNGs and /metrics; every JSON body that carries a result also carries
+`disclaimer` (ct_edge.DISCLAIMER). A handler thread reads the request and waits; the work
 itself runs in the Service's bounded worker pool.
 """
 
@@ -395,8 +396,8 @@ class Handler(BaseHTTPRequestHandler):
             raise ClientError(400, "empty body; send the file's bytes as the request body")
         service = self.server.service
         source = _clean_name(query.get("name", "upload"))
-        self._json(200, service.run(service.classify_bytes, body, source,
-                                    _truthy(query.get("explain"))))
+        result = service.run(service.classify_bytes, body, source, _truthy(query.get("explain")))
+        self._json(200, {**result, "disclaimer": DISCLAIMER})
 
     def _results(self, params: dict, query: dict, body: bytes) -> None:
         limit = _int_query(query, "limit", 50, 1, 1000)
@@ -408,13 +409,13 @@ class Handler(BaseHTTPRequestHandler):
         store = self.server.service.store
         rows = [_public(row) for row in store.list(limit, offset, status, label)]
         self._json(200, {"results": rows, "total": store.count(status, label), "limit": limit,
-                         "offset": offset})
+                         "offset": offset, "disclaimer": DISCLAIMER})
 
     def _result(self, params: dict, query: dict, body: bytes) -> None:
         row = self.server.service.store.get(_result_id(params))
         if row is None:
             raise ClientError(404, f"no result {params['id']}")
-        self._json(200, _public(row))
+        self._json(200, {**_public(row), "disclaimer": DISCLAIMER})
 
     def _heatmap(self, params: dict, query: dict, body: bytes) -> None:
         path = self.server.service.store.heatmap_path(_result_id(params))
@@ -433,7 +434,8 @@ class Handler(BaseHTTPRequestHandler):
         rows = store.list_dicom_series(limit, offset)
         progress = store.dicom_series_progress([row["id"] for row in rows])
         self._json(200, {"series": [_public_series(row, progress[row["id"]]) for row in rows],
-                         "total": store.count_dicom_series(), "limit": limit, "offset": offset})
+                         "total": store.count_dicom_series(), "limit": limit, "offset": offset,
+                         "disclaimer": DISCLAIMER})
 
     def _series(self, params: dict, query: dict, body: bytes) -> None:
         store = self.server.service.store
@@ -443,7 +445,8 @@ class Handler(BaseHTTPRequestHandler):
             raise ClientError(404, f"no series {params['id']}")
         slices = store.dicom_series_slices(series_id)
         progress = store.dicom_series_progress([series_id])[series_id]
-        self._json(200, {**_public_series(row, progress), "slices": slices})
+        self._json(200, {**_public_series(row, progress), "slices": slices,
+                         "disclaimer": DISCLAIMER})
 
     def _metrics(self, params: dict, query: dict, body: bytes) -> None:
         self._send(200, self.server.metrics.render().encode(),

@@ -230,7 +230,11 @@ def _requested_outputs(request: dict, labels: int) -> list[tuple[str, int | None
 
 
 def infer(service: Service, body: bytes, header_length: str | None) -> dict[str, Any]:
-    """One OIP v2 infer request -> its response object; every result is stored (origin 'oip')."""
+    """One OIP v2 infer request -> its response object.
+
+    Every item is read and classified before any is stored: a request refused for one item
+    stores none; an answered one has every result stored (origin 'oip') before it returns.
+    """
     request, binary_section = split_body(body, header_length)
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -243,31 +247,17 @@ def infer(service: Service, body: bytes, header_length: str | None) -> dict[str,
     binary = _Binary(binary_section)
     datatype = tensor.get("datatype")
     name = str(tensor.get("name", "input"))[:100]
-    predictions: list[Prediction] = []
-    ids: list[int] = []
     if datatype == "BYTES":
-        count = math.prod(shape)
-        if not 1 <= count <= MAX_BATCH:
-            raise bad(f"batch of {count} files; between 1 and {MAX_BATCH} per request")
-        files = _bytes_elements(tensor, count, request_parameters, binary)
-        for index, data in enumerate(files):
-            if not data:
-                raise bad(f"{name}[{index}]: empty file")
-            source = f"{name}[{index}]"
-            prediction = service.predict_encoded(data, source)
-            predictions.append(prediction)
-            ids.append(service.record(prediction, "oip", sha256_bytes(data)))
+        answered = _classify_files(service, tensor, shape, request_parameters, binary, name)
     elif datatype == "FP32":
-        spec = service.classifier.spec
-        batch = _fp32_batch(tensor, shape, (spec.size, spec.size, spec.channels), binary)
-        for index, x in enumerate(batch):
-            prediction = service.classifier.predict(x)
-            prediction.path = f"{name}[{index}]"
-            predictions.append(prediction)
-            ids.append(service.record(prediction, "oip", sha256_bytes(x.tobytes())))
+        answered = _classify_fp32(service, tensor, shape, binary, name)
     else:
         raise bad(f"input datatype {datatype!r} is not supported; send BYTES (encoded files) "
                   "or FP32 (preprocessed inputs)")
+    # Every item was read and classified: only now is anything stored (a refused batch stores
+    # nothing), and every stored row is committed before the answer.
+    ids = [service.record(prediction, "oip", sha256) for prediction, sha256 in answered]
+    predictions = [prediction for prediction, _ in answered]
     response: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION,
                                 "outputs": [_output(name, top, predictions, labels)
                                             for name, top in outputs],
@@ -275,6 +265,34 @@ def infer(service: Service, body: bytes, header_length: str | None) -> dict[str,
     if isinstance(request.get("id"), str):
         response["id"] = request["id"]
     return response
+
+
+def _classify_files(service: Service, tensor: dict, shape: list[int], request_parameters: dict,
+                    binary: _Binary, name: str) -> list[tuple[Prediction, str]]:
+    """Each BYTES item -> (prediction, sha256 of the file), none stored; ClientError on the first
+    item that cannot be read."""
+    count = math.prod(shape)
+    if not 1 <= count <= MAX_BATCH:
+        raise bad(f"batch of {count} files; between 1 and {MAX_BATCH} per request")
+    answered = []
+    for index, data in enumerate(_bytes_elements(tensor, count, request_parameters, binary)):
+        if not data:
+            raise bad(f"{name}[{index}]: empty file")
+        answered.append((service.predict_encoded(data, f"{name}[{index}]"), sha256_bytes(data)))
+    return answered
+
+
+def _classify_fp32(service: Service, tensor: dict, shape: list[int], binary: _Binary,
+                   name: str) -> list[tuple[Prediction, str]]:
+    """Each preprocessed FP32 input -> (prediction, sha256 of its float32 bytes), none stored."""
+    spec = service.classifier.spec
+    batch = _fp32_batch(tensor, shape, (spec.size, spec.size, spec.channels), binary)
+    answered = []
+    for index, x in enumerate(batch):
+        prediction = service.classifier.predict(x)
+        prediction.path = f"{name}[{index}]"
+        answered.append((prediction, sha256_bytes(x.tobytes())))
+    return answered
 
 
 def _output(name: str, top: int | None, predictions: list[Prediction],
