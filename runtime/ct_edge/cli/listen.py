@@ -105,22 +105,26 @@ def add_parser(commands: Any) -> None:
                         help="series result from slice results (default: topk-mean, k = "
                              "ceil(10%% of the answered slices))")
     parser.add_argument("--forward", metavar="AE@HOST:PORT",
-                        help="send each series report (Basic Text SR) there by C-STORE")
+                        help="send each series report (Basic Text SR) there by C-STORE (default: not sent)")
     parser.add_argument("--no-reports", action="store_true",
-                        help="do not write a Basic Text SR per series")
+                        help="do not write a Basic Text SR per series (default: write one)")
     parser.add_argument("--spool-max-mb", type=_megabytes, metavar="MB",
                         help="keep at most MB of received files; the oldest classified ones are "
                              "removed, their results stay (default: keep all)")
     parser.add_argument("--min-free-mb", type=_megabytes, default=256 * 1024 * 1024, metavar="MB",
                         help="refuse instances (status 0xA700) when the disk has less free "
                              "(default: 256)")
-    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: listen with TLS")
-    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="PEM certificate: listen with TLS (default: plain TCP)")
+    parser.add_argument("--tls-key", metavar="FILE",
+                        help="PEM private key of --tls-cert (default: none)")
     parser.add_argument("--tls-ca", metavar="FILE",
-                        help="PEM CA: senders must present a certificate it signed (mutual TLS)")
+                        help="PEM CA: senders must present a certificate it signed (mutual TLS; "
+                             "default: no client certificate asked)")
     parser.add_argument("--artifact", metavar="NAME",
                         help="artifact to run (default: the bundle's default)")
-    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--quiet", action="store_true",
+                        help="log warnings and errors only (default: informational lines too)")
     parser.set_defaults(handler=run)
 
 

@@ -69,10 +69,10 @@ def add_parser(commands: Any) -> None:
                                         "prefer --token-file: a command line is visible to "
                                         "other users)")
     secret.add_argument("--token-file", metavar="FILE",
-                        help="read the bearer token from FILE (first line)")
+                        help="read the bearer token from FILE (first line; default: none)")
     parser.add_argument("--insecure-no-token", action="store_true",
                         help="allow a non-loopback --host without a token (anyone who reaches "
-                             "the port can classify and read every stored result)")
+                             "the port can classify and read every stored result; default: refused)")
     parser.add_argument("--max-body-mb", type=_positive_float, default=32.0, metavar="MB",
                         help="largest request body; larger ones get 413 (default: 32)")
     parser.add_argument("--cors-origin", metavar="ORIGIN",
