@@ -197,15 +197,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.domain",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"))
-    parser.add_argument("--model", type=Path, default=Path("artifacts/model/model.keras"))
-    parser.add_argument("--cross", help="glob of the other modality's chest images (quote it)")
-    parser.add_argument("--foreign-dir", type=Path, default=Path("artifacts/foreign"))
-    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"),
+                        help="bundle whose domain gate is measured (default: %(default)s)")
+    parser.add_argument("--model", type=Path, default=Path("artifacts/model/model.keras"),
+                        help="the bundle's Keras model: the training record beside it gives the data "
+                             "and splits, its logits layer the energy / max-logit methods "
+                             "(default: %(default)s)")
+    parser.add_argument("--cross", help="glob of the other modality's chest images (quote it); at "
+                        f"most {CROSS_LIMIT}, evenly spaced, are used (default: none)")
+    parser.add_argument("--foreign-dir", type=Path, default=Path("artifacts/foreign"),
+                        help="folder tools.foreign renders its foreign images into "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", type=Path,
+                        help="also write the report as JSON here (default: none, Markdown on stdout only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     report = measure(args.bundle, args.model, args.cross, args.foreign_dir)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

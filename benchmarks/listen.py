@@ -34,6 +34,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ct_edge.cli.common import positive_int
+
 REPO = Path(__file__).resolve().parents[1]
 AE = "CTEDGE"
 
@@ -199,17 +201,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.listen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "bundle")
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--stable-seconds", type=float, default=5.0)
-    parser.add_argument("--cache", type=Path, default=REPO / "artifacts" / "listen-bench")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args(argv)
+    parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "bundle",
+                        help="bundle ct-edge listen classifies with (default: artifacts/bundle in "
+                             "the repository)")
+    parser.add_argument("--slices", type=positive_int, default=300,
+                        help="slices in the synthetic CT series sent (default: %(default)s)")
+    parser.add_argument("--size", type=positive_int, default=512,
+                        help="rows and columns of each slice, pixels (default: %(default)s)")
+    parser.add_argument("--runs", type=positive_int, default=3,
+                        help="runs of both receivers, which goes first alternating; the result is "
+                             "the median (default: %(default)s)")
+    parser.add_argument("--stable-seconds", type=float, default=5.0,
+                        help="ct-edge listen --stable-seconds: a series is complete after this many "
+                             "seconds without a new slice (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=REPO / "artifacts" / "listen-bench",
+                        help="folder the synthetic series is written to once and reused from "
+                             "(default: artifacts/listen-bench in the repository)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                        help="folder for listen.json and listen.md (default: benchmarks/results in "
+                             "the repository)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = measure(args.bundle, args.slices, args.size, args.runs, args.stable_seconds,
                      args.cache, log=lambda line: print(line, file=sys.stderr, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)

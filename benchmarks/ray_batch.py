@@ -194,18 +194,27 @@ def _load(values: Sequence[float]) -> str:
     return "/".join(f"{v:.1f}" for v in values)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"))
+    parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"),
+                        help="bundle both commands run (default: %(default)s)")
     parser.add_argument("--artifact", help="artifact to run (default: the bundle's default)")
     parser.add_argument("--counts", default="500,3000",
                         help="image counts to time, comma-separated (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="counts 200,1000")
     parser.add_argument("--actors", type=int, help="batch actors (default: one per core)")
-    parser.add_argument("--inputs", type=Path, default=REPO / "artifacts" / "bench-inputs")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args(argv)
+    parser.add_argument("--inputs", type=Path, default=REPO / "artifacts" / "bench-inputs",
+                        help="folder the PNGs are made in once and reused from (default: "
+                             "artifacts/bench-inputs in the repository)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                        help="folder for ray_batch.json and ray_batch.md (default: benchmarks/results "
+                             "in the repository)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     counts = [200, 1000] if args.quick else [int(c) for c in args.counts.split(",") if c.strip()]
     start = time.perf_counter()
 

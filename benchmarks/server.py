@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ct_edge.cli.common import positive_int
+
 from .inputs import chest
 from .latency import summarize
 from .proc import REPO, child_env
@@ -239,17 +241,28 @@ def compare_stacks(images: list[bytes], concurrency: int, seconds: float) -> dic
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", default="artifacts/bundle")
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--workers", type=int, default=2)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.server",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", default="artifacts/bundle",
+                        help="bundle served and loaded in process (default: %(default)s)")
+    parser.add_argument("--concurrency", type=positive_int, default=4,
+                        help="concurrent clients: keep-alive loopback connections, or threads in "
+                             "process (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="seconds each figure is timed for (default: %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=2,
+                        help="ct-edge serve --workers: its worker threads (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="3 s per figure")
     parser.add_argument("--stacks", action="store_true",
                         help="compare http.server with Starlette + uvicorn instead")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
+                        help="folder for server.json (default: benchmarks/results in the repository)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     seconds = 3.0 if args.quick else args.seconds
     images = png_images()
     if args.stacks:

@@ -178,11 +178,19 @@ def build(out: Path, modality: str) -> list[Path]:
     return [*pydicom_files(modality), *package_pictures(), *rendered(Path(out))]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.foreign", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("artifacts/foreign"))
-    parser.add_argument("--modality", choices=["ct", "xray"], default="ct")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=Path("artifacts/foreign"),
+                        help="folder for the rendered images; pydicom's and the packages' files are "
+                             "listed where they are (default: %(default)s)")
+    parser.add_argument("--modality", choices=["ct", "xray"], default="ct",
+                        help="the bundle's modality; for xray, pydicom's CT files are foreign too "
+                             "(default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     for path in build(args.out, args.modality):
         print(path)
     return 0

@@ -176,21 +176,37 @@ def compare(host: dict, arm: dict, tolerance: float) -> tuple[list[str], dict]:
     return problems, summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: see above)")
-    parser.add_argument("--rootfs", type=Path, default=CACHE / "rootfs")
-    parser.add_argument("--site", type=Path, default=CACHE / "site")
+def build_parser() -> argparse.ArgumentParser:
+    from ct_edge.cli.common import positive_int  # after the sys.path line above
+
+    parser = argparse.ArgumentParser(prog="python -m tools.arm64.check",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="bundle folder (default: artifacts/bundle when it loads, else a small one "
+                             "built once into artifacts/arm64/bundle)")
+    parser.add_argument("--rootfs", type=Path, default=CACHE / "rootfs",
+                        help="the arm64 Debian userland for qemu-aarch64 -L, from tools/arm64/setup.sh "
+                             "(default: artifacts/arm64/rootfs in the repository)")
+    parser.add_argument("--site", type=Path, default=CACHE / "site",
+                        help="the aarch64 wheels of the runtime's dependencies, from "
+                             "tools/arm64/setup.sh (default: artifacts/arm64/site in the repository)")
     parser.add_argument("--images", type=Path, nargs="*", default=[],
                         help="more inputs: image files or folders (default: none)")
-    from ct_edge.cli.common import positive_int
-
     parser.add_argument("--max-images", type=positive_int, default=60,
                         help="at most this many of --images, spread evenly (default: 60)")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE)
-    parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
-    parser.add_argument("--report", type=Path, default=CACHE / "report.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help="largest difference allowed between the two machines' probabilities "
+                             "(default: %(default)g)")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="per run, seconds (default: %(default)g)")
+    parser.add_argument("--report", type=Path, default=CACHE / "report.json",
+                        help="JSON report written here (default: artifacts/arm64/report.json in the "
+                             "repository)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     python_arm = args.rootfs / "usr" / "bin" / "python3.11"
     qemu = shutil.which("qemu-aarch64")

@@ -46,24 +46,35 @@ def failure_signature(result: Result) -> str:
     return f"{result.outcome}: {result.case.target}/{result.case.generator.split(':')[0]}: {head}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a campaign (or --replay saved inputs); 1 if any case failed."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.fuzz",
                                      description=tools.fuzz.__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=10_000, help="generated input cases (default "
-                        "10000), on top of the bombs and the truncation sweep")
+                        "10000), on top of the bombs and the truncation sweep (0: no input cases at all)")
     parser.add_argument("--manifests", type=int, default=None,
                         help="generated manifest cases (default: cases / 5)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the generated cases: the same seed, the same campaign "
+                             "(default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="every 97th truncation and the smaller bombs only")
-    parser.add_argument("--time-limit", type=float, default=TIME_LIMIT)
+    parser.add_argument("--time-limit", type=float, default=TIME_LIMIT,
+                        help="seconds one case may run; past it the case is a hang and the worker "
+                             "is replaced (default: %(default)g)")
     parser.add_argument("--memory-bound", type=float, default=MEMORY_BOUND_MB,
-                        help="peak RSS of the worker allowed, MiB")
-    parser.add_argument("--save", type=Path, default=None, help="write failing inputs here")
-    parser.add_argument("--replay", type=Path, default=None, help="run the saved inputs in DIR")
-    parser.add_argument("--json", type=Path, default=None, help="write the summary here")
-    args = parser.parse_args(argv)
+                        help="peak RSS of the worker allowed, MiB (default: %(default)s)")
+    parser.add_argument("--save", type=Path, default=None, metavar="DIR",
+                        help="write failing inputs here (default: not written)")
+    parser.add_argument("--replay", type=Path, default=None, metavar="DIR",
+                        help="run the saved inputs in DIR instead of generated cases (default: generate)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the summary and the failures as JSON here (default: printed only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a campaign (or --replay saved inputs); 1 if any case failed."""
+    args = build_parser().parse_args(argv)
 
     if args.replay is not None:
         cases = regression_cases(args.replay)
