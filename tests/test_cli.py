@@ -66,7 +66,7 @@ def make_test_bundle(root: Path, uncertain_below: float = 0.5) -> Path:
         provenance_for(hashlib.sha256(models["tflite-fp32"]).hexdigest(),
                        data_fingerprint="none (untrained test model)"),
         uncertain_below=uncertain_below,
-        parity={"accuracy": 1.0, "agreement": 1.0, "max_abs_diff": 0.0})
+        parity={"test_images": 12, "accuracy": 1.0, "agreement": 1.0, "max_abs_diff": 0.0})
     return write_bundle(root, models, manifest)
 
 
@@ -530,6 +530,7 @@ def test_info_text(capsys, bundle: Path, manifest: dict) -> None:
         (line,) = [row for row in out.splitlines() if row.startswith(artifact["name"] + " ")]
         assert artifact["format"] in line and artifact["status"] in line and " ok " in line
         assert any(unit in line for unit in (" B ", "KiB", "MiB"))
+        assert f"(on {artifact['parity']['test_images']} test images)" in line
     assert "provenance" in out
     for value in manifest.get("provenance", {}).values():
         if isinstance(value, str):

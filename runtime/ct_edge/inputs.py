@@ -67,8 +67,8 @@ def expand_inputs(args: Iterable[str]) -> list[tuple[str, str | None]]:
     return items
 
 
-
 def walk_images(folder: str, onerror: Any) -> Iterator[str]:
+    """Image files below `folder`, sorted, hidden files and folders skipped (`onerror`: os.walk's)."""
     for root, dirs, files in os.walk(folder, onerror=onerror):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):

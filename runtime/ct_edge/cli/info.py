@@ -184,8 +184,11 @@ _PARITY_FIGURES = {"accuracy": "accuracy", "agreement": "agreement", "max_abs_di
 
 def _figures(parity: dict) -> str:
     shown = {key: value for key, value in parity.items() if key in _PARITY_FIGURES} or parity
-    return ", ".join(f"{_PARITY_FIGURES.get(key, key)} {_plain(value)}" for key, value in shown.items()
-                     if not isinstance(value, dict | list))
+    text = ", ".join(f"{_PARITY_FIGURES.get(key, key)} {_plain(value)}"
+                     for key, value in shown.items() if not isinstance(value, dict | list))
+    images = parity.get("test_images")
+    # A figure says what it was measured on: the build's test split, not the world.
+    return f"{text} (on {images} test images)" if text and isinstance(images, int) else text
 
 
 def _plain(value: Any) -> str:

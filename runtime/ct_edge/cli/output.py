@@ -15,9 +15,6 @@ from .common import isatty
 if TYPE_CHECKING:
     from ..classifier import Prediction
 
-# What each status means, in plain words, for the table's footer.
-
-
 class Writer:
     """Streams one row per Prediction; `finish` may print a footer."""
 
