@@ -54,6 +54,19 @@ def test_history_has_one_row_per_epoch(tiny_model: Path) -> None:
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
 
 
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["--size", "5"], "--size 5: unsupported input shape 5x5x3 (sides 8 to 1024 pixels"),
+    (["--size", "0"], "argument --size: must be 1 or more"),
+    (["--epochs", "0"], "argument --epochs: must be 1 or more"),
+    (["--batch-size", "-4"], "argument --batch-size: must be 1 or more"),
+])
+def test_bad_settings_are_usage_errors_not_tracebacks(argv: list[str], problem: str,
+                                                      capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and problem in capsys.readouterr().err
+
+
 def test_missing_data_folder_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()

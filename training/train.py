@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ct_edge import DISCLAIMER, LABELS
+from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
 from ct_edge.files import create_temp
 from ct_edge.preprocess import PreprocessSpec
@@ -435,19 +436,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flip-tta", action="store_true",
         help="mixture recipe: every member also runs on the mirrored image inside the one graph "
         "and the means include it; twice the compute per image (default: off)")
-    add("--epochs", type=int, default=defaults.epochs,
+    add("--epochs", type=positive_int, default=defaults.epochs,
         help=f"maximum epochs; early stopping usually ends sooner (default: {defaults.epochs})")
-    add("--batch-size", type=int, default=defaults.batch_size,
+    add("--batch-size", type=positive_int, default=defaults.batch_size,
         help=f"batch size (default: {defaults.batch_size})")
     add("--lr", type=float, default=defaults.learning_rate,
         help=f"Adam learning rate (default: {defaults.learning_rate})")
-    add("--patience", type=int, default=defaults.patience,
+    add("--patience", type=positive_int, default=defaults.patience,
         help=f"early-stopping patience in epochs (default: {defaults.patience})")
     add("--seed", type=int, default=defaults.seed, help=f"seed for splits and weights "
         f"(default: {defaults.seed})")
     add("--aspect", default=PreprocessSpec().aspect, choices=["crop", "letterbox", "stretch"],
         help=f"how non-square images become square (default: {PreprocessSpec().aspect})")
-    add("--size", type=int, default=None,
+    add("--size", type=positive_int, default=None,
         help=f"input size in pixels, square (default: {PreprocessSpec().size}; "
         f"{MIXTURE_SIZE} for --recipe mixture)")
     add("--no-augment", action="store_true", help="train without augmentation (default: augment)")
@@ -484,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.flip_tta and not mixture:
         parser.error("--flip-tta averages the members of one graph: it needs --recipe mixture")
     size = args.size or (MIXTURE_SIZE if mixture else PreprocessSpec().size)
-    spec = PreprocessSpec(aspect=args.aspect, size=size)
+    try:
+        spec = PreprocessSpec(aspect=args.aspect, size=size)
+    except ValueError as exc:
+        parser.error(f"--size {size}: {exc}")
     config = TrainConfig(data=args.data, out=args.out, arch=arch, epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.lr,
                          patience=args.patience, seed=args.seed, augment=not args.no_augment,
@@ -495,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                          abstention_folds=args.abstention_folds, target_risk=args.target_risk)
     try:
         metrics = train(config)
-    except (CtEdgeError, OSError) as exc:
+    except (CtEdgeError, OSError, ValueError) as exc:  # ValueError: a setting the model refuses
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(config.out)

@@ -64,7 +64,8 @@ class PreprocessSpec:
         if self.resample not in _RESAMPLE:
             raise ValueError(f"unknown resample filter {self.resample!r}")
         if self.channels not in (1, 3) or not 8 <= self.size <= 1024:
-            raise ValueError(f"unsupported input shape {self.size}x{self.size}x{self.channels}")
+            raise ValueError(f"unsupported input shape {self.size}x{self.size}x{self.channels} "
+                             "(sides 8 to 1024 pixels, 1 or 3 channels)")
         check_window(*self.window)
 
     def to_dict(self) -> dict:
