@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -25,14 +28,31 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless, generate_uid
 
+from ct_edge.dicom import DicomInfo
+from ct_edge.dicom_node import Node, NodeConfig
+from ct_edge.dicom_node.contexts import storage_classes
+from ct_edge.dicom_node.header import read_header
+from ct_edge.dicom_node.node import ABANDONED_AFTER
 from ct_edge.dicom_node.series import aggregate, top_k
+from ct_edge.domain import MODALITIES, NEUTRAL_MODALITIES, SECONDARY_CAPTURE_CLASSES
 from ct_edge.store import Store
 from training.synthetic_series import write_series
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 FIXTURES = Path(__file__).parent / "fixtures"
-DCMTK = shutil.which("storescu") is not None and shutil.which("echoscu") is not None
-needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK storescu/echoscu not installed "
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """DCMTK's `name` on PATH, not pynetdicom's command of the same name in this environment."""
+    scripts = Path(sysconfig.get_path("scripts")).resolve()
+    folders = [p for p in os.environ.get("PATH", "").split(os.pathsep)
+               if p and Path(p).resolve() != scripts]
+    return shutil.which(name, path=os.pathsep.join(folders))
+
+
+DCMTK_TOOLS = {name: dcmtk_tool(name) for name in ("storescu", "echoscu", "storescp")}
+DCMTK = all(DCMTK_TOOLS.values())
+needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK storescu/echoscu/storescp not installed "
                                                    "(apt-get install dcmtk; tools/setup_system.sh)")
 STABLE = "1"
 AE = "CTEDGE"
@@ -110,7 +130,8 @@ def pynetdicom_tool(tool: str, port: int, *args: str, calling: str = "PYSCU") ->
 
 
 def dcmtk(tool: str, port: int, *args: str, calling: str = "DCMTKSCU") -> subprocess.CompletedProcess:
-    return subprocess.run([tool, "-aec", AE, "-aet", calling, "127.0.0.1", str(port), *args],
+    return subprocess.run([DCMTK_TOOLS[tool], "-aec", AE, "-aet", calling, "127.0.0.1", str(port),
+                           *args],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -192,7 +213,17 @@ def test_store_counts_a_resent_instance_once_and_finds_stable_series(tmp_path: P
         assert store.stable_dicom_series(later) == [1, 2]
         assert store.stable_dicom_series(later - timedelta(seconds=60)) == []
         assert {s["result_id"] is not None for s in store.dicom_series_slices(1)} == {True}
-        assert [i for i, _ in store.dicom_spool_over(150)] == [1, 2]  # oldest first, newest kept
+        # Oldest first, the newest kept; a claimed file is no instance's any more.
+        assert store.claim_dicom_spool_over(150) == ["spool/1.2.3.1.dcm", "spool/1.2.3.2.dcm"]
+        assert store.claim_dicom_spool_over(150) == []
+        assert store.dicom_spool_paths() == {"spool/1.2.4.1.dcm"}
+        assert store.dicom_spool_path("1.2.3.1") is None
+        # A result computed from a copy the instance no longer holds is not stored.
+        receive("1.2.4.1", "1.2.4")
+        before = store.count()
+        assert store.add_dicom_result(3, spool_path="spool/old.dcm", source="x", status="ok") is None
+        assert store.count() == before and store.pending_dicom_instances()[0]["id"] == 3
+        assert store.add_dicom_result(3, spool_path="spool/1.2.4.1.dcm", source="x", status="ok")
 
 
 # --- the node ----------------------------------------------------------------------------------
@@ -220,16 +251,20 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "deflated": TEST_FILES / "image_dfl.dcm"}
 
 
-@pytest.fixture(scope="module")
-def ct_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny test bundle recorded as a CT bundle, without a feature gate: these tests are
-    about the node (transport, spool, store, series); the domain gate has its own tests."""
-    bundle = tmp_path_factory.mktemp("ct-bundle") / "bundle"
+def recorded_as(tiny_bundle: Path, bundle: Path, modality: str | None) -> Path:
+    """A copy of the tiny test bundle whose manifest records `modality` (None: no modality),
+    without a feature gate: these tests are about the node (transport, spool, store, series,
+    header rules); the domain gate has its own tests."""
     shutil.copytree(tiny_bundle, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["domain"] = {"modality": "ct"}
+    manifest["domain"] = {} if modality is None else {"modality": modality}
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return bundle
+
+
+@pytest.fixture(scope="module")
+def ct_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return recorded_as(tiny_bundle, tmp_path_factory.mktemp("ct-bundle") / "bundle", "ct")
 
 
 @pytest.fixture(scope="module")
@@ -482,9 +517,10 @@ def test_kill_9_during_a_transfer_loses_no_acknowledged_instance(ct_bundle: Path
         with Store(data_dir) as store:
             slices = store.dicom_series_slices(done["id"])
         assert all(s["state"] == "classified" and s["status"] for s in slices)
-        for uid in acknowledged:
-            spooled = data_dir / "spool" / info.series_uid / f"{uid}.dcm"
-            assert pydicom.dcmread(spooled).SOPInstanceUID == uid
+        with Store(data_dir) as store:
+            spooled = {uid: data_dir / store.dicom_spool_path(uid) for uid in acknowledged}
+        for uid, path in spooled.items():
+            assert pydicom.dcmread(path).SOPInstanceUID == uid
         # The sender resends the whole series; the node counts every instance once.
         assoc = _association(restarted.port)
         for path in info.files:
@@ -562,7 +598,7 @@ def test_series_report_is_forwarded(ct_bundle: Path, tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     received = tmp_path / "received"
     received.mkdir()
-    receiver = subprocess.Popen(["storescp", "-aet", "RESEARCHPACS", "-od", str(received),
+    receiver = subprocess.Popen([DCMTK_TOOLS["storescp"], "-aet", "RESEARCHPACS", "-od", str(received),
                                  str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         info = write_series(tmp_path / "series", "Normal", slices=5, seed=7, size=64)
@@ -584,3 +620,157 @@ def test_series_report_is_forwarded(ct_bundle: Path, tmp_path: Path) -> None:
     assert report.SOPInstanceUID == series["report"].removesuffix(".dcm")
     assert report.VerificationFlag == "UNVERIFIED" and report.StudyInstanceUID == info.study_uid
     assert "forwarded to RESEARCHPACS@127.0.0.1" in log and "status 0x0000" in log
+
+
+# --- copies, retention and restarts: the node's steps called in a chosen order -----------------
+
+
+@pytest.fixture
+def local_node(ct_bundle: Path, tmp_path: Path) -> Iterator[Node]:
+    """A node in this process that does not listen (spool limit 1 byte: retention takes every
+    classified copy); the tests call its steps themselves."""
+    from ct_edge.classifier import Classifier
+
+    data_dir = tmp_path / "data"
+    with Store(data_dir) as store:
+        yield Node(NodeConfig(data_dir=data_dir, spool_max_bytes=1),
+                   Classifier.from_bundle(ct_bundle), store)
+
+
+def receive(node: Node, source: Path = FIXTURES / "ct_small.dcm") -> dict:
+    """What the C-STORE handler does with a dataset pynetdicom streamed to a file: its queue item."""
+    node.incoming.mkdir(parents=True, exist_ok=True)
+    streamed = node.incoming / generate_uid()
+    shutil.copyfile(source, streamed)
+    return node.keep(streamed, read_header(streamed), calling="PYTEST", peer="127.0.0.1:104")
+
+
+def spooled(node: Node) -> list[str]:
+    return sorted(p.relative_to(node.config.data_dir).as_posix() for p in node.spool.glob("*/*.dcm"))
+
+
+def test_retention_never_deletes_a_copy_received_while_it_runs(local_node: Node,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention has claimed a classified instance's file; the instance arrives again and is
+    acknowledged before the file is deleted: the new copy stays and is classified."""
+    node = local_node
+    node.classify(receive(node))
+    claim, again = node.store.claim_dicom_spool_over, {}
+
+    def claim_then_receive(max_bytes: int) -> list[str]:
+        claimed = claim(max_bytes)
+        again.update(receive(node))
+        return claimed
+
+    monkeypatch.setattr(node.store, "claim_dicom_spool_over", claim_then_receive)
+    node.retain_spool()
+    assert spooled(node) == [again["spool_path"]]
+    (pending,) = node.store.pending_dicom_instances()
+    assert pending["spool_path"] == again["spool_path"]
+    node.classify(pending)
+    (one,) = node.store.dicom_series_slices(pending["series_id"])
+    assert one["state"] == "classified" and one["error"] is None and one["label"] in LABELS
+
+
+def test_a_superseded_copy_never_answers_for_the_newer_one(local_node: Node) -> None:
+    """An instance received twice before the worker reached it: the first copy's item neither
+    stores a result nor marks the instance classified, so retention cannot take the newer copy
+    before it is classified; the earlier file goes as soon as the newer one is recorded."""
+    node = local_node
+    first, second = receive(node), receive(node)
+    assert spooled(node) == [second["spool_path"]]
+    node.classify(first)
+    assert node.store.count() == 0 and len(node.store.pending_dicom_instances()) == 1
+    node.retain_spool()  # nothing classified: nothing to take
+    assert spooled(node) == [second["spool_path"]]
+    node.classify(second)
+    (series,) = node.store.list_dicom_series()
+    (one,) = node.store.dicom_series_slices(series["id"])
+    assert series["instances"] == 1 and node.store.count() == 1
+    assert one["state"] == "classified" and one["error"] is None and one["label"] in LABELS
+    node.retain_spool()
+    assert spooled(node) == [] and node.store.dicom_series_slices(series["id"])[0]["label"]
+
+
+def test_a_start_settles_what_a_crash_or_an_older_version_left(ct_bundle: Path,
+                                                                tmp_path: Path) -> None:
+    """An instance left 'received' without a spool file (an older version's retention) is
+    recorded unreadable and its series completes; spool files no instance refers to (a crash
+    between spooling and recording, or between a claim and its deletion) are removed once older
+    than ABANDONED_AFTER; the files instances refer to stay."""
+    data_dir = tmp_path / "data"
+    folder = data_dir / "spool" / "1.2.3"
+    folder.mkdir(parents=True)
+    for name in ("kept.dcm", "orphan.dcm", "young.dcm"):
+        shutil.copyfile(FIXTURES / "ct_small.dcm", folder / name)
+    past = time.time() - ABANDONED_AFTER - 60
+    for name in ("kept.dcm", "orphan.dcm"):
+        os.utime(folder / name, (past, past))
+    with Store(data_dir) as store:
+        for sop, series in (("1.2.3.1", "1.2.3"), ("1.2.4.1", "1.2.4")):
+            store.add_dicom_instance(sop_instance_uid=sop, study_uid="1.2", series_uid=series,
+                                     spool_path="spool/1.2.3/kept.dcm", nbytes=100, modality="CT")
+    with contextlib.closing(sqlite3.connect(data_dir / "results.sqlite3")) as db, db:
+        db.execute("UPDATE dicom_instances SET spool_path = NULL WHERE sop_instance_uid = '1.2.4.1'")
+    with running(ct_bundle, data_dir) as listener:
+        lost = wait_series(data_dir, "1.2.4")
+        kept = wait_series(data_dir, "1.2.3")
+        log = listener.log()
+    assert lost["status"] is None and lost["counts"]["unreadable"] == 1
+    assert kept["counts"]["used"] == 1
+    with Store(data_dir) as store:
+        (one,) = store.dicom_series_slices(lost["id"])
+    assert one["error"] == "spool file unreadable (no spool file recorded)"
+    assert sorted(p.name for p in folder.iterdir()) == ["kept.dcm", "young.dcm"]
+    assert "removed 1 spool files no instance refers to" in log
+
+
+# --- the node and the classifier: one statement of the domain ----------------------------------
+
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+TABLE_CLASSES = (*dict.fromkeys(uid for rule in MODALITIES.values() for uid in rule["sop_classes"]),
+                 *SECONDARY_CAPTURE_CLASSES, MR_IMAGE)
+TABLE_MODALITIES = (*dict.fromkeys(value for rule in MODALITIES.values()
+                                   for value in rule["modalities"]), *NEUTRAL_MODALITIES, "MR")
+
+
+@pytest.mark.parametrize("modality", ["ct", "xray", None])
+def test_node_and_classifier_agree_on_every_modality_and_sop_class(
+        modality: str | None, tiny_bundle: Path, tmp_path: Path) -> None:
+    """Every SOP class and Modality of ct_edge.domain's tables (and MR), one dataset each pair,
+    sent by storescu: the node refuses at negotiation only classes that the classifier's header
+    check refuses by class (for a bundle that records no modality: the classes of modalities
+    ct-edge does not know), and stores for every other dataset what `ct-edge classify` answers."""
+    from ct_edge.classifier import Classifier
+    from ct_edge.domain import metadata_reason
+
+    bundle = recorded_as(tiny_bundle, tmp_path / "bundle", modality)
+    offered = storage_classes(modality)
+    known = {*(uid for rule in MODALITIES.values() for uid in rule["sop_classes"]),
+             *SECONDARY_CAPTURE_CLASSES}
+    for uid in TABLE_CLASSES:
+        refused_by_class = metadata_reason(DicomInfo(sop_class_uid=uid), modality) is not None
+        assert (uid not in offered) == (refused_by_class if modality else uid not in known), uid
+    series_uid, files = generate_uid(), {}
+    for n, (uid, value) in enumerate(itertools.product(TABLE_CLASSES, TABLE_MODALITIES)):
+        path = rewrite(FIXTURES / "ct_small.dcm", tmp_path / f"{n}.dcm", SOPClassUID=uid,
+                       Modality=value, SeriesInstanceUID=series_uid)
+        files[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = (path, uid)
+    with running(bundle, tmp_path / "data") as listener:
+        assert pynetdicom_tool("storescu", listener.port,
+                               *(str(p) for p, _ in files.values())).returncode == 0
+        received = sum(uid in offered for _, uid in files.values())
+        series = wait_series(listener.data_dir, series_uid, instances=received)
+    with Store(tmp_path / "data") as store:
+        answers = {s["sop_instance_uid"]: (s["status"], s["label"], s["reason"])
+                   for s in store.dicom_series_slices(series["id"])}
+    statuses = {status for status, _, _ in answers.values()}
+    assert statuses & {"ok", "uncertain"} and ("out_of_domain" in statuses) == bool(modality)
+    classifier = Classifier.from_bundle(bundle)
+    for sop_instance, (path, uid) in files.items():
+        expected = classifier.predict(path)
+        if uid in offered:
+            assert answers[sop_instance] == (expected.status, expected.label, expected.reason), path
+        else:
+            assert sop_instance not in answers
+            assert expected.status == "out_of_domain" or modality is None, path

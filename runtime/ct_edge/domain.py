@@ -284,7 +284,10 @@ MODALITIES: dict[str, dict] = {
 }
 # Modality values that say nothing about what was imaged (other, secondary capture).
 NEUTRAL_MODALITIES = ("", "OT", "SC")
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1 - .4 multi-frame variants
+# Secondary Capture and its multi-frame variants: the class says nothing about what was imaged.
+SECONDARY_CAPTURE_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1",
+                             "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3",
+                             "1.2.840.10008.5.1.4.1.1.7.4")
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO")
 
 
@@ -303,7 +306,7 @@ def metadata_reason(info: DicomInfo, modality: str | None) -> str | None:
     if info.modality not in NEUTRAL_MODALITIES and info.modality not in rule["modalities"]:
         return f"modality {info.modality}; {accepts}"
     uid = info.sop_class_uid
-    if uid and uid not in rule["sop_classes"] and not uid.startswith(SECONDARY_CAPTURE):
+    if uid and uid not in rule["sop_classes"] and uid not in SECONDARY_CAPTURE_CLASSES:
         return f"SOP class {info.sop_class_name or uid}; {accepts}"
     if info.photometric and not info.photometric.startswith("MONOCHROME"):
         return f"colour image ({info.photometric}); {accepts}"

@@ -1,5 +1,8 @@
 """What the node accepts at association negotiation: storage SOP classes and transfer syntaxes.
 
+The storage classes come from ct_edge.domain's tables, the one statement of what a bundle of
+each modality accepts; whether a received dataset is in the domain is the classifier's call.
+
 Only transfer syntaxes that an installed pydicom decoder can decode are offered, so a sender
 transcodes (or refuses) at negotiation instead of failing after the transfer: the uncompressed
 and deflated syntaxes and RLE always; JPEG and JPEG 2000 when a decoder plugin is importable
@@ -9,56 +12,37 @@ needs pylibjpeg or another plugin).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from ..domain import MODALITIES, SECONDARY_CAPTURE_CLASSES
 
 VERIFICATION = "1.2.840.10008.1.1"
-
-# Storage SOP classes by the modality of the images they carry.
-STORAGE_CLASSES: dict[str, dict[str, str]] = {
-    "CT": {"1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-           "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage"},
-    "CR": {"1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage"},
-    "DX": {"1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-           "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing"},
-}
-SECONDARY_CAPTURE = {"1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage"}
-# A bundle whose manifest does not say its modality is taken to accept chest CT and projection
-# X-rays; the classifier's own domain gate decides between them when the bundle has one.
-DEFAULT_MODALITIES: tuple[str, ...] = ("CT", "CR", "DX")
-# Modality values that say nothing about what was imaged (other, secondary capture): such an
-# object is classified and the classifier's own domain gate judges its pixels.
-NEUTRAL_MODALITIES: tuple[str, ...] = ("", "OT", "SC")
 UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99",
                 "1.2.840.10008.1.2.2")
 
 
-def bundle_modalities(manifest: dict) -> tuple[str, ...]:
-    """The DICOM modalities a bundle's manifest records (`domain.modality`, 'ct' or 'xray' as
-    ct_edge.domain writes it, or a `domain.modalities` list; 'xray' means CR and DX), else
-    DEFAULT_MODALITIES."""
-    domain = manifest.get("domain") if isinstance(manifest.get("domain"), dict) else {}
-    recorded = domain.get("modalities", domain.get("modality"))
-    if isinstance(recorded, str):
-        recorded = [recorded]
-    if not isinstance(recorded, list) or not recorded:
-        return DEFAULT_MODALITIES
-    found: list[str] = []
-    for item in recorded:
-        name = str(item).strip().upper()
-        for modality in (("CR", "DX") if name in ("XR", "X-RAY", "XRAY", "CXR") else (name,)):
-            if modality not in found:
-                found.append(modality)
-    return tuple(found)
+def _domain_rules(bundle_modality: str | None) -> list[dict]:
+    """ct_edge.domain's rules for a bundle's modality; all of them for a bundle that records none."""
+    return [MODALITIES[bundle_modality]] if bundle_modality in MODALITIES \
+        else list(MODALITIES.values())
 
 
-def storage_classes(modalities: Iterable[str]) -> dict[str, str]:
-    """SOP class UID -> name for the modalities, plus Secondary Capture (modality checked per
-    dataset)."""
-    classes: dict[str, str] = {}
-    for modality in modalities:
-        classes.update(STORAGE_CLASSES.get(modality, {}))
-    classes.update(SECONDARY_CAPTURE)
-    return classes
+def accepted_modalities(bundle_modality: str | None) -> tuple[str, ...]:
+    """The DICOM Modality values the bundle's domain names (what the node says it accepts)."""
+    return tuple(dict.fromkeys(value for rule in _domain_rules(bundle_modality)
+                               for value in rule["modalities"]))
+
+
+def storage_classes(bundle_modality: str | None) -> dict[str, str]:
+    """SOP class UID -> name of the storage classes the node offers: those ct_edge.domain accepts
+    for the bundle's modality, and Secondary Capture (the classifier judges each dataset).
+
+    Any other class would be out_of_domain by its SOP class alone, so it is refused at
+    negotiation and the sender knows before it sends. A bundle that records no modality is
+    offered the classes of every modality ct-edge knows (the classifier checks no header then).
+    """
+    from pydicom.uid import UID
+
+    uids = [uid for rule in _domain_rules(bundle_modality) for uid in rule["sop_classes"]]
+    return {uid: UID(uid).name for uid in dict.fromkeys([*uids, *SECONDARY_CAPTURE_CLASSES])}
 
 
 def decodable_transfer_syntaxes() -> list[str]:

@@ -2,11 +2,17 @@
 
 Order of work for each C-STORE (so that an acknowledged instance is never lost):
 pynetdicom streams the dataset to a file in `<data>/spool/.incoming` (never the whole dataset in
-memory) -> the handler fsyncs it and renames it into `<data>/spool/<series>/<instance>.dcm` ->
-records it in the store (committed, synchronous=FULL) -> answers 0x0000. A worker thread takes
-instances from a queue and classifies them; a monitor thread completes a series once no instance
-came for `stable_seconds` and every instance is classified. A restart puts what was received but
-not classified back on the queue.
+memory) -> the handler fsyncs it and renames it into `<data>/spool/<series>/<instance>.<copy>.dcm`
+(a name of its own for every copy received) -> records it in the store (committed,
+synchronous=FULL) -> answers 0x0000. A worker thread takes copies from a queue and classifies
+them; a monitor thread completes a series once no instance came for `stable_seconds` and every
+instance is classified. A restart puts what was received but not classified back on the queue.
+
+A spool file is deleted only once no instance refers to it: the earlier copy of an instance
+received again, or a copy that retention has first detached from its instance in the store. A
+result is stored only for the copy its instance holds, so a superseded copy's result never stands
+for a newer one. A crash between those steps leaves a file no instance refers to; a later start
+removes it.
 
 pynetdicom's chunked receiving is a process-wide setting, and its temporary files go to the
 process's temporary folder, so the node sets both: one node per process.
@@ -14,6 +20,7 @@ process's temporary folder, so the node sets both: one node per process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -24,22 +31,21 @@ import shutil
 import tempfile
 import threading
 import time
-import zlib
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, one_line
-from ..limits import MAX_FILE_BYTES
 from ..store import Store, StoreError, bundle_identity
 from .config import NodeConfig
 from .contexts import (
-    NEUTRAL_MODALITIES,
     VERIFICATION,
-    bundle_modalities,
+    accepted_modalities,
     decodable_transfer_syntaxes,
     storage_classes,
 )
+from .header import read_header
 from .report import BASIC_TEXT_SR, build_report, save_report
 from .series import aggregate
 
@@ -49,14 +55,15 @@ SPOOL = "spool"
 INCOMING = ".incoming"
 REPORTS = "reports"
 DEFLATED = "1.2.840.10008.1.2.1.99"
+# A file this old that nothing refers to was abandoned (a transfer or a crash cut it off); younger
+# ones may belong to a transfer in progress.
+ABANDONED_AFTER = 600.0
 # DIMSE status codes (PS3.4 Annex B.2.3, PS3.7 Annex C).
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                "Modality", "PatientID", "SeriesDescription", "InstanceNumber", "SliceLocation",
-                "ImagePositionPatient")
+
 
 
 def _safe_name(uid: str) -> str:
@@ -72,33 +79,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _number(kind: type, value: Any) -> Any:
-    """An optional attribute's value as `kind`; None when absent or malformed (it only orders
-    slices, so a bad value must not refuse the dataset)."""
-    try:
-        return kind(value) if value not in (None, "") else None
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def _check_inflated_size(path: Path, limit: int = MAX_FILE_BYTES) -> None:
-    """A deflated dataset must not inflate past `limit` (pydicom would inflate it in memory)."""
-    with open(path, "rb") as handle:
-        head = handle.read(144)
-        if len(head) < 144 or head[128:132] != b"DICM":
-            return
-        # pynetdicom writes the file meta group starting with its group length (UL, 12 bytes).
-        handle.seek(144 + int.from_bytes(head[140:144], "little"))
-        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
-        while chunk := handle.read(1 << 20):
-            pending = inflater.decompress(chunk, 1 << 20)
-            while pending:
-                total += len(pending)
-                if total > limit:
-                    raise InputError(str(path), f"deflated dataset inflates to over {limit} bytes")
-                pending = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
-
-
 class Node:
     """A DICOM Storage SCP that classifies what it receives (one per process)."""
 
@@ -108,8 +88,8 @@ class Node:
         self.store = store
         self.spool = config.data_dir / SPOOL
         self.incoming = self.spool / INCOMING
-        self.modalities = bundle_modalities(classifier.bundle.manifest)
-        self.sop_classes = storage_classes(self.modalities)
+        self.modalities = accepted_modalities(classifier.bundle.modality)
+        self.sop_classes = storage_classes(classifier.bundle.modality)
         self.transfer_syntaxes = decodable_transfer_syntaxes()
         self.bundle_sha256 = bundle_identity(classifier.bundle.root)
         self._queue: queue.Queue[dict | None] = queue.Queue()
@@ -117,6 +97,10 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._associations: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        # Finding an instance's earlier copy and recording its new one are one step: two
+        # associations delivering the same instance at once must not both take the same
+        # earlier copy for theirs.
+        self._recording = threading.Lock()
         self._server: Any = None
         self.address: tuple[str, int] = (config.host, config.port)
 
@@ -131,9 +115,13 @@ class Node:
             leftover.unlink(missing_ok=True)
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.incoming)  # same file system as the spool: rename, not copy
+        self._remove_unreferenced()
         pending = self.store.pending_dicom_instances()
         for item in pending:
-            self._queue.put(item)
+            if item["spool_path"] is None:  # an older version's retention removed its file
+                self.classify(item)  # recorded unreadable now, before any copy can come again
+            else:
+                self._queue.put(item)
         if pending:
             log.info("resuming: %d received instances not classified yet", len(pending))
         ae = AE(ae_title=self.config.ae_title)
@@ -232,7 +220,9 @@ class Node:
                 log.warning("out of disk space: refusing an instance from %s (0xA700)", calling)
                 self._count(event, "failed")
                 return OUT_OF_RESOURCES
-            header = self._read_header(received, event)
+            header = read_header(received, str(event.context.transfer_syntax) == DEFLATED,
+                                 str(event.request.AffectedSOPClassUID),
+                                 str(event.request.AffectedSOPInstanceUID))
         except InputError as exc:
             log.warning("unusable dataset from %s: %s", calling, exc.problem)
             self._record_failure(f"{calling}@{peer.address}", exc.problem)
@@ -242,20 +232,8 @@ class Node:
             log.error("cannot keep an instance from %s (0xA700): %s", calling, one_line(exc))
             self._count(event, "failed")
             return OUT_OF_RESOURCES
-        final = self.spool / _safe_name(header["SeriesInstanceUID"]) / \
-            f"{_safe_name(header['SOPInstanceUID'])}.dcm"
         try:
-            self._install(received, final)
-            item = {"spool_path": str(final.relative_to(self.config.data_dir)),
-                    "sop_instance_uid": header["SOPInstanceUID"],
-                    "sop_class_uid": header["SOPClassUID"], "modality": header["Modality"]}
-            item["id"] = self.store.add_dicom_instance(
-                sop_instance_uid=header["SOPInstanceUID"], sop_class_uid=header["SOPClassUID"],
-                study_uid=header["StudyInstanceUID"], series_uid=header["SeriesInstanceUID"],
-                spool_path=item["spool_path"], nbytes=nbytes, modality=header["Modality"],
-                patient_id=header["PatientID"], description=header["SeriesDescription"],
-                instance_number=header["InstanceNumber"], slice_location=header["SliceLocation"],
-                calling_ae=calling, peer=f"{peer.address}:{peer.port}")
+            item = self.keep(received, header, calling=calling, peer=f"{peer.address}:{peer.port}")
         except (OSError, StoreError) as exc:
             log.error("cannot keep an instance from %s (0xA700): %s", calling, one_line(exc))
             self._count(event, "failed")
@@ -265,38 +243,36 @@ class Node:
         self._count(event, "bytes", nbytes)
         return SUCCESS
 
-    def _read_header(self, path: Path, event: Any) -> dict[str, Any]:
-        """The identifiers of a received dataset; InputError when it cannot be parsed."""
-        import pydicom
-        from pydicom.multival import MultiValue
-
+    def keep(self, received: Path, header: dict[str, Any], calling: str, peer: str) -> dict[str, Any]:
+        """Make a received file durable in the spool and record it (committed); its queue item.
+        The copy an earlier receipt of the instance left is removed once this one is recorded.
+        OSError or StoreError when it cannot be kept: then nothing of it is."""
+        # A name of its own for every copy: a copy received again never lands on a file that
+        # retention or the removal of a superseded copy is about to delete.
+        final = self.spool / _safe_name(header["SeriesInstanceUID"]) / \
+            f"{_safe_name(header['SOPInstanceUID'])}.{uuid.uuid4().hex}.dcm"
+        item = {"spool_path": str(final.relative_to(self.config.data_dir)),
+                "sop_instance_uid": header["SOPInstanceUID"],
+                "sop_class_uid": header["SOPClassUID"], "modality": header["Modality"]}
         try:
-            if str(event.context.transfer_syntax) == DEFLATED:
-                _check_inflated_size(path)
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
-            header: dict[str, Any] = {}
-            for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                        "Modality", "PatientID", "SeriesDescription"):
-                value = ds.get(tag)
-                header[tag] = str(value).strip() if value is not None else ""
-            header["SOPClassUID"] = header["SOPClassUID"] or str(event.request.AffectedSOPClassUID)
-            header["SOPInstanceUID"] = (header["SOPInstanceUID"]
-                                        or str(event.request.AffectedSOPInstanceUID))
-            header["InstanceNumber"] = _number(int, ds.get("InstanceNumber"))
-            position = ds.get("ImagePositionPatient")
-            header["SliceLocation"] = _number(float, ds.get("SliceLocation"))
-            if header["SliceLocation"] is None and isinstance(position, MultiValue) \
-                    and len(position) == 3:
-                header["SliceLocation"] = _number(float, position[2])
-        except InputError:
+            nbytes = received.stat().st_size
+            self._install(received, final)
+            with self._recording:
+                earlier = self.store.dicom_spool_path(header["SOPInstanceUID"])
+                item["id"] = self.store.add_dicom_instance(
+                    sop_instance_uid=header["SOPInstanceUID"], sop_class_uid=header["SOPClassUID"],
+                    study_uid=header["StudyInstanceUID"], series_uid=header["SeriesInstanceUID"],
+                    spool_path=item["spool_path"], nbytes=nbytes, modality=header["Modality"],
+                    patient_id=header["PatientID"], description=header["SeriesDescription"],
+                    instance_number=header["InstanceNumber"],
+                    slice_location=header["SliceLocation"], calling_ae=calling, peer=peer)
+        except BaseException:  # whatever failed, nothing refers to the file and nothing is answered
+            with contextlib.suppress(OSError):
+                final.unlink(missing_ok=True)
             raise
-        except Exception as exc:  # pydicom raises many unrelated types for damaged data
-            raise InputError(str(path), f"cannot parse the dataset ({one_line(exc)})") from None
-        for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            if not header[tag]:
-                raise InputError(str(path), f"the dataset has no {tag}")
-        header["Modality"] = header["Modality"].upper()
-        return header
+        if earlier is not None:
+            self._remove_spool_file(earlier)
+        return item
 
     def _install(self, received: Path, final: Path) -> None:
         """Make the received file durable under its final name (atomic)."""
@@ -332,38 +308,46 @@ class Node:
             except queue.Empty:
                 continue
             if item is not None:
-                self._classify(item)
+                self.classify(item)
 
-    def _classify(self, item: dict[str, Any]) -> None:
-        """Classify one spooled instance and store its result (never raises)."""
-        path = self.config.data_dir / item["spool_path"]
+    def classify(self, item: dict[str, Any]) -> None:
+        """Classify one spooled copy and store its result, unless the instance was received again
+        meanwhile: then the newer copy's own item stores its result (never raises)."""
+        result = self._classification(item)
+        try:
+            stored = self.store.add_dicom_result(item["id"], spool_path=item["spool_path"],
+                                                 **result)
+        except StoreError as exc:
+            log.error("%s", exc)
+            return
+        if stored is None:
+            log.info("instance %s was received again: the newer copy is classified instead",
+                     item["sop_instance_uid"])
+
+    def _classification(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The results row of one spooled copy: the classifier's answer (its header check and
+        domain gate decide what is out of domain), or why there is none."""
         result: dict[str, Any] = {"source": f"dicom {item['sop_instance_uid']}",
                                   "bundle_sha256": self.bundle_sha256,
                                   "artifact": self.classifier.artifact.name,
                                   "artifact_sha256": self.classifier.artifact.sha256}
-        modality = item.get("modality") or ""
         try:
-            data = path.read_bytes()
+            if item["spool_path"] is None:
+                raise FileNotFoundError("no spool file recorded")
+            data = (self.config.data_dir / item["spool_path"]).read_bytes()
             result["sha256"] = hashlib.sha256(data).hexdigest()
-            if modality not in self.modalities and modality not in NEUTRAL_MODALITIES:
-                result.update(status="out_of_domain", reason=f"modality {modality or 'missing'}; "
-                              f"this bundle accepts {', '.join(self.modalities)}")
-            else:
-                prediction = self.classifier.predict(data)
-                result.update(status=prediction.status, label=prediction.label,
-                              probabilities=prediction.probabilities, reason=prediction.reason,
-                              timings_ms=prediction.timings_ms)
+            prediction = self.classifier.predict(data)
+            result.update(status=prediction.status, label=prediction.label,
+                          probabilities=prediction.probabilities, reason=prediction.reason,
+                          timings_ms=prediction.timings_ms)
         except InputError as exc:
             result.update(status=None, error=exc.problem)
         except OSError as exc:
             result.update(status=None, error=f"spool file unreadable ({one_line(exc)})")
         except Exception as exc:  # a bug must not leave the series waiting forever
-            log.exception("classifying %s failed", path)
+            log.exception("classifying %s failed", item["spool_path"])
             result.update(status=None, error=f"internal error ({one_line(exc)})")
-        try:
-            self.store.add_dicom_result(item["id"], **result)
-        except StoreError as exc:
-            log.error("%s", exc)
+        return result
 
     # --- series ----------------------------------------------------------------------------------
 
@@ -440,14 +424,8 @@ class Node:
 
     def _housekeeping(self) -> None:
         """Spool retention, and temporary files of transfers that were aborted."""
-        if self.config.spool_max_bytes is not None:
-            over = self.store.dicom_spool_over(self.config.spool_max_bytes)
-            for _, relative in over:
-                (self.config.data_dir / relative).unlink(missing_ok=True)
-            if over:
-                self.store.forget_dicom_spool([instance_id for instance_id, _ in over])
-                log.info("retention: removed %d spool files", len(over))
-        horizon = time.time() - 600
+        self.retain_spool()
+        horizon = time.time() - ABANDONED_AFTER
         for leftover in self.incoming.iterdir():
             try:
                 if leftover.stat().st_mtime < horizon:
@@ -455,3 +433,39 @@ class Node:
             except OSError:
                 pass
 
+    def retain_spool(self) -> None:
+        """Remove the oldest classified copies past `spool_max_bytes` (their results stay)."""
+        if self.config.spool_max_bytes is None:
+            return
+        # Detached from their instances first (committed): a copy received meanwhile has a
+        # file of its own, and a crash before the removal leaves only a file nothing refers to.
+        claimed = self.store.claim_dicom_spool_over(self.config.spool_max_bytes)
+        for relative in claimed:
+            self._remove_spool_file(relative)
+        if claimed:
+            log.info("retention: removed %d spool files", len(claimed))
+
+    def _remove_spool_file(self, relative: str) -> None:
+        """Delete a spool file that no instance refers to any more (already gone is fine)."""
+        try:
+            (self.config.data_dir / relative).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", relative, one_line(exc))
+
+    def _remove_unreferenced(self) -> None:
+        """Spool files no instance refers to, left by a crash between spooling a copy and
+        recording it, or between detaching a copy and deleting it."""
+        referenced = self.store.dicom_spool_paths()
+        # Another process's node on the same data folder may be between spooling and recording.
+        horizon = time.time() - ABANDONED_AFTER
+        removed = 0
+        for path in self.spool.glob("*/*"):
+            if path.parent == self.incoming or \
+                    str(path.relative_to(self.config.data_dir)) in referenced:
+                continue
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < horizon:
+                    path.unlink()
+                    removed += 1
+        if removed:
+            log.info("removed %d spool files no instance refers to", removed)

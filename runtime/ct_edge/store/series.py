@@ -92,8 +92,11 @@ class DicomSeriesStore:
         keys = ("id", "spool_path", "sop_instance_uid", "sop_class_uid", "series_id", "modality")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
-    def add_dicom_result(self, instance_id: int, **result: Any) -> int:
-        """`add` (origin 'dicom') and mark the instance classified, in one transaction."""
+    def add_dicom_result(self, instance_id: int, *, spool_path: str | None = None,
+                         **result: Any) -> int | None:
+        """`add` (origin 'dicom') and mark the instance classified, in one transaction; the
+        result id. With `spool_path` (the copy the result was computed from) only while the
+        instance still holds that copy: None, and nothing stored, once it was received again."""
         values = result_values(
             source=result["source"], origin="dicom", status=result.get("status"),
             label=result.get("label"), probabilities=result.get("probabilities"),
@@ -102,6 +105,10 @@ class DicomSeriesStore:
             bundle_sha256=result.get("bundle_sha256"), artifact=result.get("artifact"),
             artifact_sha256=result.get("artifact_sha256"), heatmap=None)
         with transaction(self._db, self._lock, self.path) as db:
+            if spool_path is not None and not db.execute(
+                    "SELECT 1 FROM dicom_instances WHERE id = ? AND spool_path = ?",
+                    (int(instance_id), spool_path)).fetchone():
+                return None
             result_id = int(db.execute(INSERT_RESULT, values).lastrowid)
             db.execute("UPDATE dicom_instances SET state = 'classified', result_id = ? "
                        "WHERE id = ?", (result_id, int(instance_id)))
@@ -196,22 +203,33 @@ class DicomSeriesStore:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM dicom_series").fetchone()[0])
 
-    def dicom_spool_over(self, max_bytes: int) -> list[tuple[int, str]]:
-        """(instance id, spool path) of classified instances, oldest first, whose files take the
-        spool past `max_bytes`: what a retention limit removes."""
+    def dicom_spool_path(self, sop_instance_uid: str) -> str | None:
+        """The spool file of an instance's latest copy (None: never received, or removed)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, spool_path, bytes, state FROM dicom_instances "
-                "WHERE spool_path IS NOT NULL ORDER BY id DESC").fetchall()
-        total, over = 0, []
-        for instance_id, path, nbytes, state in rows:
-            total += int(nbytes or 0)
-            if total > max_bytes and state == "classified":
-                over.append((int(instance_id), path))
-        return over[::-1]
+            row = self._db.execute("SELECT spool_path FROM dicom_instances WHERE "
+                                   "sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
+        return row[0] if row else None
 
-    def forget_dicom_spool(self, instance_ids: list[int]) -> None:
-        """The spool files of these instances were removed (retention); their results stay."""
+    def dicom_spool_paths(self) -> set[str]:
+        """Every spool file an instance refers to."""
         with self._lock:
-            self._db.executemany("UPDATE dicom_instances SET spool_path = NULL WHERE id = ?",
-                                 [(int(i),) for i in instance_ids])
+            rows = self._db.execute("SELECT spool_path FROM dicom_instances "
+                                    "WHERE spool_path IS NOT NULL").fetchall()
+        return {row[0] for row in rows}
+
+    def claim_dicom_spool_over(self, max_bytes: int) -> list[str]:
+        """Detach from their instances the spool files of classified instances, oldest first,
+        that take the spool past `max_bytes`, and return them for the caller to delete
+        (committed; their results stay). One transaction: an instance received again meanwhile
+        either comes before (not classified, kept) or after (its new copy is not claimed)."""
+        with transaction(self._db, self._lock, self.path) as db:
+            rows = db.execute("SELECT id, spool_path, bytes, state FROM dicom_instances "
+                              "WHERE spool_path IS NOT NULL ORDER BY id DESC").fetchall()
+            total, over = 0, []
+            for instance_id, path, nbytes, state in rows:
+                total += int(nbytes or 0)
+                if total > max_bytes and state == "classified":
+                    over.append((int(instance_id), path))
+            db.executemany("UPDATE dicom_instances SET spool_path = NULL WHERE id = ?",
+                           [(instance_id,) for instance_id, _ in over])
+        return [path for _, path in reversed(over)]

@@ -1,0 +1,77 @@
+"""What the node reads of a received dataset before keeping it: its identifiers, and whether a
+deflated one would inflate past the file limit."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, one_line
+from ..limits import MAX_FILE_BYTES
+
+_HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                "Modality", "PatientID", "SeriesDescription", "InstanceNumber", "SliceLocation",
+                "ImagePositionPatient")
+
+
+def _number(kind: type, value: Any) -> Any:
+    """An optional attribute's value as `kind`; None when absent or malformed (it only orders
+    slices, so a bad value must not refuse the dataset)."""
+    try:
+        return kind(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _check_inflated_size(path: Path, limit: int = MAX_FILE_BYTES) -> None:
+    """A deflated dataset must not inflate past `limit` (pydicom would inflate it in memory)."""
+    with open(path, "rb") as handle:
+        head = handle.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM":
+            return
+        # pynetdicom writes the file meta group starting with its group length (UL, 12 bytes).
+        handle.seek(144 + int.from_bytes(head[140:144], "little"))
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while chunk := handle.read(1 << 20):
+            pending = inflater.decompress(chunk, 1 << 20)
+            while pending:
+                total += len(pending)
+                if total > limit:
+                    raise InputError(str(path), f"deflated dataset inflates to over {limit} bytes")
+                pending = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+
+
+def read_header(path: Path, deflated: bool = False, affected_class: str = "",
+                affected_instance: str = "") -> dict[str, Any]:
+    """The identifiers of a received dataset; the C-STORE request's affected SOP class and
+    instance stand in for missing ones. InputError when it cannot be parsed or has no UIDs."""
+    import pydicom
+    from pydicom.multival import MultiValue
+
+    try:
+        if deflated:
+            _check_inflated_size(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+        header: dict[str, Any] = {}
+        for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                    "Modality", "PatientID", "SeriesDescription"):
+            value = ds.get(tag)
+            header[tag] = str(value).strip() if value is not None else ""
+        header["SOPClassUID"] = header["SOPClassUID"] or affected_class
+        header["SOPInstanceUID"] = header["SOPInstanceUID"] or affected_instance
+        header["InstanceNumber"] = _number(int, ds.get("InstanceNumber"))
+        position = ds.get("ImagePositionPatient")
+        header["SliceLocation"] = _number(float, ds.get("SliceLocation"))
+        if header["SliceLocation"] is None and isinstance(position, MultiValue) \
+                and len(position) == 3:
+            header["SliceLocation"] = _number(float, position[2])
+    except InputError:
+        raise
+    except Exception as exc:  # pydicom raises many unrelated types for damaged data
+        raise InputError(str(path), f"cannot parse the dataset ({one_line(exc)})") from None
+    for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if not header[tag]:
+            raise InputError(str(path), f"the dataset has no {tag}")
+    header["Modality"] = header["Modality"].upper()
+    return header
