@@ -20,7 +20,7 @@ FLIP_TTA_ARG = $(if $(FLIP_TTA),--flip-tta)
 
 comma := ,
 
-.PHONY: setup demo train convert evaluate architectures bench test test-all lint clean help
+.PHONY: setup demo train convert evaluate distill-cv architectures bench test test-all lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 14
@@ -49,6 +49,17 @@ convert: setup  ## TFLite + ONNX bundle with parity gate: make convert [DATA=dir
 evaluate: setup  ## cross-validated comparison of recipes: make evaluate [DATA=dir] [EXPERIMENTS=a,b] [SEEDS=0,1,2]
 	for seed in $(or $(subst $(comma), ,$(SEEDS)),0); do $(BIN)/python -m training.evaluate $(DATA_ARG) --seed $$seed \
 	  $(if $(EXPERIMENTS),--experiments $(EXPERIMENTS)) || exit 1; done
+
+DISTILL_OUT ?= artifacts/issue14/distill-bank
+distill-cv: setup  ## bank distillation into edge-gap, fold by fold, resumable: make distill-cv DATA=dir [SEEDS=5,6,7]
+	@test -n "$(DATA)" || { echo "error: distill-cv needs DATA=dir (real images; see docs/accuracy.md)"; exit 2; }
+	for seed in $(or $(subst $(comma), ,$(SEEDS)),5 6 7); do for fold in 0 1 2 3 4; do \
+	  out="$(DISTILL_OUT)/fold$$fold-seed$$seed.json"; \
+	  if [ -f "$$out" ]; then echo "have $$out"; continue; fi; \
+	  $(BIN)/python -m training.distill --cv-fold $$fold --seed $$seed $(DATA_ARG) --teacher-recipe mixture \
+	    --bank-views 32 --mixup 0.4 --temperature 1 --alpha 0 --epochs 30 --out "$$out" || exit 1; \
+	done; done
+	$(BIN)/python -m training.distill --table $(DISTILL_OUT)/fold*-seed*.json
 
 architectures: setup  ## per architecture: train, convert, int8 size/agreement, latency [DATA=dir]
 	$(BIN)/python -m benchmarks.architectures $(DATA_ARG)

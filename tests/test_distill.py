@@ -186,3 +186,23 @@ def test_fold_table_pools_errors_over_the_folds_run() -> None:
     assert "seed 0 fold 1 (40)" in lines[0].split("|")[3]  # folds sorted
     assert lines[2].split(" | ")[1:] == ["10", "90.0%", "90.0%", "90.0% of 90", "9 |"]
     assert lines[3].endswith("97.8% of 90 | 2 |")
+
+
+def test_seed_summary_pairs_complete_seeds_only() -> None:
+    from training.distill import seed_summary
+
+    def result(seed: int, fold: int, errors: dict[str, int]) -> dict:
+        return {"seed": seed, "fold": fold, "n_test": 50,
+                "models": {name: {"accuracy": 1 - e / 50, "errors": e, "params": 10}
+                           for name, e in errors.items()}}
+
+    five = [result(5, fold, {"edge-gap": 3, "student": 1}) for fold in range(5)]
+    six = [result(6, fold, {"edge-gap": 2, "student": 2}) for fold in range(5)]
+    partial = [result(7, 0, {"edge-gap": 9, "student": 0})]  # one fold: left out
+    assert seed_summary(partial) == "no seed has all 5 folds yet"
+    one = seed_summary(five).splitlines()
+    assert one[3] == "| student | 98.0% | 98.0% (one seed) | +4.0 (one seed: no SE) |"
+    lines = seed_summary(five + six + partial).splitlines()
+    assert "accuracy per seed (5, 6)" in lines[0]
+    assert lines[2] == "| edge-gap | 94.0% / 96.0% | 95.0% ± 1.4% | — |"
+    assert lines[3] == "| student | 98.0% / 96.0% | 97.0% ± 1.4% | +2.0 ± 2.0 |"

@@ -372,6 +372,38 @@ def fold_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_summary(results: list[dict], baseline: str = "edge-gap", folds: int = 5) -> str:
+    """Markdown: each model's accuracy per complete seed (every fold run, all images once), mean
+    ± std over those seeds, and the paired difference to `baseline` with its standard error."""
+    by_seed: dict[int, list[dict]] = {}
+    for result in results:
+        by_seed.setdefault(result["seed"], []).append(result)
+    complete = sorted(seed for seed, runs in by_seed.items()
+                      if {r["fold"] for r in runs} == set(range(folds)) and len(runs) == folds)
+    if not complete:
+        return f"no seed has all {folds} folds yet"
+    names = list(by_seed[complete[0]][0]["models"])
+
+    def accuracy(seed: int, name: str) -> float:
+        runs = by_seed[seed]
+        return 1 - sum(r["models"][name]["errors"] for r in runs) / sum(r["n_test"] for r in runs)
+
+    lines = [f"| model | accuracy per seed ({', '.join(map(str, complete))}) | mean ± std | "
+             f"Δ vs {baseline} (pts, ± SE) |", "|---|---:|---:|---:|"]
+    for name in names:
+        acc = np.array([accuracy(seed, name) for seed in complete])
+        spread = f" ± {acc.std(ddof=1):.1%}" if len(acc) > 1 else " (one seed)"
+        delta = "—"
+        if name != baseline and baseline in names:
+            paired = 100 * (acc - np.array([accuracy(seed, baseline) for seed in complete]))
+            error = (f" ± {paired.std(ddof=1) / np.sqrt(len(paired)):.1f}" if len(paired) > 1
+                     else " (one seed: no SE)")
+            delta = f"{paired.mean():+.1f}{error}"
+        lines.append(f"| {name} | {' / '.join(f'{a:.1%}' for a in acc)} | {acc.mean():.1%}{spread} "
+                     f"| {delta} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.distill",
                                      description=__doc__.split("\n\n")[0])
@@ -383,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
              "teacher trained there (--teacher-arch/--teacher-lr/--teacher-epochs/--teacher-size), "
              "their mean, and edge-gap distilled from it")
     add("--table", nargs="+", type=Path, metavar="JSON",
-        help="instead: print the markdown table of --cv-fold result files")
+        help="instead: print the markdown tables of --cv-fold result files (per fold; per "
+             "seed whose five folds are all there)")
     add("--data", type=Path, help="data folder, for --cv-fold")
     add("--seed", type=int, default=0, help="cross-validation seed, for --cv-fold (default: 0)")
     add("--teacher-recipe", default="finetune", choices=["finetune", "probe", "mixture"],
@@ -420,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bank_views < 0 or args.mixup < 0:
         parser.error("--bank-views and --mixup must not be negative")
     if args.table:
-        print(fold_table([json.loads(path.read_text(encoding="utf-8")) for path in args.table]))
+        results = [json.loads(path.read_text(encoding="utf-8")) for path in args.table]
+        print(fold_table(results) + "\n\n" + seed_summary(results))
         return 0
     if args.cv_fold is not None:
         if args.data is None or args.out is None:
@@ -442,8 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         except (CtEdgeError, OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        data_mod.write_json(args.out, result)  # atomic: `make distill-cv` skips folds on file
         print(f"wrote {args.out}")
         return 0
     if args.teacher is None or args.out is None:
