@@ -695,7 +695,8 @@ def test_a_superseded_copy_never_answers_for_the_newer_one(local_node: Node) -> 
 def test_a_start_settles_what_a_crash_or_an_older_version_left(ct_bundle: Path,
                                                                 tmp_path: Path) -> None:
     """An instance left 'received' without a spool file (an older version's retention) is
-    recorded unreadable and its series completes; spool files no instance refers to (a crash
+    recorded unreadable and its series completes, unless its copy is on disk under the older
+    version's name (then it is classified); spool files no instance refers to (a crash
     between spooling and recording, or between a claim and its deletion) are removed once older
     than ABANDONED_AFTER; the files instances refer to stay."""
     data_dir = tmp_path / "data"
@@ -706,18 +707,27 @@ def test_a_start_settles_what_a_crash_or_an_older_version_left(ct_bundle: Path,
     past = time.time() - ABANDONED_AFTER - 60
     for name in ("kept.dcm", "orphan.dcm"):
         os.utime(folder / name, (past, past))
+    # An older version's copy under its old name, whose instance lost its record of it.
+    (data_dir / "spool" / "1.2.5").mkdir()
+    old_name = data_dir / "spool" / "1.2.5" / "1.2.5.1.dcm"
+    shutil.copyfile(FIXTURES / "ct_small.dcm", old_name)
+    os.utime(old_name, (past, past))
     with Store(data_dir) as store:
-        for sop, series in (("1.2.3.1", "1.2.3"), ("1.2.4.1", "1.2.4")):
+        for sop, series in (("1.2.3.1", "1.2.3"), ("1.2.4.1", "1.2.4"), ("1.2.5.1", "1.2.5")):
             store.add_dicom_instance(sop_instance_uid=sop, study_uid="1.2", series_uid=series,
                                      spool_path="spool/1.2.3/kept.dcm", nbytes=100, modality="CT")
     with contextlib.closing(sqlite3.connect(data_dir / "results.sqlite3")) as db, db:
-        db.execute("UPDATE dicom_instances SET spool_path = NULL WHERE sop_instance_uid = '1.2.4.1'")
+        db.execute("UPDATE dicom_instances SET spool_path = NULL "
+                   "WHERE sop_instance_uid IN ('1.2.4.1', '1.2.5.1')")
     with running(ct_bundle, data_dir) as listener:
         lost = wait_series(data_dir, "1.2.4")
         kept = wait_series(data_dir, "1.2.3")
+        found = wait_series(data_dir, "1.2.5")
         log = listener.log()
     assert lost["status"] is None and lost["counts"]["unreadable"] == 1
     assert kept["counts"]["used"] == 1
+    assert found["counts"]["used"] == 1 and old_name.is_file()
+    assert "instance 1.2.5.1: its copy 1.2.5.1.dcm is kept" in log
     with Store(data_dir) as store:
         (one,) = store.dicom_series_slices(lost["id"])
     assert one["error"] == "spool file unreadable (no spool file recorded)"

@@ -11,8 +11,8 @@ instance is classified. A restart puts what was received but not classified back
 A spool file is deleted only once no instance refers to it: the earlier copy of an instance
 received again, or a copy that retention has first detached from its instance in the store. A
 result is stored only for the copy its instance holds, so a superseded copy's result never stands
-for a newer one. A crash between those steps leaves a file no instance refers to; a later start
-removes it.
+for a newer one. A crash between those steps leaves a file no instance refers to; housekeeping
+removes it once it is older than ABANDONED_AFTER.
 
 pynetdicom's chunked receiving is a process-wide setting, and its temporary files go to the
 process's temporary folder, so the node sets both: one node per process.
@@ -115,6 +115,7 @@ class Node:
             leftover.unlink(missing_ok=True)
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.incoming)  # same file system as the spool: rename, not copy
+        self._reattach_unnamed_copies()
         self._remove_unreferenced()
         pending = self.store.pending_dicom_instances()
         for item in pending:
@@ -425,6 +426,7 @@ class Node:
     def _housekeeping(self) -> None:
         """Spool retention, and temporary files of transfers that were aborted."""
         self.retain_spool()
+        self._remove_unreferenced()
         horizon = time.time() - ABANDONED_AFTER
         for leftover in self.incoming.iterdir():
             try:
@@ -452,11 +454,24 @@ class Node:
         except OSError as exc:
             log.warning("cannot remove %s: %s", relative, one_line(exc))
 
+    def _reattach_unnamed_copies(self) -> None:
+        """Received instances with no spool file recorded whose copy is still on disk under the
+        name an older version gave it (`<series>/<instance>.dcm`): its retention deleted a file
+        and then forgot it, and a copy received in between took that name. Kept, not lost."""
+        for item in self.store.pending_dicom_instances():
+            if item["spool_path"] is not None:
+                continue
+            copy = self.spool / _safe_name(item["series_uid"]) / \
+                f"{_safe_name(item['sop_instance_uid'])}.dcm"
+            if copy.is_file() and self.store.reattach_dicom_spool(
+                    item["id"], str(copy.relative_to(self.config.data_dir))):
+                log.info("instance %s: its copy %s is kept", item["sop_instance_uid"], copy.name)
+
     def _remove_unreferenced(self) -> None:
-        """Spool files no instance refers to, left by a crash between spooling a copy and
-        recording it, or between detaching a copy and deleting it."""
+        """Remove spool files no instance refers to, left by a crash between spooling a copy and
+        recording it, or between detaching a copy and deleting it (at start and in housekeeping)."""
         referenced = self.store.dicom_spool_paths()
-        # Another process's node on the same data folder may be between spooling and recording.
+        # A younger file may be a copy this node is between spooling and recording.
         horizon = time.time() - ABANDONED_AFTER
         removed = 0
         for path in self.spool.glob("*/*"):

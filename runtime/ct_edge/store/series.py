@@ -87,9 +87,11 @@ class DicomSeriesStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT i.id, i.spool_path, i.sop_instance_uid, i.sop_class_uid, i.series_id, "
-                "s.modality FROM dicom_instances i JOIN dicom_series s ON s.id = i.series_id "
+                "s.modality, s.series_uid FROM dicom_instances i "
+                "JOIN dicom_series s ON s.id = i.series_id "
                 "WHERE i.state = 'received' ORDER BY i.id").fetchall()
-        keys = ("id", "spool_path", "sop_instance_uid", "sop_class_uid", "series_id", "modality")
+        keys = ("id", "spool_path", "sop_instance_uid", "sop_class_uid", "series_id", "modality",
+                "series_uid")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def add_dicom_result(self, instance_id: int, *, spool_path: str | None = None,
@@ -217,14 +219,25 @@ class DicomSeriesStore:
                                     "WHERE spool_path IS NOT NULL").fetchall()
         return {row[0] for row in rows}
 
+    def reattach_dicom_spool(self, instance_id: int, spool_path: str) -> bool:
+        """Point a received instance that has no spool file recorded at `spool_path` (committed);
+        False when it has one or is classified already."""
+        with transaction(self._db, self._lock, self.path) as db:
+            changed = db.execute("UPDATE dicom_instances SET spool_path = ? WHERE id = ? AND "
+                                 "spool_path IS NULL AND state = 'received'",
+                                 (spool_path, instance_id)).rowcount
+        return bool(changed)
+
     def claim_dicom_spool_over(self, max_bytes: int) -> list[str]:
-        """Detach from their instances the spool files of classified instances, oldest first,
+        """Detach from their instances the spool files of classified instances, oldest received
+        first (an instance received again counts from its latest copy),
         that take the spool past `max_bytes`, and return them for the caller to delete
         (committed; their results stay). One transaction: an instance received again meanwhile
         either comes before (not classified, kept) or after (its new copy is not claimed)."""
         with transaction(self._db, self._lock, self.path) as db:
             rows = db.execute("SELECT id, spool_path, bytes, state FROM dicom_instances "
-                              "WHERE spool_path IS NOT NULL ORDER BY id DESC").fetchall()
+                              "WHERE spool_path IS NOT NULL "
+                              "ORDER BY received_at DESC, id DESC").fetchall()
             total, over = 0, []
             for instance_id, path, nbytes, state in rows:
                 total += int(nbytes or 0)
