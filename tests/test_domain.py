@@ -168,8 +168,13 @@ def test_malformed_domain_sections_are_bundle_errors(tmp_path: Path, change: dic
      "image type LOCALIZER (a scout view); this bundle accepts CT slices"),
     (DicomInfo(sop_class_uid="1.2.840.10008.5.1.4.1.1.4", sop_class_name="MR Image Storage"), "ct",
      "SOP class MR Image Storage; this bundle accepts CT"),
+    # A bundle converted before bundles named their modality: held to every rule ct-edge knows.
+    (DicomInfo(modality="MR"), None, "modality MR; this bundle accepts CT or X-ray (CR, DX)"),
+    (DicomInfo(modality="OT", photometric="RGB"), None,
+     "colour image (RGB); this bundle accepts CT or X-ray (CR, DX)"),
 ])
-def test_header_rules_flag_foreign_objects(info: DicomInfo, modality: str, expected: str) -> None:
+def test_header_rules_flag_foreign_objects(info: DicomInfo, modality: str | None,
+                                           expected: str) -> None:
     assert metadata_reason(info, modality) == expected
 
 
@@ -180,7 +185,7 @@ def test_header_rules_flag_foreign_objects(info: DicomInfo, modality: str, expec
     (DicomInfo(modality="CR"), "xray"),
     (DicomInfo(modality="OT", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
                photometric="MONOCHROME2"), "ct"),  # a secondary capture: the pixels decide
-    (DicomInfo(modality="MR"), None),  # a bundle that names no modality checks no modality
+    (DicomInfo(modality="DX"), None),  # a bundle that names no modality: any known one passes
 ])
 def test_header_rules_pass_what_may_be_in_domain(info: DicomInfo, modality: str | None) -> None:
     assert metadata_reason(info, modality) is None

@@ -749,18 +749,16 @@ def test_node_and_classifier_agree_on_every_modality_and_sop_class(
         modality: str | None, tiny_bundle: Path, tmp_path: Path) -> None:
     """Every SOP class and Modality of ct_edge.domain's tables (and MR), one dataset each pair,
     sent by storescu: the node refuses at negotiation only classes that the classifier's header
-    check refuses by class (for a bundle that records no modality: the classes of modalities
-    ct-edge does not know), and stores for every other dataset what `ct-edge classify` answers."""
+    check refuses by class (a bundle that records no modality is held to every known modality's
+    rule), and stores for every other dataset what `ct-edge classify` answers."""
     from ct_edge.classifier import Classifier
     from ct_edge.domain import metadata_reason
 
     bundle = recorded_as(tiny_bundle, tmp_path / "bundle", modality)
     offered = storage_classes(modality)
-    known = {*(uid for rule in MODALITIES.values() for uid in rule["sop_classes"]),
-             *SECONDARY_CAPTURE_CLASSES}
     for uid in TABLE_CLASSES:
         refused_by_class = metadata_reason(DicomInfo(sop_class_uid=uid), modality) is not None
-        assert (uid not in offered) == (refused_by_class if modality else uid not in known), uid
+        assert (uid not in offered) == refused_by_class, uid
     series_uid, files = generate_uid(), {}
     for n, (uid, value) in enumerate(itertools.product(TABLE_CLASSES, TABLE_MODALITIES)):
         path = rewrite(FIXTURES / "ct_small.dcm", tmp_path / f"{n}.dcm", SOPClassUID=uid,
@@ -775,7 +773,7 @@ def test_node_and_classifier_agree_on_every_modality_and_sop_class(
         answers = {s["sop_instance_uid"]: (s["status"], s["label"], s["reason"])
                    for s in store.dicom_series_slices(series["id"])}
     statuses = {status for status, _, _ in answers.values()}
-    assert statuses & {"ok", "uncertain"} and ("out_of_domain" in statuses) == bool(modality)
+    assert statuses & {"ok", "uncertain"} and "out_of_domain" in statuses
     classifier = Classifier.from_bundle(bundle)
     for sop_instance, (path, uid) in files.items():
         expected = classifier.predict(path)
@@ -783,4 +781,4 @@ def test_node_and_classifier_agree_on_every_modality_and_sop_class(
             assert answers[sop_instance] == (expected.status, expected.label, expected.reason), path
         else:
             assert sop_instance not in answers
-            assert expected.status == "out_of_domain" or modality is None, path
+            assert expected.status == "out_of_domain", path

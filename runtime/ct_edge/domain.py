@@ -291,18 +291,25 @@ SECONDARY_CAPTURE_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1
 CHEST_PARTS = ("CHEST", "THORAX", "LUNG", "TORSO")
 
 
+def domain_rule(modality: str | None) -> dict:
+    """The header rule of a bundle of `modality`; for a bundle that records none (converted before
+    bundles named their modality), the rules of every modality ct-edge knows, joined."""
+    if modality in MODALITIES:
+        return MODALITIES[modality]
+    rules = MODALITIES.values()
+    return {"name": " or ".join(rule["name"] for rule in rules),
+            "modalities": tuple(dict.fromkeys(m for rule in rules for m in rule["modalities"])),
+            "sop_classes": tuple(dict.fromkeys(u for rule in rules for u in rule["sop_classes"]))}
+
+
 def metadata_reason(info: DicomInfo, modality: str | None) -> str | None:
     """Why a DICOM object with these header fields is foreign to a bundle of `modality`; None when
     nothing in the header speaks against it (then the pixels decide)."""
+    rule = domain_rule(modality)
+    accepts = f"this bundle accepts {rule['name']}"
     if not info.has_pixels:
         kind = info.sop_class_name or (f"modality {info.modality}" if info.modality else "object")
-        accepts = f"; this bundle accepts {MODALITIES[modality]['name']}" if modality in MODALITIES \
-            else ""
-        return f"DICOM {kind} holds no image{accepts}"
-    if modality not in MODALITIES:
-        return None
-    rule = MODALITIES[modality]
-    accepts = f"this bundle accepts {rule['name']}"
+        return f"DICOM {kind} holds no image; {accepts}"
     if info.modality not in NEUTRAL_MODALITIES and info.modality not in rule["modalities"]:
         return f"modality {info.modality}; {accepts}"
     uid = info.sop_class_uid

@@ -12,23 +12,16 @@ needs pylibjpeg or another plugin).
 
 from __future__ import annotations
 
-from ..domain import MODALITIES, SECONDARY_CAPTURE_CLASSES
+from ..domain import SECONDARY_CAPTURE_CLASSES, domain_rule
 
 VERIFICATION = "1.2.840.10008.1.1"
 UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99",
                 "1.2.840.10008.1.2.2")
 
 
-def _domain_rules(bundle_modality: str | None) -> list[dict]:
-    """ct_edge.domain's rules for a bundle's modality; all of them for a bundle that records none."""
-    return [MODALITIES[bundle_modality]] if bundle_modality in MODALITIES \
-        else list(MODALITIES.values())
-
-
 def accepted_modalities(bundle_modality: str | None) -> tuple[str, ...]:
     """The DICOM Modality values the bundle's domain names (what the node says it accepts)."""
-    return tuple(dict.fromkeys(value for rule in _domain_rules(bundle_modality)
-                               for value in rule["modalities"]))
+    return tuple(domain_rule(bundle_modality)["modalities"])
 
 
 def storage_classes(bundle_modality: str | None) -> dict[str, str]:
@@ -37,11 +30,12 @@ def storage_classes(bundle_modality: str | None) -> dict[str, str]:
 
     Any other class would be out_of_domain by its SOP class alone, so it is refused at
     negotiation and the sender knows before it sends. A bundle that records no modality is
-    offered the classes of every modality ct-edge knows (the classifier checks no header then).
+    offered the classes of every modality ct-edge knows, and the classifier holds it to the joined
+    rule (ct_edge.domain.domain_rule).
     """
     from pydicom.uid import UID
 
-    uids = [uid for rule in _domain_rules(bundle_modality) for uid in rule["sop_classes"]]
+    uids = domain_rule(bundle_modality)["sop_classes"]
     return {uid: UID(uid).name for uid in dict.fromkeys([*uids, *SECONDARY_CAPTURE_CLASSES])}
 
 
