@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifact", help="artifact to run (default: the bundle's default)")
     parser.add_argument("--counts", default="500,3000",
                         help="image counts to time, comma-separated (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="counts 200,1000")
+    parser.add_argument("--quick", action="store_true", help="counts 200,1000 (default: --counts)")
     parser.add_argument("--actors", type=int, help="batch actors (default: one per core)")
     parser.add_argument("--inputs", type=Path, default=REPO / "artifacts" / "bench-inputs",
                         help="folder the PNGs are made in once and reused from (default: "

@@ -253,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds each figure is timed for (default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=2,
                         help="ct-edge serve --workers: its worker threads (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="3 s per figure")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 s per figure (default: --seconds per figure)")
     parser.add_argument("--stacks", action="store_true",
-                        help="compare http.server with Starlette + uvicorn instead")
+                        help="compare http.server with Starlette + uvicorn instead (default: off)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
                         help="folder for server.json (default: benchmarks/results in the repository)")
     return parser

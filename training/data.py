@@ -278,4 +278,6 @@ def write_json(path: Path, data: object) -> None:
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())  # a power cut must not leave an empty file under the name
     os.replace(tmp, path)

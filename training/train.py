@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                          abstention_folds=args.abstention_folds, target_risk=args.target_risk)
     try:
         metrics = train(config)
-    except (CtEdgeError, OSError, ValueError) as exc:  # ValueError: a setting the model refuses
+    except (CtEdgeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(config.out)

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the generated cases: the same seed, the same campaign "
                              "(default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
-                        help="every 97th truncation and the smaller bombs only")
+                        help="every 97th truncation and the smaller bombs only (default: every "
+                             "truncation and bomb)")
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT,
                         help="seconds one case may run; past it the case is a hang and the worker "
                              "is replaced (default: %(default)g)")

@@ -65,7 +65,6 @@ CANNOT_UNDERSTAND = 0xC210
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-
 def _safe_name(uid: str) -> str:
     """A UID as a file name; anything but a well-formed UID is hashed (names come off the wire)."""
     return uid if _UID.match(uid) and len(uid) <= 64 else hashlib.sha256(uid.encode()).hexdigest()
