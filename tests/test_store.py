@@ -112,6 +112,28 @@ def test_add_prediction_uses_the_prediction_fields(tmp_path: Path) -> None:
     assert failed["source"] == "upload"
 
 
+def test_add_predictions_stores_all_in_one_transaction_or_none(tmp_path: Path) -> None:
+    answered = [(Prediction(path=f"image[{i}]", label="Normal", status="ok",
+                            probabilities={"COVID-19": 0.1, "Normal": 0.8, "Viral Pneumonia": 0.1}),
+                 f"{i:064x}") for i in range(3)]
+    with Store(tmp_path) as store:
+        ids = store.add_predictions(answered, origin="oip", artifact="tflite-int8")
+        rows = [store.get(i) for i in ids]
+        assert ids == sorted(ids) and [r["source"] for r in rows] == ["image[0]", "image[1]",
+                                                                      "image[2]"]
+        assert {r["sha256"] for r in rows} == {sha for _, sha in answered}
+        assert all(r["confidence"] == 0.8 and r["artifact"] == "tflite-int8" for r in rows)
+        # the third row cannot be written: the first two are rolled back with it
+        with sqlite3.connect(store.path) as db:  # the database refuses the third row
+            db.execute("CREATE TRIGGER poison BEFORE INSERT ON results WHEN NEW.source = 'poison' "
+                       "BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
+        poison = Prediction(path="poison", label="Normal", status="ok", probabilities={"Normal": 1})
+        bad = [*answered[:2], (poison, "0" * 64)]
+        with pytest.raises(StoreError):
+            store.add_predictions(bad, origin="oip")
+        assert store.count() == 3
+
+
 def test_heatmap_files_get_store_names_inside_the_folder(tmp_path: Path) -> None:
     with Store(tmp_path) as store:
         row_id = _add(store, source="../../etc/passwd", heatmap_png=PNG)

@@ -254,9 +254,9 @@ def infer(service: Service, body: bytes, header_length: str | None) -> dict[str,
     else:
         raise bad(f"input datatype {datatype!r} is not supported; send BYTES (encoded files) "
                   "or FP32 (preprocessed inputs)")
-    # Every item was read and classified: only now is anything stored (a refused batch stores
-    # nothing), and every stored row is committed before the answer.
-    ids = [service.record(prediction, "oip", sha256) for prediction, sha256 in answered]
+    # Every item was read and classified: only now is anything stored, all rows in one
+    # transaction (a refused batch stores nothing), committed before the answer.
+    ids = service.record_all(answered, "oip")
     predictions = [prediction for prediction, _ in answered]
     response: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION,
                                 "outputs": [_output(name, top, predictions, labels)

@@ -186,6 +186,12 @@ class Service:
             return None
         return overlay_png(explanation.image, explanation.heatmap)
 
+    def record_all(self, answered: list[tuple[Prediction, str]], origin: str) -> list[int]:
+        """Commit (prediction, input sha256) pairs in one transaction, all or none; the row ids."""
+        return self.store.add_predictions(
+            answered, origin=origin, bundle_sha256=self.identity.bundle_sha256,
+            artifact=self.identity.artifact, artifact_sha256=self.identity.artifact_sha256)
+
     def record(self, prediction: Prediction, origin: str, sha256: str,
                heatmap: bytes | None = None) -> int:
         """Commit one prediction to the store with this server's bundle identity; the row id."""

@@ -21,7 +21,7 @@ import re
 import sqlite3
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,16 @@ def _row_dict(row: tuple) -> dict[str, Any]:
         result[key] = json.loads(result[key] or "{}")
     result["heatmap"] = bool(result["heatmap"])
     return result
+
+
+
+def prediction_fields(prediction: Any, source: str | None = None) -> dict[str, Any]:
+    """The `results` fields of a `ct_edge.classifier.Prediction`, as its JSON contract shows them."""
+    record = prediction.to_dict()
+    return {"source": source if source is not None else prediction.path,
+            "status": prediction.status, "label": prediction.label,
+            "probabilities": record["probabilities"], "reason": prediction.reason,
+            "timings_ms": record["timings_ms"], "error": prediction.error}
 
 
 class Store(DicomSeriesStore):
@@ -137,13 +147,21 @@ class Store(DicomSeriesStore):
                        artifact: str | None = None, artifact_sha256: str | None = None,
                        heatmap_png: bytes | None = None) -> int:
         """`add` for a `ct_edge.classifier.Prediction`, with the figures its JSON contract shows."""
-        record = prediction.to_dict()
-        return self.add(source=source if source is not None else prediction.path, origin=origin,
-                        status=prediction.status, label=prediction.label,
-                        probabilities=record["probabilities"], reason=prediction.reason,
-                        timings_ms=record["timings_ms"], error=prediction.error, sha256=sha256,
+        return self.add(**prediction_fields(prediction, source), origin=origin, sha256=sha256,
                         bundle_sha256=bundle_sha256, artifact=artifact,
                         artifact_sha256=artifact_sha256, heatmap_png=heatmap_png)
+
+    def add_predictions(self, predictions: Sequence[tuple[Any, str]], *, origin: str,
+                        bundle_sha256: str | None = None, artifact: str | None = None,
+                        artifact_sha256: str | None = None) -> list[int]:
+        """(prediction, sha256 of its input) pairs, without heatmaps, in one transaction: all are
+        stored or none is (StoreError); their ids in order."""
+        rows = [result_values(**prediction_fields(prediction), origin=origin, sha256=sha256,
+                              bundle_sha256=bundle_sha256, artifact=artifact,
+                              artifact_sha256=artifact_sha256, heatmap=None)
+                for prediction, sha256 in predictions]
+        with transaction(self._db, self._lock, self.path) as db:
+            return [int(db.execute(INSERT_RESULT, values).lastrowid) for values in rows]
 
     def _write_heatmap(self, png: bytes) -> str:
         name = f"{uuid.uuid4().hex}.png"
