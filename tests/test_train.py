@@ -12,7 +12,8 @@ from PIL import Image
 
 from ct_edge import LABELS
 from training import metrics
-from training.train import TrainConfig, main, read_history
+from training.run_files import read_history
+from training.train import TrainConfig, main
 
 
 def test_training_writes_every_artifact(tiny_model: Path) -> None:
@@ -95,7 +96,7 @@ def test_temperature_never_sharpens_a_perfectly_classified_validation_split() ->
 
 
 def test_a_backup_cut_off_mid_write_is_repaired_or_dropped(tmp_path: Path) -> None:
-    from training.train import usable_backup
+    from training.run_files import usable_backup
 
     backup = tmp_path / "backup-abc"
     assert not usable_backup(backup)

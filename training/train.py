@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +18,6 @@ import numpy as np
 from ct_edge import DISCLAIMER, LABELS
 from ct_edge.cli.common import positive_int
 from ct_edge.errors import CtEdgeError
-from ct_edge.files import create_temp
 from ct_edge.preprocess import PreprocessSpec
 
 from . import abstention
@@ -33,6 +30,7 @@ from .metrics import (
     scale_temperature,
 )
 from .models import ARCHITECTURES, DEFAULT_ARCHITECTURE, PRETRAINED
+from .run_files import read_history, save_model_atomically, usable_backup
 from .synthetic import DEFAULT_ROOT as BUILTIN_DATA
 
 DEFAULT_OUT = Path("artifacts") / "model"
@@ -146,14 +144,6 @@ def augmenter(seed: int, config: TrainConfig | None = None):
     return Sequential(steps or [layers.Identity()], name="augment")
 
 
-def _atomic_save(model, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp(path.parent, suffix=".keras")  # 0666 less the umask, not 0600
-    os.close(fd)
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
 def _callbacks(config: TrainConfig, out: Path, val_available: bool) -> list:
     import keras
 
@@ -179,7 +169,7 @@ def _callbacks(config: TrainConfig, out: Path, val_available: bool) -> list:
             value = (logs or {}).get(monitor, np.inf)
             if value < self.best:
                 self.best = value
-                _atomic_save(self.model, out / "checkpoint.keras")
+                save_model_atomically(self.model, out / "checkpoint.keras")
 
     return [
         *resume,
@@ -290,44 +280,6 @@ def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
     return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
-def read_history(path: Path) -> dict[str, list[float]]:
-    """history.csv (all epochs, also those before a resume) as columns."""
-    import csv
-
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle))
-    latest: dict[int, dict] = {int(row["epoch"]): row for row in rows}  # a resume may repeat one
-    ordered = [latest[e] for e in sorted(latest)]
-    return {key: [float(r[key]) for r in ordered] for key in ordered[0] if key != "epoch"}
-
-
-def usable_backup(backup: Path) -> bool:
-    """True when a resumable backup exists; a backup killed mid-write is repaired or dropped.
-
-    Keras falls back to the previous weights itself (double_checkpoint) but not to the previous
-    epoch counter, so a half-written training_metadata.json is handled here.
-    """
-    if not backup.is_dir():
-        return False
-    metadata = backup / "training_metadata.json"
-
-    def parses(path: Path) -> bool:
-        try:
-            return isinstance(json.loads(path.read_text())["epoch"], int)
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-
-    if not metadata.exists() or parses(metadata):
-        return True
-    previous = metadata.with_name(metadata.name + ".bkp")
-    if parses(previous):
-        os.replace(previous, metadata)
-        return True
-    print(f"warning: {backup} was cut off mid-write; starting this run over", file=sys.stderr)
-    shutil.rmtree(backup, ignore_errors=True)
-    return False
-
-
 def train(config: TrainConfig) -> dict:
     """The whole job: data, fit, test, calibration, reports. Returns metrics.json's content."""
     from .report import confusion_matrix_plot, learning_curves
@@ -382,7 +334,7 @@ def train(config: TrainConfig) -> dict:
     monitor = history.get("val_loss") or history["loss"]
     best_epoch = len(monitor) if config.schedule == "cosine" else int(np.argmin(monitor)) + 1
 
-    _atomic_save(model, out / "model.keras")
+    save_model_atomically(model, out / "model.keras")
     (out / "checkpoint.keras").unlink(missing_ok=True)
     metrics = {
         "test_accuracy": report["accuracy"], "test_loss": report["loss"], "test": report,
