@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
 from bundle_helpers import write_bundle  # noqa: E402
 
 from ct_edge.bundle import Bundle  # noqa: E402
+from ct_edge.dicom_node.header import read_header  # noqa: E402
 from ct_edge.errors import BundleError, InputError  # noqa: E402
 from ct_edge.limits import MAX_PIXELS, MAX_SIDE  # noqa: E402
 from ct_edge.preprocess import PreprocessSpec, preprocess  # noqa: E402
@@ -147,6 +148,20 @@ def test_deflated_dicom_bomb_is_refused_and_a_small_one_decodes() -> None:
     assert len(bomb) < 1 << 20
     with pytest.raises(InputError, match="decompression bomb guard"):
         preprocess(bomb)
+
+
+def test_the_dicom_nodes_header_reader_refuses_the_same_bomb(tmp_path: Path) -> None:
+    """The node checks a received file on disk with the same guard as `preprocess` does bytes."""
+    import pydicom
+
+    small = Path(pydicom.__file__).parent / "data" / "test_files" / "image_dfl.dcm"  # real, deflated
+    assert read_header(small, deflated=True)["SOPInstanceUID"]
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(dicom_file(dict(DicomBase(SEEDS["ct_small.dcm"]).elements), "deflate",
+                                deflate_zeros=600 << 20))
+    with pytest.raises(InputError, match="decompression bomb guard") as refused:
+        read_header(bomb, deflated=True)
+    assert refused.value.path == str(bomb)
 
 
 # tools/fuzz/manifest.py's stand-in model files, by artifact name (Bundle.load never parses a model).

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import zlib
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -123,7 +124,8 @@ def read_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels: 
         from pydicom import uid
     except ImportError:
         raise InputError(name, "DICOM support needs pydicom 3: pip install 'ct-edge[dicom]'") from None
-    _check_inflated_size(data, name)
+    if b"1.2.840.10008.1.2.1.99" in data:  # the file meta group is never compressed
+        check_inflated_size(io.BytesIO(data), name)
     stream = io.BytesIO(data)
     try:
         try:
@@ -237,16 +239,15 @@ def _gray_image(ds, pixels: np.ndarray, photometric: str, window: tuple[float, f
     return image
 
 
-def _check_inflated_size(data: bytes, name: str, limit: int = MAX_FILE_BYTES) -> None:
+def check_inflated_size(stream: BinaryIO, name: str, limit: int = MAX_FILE_BYTES) -> None:
     """Refuse a deflated DICOM whose dataset inflates past `limit` (a decompression bomb).
 
     pydicom inflates a Deflated Explicit VR Little Endian dataset in one go, in memory, before
     anything can be checked: ~1 MiB of file can claim a gigabyte. So the inflated size is measured
     first, streaming, with nothing kept; the same limit as for an uncompressed file applies. The
     dataset starts where pydicom's own reader of the preamble and file meta group leaves off.
+    `stream` is read from its start; any other transfer syntax returns at once.
     """
-    if b"1.2.840.10008.1.2.1.99" not in data:  # the file meta group is never compressed
-        return
     try:
         from pydicom import uid
         from pydicom.filereader import (
@@ -255,26 +256,25 @@ def _check_inflated_size(data: bytes, name: str, limit: int = MAX_FILE_BYTES) ->
             read_preamble,
         )
 
-        stream = io.BytesIO(data)
         read_preamble(stream, True)
         meta = _read_file_meta_info(stream)
         if meta.get("TransferSyntaxUID") != uid.DeflatedExplicitVRLittleEndian:
             return
         _read_command_set_elements(stream)
-        start = stream.tell()
     except (ImportError, AttributeError):  # another pydicom: fail safe, refuse what can't be sized
         raise InputError(name, "deflated DICOM is not supported by this pydicom version") from None
     except Exception:  # an unreadable file meta group: pydicom's own read reports it
         return
     inflater, total, chunk = zlib.decompressobj(-zlib.MAX_WBITS), 0, 1 << 20
     try:
-        pending = inflater.decompress(memoryview(data)[start:], chunk)
-        while pending:
-            total += len(pending)
-            if total > limit:
-                raise InputError(name, f"deflated DICOM data inflates to over {limit} bytes "
-                                       "(decompression bomb guard)")
-            pending = inflater.decompress(inflater.unconsumed_tail, chunk)
+        while not inflater.eof and (data := stream.read(chunk)):
+            pending = inflater.decompress(data, chunk)
+            while pending:
+                total += len(pending)
+                if total > limit:
+                    raise InputError(name, f"deflated DICOM data inflates to over {limit} bytes "
+                                           "(decompression bomb guard)")
+                pending = inflater.decompress(inflater.unconsumed_tail, chunk)
     except zlib.error:
         pass  # not a valid deflate stream: pydicom reports it
 

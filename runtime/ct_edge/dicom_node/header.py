@@ -1,14 +1,13 @@
-"""What the node reads of a received dataset before keeping it: its identifiers, and whether a
-deflated one would inflate past the file limit."""
+"""What the node reads of a received dataset before keeping it: its identifiers, after the
+decompression bomb guard for a deflated one."""
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Any
 
+from ..dicom import check_inflated_size
 from ..errors import InputError, one_line
-from ..limits import MAX_FILE_BYTES
 
 _HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality", "PatientID", "SeriesDescription", "InstanceNumber", "SliceLocation",
@@ -24,24 +23,6 @@ def _number(kind: type, value: Any) -> Any:
         return None
 
 
-def _check_inflated_size(path: Path, limit: int = MAX_FILE_BYTES) -> None:
-    """A deflated dataset must not inflate past `limit` (pydicom would inflate it in memory)."""
-    with open(path, "rb") as handle:
-        head = handle.read(144)
-        if len(head) < 144 or head[128:132] != b"DICM":
-            return
-        # pynetdicom writes the file meta group starting with its group length (UL, 12 bytes).
-        handle.seek(144 + int.from_bytes(head[140:144], "little"))
-        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
-        while chunk := handle.read(1 << 20):
-            pending = inflater.decompress(chunk, 1 << 20)
-            while pending:
-                total += len(pending)
-                if total > limit:
-                    raise InputError(str(path), f"deflated dataset inflates to over {limit} bytes")
-                pending = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
-
-
 def read_header(path: Path, deflated: bool = False, affected_class: str = "",
                 affected_instance: str = "") -> dict[str, Any]:
     """The identifiers of a received dataset; the C-STORE request's affected SOP class and
@@ -51,7 +32,8 @@ def read_header(path: Path, deflated: bool = False, affected_class: str = "",
 
     try:
         if deflated:
-            _check_inflated_size(path)
+            with open(path, "rb") as handle:
+                check_inflated_size(handle, str(path))
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
         header: dict[str, Any] = {}
         for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",

@@ -114,9 +114,9 @@ class Node:
             leftover.unlink(missing_ok=True)
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.incoming)  # same file system as the spool: rename, not copy
-        self._reattach_unnamed_copies()
-        self._remove_unreferenced()
         pending = self.store.pending_dicom_instances()
+        self._reattach_unnamed_copies(pending)
+        self._remove_unreferenced()
         for item in pending:
             if item["spool_path"] is None:  # an older version's retention removed its file
                 self.classify(item)  # recorded unreadable now, before any copy can come again
@@ -453,17 +453,19 @@ class Node:
         except OSError as exc:
             log.warning("cannot remove %s: %s", relative, one_line(exc))
 
-    def _reattach_unnamed_copies(self) -> None:
+    def _reattach_unnamed_copies(self, pending: list[dict[str, Any]]) -> None:
         """Received instances with no spool file recorded whose copy is still on disk under the
         name an older version gave it (`<series>/<instance>.dcm`): its retention deleted a file
-        and then forgot it, and a copy received in between took that name. Kept, not lost."""
-        for item in self.store.pending_dicom_instances():
+        and then forgot it, and a copy received in between took that name. Kept, not lost; the
+        items of `pending` are updated to match the store."""
+        for item in pending:
             if item["spool_path"] is not None:
                 continue
             copy = self.spool / _safe_name(item["series_uid"]) / \
                 f"{_safe_name(item['sop_instance_uid'])}.dcm"
-            if copy.is_file() and self.store.reattach_dicom_spool(
-                    item["id"], str(copy.relative_to(self.config.data_dir))):
+            relative = str(copy.relative_to(self.config.data_dir))
+            if copy.is_file() and self.store.reattach_dicom_spool(item["id"], relative):
+                item["spool_path"] = relative
                 log.info("instance %s: its copy %s is kept", item["sop_instance_uid"], copy.name)
 
     def _remove_unreferenced(self) -> None:
