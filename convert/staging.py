@@ -6,6 +6,7 @@ bundle as a backup, which the next run puts back before it starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ct_edge.bundle import MANIFEST
+from ct_edge.files import fsync_dir
 
 from .errors import ConvertError
 
@@ -91,13 +93,5 @@ def _alive(pid: int) -> bool:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):  # durability where the file system allows it
+        fsync_dir(path)

@@ -660,3 +660,121 @@ def test_results_json_stays_one_row_per_line_with_the_disclaimer_on_stderr(
 def test_results_filters_default_to_everything() -> None:
     results = cli.build_parser().parse_args(["results"])
     assert (results.status, results.label, results.series) == (None, None, False)
+
+
+# --- paths that are not valid UTF-8 -----------------------------------------------------------
+
+
+def _undecodable_copy(folder: Path) -> str:
+    """A copy of gray8.png whose name holds a byte that is not UTF-8 (b'bad\\xff.png')."""
+    path = os.fsdecode(os.path.join(os.fsencode(folder), b"bad\xff.png"))
+    try:
+        shutil.copy(FIXTURES / "gray8.png", path)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system only takes UTF-8 names")
+    return path
+
+
+def test_undecodable_file_names_are_escaped_in_every_format(capsys, bundle: Path,
+                                                            tmp_path: Path) -> None:
+    bad = _undecodable_copy(tmp_path)
+    shown = f"{tmp_path}/bad\\xff.png"
+    code, out, err = run(capsys, "classify", "--json", "--bundle", bundle, bad, GOOD[0])
+    assert code == 0, err
+    first, second = (json.loads(line) for line in out.encode("utf-8").splitlines())
+    assert first["path"] == shown and first["error"] is None and second["path"] == str(GOOD[0])
+    code, out, _ = run(capsys, "classify", "--csv", "--bundle", bundle, bad, GOOD[0])
+    rows = list(csv.reader(io.StringIO(out)))
+    assert code == 0 and [row[0] for row in rows[1:]] == [shown, str(GOOD[0])]
+    code, out, _ = run(capsys, "classify", "--bundle", bundle, bad, GOOD[0])
+    lines = out.splitlines()
+    assert code == 0 and lines[1].startswith(shown) and lines[2].startswith(str(GOOD[0]))
+    code, out, _ = run(capsys, "explain", "--json", "--bundle", bundle, bad)
+    assert code == 0 and records(out)[0]["path"] == shown
+
+
+# --- explain: where figures go -------------------------------------------------------------
+
+
+def test_explain_refuses_an_output_that_would_replace_an_input(capsys, bundle: Path,
+                                                                tmp_path: Path) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan = scans / "gray8.png"
+    shutil.copy(FIXTURES / "gray8.png", scan)
+    original = scan.read_bytes()
+    (tmp_path / "link.png").symlink_to(scan)
+    for argv in ([scans, "-o", f"{scans}/"], [scan, "-o", scan], [scan, "-o", tmp_path / "link.png"]):
+        code, out, err = run(capsys, "explain", "--json", "--bundle", bundle, *argv)
+        assert code == 2 and out == "" and "Traceback" not in err
+        (line,) = error_lines(err)
+        assert f"would replace the input {scan}" in line and "choose another -o" in line
+    assert scan.read_bytes() == original and sorted(p.name for p in scans.iterdir()) == [scan.name]
+
+
+def test_explain_never_replaces_anything_but_a_regular_file(capsys, bundle: Path,
+                                                           tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.png"  # stands in for a device: both are special files
+    os.mkfifo(fifo)
+    code, out, err = run(capsys, "explain", "--json", "--bundle", bundle, GOOD[0], "-o", fifo)
+    assert code == 2 and out == ""
+    assert error_lines(err) == [f"error: -o {fifo} exists and is not a regular file; "
+                                "choose another -o"]
+    assert fifo.is_fifo()
+
+
+def test_explain_usage_errors_create_no_output_folder(capsys, bundle: Path, tmp_path: Path) -> None:
+    new = tmp_path / "heatmaps"
+    for options in (["--target", "Flu", "--bundle", bundle], ["--bundle", tmp_path / "none"]):
+        code, _, err = run(capsys, "explain", *options, GOOD[0], GOOD[1], "-o", f"{new}/")
+        assert code == 2 and len(error_lines(err)) == 1
+        assert not new.exists()
+
+
+def test_explain_goes_on_when_one_figure_cannot_be_written(capsys, bundle: Path,
+                                                           tmp_path: Path) -> None:
+    scans, out_dir = tmp_path / "in", tmp_path / "out"
+    scans.mkdir()
+    (out_dir / "a.png").mkdir(parents=True)  # where a.png's figure should go
+    os.mkfifo(out_dir / "c.png")
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(FIXTURES / "gray8.png", scans / name)
+    code, out, err = run(capsys, "explain", "--json", "--bundle", bundle, scans, "-o", f"{out_dir}/")
+    assert code == 1 and "Traceback" not in err
+    assert error_lines(err) == [f"error: {scans / name}: cannot write {out_dir / name}: it exists "
+                                "and is not a regular file" for name in ("a.png", "c.png")]
+    a, b, c = records(out)
+    assert a["output"] is None and a["error"] and c["output"] is None and c["error"]
+    assert b["output"] == str(out_dir / "b.png") and b["error"] is None
+    assert (out_dir / "b.png").is_file() and (out_dir / "a.png").is_dir() and (out_dir / "c.png").is_fifo()
+    # Text: a line for the written figure only, and the exit code `explain --help` gives for it.
+    code, out, err = run(capsys, "explain", "-q", "--bundle", bundle, scans, "-o", f"{out_dir}/")
+    assert code == 1 and len(error_lines(err)) == 2
+    (line,) = out.splitlines()
+    assert line.startswith(f"{out_dir / 'b.png'}: ")
+    _, out, _ = run(capsys, "explain", "--help")
+    assert "1 some inputs failed: unreadable, or their figure could not be" in out
+
+
+# --- output that cannot be written ---------------------------------------------------------
+
+
+def test_full_disk_on_stdout_is_one_line(bundle: Path) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([_console_script(), "classify", "--json", "--bundle", str(bundle),
+                                 str(GOOD[0])], stdout=full, stderr=subprocess.PIPE, text=True,
+                                timeout=120)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == ["error: cannot write output: No space left on device"]
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
+def test_closed_stdout_is_one_line(bundle: Path) -> None:
+    result = subprocess.run([_console_script(), "classify", "--bundle", str(bundle), str(GOOD[0])],
+                            stderr=subprocess.PIPE, text=True, timeout=120,
+                            preexec_fn=lambda: os.close(1))  # as `ct-edge classify x.png >&-`
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == ["error: cannot write output: Bad file descriptor"]
+    assert "Traceback" not in result.stderr

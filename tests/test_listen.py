@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -476,6 +477,29 @@ def test_help_and_bad_arguments() -> None:
         result = subprocess.run([*run, *bad], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, bad
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_unusable_spool_and_a_port_in_use_are_named(ct_bundle: Path, tmp_path: Path) -> None:
+    """Each start-up failure says what failed, in one line, exit 2."""
+    run = [sys.executable, "-m", "ct_edge.cli", "listen", "--bundle", str(ct_bundle),
+           "--host", "127.0.0.1"]
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "spool").write_text("a file where the spool folder goes")
+    result = subprocess.run([*run, "--port", "0", "--data-dir", str(blocked)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == \
+        [f"error: cannot use {blocked / 'spool' / '.incoming'}: Not a directory"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([*run, "--port", str(port), "--data-dir", str(tmp_path / "free")],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == \
+        [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_store import damage_store
 
 from ct_edge import DISCLAIMER
 from ct_edge.classifier import Classifier
@@ -551,6 +552,28 @@ def test_an_answered_infer_batch_stores_every_item_in_order(api: Running) -> Non
     ids = response["parameters"]["result_ids"]
     assert api.store.count() == before + 3 and ids == sorted(ids)
     assert [api.store.get(i)["source"] for i in ids] == ["image[0]", "image[1]", "image[2]"]
+
+
+def test_infer_tensor_name_is_cleaned_like_a_classify_name(api: Running) -> None:
+    # A lone surrogate is valid JSON ("\ud800") but no text the store can hold: once a 500.
+    request = infer_request(PNG)
+    request["inputs"][0]["name"] = "x\ud800\n"
+    status, response = api.json("POST", "/v2/models/ct-edge/infer", request)
+    assert status == 200, response
+    (result_id,) = response["parameters"]["result_ids"]
+    assert api.store.get(result_id)["source"] == "x[0]"
+    request["inputs"][0]["name"] = "\udcff"
+    status, response = api.json("POST", "/v2/models/ct-edge/infer", request)
+    assert status == 200 and api.store.get(response["parameters"]["result_ids"][0])["source"] \
+        == "input[0]"
+
+
+def test_a_damaged_store_is_503_not_a_bug(classifier: Classifier, tmp_path: Path) -> None:
+    damage_store(tmp_path / "data")
+    with serving(classifier, tmp_path / "data") as api:
+        status, headers, body = api.request("GET", "/v1/results?limit=1000")
+        assert status == 503 and headers["retry-after"] == "5"
+        assert json.loads(body)["error"].startswith("results store unavailable: cannot read")
 
 
 def test_infer_with_a_non_image_file_is_415(api: Running) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
 import sqlite3
 import threading
 from pathlib import Path
@@ -22,6 +25,25 @@ def _add(store: Store, **overrides) -> int:
               "probabilities": {"COVID-19": 0.1, "Normal": 0.8, "Viral Pneumonia": 0.1},
               "timings_ms": {"inference": 1.5}, "sha256": "ab" * 32}
     return store.add(**{**fields, **overrides})
+
+
+def damage_store(data_dir: Path, rows: int = 300) -> None:
+    """A store of `rows` results, checkpointed, whose later pages (the rows, not the schema) are
+    overwritten with random bytes: it opens, and reading the rows fails."""
+    with Store(data_dir) as store:
+        store.add_predictions([(Prediction(path=f"scan{i:04d}.png" * 4, label="Normal", status="ok",
+                                           probabilities={"Normal": 0.9}, reason="r" * 40),
+                                "ab" * 32) for i in range(rows)], origin="test")
+    db = sqlite3.connect(data_dir / "results.sqlite3")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    path = data_dir / "results.sqlite3"
+    data = bytearray(path.read_bytes())
+    noise = random.Random(7)
+    for start in range(len(data) // 2 // page * page, len(data), page):
+        data[start + 100:start + page - 100] = noise.randbytes(page - 200)
+    path.write_bytes(bytes(data))
 
 
 def test_new_store_is_migrated_and_wal(tmp_path: Path) -> None:
@@ -283,3 +305,141 @@ def test_series_progress_counts_each_instance_once_and_live(tmp_path: Path) -> N
             "unreadable": 1}
         assert store.count_dicom_series() == 1
         assert store.dicom_series_progress([]) == {}
+
+
+# --- text the database cannot hold, a damaged file, heatmap durability, a read-only store ------
+
+
+def test_text_that_is_not_unicode_is_stored_with_a_replacement_character(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        row_id = _add(store, source="x\ud800[0]", reason="why \udcff", label="Nor\udcffmal",
+                      probabilities={"Nor\udcffmal": 0.8})
+        row = store.get(row_id)
+        assert row["source"] == "x\ufffd[0]" and row["reason"] == "why \ufffd"
+        assert row["label"] == "Nor\ufffdmal" and row["confidence"] == pytest.approx(0.8)
+        assert [r["id"] for r in store.list(label="Nor\udcffmal")] == [row_id]  # a filter too
+        (other,) = store.add_predictions([(Prediction(path="y\ud800", label=None, status=None,
+                                                      probabilities={}, error="e\ud800"),
+                                           "cd" * 32)], origin="oip")
+        assert store.get(other)["source"] == "y\ufffd" and store.get(other)["error"] == "e\ufffd"
+        series = store.add_dicom_instance(sop_instance_uid="1.2.3.1", study_uid="1.2",
+                                          series_uid="1.2.3", spool_path="1.dcm", nbytes=1,
+                                          description="CHEST \udce9")
+        assert series and store.get_dicom_series(series_uid="1.2.3")["description"] == "CHEST \ufffd"
+        # a UID is an identity, not display text: refused, never a raw UnicodeEncodeError
+        with pytest.raises(StoreError, match="not valid Unicode"):
+            store.add_dicom_instance(sop_instance_uid="1.2.3.\udce9", study_uid="1.2",
+                                     series_uid="1.2.3", spool_path="2.dcm", nbytes=1)
+
+
+def test_a_damaged_store_is_a_store_error_on_every_read(tmp_path: Path, capsys) -> None:
+    from ct_edge import cli
+
+    damage_store(tmp_path)
+    with Store(tmp_path) as store:
+        for read in (lambda: store.list(limit=1000), lambda: store.list(status="ok", limit=1000)):
+            with pytest.raises(StoreError, match="cannot read the results store"):
+                read()
+        failed = 0
+        for result_id in range(1, 301):  # each read answers (a damaged row may be missing)...
+            for read in (store.get, store.heatmap_path):
+                try:
+                    read(result_id)
+                except StoreError:  # ...or says the store is damaged: nothing else
+                    failed += 1
+        assert failed
+        assert store.list_dicom_series() == [] and store.count_dicom_series() == 0  # intact
+    assert cli.main(["results", "--data-dir", str(tmp_path), "--limit", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot read the results store")
+    assert "malformed" in err
+
+
+def test_the_heatmap_folder_is_fsynced_after_the_rename(tmp_path: Path, monkeypatch) -> None:
+    synced: list[tuple[str, list[str]]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((target, sorted(os.listdir(target)) if os.path.isdir(target) else []))
+        real_fsync(fd)
+
+    with Store(tmp_path) as store:
+        monkeypatch.setattr(os, "fsync", fsync)
+        row_id = _add(store, heatmap_png=PNG)
+        name = store.heatmap_path(row_id).name
+    folder = str(tmp_path / "heatmaps")
+    # the file's name is durable (its folder synced once the rename is done) before the commit
+    assert (folder, [name]) in synced
+
+
+class Crashing:
+    """A connection whose every statement raises a non-sqlite exception (a bug, an interrupt)."""
+
+    def execute(self, *args: object) -> None:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("failure", ["crash", "sqlite"])
+def test_a_failed_insert_leaves_no_heatmap_file(tmp_path: Path, monkeypatch, failure: str) -> None:
+    real = store_module.transaction
+
+    @contextlib.contextmanager
+    def crashing(db, lock, path):
+        with real(db, lock, path):
+            yield Crashing()
+
+    with Store(tmp_path) as store:
+        if failure == "crash":
+            monkeypatch.setattr(store_module, "transaction", crashing)
+            with pytest.raises(KeyboardInterrupt):
+                _add(store, heatmap_png=PNG)
+        else:
+            store._db.execute("CREATE TEMP TRIGGER poison BEFORE INSERT ON results "
+                              "BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
+            with pytest.raises(StoreError):
+                _add(store, heatmap_png=PNG)
+        monkeypatch.undo()
+        assert store.count() == 0
+    assert os.listdir(tmp_path / "heatmaps") == []
+
+
+def test_a_read_only_store_says_it_must_be_writable(tmp_path: Path, monkeypatch) -> None:
+    Store(tmp_path).close()
+
+    def read_only(db: sqlite3.Connection) -> int:
+        # what SQLite says, as a user who may not write the folder (the tests may run as root)
+        exc = sqlite3.OperationalError("attempt to write a readonly database")
+        exc.sqlite_errorcode = 8 | 6 << 8  # SQLITE_READONLY_DIRECTORY
+        raise exc
+
+    monkeypatch.setattr(store_module, "migrate", read_only)
+    with pytest.raises(StoreError, match="must be writable") as caught:
+        Store(tmp_path)
+    assert "not a usable" not in str(caught.value)
+
+
+def test_results_command_series_filters_by_status_and_label(tmp_path: Path, capsys) -> None:
+    from ct_edge import cli
+
+    with Store(tmp_path) as store:
+        for n, (status, label) in enumerate([("ok", "Normal"), ("uncertain", "COVID-19")]):
+            store.add_dicom_instance(sop_instance_uid=f"1.5.{n}.1", study_uid="1.5",
+                                     series_uid=f"1.5.{n}", spool_path=f"{n}.dcm", nbytes=1)
+            series_id = store.get_dicom_series(series_uid=f"1.5.{n}")["id"]
+            store.complete_dicom_series(series_id, status=status, label=label,
+                                        probabilities={label: 0.6}, reason=None,
+                                        aggregate="mean", counts={"slices": 1})
+        store.add_dicom_instance(sop_instance_uid="1.5.9.1", study_uid="1.5",
+                                 series_uid="1.5.9", spool_path="9.dcm", nbytes=1)  # receiving
+
+    def listed(*args: str) -> list[str]:
+        assert cli.main(["results", "--data-dir", str(tmp_path), "--series", "--json",
+                         *args]) == 0
+        return [json.loads(line)["series_uid"] for line in capsys.readouterr().out.splitlines()]
+
+    assert listed() == ["1.5.9", "1.5.1", "1.5.0"]
+    assert listed("--status", "ok") == ["1.5.0"]
+    assert listed("--status", "uncertain") == ["1.5.1"]
+    assert listed("--label", "COVID-19") == ["1.5.1"]
+    assert listed("--status", "ok", "--label", "COVID-19") == []

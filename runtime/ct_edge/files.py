@@ -22,3 +22,12 @@ def create_temp(folder: str | Path, prefix: str = ".", suffix: str = ".tmp") -> 
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name in {folder}")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries durable (a file just renamed into it); OSError when it cannot."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

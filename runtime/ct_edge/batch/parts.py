@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..files import fsync_dir
 from .payload import BatchError, ModelPayload
 
 if TYPE_CHECKING:
@@ -105,11 +106,7 @@ class PartWriter:
             os.fsync(handle.fileno())
         os.replace(tmp, self.out / name)
         with contextlib.suppress(OSError):  # make the rename itself durable where possible
-            fd = os.open(self.out, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.out)
         return self.out / name
 
 

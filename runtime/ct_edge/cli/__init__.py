@@ -4,16 +4,19 @@ Not a diagnostic device. Each command is a module of this package with `add_pars
 and `run(args) -> int`; shared pieces live in `common` (arguments, errors, progress) and
 `output` (the classify writers). Exit codes: 0 every input processed, 1 some inputs could not be
 read (one `error: <path>: <problem>` line each on stderr; the others are still processed), 2
-usage or bundle error (one line saying what to do). Start-up time matters on a device, so
-command modules import only the standard library at module level; numpy, Pillow and the engine
-are imported by the command that runs.
+usage or bundle error (one line saying what to do), or stdout cannot be written. Start-up time
+matters on a device, so command modules import only the standard library at module level;
+numpy, Pillow and the engine are imported by the command that runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
+from typing import IO, Any
 
 from .. import DISCLAIMER, __version__
 from .common import EXIT_INPUT, EXIT_USAGE, Parser, error, silence_stdout
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from ..errors import CtEdgeError
 
+    stdout, sys.stdout = sys.stdout, GuardedStdout(sys.stdout)  # type: ignore[assignment]
     try:
         return args.handler(args)
     except CtEdgeError as exc:  # BundleError, and anything else raised on purpose
@@ -80,3 +84,40 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `ct-edge classify --json scans/ | head -1`
         silence_stdout()
         return EXIT_INPUT
+    except OutputError as exc:  # e.g. a full disk, or stdout closed (`>&-`)
+        silence_stdout()  # the unwritten rest would fail again when the interpreter exits
+        error(f"cannot write output: {exc}")
+        return EXIT_USAGE
+    finally:
+        sys.stdout = stdout
+
+
+class OutputError(Exception):
+    """Writing to stdout failed; the message is the system's reason."""
+
+
+class GuardedStdout:
+    """sys.stdout while a command runs: a failed write raises OutputError, told apart from the
+    OSErrors of reading inputs; BrokenPipeError passes as it is."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.guarded("write", text)
+
+    def flush(self) -> None:
+        self.guarded("flush")
+
+    def guarded(self, method: str, *args: Any) -> Any:
+        if self.stream is None:  # Python sets sys.stdout to None when fd 1 was closed at start
+            raise OutputError(os.strerror(errno.EBADF))
+        try:
+            return getattr(self.stream, method)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(exc.strerror or str(exc)) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)

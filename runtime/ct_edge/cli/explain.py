@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
@@ -20,6 +21,7 @@ from .common import (
     positive_int,
     window_arg,
 )
+from .output import display_path
 
 EXAMPLES = """\
 examples:
@@ -38,8 +40,9 @@ lung_share (share of heat inside the estimated lung fields; null when they canno
 e.g. most chest films), lung_area, border_share (heat in the outer 8% band), border_area (that
 band's share of the image: what an even heatmap would give), output (the PNG written, or null),
 timings_ms and error.
-exit codes: 0 all explained, 1 some inputs failed (one 'error:' line each on stderr),
-2 usage or bundle error.
+exit codes: 0 all explained, 1 some inputs failed: unreadable, or their figure could not be
+written (one 'error:' line each on stderr; the others are still explained), 2 usage or bundle
+error, e.g. an -o that would replace an input.
 """
 
 
@@ -77,12 +80,10 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from ..classifier import Classifier
     from ..dicom import DicomError
     from ..errors import InputError
-    from ..explain import choose_method, explain, save
+    from ..explain import choose_method, explain
 
     if args.output is None and not args.json:
         error("nothing to write: pass -o FILE.png (or -o DIR/ for several inputs) and/or --json")
@@ -105,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         error(f"--target {args.target!r} is not a class of this bundle; choose one of: "
                + ", ".join(classifier.labels))
         return EXIT_USAGE
+    unmade = make_folder(args.output, len(items))  # only now: a usage error leaves no folder
+    if unmade is not None:
+        error(unmade)
+        return EXIT_USAGE
     failed = 0
     for (path, problem), output in zip(items, outputs, strict=True):
         try:
@@ -115,58 +120,83 @@ def run(args: argparse.Namespace) -> int:
             refused = classifier.refusal(exc) if isinstance(exc, DicomError) else None
             if refused is not None:  # as `classify` answers it: out of domain, not an error
                 refused.path = path
-                print(json.dumps({**refused.to_dict(), "output": None}, ensure_ascii=False)
-                      if args.json else f"{path}: out of domain, no label ({refused.reason}); "
-                      "no image to explain", flush=True)
+                if args.json:
+                    print_record({**refused.to_dict(), "output": None})
+                else:
+                    print(f"{display_path(path)}: out of domain, no label ({refused.reason}); "
+                          "no image to explain", flush=True)
                 continue
             failed += 1
             error(f"{path}: {' '.join(exc.problem.split())}")
             if args.json:
-                print(json.dumps({"path": path, "label": None, "output": None,
-                                  "error": exc.problem}, ensure_ascii=False), flush=True)
+                print_record({"path": path, "label": None, "output": None, "error": exc.problem})
             continue
         result.path = path
-        if output is not None:
-            try:
-                save(result, output)
-            except OSError as exc:
-                error(f"cannot write {output}: {exc.strerror or exc}; choose another -o")
-                return EXIT_USAGE
-        if args.json:
-            record = {**result.to_dict(), "output": output, "error": None}
-            print(json.dumps(record, ensure_ascii=False), flush=True)
-        else:
-            print(explain_line(result, output), flush=True)
+        failed += not report(result, output, args.json)
     if not args.quiet:
         print(DISCLAIMER, file=sys.stderr if args.json else sys.stdout)
     return EXIT_INPUT if failed else EXIT_OK
 
 
+def report(result: Any, output: str | None, as_json: bool) -> bool:
+    """Write one input's figure (with -o) and print its line; False when the figure failed."""
+    problem = None if output is None else write_figure(result, output)
+    if problem is not None:  # this input only: the others are still explained
+        error(f"{result.path}: {problem}")
+    if as_json:
+        print_record({**result.to_dict(), "output": None if problem else output, "error": problem})
+    elif problem is None:
+        print(explain_line(result, output), flush=True)
+    return problem is None
+
+
+def print_record(record: dict[str, Any]) -> None:
+    """One JSON Lines object on stdout, its paths as valid text."""
+    for key in ("path", "output"):
+        if record.get(key) is not None:
+            record[key] = display_path(record[key])
+    print(json.dumps(record, ensure_ascii=False), flush=True)
+
+
 def explain_outputs(paths: list[str], output: str | None) -> list[str | None] | str:
-    """One PNG path per input (None without -o), or a usage error message.
+    """One PNG path per input (None without -o), or a usage error message; creates nothing.
 
     -o is a folder when it exists as one, ends with '/', or there are several inputs; in a folder
     each figure is named after its input, with the parent folder's name prefixed when two inputs
-    share a name (e.g. test/COVID-19/00000.png -> COVID-19_00000.png).
+    share a name (e.g. test/COVID-19/00000.png -> COVID-19_00000.png). A figure may not replace
+    one of the inputs, nor anything but a regular file given as -o.
     """
     if output is None:
         return [None] * len(paths)
-    folder = os.path.isdir(output) or output.endswith(("/", os.sep)) or len(paths) > 1
-    if not folder:
+    if not output_is_folder(output, len(paths)):
         parent = os.path.dirname(output) or "."
         if not os.path.isdir(parent):
             return f"-o {output}: folder {parent} does not exist"
-        return [output]
-    if os.path.exists(output) and not os.path.isdir(output):
+        if os.path.lexists(output) and not os.path.isfile(output):
+            return f"-o {output} exists and is not a regular file; choose another -o"
+        names = [output]
+    elif os.path.exists(output) and not os.path.isdir(output):
         return f"-o {output} is a file; several inputs need a folder (e.g. -o heatmaps/)"
-    if not os.path.isdir(output) and output.lower().endswith(".png"):
+    elif not os.path.isdir(output) and output.lower().endswith(".png"):
         # A folder named like a figure is a typo, not a wish: one PNG cannot hold several.
         return (f"-o {output} names one PNG, but there are {len(paths)} inputs; give a folder "
                 "(e.g. -o heatmaps/) for one PNG per input")
-    try:
-        os.makedirs(output, exist_ok=True)
-    except OSError as exc:
-        return f"cannot create folder {output}: {exc.strerror or exc}"
+    else:
+        names = folder_names(paths, output)
+    clash = overwritten_input(paths, names)
+    if clash is not None:
+        figure = "" if clash[1] == output else f" (as {clash[1]})"
+        return f"-o {output}{figure} would replace the input {clash[0]}; choose another -o"
+    return names
+
+
+def output_is_folder(output: str, count: int) -> bool:
+    """Whether -o names a folder (one figure per input) rather than one PNG."""
+    return os.path.isdir(output) or output.endswith(("/", os.sep)) or count > 1
+
+
+def folder_names(paths: list[str], folder: str) -> list[str]:
+    """One unique <name>.png in `folder` per input."""
     stems = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p in paths]
     names, used = [], set()
     for path, stem in zip(paths, stems, strict=True):
@@ -178,8 +208,53 @@ def explain_outputs(paths: list[str], output: str | None) -> list[str | None] | 
         while unique in used:
             unique, k = f"{name}_{k}", k + 1
         used.add(unique)
-        names.append(os.path.join(output, unique + ".png"))
+        names.append(os.path.join(folder, unique + ".png"))
     return names
+
+
+def overwritten_input(paths: list[str], names: list[str]) -> tuple[str, str] | None:
+    """The first (input, figure) pair where the figure is the input file itself, else None."""
+    inputs = {}
+    for path in paths:
+        try:
+            status = os.stat(path)
+        except (OSError, ValueError):  # unreadable inputs are reported when their turn comes
+            continue
+        inputs[status.st_dev, status.st_ino] = path
+    for name in names:
+        try:
+            status = os.stat(name)
+        except (OSError, ValueError):
+            continue
+        if (status.st_dev, status.st_ino) in inputs:
+            return inputs[status.st_dev, status.st_ino], name
+    return None
+
+
+def make_folder(output: str | None, count: int) -> str | None:
+    """Create the -o folder when -o is one; None, or why it cannot be created."""
+    if output is None or not output_is_folder(output, count):
+        return None
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create folder {output}: {exc.strerror or exc}"
+    return None
+
+
+def write_figure(result: Any, output: str) -> str | None:
+    """Save one figure; None, or why it could not be written."""
+    from ..explain import save
+
+    # Saving renames over the folder entry whatever it is (a device, a FIFO): only a regular
+    # file may be replaced.
+    if os.path.lexists(output) and not os.path.isfile(output):
+        return f"cannot write {output}: it exists and is not a regular file"
+    try:
+        save(result, output)
+    except OSError as exc:
+        return f"cannot write {output}: {exc.strerror or exc}"
+    return None
 
 
 def explain_line(result: Any, output: str | None) -> str:
@@ -190,7 +265,7 @@ def explain_line(result: Any, output: str | None) -> str:
         shares.append(f"in lungs {result.lung_share:.0%}")
     if result.border_share is not None:
         shares.append(f"at border {result.border_share:.0%}")
-    head = f"{output}: " if output else f"{result.path}: "
+    head = f"{display_path(output or result.path)}: "
     if result.status == "out_of_domain":
         answer = f"out of domain, no label ({result.reason})"
     else:

@@ -175,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         node.start()
     except OSError as exc:
-        error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+        where = f"cannot use {exc.filename}" if exc.filename else \
+            f"cannot listen on {args.host}:{args.port}"
+        error(f"{where}: {exc.strerror or exc}")
         store.close()
         return EXIT_USAGE
     host, port = node.address

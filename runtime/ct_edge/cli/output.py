@@ -6,6 +6,7 @@ Every format carries the same `status` ("ok", "uncertain", "out_of_domain") and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from typing import IO, TYPE_CHECKING
 
@@ -14,6 +15,15 @@ from .common import isatty
 
 if TYPE_CHECKING:
     from ..classifier import Prediction
+
+
+def display_path(path: str) -> str:
+    """A path as valid text: bytes that are not UTF-8 (a name from another system) as `\\xff`.
+
+    Such names reach Python as lone surrogates, which no UTF-8 stream or JSON parser accepts.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
 
 class Writer:
     """Streams one row per Prediction; `finish` may print a footer."""
@@ -35,7 +45,8 @@ class JsonWriter(Writer):
         self.stream, self.top_k = stream, top_k
 
     def row(self, prediction: Prediction) -> None:
-        self.stream.write(json.dumps(prediction.to_dict(self.top_k), ensure_ascii=False) + "\n")
+        record = {**prediction.to_dict(self.top_k), "path": display_path(prediction.path)}
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.stream.flush()
 
 
@@ -56,7 +67,7 @@ class CsvWriter(Writer):
         record = prediction.to_dict(self.top_k)
         shown = record["probabilities"]
         confidence = record["confidence"]
-        self.csv.writerow([prediction.path, prediction.label or "",
+        self.csv.writerow([display_path(prediction.path), prediction.label or "",
                            "" if confidence is None else f"{confidence:.6f}",
                            prediction.status or "", prediction.reason or "",
                            *(f"{shown[label]:.6f}" if label in shown else "" for label in self.labels),
@@ -70,7 +81,7 @@ class TableWriter(Writer):
     def __init__(self, stream: IO[str], paths: list[str], labels: tuple[str, ...], top_k: int,
                  quiet: bool, note: str | None = None) -> None:
         self.stream, self.top_k, self.quiet, self.note = stream, top_k, quiet, note
-        self.file_width = max([len("FILE"), *map(len, paths)])
+        self.file_width = max([len("FILE"), *(len(display_path(path)) for path in paths)])
         if isatty(stream):  # on a terminal, keep rows on one line by shortening long paths
             room = shutil.get_terminal_size().columns - 2 * max(map(len, labels)) - 56
             self.file_width = min(self.file_width, max(24, room))
@@ -80,6 +91,7 @@ class TableWriter(Writer):
         self.rows = 0
 
     def _line(self, file: str, label: str, confidence: str, status: str, others: str) -> None:
+        file = display_path(file)
         if len(file) > self.file_width:
             file = "..." + file[-(self.file_width - 3):]
         line = (f"{file:<{self.file_width}}  {label:<{self.label_width}}  {confidence:>6}  "

@@ -17,11 +17,13 @@ examples:
   ct-edge results --limit 100 --status uncertain
   ct-edge results --json --label COVID-19 | jq .source
   ct-edge results --series                 (DICOM series received by `ct-edge listen`)
+  ct-edge results --series --status uncertain
   ct-edge results --data-dir /var/lib/ct-edge
 
 Reads the store in --data-dir (default: $CT_EDGE_DATA, else $XDG_DATA_HOME/ct-edge, else
 ~/.local/share/ct-edge), newest first. --json prints one JSON object per line. The disclaimer
-follows the table (on stderr with --json). Exit code 2 when there is no store there.
+follows the table (on stderr with --json). Exit code 2 when there is no usable store there
+(none, damaged, or a folder this user may not write: SQLite needs to, even to read).
 """
 
 
@@ -37,13 +39,14 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--limit", type=positive_int, default=20, metavar="N",
                         help="show the N newest (default: 20, at most 1000)")
     parser.add_argument("--status", choices=("ok", "uncertain", "out_of_domain"),
-                        help="only results with this status (default: all results, "
-                             "unreadable ones too)")
-    parser.add_argument("--label", help="only results with this label (default: all results, "
-                                        "labelled or not)")
+                        help="only results (with --series: completed series) with this status "
+                             "(default: all results, unreadable ones too)")
+    parser.add_argument("--label", help="only results (with --series: completed series) with "
+                                        "this label (default: all, labelled or not)")
     parser.add_argument("--series", action="store_true",
                         help="list DICOM series (from `ct-edge listen`) instead of results "
-                             "(default: results)")
+                             "(default: results); --status and --label apply to the series' "
+                             "own result")
     parser.set_defaults(handler=run)
 
 
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with Store(data_dir) as store:
         if args.series:
-            rows = store.list_dicom_series(limit=args.limit)
+            rows = store.list_dicom_series(limit=args.limit, status=args.status,
+                                           label=args.label)
         else:
             rows = store.list(limit=args.limit, status=args.status, label=args.label)
             total = store.count(status=args.status, label=args.label)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, one_line
+from ..files import fsync_dir
 from ..store import Store, StoreError, bundle_identity
 from .config import NodeConfig
 from .contexts import (
@@ -70,14 +71,6 @@ def _safe_name(uid: str) -> str:
     return uid if _UID.match(uid) and len(uid) <= 64 else hashlib.sha256(uid.encode()).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Node:
     """A DICOM Storage SCP that classifies what it receives (one per process)."""
 
@@ -106,7 +99,8 @@ class Node:
     # --- life cycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Recover what a previous run left, start the worker and the listener (non-blocking)."""
+        """Recover what a previous run left, start the listener and the worker (non-blocking).
+        OSError when the spool cannot be used (its `filename` set) or the port cannot be bound."""
         from pynetdicom import AE, _config, evt
 
         self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -133,13 +127,14 @@ class Node:
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_ACCEPTED, self._on_accepted),
                     (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed),
                     (evt.EVT_C_ECHO, lambda event: SUCCESS), (evt.EVT_C_STORE, self._on_store)]
+        # Bound before the threads start: a port in use leaves nothing running.
+        self._server = ae.start_server((self.config.host, self.config.port), block=False,
+                                       evt_handlers=handlers, ssl_context=self.config.ssl_context)
+        self.address = self._server.server_address[:2]
         for target, name in ((self._work, "classify"), (self._monitor, "series")):
             thread = threading.Thread(target=target, name=f"ct-edge-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        self._server = ae.start_server((self.config.host, self.config.port), block=False,
-                                       evt_handlers=handlers, ssl_context=self.config.ssl_context)
-        self.address = self._server.server_address[:2]
 
     def stop(self) -> None:
         """Stop listening (open associations are closed), finish the slice being classified; what
@@ -279,7 +274,7 @@ class Node:
         new_folder = not final.parent.exists()
         final.parent.mkdir(parents=True, exist_ok=True)
         if new_folder:
-            _fsync_dir(self.spool)
+            fsync_dir(self.spool)
         with open(received, "rb") as handle:
             os.fsync(handle.fileno())
         try:
@@ -290,7 +285,7 @@ class Node:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def _record_failure(self, source: str, problem: str) -> None:
         try:

@@ -30,7 +30,7 @@ from ..classifier import STATUSES
 from ..store import StoreError
 from .metrics import Metrics
 from .oip import infer, model_metadata, server_metadata
-from .service import Busy, ClientError, Service
+from .service import Busy, ClientError, Service, display_name
 
 STATIC = Path(__file__).parent / "static"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -72,12 +72,6 @@ def is_loopback(host: str) -> bool:
         return False
     addresses = {info[4][0] for info in infos}
     return bool(addresses) and all(a.startswith("127.") or a == "::1" for a in addresses)
-
-
-def _clean_name(value: str) -> str:
-    """A client's file name as display text: printable, short. Never used as a path."""
-    text = "".join(ch for ch in value if ch.isprintable()).strip()
-    return text[:MAX_NAME] or "upload"
 
 
 def _truthy(value: str | None) -> bool:
@@ -395,7 +389,7 @@ class Handler(BaseHTTPRequestHandler):
         if not body:
             raise ClientError(400, "empty body; send the file's bytes as the request body")
         service = self.server.service
-        source = _clean_name(query.get("name", "upload"))
+        source = display_name(query.get("name", "upload"), "upload", MAX_NAME)
         result = service.run(service.classify_bytes, body, source, _truthy(query.get("explain")))
         self._json(200, {**result, "disclaimer": DISCLAIMER})
 

@@ -23,11 +23,12 @@ import numpy as np
 from .. import DISCLAIMER, __version__
 from ..classifier import Prediction
 from ..store import sha256_bytes
-from .service import ClientError, Service
+from .service import ClientError, Service, display_name
 
 MODEL_NAME = "ct-edge"
 MODEL_VERSION = "1"
 MAX_BATCH = 64
+MAX_NAME = 100  # characters of an input tensor's name kept in each result's source
 OUTPUTS = ("probabilities", "label", "status", "reason")
 EXTENSIONS = ("classification", "binary_tensor_data")
 
@@ -246,7 +247,7 @@ def infer(service: Service, body: bytes, header_length: str | None) -> dict[str,
     shape = _shape(tensor)
     binary = _Binary(binary_section)
     datatype = tensor.get("datatype")
-    name = str(tensor.get("name", "input"))[:100]
+    name = display_name(tensor.get("name", "input"), "input", MAX_NAME)
     if datatype == "BYTES":
         answered = _classify_files(service, tensor, shape, request_parameters, binary, name)
     elif datatype == "FP32":

@@ -31,6 +31,13 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 HEATMAP_SIDE = 256  # px of the stored heatmap overlay
 
 
+def display_name(value: object, fallback: str, limit: int) -> str:
+    """A client-given name (?name=, an OIP tensor's name) as display text: printable characters
+    only (no lone surrogate, which the store could not hold), at most `limit`. Never a path."""
+    text = "".join(ch for ch in str(value) if ch.isprintable()).strip()
+    return text[:limit] or fallback
+
+
 class ClientError(Exception):
     """A request the server refuses: HTTP status and one line for `{"error": ...}`."""
 

@@ -15,7 +15,6 @@ The schema and its migrations are in `store.schema`; the DICOM instances and ser
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sqlite3
@@ -25,12 +24,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import fsync_dir
 from .schema import (
     INSERT_RESULT,
     MAX_PAGE,
     MIGRATIONS,
     RESULT_COLUMNS,
     StoreError,
+    decode_json,
     migrate,
     result_values,
     schema_version,
@@ -66,13 +67,12 @@ def bundle_identity(bundle_root: Path) -> str:
     return sha256_bytes((Path(bundle_root) / "manifest.json").read_bytes())
 
 
-def _row_dict(row: tuple) -> dict[str, Any]:
+def _row_dict(row: tuple, path: Path) -> dict[str, Any]:
     result = dict(zip(RESULT_COLUMNS, row, strict=True))
     for key in ("probabilities", "timings_ms"):
-        result[key] = json.loads(result[key] or "{}")
+        result[key] = decode_json(result[key], path)
     result["heatmap"] = bool(result["heatmap"])
     return result
-
 
 
 def prediction_fields(prediction: Any, source: str | None = None) -> dict[str, Any]:
@@ -107,6 +107,11 @@ class Store(DicomSeriesStore):
             self.version = migrate(self._db)
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+                # WAL mode writes beside the database even to read it.
+                raise StoreError(f"cannot open the results store {self.path}: it is read-only "
+                                 f"here ({exc}); the folder {self.data_dir} and the database "
+                                 "must be writable, even to list results") from None
             raise StoreError(f"{self.path}: not a usable results store ({exc})") from None
         except BaseException:
             self._db.close()
@@ -130,14 +135,16 @@ class Store(DicomSeriesStore):
             heatmap_png: bytes | None = None) -> int:
         """Write one result (and its heatmap file) and commit; the new row's id."""
         heatmap = self._write_heatmap(heatmap_png) if heatmap_png is not None else None
-        values = result_values(source=source, origin=origin, status=status, label=label,
-                               probabilities=probabilities, reason=reason, timings_ms=timings_ms,
-                               error=error, sha256=sha256, bundle_sha256=bundle_sha256,
-                               artifact=artifact, artifact_sha256=artifact_sha256, heatmap=heatmap)
         try:
+            values = result_values(source=source, origin=origin, status=status, label=label,
+                                   probabilities=probabilities, reason=reason,
+                                   timings_ms=timings_ms, error=error, sha256=sha256,
+                                   bundle_sha256=bundle_sha256, artifact=artifact,
+                                   artifact_sha256=artifact_sha256, heatmap=heatmap)
             with transaction(self._db, self._lock, self.path) as db:
                 return int(db.execute(INSERT_RESULT, values).lastrowid)
-        except StoreError:
+        except BaseException:
+            # No row refers to the file (the transaction rolled back): it would be an orphan.
             if heatmap:
                 (self.heatmaps / heatmap).unlink(missing_ok=True)
             raise
@@ -164,33 +171,37 @@ class Store(DicomSeriesStore):
             return [int(db.execute(INSERT_RESULT, values).lastrowid) for values in rows]
 
     def _write_heatmap(self, png: bytes) -> str:
+        """A durable heatmap file (its data and its name) in heatmaps/; the name."""
         name = f"{uuid.uuid4().hex}.png"
-        tmp = self.heatmaps / f".{name}.tmp"
+        tmp, final = self.heatmaps / f".{name}.tmp", self.heatmaps / name
         try:
             with open(tmp, "wb") as handle:
                 handle.write(png)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, self.heatmaps / name)
-        except OSError as exc:
+            os.replace(tmp, final)
+            # The row that names the file is committed with synchronous=FULL: the name must
+            # survive a power cut as surely as the row.
+            fsync_dir(self.heatmaps)
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            raise StoreError(f"cannot write a heatmap to {self.heatmaps}: {exc}") from None
+            final.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write a heatmap to {self.heatmaps}: {exc}") from None
+            raise
         return name
 
     def get(self, result_id: int) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE id = ?",
-                                   (int(result_id),)).fetchone()
-        return _row_dict(row) if row else None
+        rows = self._read(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE id = ?",
+                          (int(result_id),))
+        return _row_dict(rows[0], self.path) if rows else None
 
     def heatmap_path(self, result_id: int) -> Path | None:
         """The heatmap PNG of a row, when it has one and the file is there."""
-        with self._lock:
-            row = self._db.execute("SELECT heatmap FROM results WHERE id = ?",
-                                   (int(result_id),)).fetchone()
-        if not row or not row[0] or not HEATMAP_NAME.match(row[0]):
+        rows = self._read("SELECT heatmap FROM results WHERE id = ?", (int(result_id),))
+        if not rows or not isinstance(rows[0][0], str) or not HEATMAP_NAME.match(rows[0][0]):
             return None
-        path = self.heatmaps / row[0]
+        path = self.heatmaps / rows[0][0]
         return path if path.is_file() else None
 
     def _where(self, status: str | None, label: str | None) -> tuple[str, list]:
@@ -209,13 +220,11 @@ class Store(DicomSeriesStore):
         """Rows newest first; `status`/`label` filter exactly (status '' = unreadable inputs)."""
         where, params = self._where(status, label)
         limit = max(0, min(int(limit), MAX_PAGE))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(RESULT_COLUMNS)} FROM results{where} ORDER BY id DESC "
-                "LIMIT ? OFFSET ?", [*params, limit, max(0, int(offset))]).fetchall()
-        return [_row_dict(row) for row in rows]
+        rows = self._read(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results{where} "
+                          "ORDER BY id DESC LIMIT ? OFFSET ?",
+                          [*params, limit, max(0, int(offset))])
+        return [_row_dict(row, self.path) for row in rows]
 
     def count(self, status: str | None = None, label: str | None = None) -> int:
         where, params = self._where(status, label)
-        with self._lock:
-            return int(self._db.execute(f"SELECT COUNT(*) FROM results{where}", params).fetchone()[0])
+        return int(self._read(f"SELECT COUNT(*) FROM results{where}", params)[0][0])

@@ -10,11 +10,14 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ..errors import CtEdgeError
+
+T = TypeVar("T")
 
 MAX_PAGE = 1000
 RESULT_COLUMNS = ("id", "created_at", "source", "sha256", "bundle_sha256", "artifact",
@@ -45,6 +48,40 @@ def transaction(db: sqlite3.Connection, lock: threading.Lock | threading.RLock,
                 raise
     except sqlite3.Error as exc:
         raise StoreError(f"cannot write to the results store {path}: {exc}") from None
+    except UnicodeEncodeError:  # a backstop: writers pass text through `db_text`
+        raise StoreError(f"cannot write to the results store {path}: text that is not "
+                         "valid Unicode") from None
+
+
+def read(db: sqlite3.Connection, lock: threading.Lock | threading.RLock, path: Path, sql: str,
+         params: Sequence[Any] = ()) -> list[tuple]:
+    """Every row of one query, under the store's lock; an sqlite error (a damaged file, a disk
+    error) becomes one StoreError naming the store."""
+    try:
+        with lock:
+            return db.execute(sql, [db_text(value) for value in params]).fetchall()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the results store {path}: {exc}") from None
+
+
+def decode_json(text: str | None, path: Path) -> Any:
+    """A JSON column's value; StoreError when a damaged row holds something else."""
+    try:
+        return json.loads(text or "{}")
+    except (ValueError, RecursionError):
+        raise StoreError(f"cannot read the results store {path}: a damaged row") from None
+
+
+def db_text(value: T) -> T:
+    """`value`, with any lone surrogate in a string (a client's name decoded with
+    surrogateescape, say) replaced by U+FFFD: SQLite stores only valid UTF-8."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in value)
+    return value
 
 
 def result_values(*, source: str, origin: str, status: str | None, label: str | None,
@@ -55,9 +92,10 @@ def result_values(*, source: str, origin: str, status: str | None, label: str | 
     """One `results` row in INSERT_RESULT's column order."""
     probabilities = dict(probabilities or {})
     confidence = probabilities.get(label) if label is not None else None
-    return (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256, status,
-            reason, label, confidence, json.dumps(probabilities),
-            json.dumps(dict(timings_ms or {})), heatmap, error, origin)
+    values = (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256, status,
+              reason, label, confidence, json.dumps(probabilities),
+              json.dumps(dict(timings_ms or {})), heatmap, error, origin)
+    return tuple(db_text(value) for value in values)
 
 
 def utc_now() -> str:

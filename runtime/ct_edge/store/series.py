@@ -8,12 +8,22 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .schema import INSERT_RESULT, MAX_PAGE, result_values, transaction, utc_now, utc_text
+from .schema import (
+    INSERT_RESULT,
+    MAX_PAGE,
+    db_text,
+    decode_json,
+    read,
+    result_values,
+    transaction,
+    utc_now,
+    utc_text,
+)
 
 SERIES_COLUMNS = ("id", "study_uid", "series_uid", "patient_id", "modality", "description",
                   "calling_ae", "first_received_at", "last_received_at", "instances", "state",
@@ -21,10 +31,10 @@ SERIES_COLUMNS = ("id", "study_uid", "series_uid", "patient_id", "modality", "de
                   "aggregate", "counts", "bundle_sha256", "report")
 
 
-def _series_dict(row: tuple) -> dict[str, Any]:
+def _series_dict(row: tuple, path: Path) -> dict[str, Any]:
     series = dict(zip(SERIES_COLUMNS, row, strict=True))
     for key in ("probabilities", "counts"):
-        series[key] = json.loads(series[key] or "{}")
+        series[key] = decode_json(series[key], path)
     return series
 
 
@@ -35,6 +45,11 @@ class DicomSeriesStore:
     _db: sqlite3.Connection
     _lock: threading.Lock
 
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Every row of one query; StoreError for a damaged or unreadable store (every read of
+        the store goes through here)."""
+        return read(self._db, self._lock, self.path, sql, params)
+
     def add_dicom_instance(self, *, sop_instance_uid: str, study_uid: str, series_uid: str,
                            spool_path: str, nbytes: int, sop_class_uid: str | None = None,
                            sha256: str | None = None, modality: str | None = None,
@@ -44,8 +59,12 @@ class DicomSeriesStore:
                            peer: str | None = None) -> int:
         """Record a received instance and its series, committed; the instance id. An instance
         sent again replaces the earlier copy (it is classified again, counted once) and a
-        completed series it belongs to goes back to 'receiving'."""
+        completed series it belongs to goes back to 'receiving'. Free text that is not valid
+        Unicode is stored with U+FFFD in its place; a UID that is not is a StoreError."""
         now = utc_now()
+        sop_class_uid, modality, patient_id, description, calling_ae, peer = (
+            db_text(value) for value in (sop_class_uid, modality, patient_id, description,
+                                         calling_ae, peer))
         with transaction(self._db, self._lock, self.path) as db:
             # Select first: an upsert would use up an AUTOINCREMENT id per instance.
             row = db.execute("SELECT id FROM dicom_series WHERE series_uid = ?",
@@ -84,12 +103,11 @@ class DicomSeriesStore:
 
     def pending_dicom_instances(self) -> list[dict[str, Any]]:
         """Instances received but not classified yet, oldest first (what a restart resumes)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT i.id, i.spool_path, i.sop_instance_uid, i.sop_class_uid, i.series_id, "
-                "s.modality, s.series_uid FROM dicom_instances i "
-                "JOIN dicom_series s ON s.id = i.series_id "
-                "WHERE i.state = 'received' ORDER BY i.id").fetchall()
+        rows = self._read(
+            "SELECT i.id, i.spool_path, i.sop_instance_uid, i.sop_class_uid, i.series_id, "
+            "s.modality, s.series_uid FROM dicom_instances i "
+            "JOIN dicom_series s ON s.id = i.series_id "
+            "WHERE i.state = 'received' ORDER BY i.id")
         keys = ("id", "spool_path", "sop_instance_uid", "sop_class_uid", "series_id", "modality",
                 "series_uid")
         return [dict(zip(keys, row, strict=True)) for row in rows]
@@ -120,29 +138,27 @@ class DicomSeriesStore:
         """Series still 'receiving' whose last instance came before the given time and whose
         instances are all classified."""
         cutoff = utc_text(received_before)
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT s.id FROM dicom_series s WHERE s.state = 'receiving' AND "
-                "s.last_received_at <= ? AND NOT EXISTS (SELECT 1 FROM dicom_instances i WHERE "
-                "i.series_id = s.id AND i.state = 'received') ORDER BY s.id", (cutoff,)).fetchall()
+        rows = self._read(
+            "SELECT s.id FROM dicom_series s WHERE s.state = 'receiving' AND "
+            "s.last_received_at <= ? AND NOT EXISTS (SELECT 1 FROM dicom_instances i WHERE "
+            "i.series_id = s.id AND i.state = 'received') ORDER BY s.id", (cutoff,))
         return [int(row[0]) for row in rows]
 
     def dicom_series_slices(self, series_id: int) -> list[dict[str, Any]]:
         """A series' instances in slice order with their results (status, label, probabilities...)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT i.id, i.sop_instance_uid, i.sop_class_uid, i.instance_number, "
-                "i.slice_location, i.state, "
-                "r.id, r.status, r.reason, r.label, r.confidence, r.probabilities, r.error "
-                "FROM dicom_instances i LEFT JOIN results r ON r.id = i.result_id "
-                "WHERE i.series_id = ? ORDER BY i.slice_location IS NULL, i.slice_location DESC, "
-                "i.instance_number, i.id", (int(series_id),)).fetchall()
+        rows = self._read(
+            "SELECT i.id, i.sop_instance_uid, i.sop_class_uid, i.instance_number, "
+            "i.slice_location, i.state, "
+            "r.id, r.status, r.reason, r.label, r.confidence, r.probabilities, r.error "
+            "FROM dicom_instances i LEFT JOIN results r ON r.id = i.result_id "
+            "WHERE i.series_id = ? ORDER BY i.slice_location IS NULL, i.slice_location DESC, "
+            "i.instance_number, i.id", (int(series_id),))
         keys = ("instance_id", "sop_instance_uid", "sop_class_uid", "instance_number",
                 "slice_location", "state",
                 "result_id", "status", "reason", "label", "confidence", "probabilities", "error")
         slices = [dict(zip(keys, row, strict=True)) for row in rows]
         for item in slices:
-            item["probabilities"] = json.loads(item["probabilities"] or "{}")
+            item["probabilities"] = decode_json(item["probabilities"], self.path)
         return slices
 
     def complete_dicom_series(self, series_id: int, *, status: str | None, label: str | None,
@@ -156,28 +172,34 @@ class DicomSeriesStore:
                 "UPDATE dicom_series SET state = 'complete', completed_at = ?, status = ?, "
                 "reason = ?, label = ?, confidence = ?, probabilities = ?, aggregate = ?, "
                 "counts = ?, bundle_sha256 = ?, report = ? WHERE id = ?",
-                (utc_now(), status, reason, label, probabilities.get(label) if label else None,
-                 json.dumps(probabilities), aggregate, json.dumps(dict(counts)),
-                 bundle_sha256, report, int(series_id)))
+                tuple(db_text(value) for value in (
+                    utc_now(), status, reason, label,
+                    probabilities.get(label) if label else None, json.dumps(probabilities),
+                    aggregate, json.dumps(dict(counts)), bundle_sha256, report, int(series_id))))
 
     def get_dicom_series(self, series_id: int | None = None,
                          series_uid: str | None = None) -> dict[str, Any] | None:
         """One series by id or SeriesInstanceUID."""
         column, value = ("id", series_id) if series_uid is None else ("series_uid", series_uid)
-        with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(SERIES_COLUMNS)} FROM dicom_series "
-                                   f"WHERE {column} = ?", (value,)).fetchone()
-        return _series_dict(row) if row else None
+        rows = self._read(f"SELECT {', '.join(SERIES_COLUMNS)} FROM dicom_series "
+                          f"WHERE {column} = ?", (value,))
+        return _series_dict(rows[0], self.path) if rows else None
 
-    def list_dicom_series(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
-        """Series, the most recently received first."""
+    def list_dicom_series(self, limit: int = 50, offset: int = 0, status: str | None = None,
+                          label: str | None = None) -> list[dict[str, Any]]:
+        """Series, the most recently received first; `status`/`label` filter on the series
+        result exactly (a series still receiving has neither)."""
+        clauses, params = [], []
+        for column, value in (("status", status), ("label", label)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         limit = max(0, min(int(limit), MAX_PAGE))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(SERIES_COLUMNS)} FROM dicom_series "
-                "ORDER BY last_received_at DESC, id DESC LIMIT ? OFFSET ?",
-                (limit, max(0, int(offset)))).fetchall()
-        return [_series_dict(row) for row in rows]
+        rows = self._read(f"SELECT {', '.join(SERIES_COLUMNS)} FROM dicom_series{where} "
+                          "ORDER BY last_received_at DESC, id DESC LIMIT ? OFFSET ?",
+                          [*params, limit, max(0, int(offset))])
+        return [_series_dict(row, self.path) for row in rows]
 
     def dicom_series_progress(self, series_ids: list[int]) -> dict[int, dict[str, int]]:
         """Live slice counts per series, read from its instances and their results (the stored
@@ -186,14 +208,12 @@ class DicomSeriesStore:
         ids = [int(i) for i in series_ids]
         if not ids:
             return {}
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT i.series_id, COUNT(*), SUM(i.state = 'received'), "
-                "SUM(r.status = 'ok'), SUM(r.status = 'uncertain'), "
-                "SUM(r.status = 'out_of_domain'), SUM(i.state = 'classified' AND r.status IS NULL) "
-                "FROM dicom_instances i LEFT JOIN results r ON r.id = i.result_id "
-                f"WHERE i.series_id IN ({', '.join('?' * len(ids))}) GROUP BY i.series_id",
-                ids).fetchall()
+        rows = self._read(
+            "SELECT i.series_id, COUNT(*), SUM(i.state = 'received'), "
+            "SUM(r.status = 'ok'), SUM(r.status = 'uncertain'), "
+            "SUM(r.status = 'out_of_domain'), SUM(i.state = 'classified' AND r.status IS NULL) "
+            "FROM dicom_instances i LEFT JOIN results r ON r.id = i.result_id "
+            f"WHERE i.series_id IN ({', '.join('?' * len(ids))}) GROUP BY i.series_id", ids)
         keys = ("slices", "waiting", "ok", "uncertain", "out_of_domain", "unreadable")
         progress = {i: dict.fromkeys(keys, 0) for i in ids}
         for series_id, *values in rows:
@@ -202,21 +222,17 @@ class DicomSeriesStore:
 
     def count_dicom_series(self) -> int:
         """How many series the store holds."""
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM dicom_series").fetchone()[0])
+        return int(self._read("SELECT COUNT(*) FROM dicom_series")[0][0])
 
     def dicom_spool_path(self, sop_instance_uid: str) -> str | None:
         """The spool file of an instance's latest copy (None: never received, or removed)."""
-        with self._lock:
-            row = self._db.execute("SELECT spool_path FROM dicom_instances WHERE "
-                                   "sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
-        return row[0] if row else None
+        rows = self._read("SELECT spool_path FROM dicom_instances WHERE sop_instance_uid = ?",
+                          (sop_instance_uid,))
+        return rows[0][0] if rows else None
 
     def dicom_spool_paths(self) -> set[str]:
         """Every spool file an instance refers to."""
-        with self._lock:
-            rows = self._db.execute("SELECT spool_path FROM dicom_instances "
-                                    "WHERE spool_path IS NOT NULL").fetchall()
+        rows = self._read("SELECT spool_path FROM dicom_instances WHERE spool_path IS NOT NULL")
         return {row[0] for row in rows}
 
     def reattach_dicom_spool(self, instance_id: int, spool_path: str) -> bool:
