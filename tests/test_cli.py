@@ -778,3 +778,19 @@ def test_closed_stdout_is_one_line(bundle: Path) -> None:
     assert result.returncode == 2
     assert error_lines(result.stderr) == ["error: cannot write output: Bad file descriptor"]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["classify", "explain"])
+def test_an_image_past_pillows_warning_size_is_one_error_line(bundle: Path, tmp_path: Path,
+                                                              command: str) -> None:
+    """Over Pillow's warning threshold (89.5 M pixels) but under its hard limit: ct-edge refuses it
+    by its own limit, and Pillow's two-line DecompressionBombWarning must not come with it."""
+    from tools.fuzz.images import png_image
+
+    big = tmp_path / "big.png"
+    big.write_bytes(png_image(10_098, 10_098))  # 102 M pixels, a header and no data
+    result = subprocess.run([_console_script(), command, "--quiet", "--json", "--bundle",
+                             str(bundle), str(big)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {big}: ") and "pixel limit" in line

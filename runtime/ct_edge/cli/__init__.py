@@ -16,6 +16,7 @@ import errno
 import importlib
 import os
 import sys
+import warnings
 from typing import IO, Any
 
 from .. import DISCLAIMER, __version__
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from ..errors import CtEdgeError
 
+    # Every command refuses images over ct-edge's own pixel limit (far below Pillow's warning
+    # threshold) with a one-line error; Pillow's two-line warning for those would only be noise.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     stdout, sys.stdout = sys.stdout, GuardedStdout(sys.stdout)  # type: ignore[assignment]
     try:
         return args.handler(args)

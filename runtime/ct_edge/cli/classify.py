@@ -80,16 +80,10 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    from PIL import Image
-
     from ..classifier import Classifier
     from ..inputs import expand_inputs, predictions
     from .output import CsvWriter, JsonWriter, TableWriter, Writer
 
-    # The library rejects images over its own pixel limit; Pillow's warning would only be noise.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     with native_info_silenced():
         classifier = Classifier.from_bundle(args.bundle, artifact=args.artifact,
                                             backend=args.backend, threads=args.threads,
