@@ -168,3 +168,72 @@ def test_cache_returns_the_same_array_without_decoding_again(tmp_path: Path) -> 
     assert not skipped
     np.testing.assert_array_equal(first, second)
     assert len(list((tmp_path / "cache" / spec.fingerprint()).glob("*.npy"))) == 6
+
+
+def test_a_data_file_is_not_a_folder(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(data.DataError, match=r"data folder .*afile is not a folder"):
+        data.load_splits(afile)
+
+
+@pytest.mark.parametrize(("val", "test"), [(0.15, 1.0), (1.0, 0.0), (0.5, 0.5), (-0.1, 0.15),
+                                           (0.15, float("nan"))])
+def test_split_fractions_out_of_range_are_refused(tmp_path: Path, val: float, test: float) -> None:
+    root = _folder(tmp_path)
+    with pytest.raises(data.DataError, match="each must be in"):
+        data.load_splits(root, val_fraction=val, test_fraction=test)
+
+
+@pytest.mark.parametrize("config", [{"seed": float("inf")}, {"seed": float("nan")}, {"seed": -1},
+                                    {"seed": 1.5}, {"seed": "3"}, {"seed": True},
+                                    {"test_fraction": 1}, {"val_fraction": 0.6, "test_fraction": 0.4}])
+def test_split_settings_refuse_what_the_splits_cannot_use(config: dict) -> None:
+    with pytest.raises(ValueError, match=r"seed|fraction"):
+        data.split_settings(config)
+
+
+def test_split_settings_keep_valid_values() -> None:
+    assert data.split_settings({}) == (0, 0.15, 0.15)
+    assert data.split_settings({"seed": 7.0, "val_fraction": 0, "test_fraction": 0.2}) == (7, 0.0, 0.2)
+
+
+def test_write_json_leaves_no_temp_file_when_the_rename_fails(tmp_path: Path) -> None:
+    target = tmp_path / "result.json"
+    target.mkdir()  # os.replace cannot put a file over a folder
+    with pytest.raises(OSError):
+        data.write_json(target, {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    data.write_json(tmp_path / "ok.json", {"a": 1})
+    assert (tmp_path / "ok.json").read_text() == '{\n  "a": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "result.json"]
+
+
+def test_check_writable_refuses_what_a_later_write_would(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    data.check_writable(tmp_path / "new" / "deeper" / "out.json")  # parents made when written
+    data.check_writable(tmp_path / "new" / "folder", folder=True)
+    data.check_writable(afile)  # replaced when written
+    with pytest.raises(data.DataError, match="is a folder"):
+        data.check_writable(tmp_path)
+    with pytest.raises(data.DataError, match="afile is not a folder"):
+        data.check_writable(afile / "out.json")
+    with pytest.raises(data.DataError, match="is not a folder"):
+        data.check_writable(afile, folder=True)
+    with pytest.raises(data.DataError, match="afile is not a folder"):
+        data.check_writable(afile / "sub", folder=True)
+    assert not (tmp_path / "new").exists()  # only checked, nothing created
+
+
+def test_a_corrupt_keras_file_is_named_as_such(tmp_path: Path) -> None:
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"not a zip archive")
+    with pytest.raises(data.DataError) as info:
+        data.check_keras_archive(model)
+    assert str(info.value) == f"{model}: not a Keras .keras archive (corrupt or another format)"
+    import zipfile
+
+    with zipfile.ZipFile(model, "w") as archive:
+        archive.writestr("config.json", "{}")
+    data.check_keras_archive(model)  # a zip: Keras itself judges the contents

@@ -11,10 +11,12 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -189,13 +191,46 @@ def _groups_by_class(samples: Sequence[Sample], seed: int) -> list[list[str]]:
     return groups
 
 
+def check_data_folder(root: Path) -> None:
+    """DataError unless `root` is an existing folder."""
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data folder {root} is not a folder (it is a file)")
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """ValueError unless each fraction is in [0, 1) and their sum is below 1."""
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0
+            and val_fraction + test_fraction < 1.0):
+        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction}: each "
+                         "must be in [0, 1) and their sum below 1")
+
+
+def split_settings(config: dict) -> tuple[int, float, float]:
+    """A training record's (seed, val_fraction, test_fraction), defaults 0, 0.15, 0.15; ValueError
+    unless the seed is a whole number >= 0 and the fractions pass `check_fractions`."""
+    seed = config.get("seed", 0)
+    whole = (isinstance(seed, int) and not isinstance(seed, bool)) or (
+        isinstance(seed, float) and seed.is_integer())  # is_integer: False for inf and NaN
+    if not whole or seed < 0:
+        raise ValueError(f"seed {seed!r} is not a whole number >= 0")
+    val_fraction = float(config.get("val_fraction", 0.15))
+    test_fraction = float(config.get("test_fraction", 0.15))
+    check_fractions(val_fraction, test_fraction)
+    return int(seed), val_fraction, test_fraction
+
+
 def load_splits(root: Path, val_fraction: float = 0.15, test_fraction: float = 0.15,
                 seed: int = 0) -> Splits:
     """Read `<root>/train` (and `<root>/test` when present) into content-hash splits."""
     root = Path(root)
+    check_data_folder(root)
+    try:
+        check_fractions(val_fraction, test_fraction)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     train_dir = root / "train" if (root / "train").is_dir() else root
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
     samples = scan_split(train_dir)
     if (root / "test").is_dir():
         test = scan_split(root / "test")
@@ -222,10 +257,7 @@ def _load_one(sample: Sample, spec: PreprocessSpec, cache_dir: Path) -> np.ndarr
         return np.load(cached)
     x = preprocess(sample.path, spec)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp(cached.parent)
-    with os.fdopen(fd, "wb") as handle:
-        np.save(handle, x)
-    os.replace(tmp, cached)
+    write_atomically(cached, lambda handle: np.save(handle, x), binary=True, sync=False)
     return x
 
 
@@ -271,13 +303,64 @@ def check_classes(y: np.ndarray, split: str) -> None:
         raise DataError(f"the {split} split has no readable images of {', '.join(empty)}")
 
 
+def write_atomically(path: Path, write: Callable[[IO], object], binary: bool = False,
+                     sync: bool = True) -> None:
+    """Create `path` through `write(handle)` on a temp file beside it, then a rename; on any
+    failure the temp file is removed and `path` is left as it was."""
+    fd, tmp = create_temp(path.parent)  # 0666 less the umask, not mkstemp's 0600
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())  # a power cut must not leave an empty file under the name
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, data: object) -> None:
     """Write JSON atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp(path.parent)  # 0666 less the umask, not mkstemp's 0600
-    with os.fdopen(fd, "w") as handle:
+
+    def dump(handle: IO) -> None:
         json.dump(data, handle, indent=2)
         handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())  # a power cut must not leave an empty file under the name
-    os.replace(tmp, path)
+
+    write_atomically(path, dump)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda handle: handle.write(text))
+
+
+def check_writable(path: Path, folder: bool = False) -> None:
+    """DataError unless `path` can be written later: a file (or with `folder`, a folder) or
+    nothing yet, below a folder that exists and is writable or can be created. Checked before
+    long work, so a bad --out fails at once instead of after the training."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise DataError(f"{path} is a folder; expected a file name")
+    if path.exists() and folder and not path.is_dir():
+        raise DataError(f"{path} is not a folder")
+    start = path if folder else path.parent
+    for parent in (start, *start.parents):
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise DataError(f"{path}: {parent} is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise DataError(f"{path}: no permission to write in {parent}")
+            return
+
+
+def check_keras_archive(path: Path) -> None:
+    """DataError when a .keras file is no zip archive (Keras would say "File not found")."""
+    path = Path(path)
+    if path.suffix != ".keras" or not path.is_file():
+        return
+    with path.open("rb") as handle:  # an unreadable file: the OSError says why
+        if not zipfile.is_zipfile(handle):
+            raise DataError(f"{path}: not a Keras .keras archive (corrupt or another format)")
