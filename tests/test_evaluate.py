@@ -10,6 +10,7 @@ import pytest
 
 from ct_edge.preprocess import PreprocessSpec
 from training import cv_runs, evaluate, mixture
+from training.data import DataError
 from training.train import TrainConfig
 
 
@@ -156,3 +157,84 @@ def test_cv_runs_prints_the_tables_of_a_results_folder(tmp_path: Path, capsys) -
     assert "| base | 0, 1 |" in printed and "int8 same ok / uncertain" in printed
     assert cv_runs.main([str(tmp_path / "empty")]) == 2
     assert "no training.evaluate runs" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_training(monkeypatch) -> None:
+    """Any cross-validation or model fit fails the test: these checks come before training."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained although the arguments were unusable")
+
+    monkeypatch.setattr(evaluate, "cross_validate", refuse)
+    monkeypatch.setattr(evaluate, "fit_model", refuse)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--folds", "0"], "must be 1 or more"), (["--folds", "-1"], "must be 1 or more"),
+    (["--folds", "1"], "2 or more folds"), (["--epochs", "0"], "must be 1 or more"),
+    (["--experiments", ","], "names no experiment"), (["--seed", "-1"], "0 or more"),
+    (["--int8", "--members", "2"], "single model"),
+])
+def test_cli_usage_errors_exit_2_before_training(argv: list[str], message: str, tmp_path: Path,
+                                                 no_training, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"),
+                       "--experiments", "edge-gap-crop", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_every_option_states_its_default() -> None:
+    parser = evaluate.build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in (action.help or ""), action.option_strings
+
+
+def test_cli_checks_out_and_earlier_results_before_training(synthetic_root: Path, tmp_path: Path,
+                                                            no_training, capsys) -> None:
+    argv = ["--data", str(synthetic_root), "--experiments", "edge-gap-crop", "--folds", "2"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert evaluate.main([*argv, "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {afile / synthetic_root.name}: {afile} is not a folder\n"
+    results = tmp_path / "out" / synthetic_root.name
+    results.mkdir(parents=True)
+    (results / "edge-gap-crop.json").mkdir()  # where this run's result would go
+    assert evaluate.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "edge-gap-crop.json is a folder" in capsys.readouterr().err
+    (results / "edge-gap-crop.json").rmdir()
+    for broken, problem in (("{", "unreadable earlier result"), ("{}", "not a training.evaluate")):
+        (results / "old.json").write_text(broken)
+        assert evaluate.main([*argv, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {results / 'old.json'}: {problem}") and err.count("\n") == 1
+    assert evaluate.main(["--data", str(afile)]) == 2
+    assert capsys.readouterr().err == f"error: data folder {afile} is not a folder (it is a file)\n"
+
+
+def test_too_many_folds_for_the_images_is_refused_before_training(synthetic_root: Path,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained although a fold is empty")
+
+    monkeypatch.setattr(evaluate, "fit_model", refuse)
+    config = TrainConfig(epochs=1, cache=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="too few for 13 folds"):
+        evaluate.cross_validate(synthetic_root, config, folds=13, cache=tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_cli_writes_the_run_and_the_summary(synthetic_root: Path, tmp_path: Path, capsys) -> None:
+    argv = ["--data", str(synthetic_root), "--experiments", "edge-gap-crop", "--folds", "2",
+            "--epochs", "1", "--out", str(tmp_path)]
+    assert evaluate.main(argv) == 0
+    results = tmp_path / synthetic_root.name
+    names = sorted(p.name for p in results.iterdir())
+    assert "edge-gap-crop.json" in names and "summary.md" in names
+    assert not [n for n in names if n.startswith(".")]  # no temp file left
+    assert "| edge-gap-crop |" in (results / "summary.md").read_text()
+    assert "fold 2/2" in capsys.readouterr().out

@@ -11,6 +11,7 @@ are mean ± standard deviation over folds; with several seeds, over seeds too.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -21,7 +22,7 @@ import numpy as np
 
 from ct_edge import LABELS
 from ct_edge.cli.common import positive_int
-from ct_edge.errors import CtEdgeError
+from ct_edge.errors import CtEdgeError, one_line
 from ct_edge.preprocess import PreprocessSpec
 
 from . import abstention, machine
@@ -30,7 +31,6 @@ from .cv_runs import (
     abstention_plots,
     abstention_table,
     hard_images,
-    load_runs,
     out_of_fold,
     seed_table,
 )
@@ -131,6 +131,14 @@ EXPERIMENTS: dict[str, dict] = {name: {**BASE, **change} for name, change in _CH
 EXPERIMENTS["default"] = {}
 
 
+def fold_count(text: str) -> int:
+    """argparse type: k of k-fold, 2 or more (one fold would leave nothing to train on)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"k-fold needs 2 or more folds, got {value}")
+    return value
+
+
 def experiment_config(base: TrainConfig, settings: dict) -> TrainConfig:
     spec = replace(base.preprocess_spec(), **{k: v for k, v in settings.items() if k in SPEC_KEYS})
     fields = {k: v for k, v in settings.items() if k not in SPEC_KEYS}
@@ -183,9 +191,12 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
     bad = {p for p, _ in skipped}
     samples = [s for s in samples if str(s.path) not in bad]
     index = {s.path: i for i, s in enumerate(samples)}
+    splits = data_mod.kfold_hash_splits(samples, folds, config.seed)
+    if any(not test_part for _, test_part in splits):
+        raise data_mod.DataError(f"{train_dir}: {len(samples)} readable images are too few for "
+                                 f"{folds} folds (a test fold would be empty)")
     results = []
-    for fold, (train_part, test_part) in enumerate(
-            data_mod.kfold_hash_splits(samples, folds, config.seed)):
+    for fold, (train_part, test_part) in enumerate(splits):
         fit_part, val_part = data_mod.stratified_hash_split(train_part, 0.15, config.seed + fold)
         pick = lambda part: np.asarray([index[s.path] for s in part])  # noqa: E731
         started = time.time()
@@ -305,7 +316,23 @@ def markdown_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def read_runs(folder: Path) -> dict[str, dict]:
+    """`cv_runs.load_runs`, with a file that is no training.evaluate run named in a DataError."""
+    runs = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise data_mod.DataError(f"{path}: unreadable earlier result ({one_line(exc)}); "
+                                     "move it away or delete it") from None
+        if not isinstance(run, dict) or not {"folds", "summary", "config", "params"} <= set(run):
+            raise data_mod.DataError(f"{path}: not a training.evaluate result (no folds, summary, "
+                                     "config and params); move it away or delete it")
+        runs[path.stem] = run
+    return runs
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate",
                                      description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2],
@@ -315,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS),
                         help="comma-separated names from: " + ", ".join(EXPERIMENTS)
                         + " (default: all)")
-    parser.add_argument("--folds", type=int, default=5, help="k of k-fold (default: 5)")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--folds", type=fold_count, default=5,
+                        help="k of k-fold, 2 or more (default: 5)")
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help="maximum epochs, overriding the experiment's (default: its own)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed, 0 or more (default: 0)")
     parser.add_argument("--members", type=positive_int, default=1,
                         help="models per fold, probabilities averaged (default: 1)")
     parser.add_argument("--int8", action="store_true",
@@ -328,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also average over a horizontal flip at test time (default: off)")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
                         help=f"results folder (default: {DEFAULT_OUT})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     from .train import builtin_data
 
@@ -335,19 +368,39 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         parser.error(f"unknown experiment(s) {', '.join(unknown)}")
+    if not names:
+        parser.error("--experiments names no experiment")
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
+    if args.int8 and (args.members > 1 or args.tta):
+        parser.error("--int8 checks a single model without flip averaging: drop --members/--tta")
+    if not args.out:
+        parser.error("--out is empty: name a folder")
+
+    def label_of(name: str) -> str:
+        return (name + (f"+ens{args.members}" if args.members > 1 else "")
+                + ("+tta" if args.tta else "") + (f"@seed{args.seed}" if args.seed else ""))
+
     try:
         root = Path(args.data) if args.data else builtin_data()
-        if not root.is_dir():
-            raise data_mod.DataError(f"data folder {root} does not exist")
+        data_mod.check_data_folder(root)
         out = Path(args.out)
+        results = out / root.name
+        # Before any training: an unusable --out or a broken earlier result would otherwise
+        # fail only after the whole cross-validation.
+        data_mod.check_writable(results, folder=True)
+        for target in [*(results / f"{label_of(name)}.json" for name in names),
+                       results / "summary.md"]:
+            data_mod.check_writable(target)
+        if results.is_dir():
+            read_runs(results)
         runs: dict[str, dict] = {}
         for name in names:
             config = experiment_config(TrainConfig(seed=args.seed, spec=PreprocessSpec().to_dict()),
                              EXPERIMENTS[name])
             if args.epochs is not None:
                 config = replace(config, epochs=args.epochs)
-            label = (name + (f"+ens{args.members}" if args.members > 1 else "")
-                     + ("+tta" if args.tta else "") + (f"@seed{args.seed}" if args.seed else ""))
+            label = label_of(name)
             print(f"{label}: {args.folds}-fold cross-validation on {root}", flush=True)
             started_on = machine.describe()
             run = cross_validate(root, config, args.folds, members=args.members, tta=args.tta,
@@ -366,18 +419,21 @@ def main(argv: list[str] | None = None) -> int:
                 run["abstention"] = abstention.summary(*out_of_fold(run))
                 print(f"  risk-coverage: AURC {run['abstention']['aurc']:.3f}; at the operating "
                       f"point ct-edge {run['abstention']['in_words']}", flush=True)
-            data_mod.write_json(out / root.name / f"{label}.json", run)
+            data_mod.write_json(results / f"{label}.json", run)
             runs[label] = run
-        existing = load_runs(out / root.name)
+        existing = read_runs(results)
         table = (markdown_table(existing) + "\nSeveral seeds:\n\n" + seed_table(existing)
                  + "\nHard images:\n\n" + hard_images(existing)
                  + "\nAbstention: risk-coverage of the out-of-fold predictions (training.abstention)"
                  ":\n\n" + abstention_table(existing))
-        (out / root.name / "summary.md").write_text(table)
-        abstention_plots(existing, out / root.name)
-        print("\n" + table + f"\nwrote {out / root.name}/summary.md")
+        data_mod.write_text(results / "summary.md", table)
+        abstention_plots(existing, results)
+        print("\n" + table + f"\nwrote {results}/summary.md")
     except CtEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or args.out}: {exc.strerror or one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 
