@@ -206,3 +206,208 @@ def test_seed_summary_pairs_complete_seeds_only() -> None:
     assert "accuracy per seed (5, 6)" in lines[0]
     assert lines[2] == "| edge-gap | 94.0% / 96.0% | 95.0% ± 1.4% | — |"
     assert lines[3] == "| student | 98.0% / 96.0% | 97.0% ± 1.4% | +2.0 ± 2.0 |"
+
+
+REGISTERED = ["--cv-fold", "2", "--seed", "6", "--data", "DIR", "--teacher-recipe", "mixture",
+              "--bank-views", "32", "--mixup", "0.4", "--temperature", "1", "--alpha", "0",
+              "--epochs", "30", "--out", "FILE"]
+
+
+def test_the_registered_command_parses_to_the_same_values() -> None:
+    """The running experiment's arguments: same values, same types, as before the checks."""
+    from training.distill import build_parser
+
+    args = build_parser().parse_args(REGISTERED)
+    got = {k: (v, type(v)) for k, v in vars(args).items()
+           if k in ("cv_fold", "seed", "bank_views", "mixup", "temperature", "alpha", "epochs")}
+    assert got == {"cv_fold": (2, int), "seed": (6, int), "bank_views": (32, int),
+                   "mixup": (0.4, float), "temperature": (1.0, float), "alpha": (0.0, float),
+                   "epochs": (30, int)}
+    assert args.teacher_recipe == "mixture" and args.out == Path("FILE")
+
+
+def test_cli_every_option_states_its_default() -> None:
+    from training.distill import build_parser
+
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in (action.help or ""), action.option_strings
+
+
+@pytest.fixture
+def no_fold(monkeypatch):
+    """compare_fold fails the test: every check below comes before any training."""
+    from training import distill
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained although the arguments were unusable")
+
+    monkeypatch.setattr(distill, "compare_fold", refuse)
+    return distill
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (["--cv-fold", "9"], "invalid choice: 9"), (["--cv-fold", "-1"], "invalid choice: -1"),
+    (["--teacher-size", "-1"], "must be 1 or more"), (["--teacher-size", "4"], "--teacher-size 4"),
+    (["--temperature", "0"], "--temperature must be more than 0"),
+    (["--temperature", "nan"], "--temperature must be more than 0"),
+    (["--alpha", "1.5"], "--alpha"), (["--teacher-arch", "bogus"], "invalid choice: 'bogus'"),
+    (["--teacher-recipe", "probe", "--teacher-arch", "edge-gap"], "pretrained"),
+    (["--epochs", "0"], "must be 1 or more"), (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--teacher-lr", "0"], "--teacher-lr"), (["--bank-views", "2", "--mixup", "nan"], "must be 0 or more"),
+])
+def test_cv_fold_usage_errors_exit_2_before_training(change: list[str], message: str,
+                                                     tmp_path: Path, no_fold, capsys) -> None:
+    argv = ["--cv-fold", "0", "--data", str(tmp_path), "--out", str(tmp_path / "r.json"), *change]
+    with pytest.raises(SystemExit) as info:
+        no_fold.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cv_fold_checks_data_and_out_before_training(tmp_path: Path, no_fold, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["--cv-fold", "0", "--bank-views", "2"]
+    assert no_fold.main([*base, "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path} is a folder; expected a file name\n"
+    assert no_fold.main([*base, "--data", str(tmp_path), "--out", str(afile / "r.json")]) == 2
+    assert capsys.readouterr().err == f"error: {afile / 'r.json'}: {afile} is not a folder\n"
+    assert no_fold.main([*base, "--data", str(afile), "--out", str(tmp_path / "r.json")]) == 2
+    assert "is not a folder (it is a file)" in capsys.readouterr().err
+    assert no_fold.main([*base, "--data", str(tmp_path / "none"),
+                         "--out", str(tmp_path / "r.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_result_that_cannot_be_written_is_printed_not_lost(tmp_path: Path, monkeypatch,
+                                                             capsys) -> None:
+    from training import distill
+
+    out = tmp_path / "r.json"
+    result = {"seed": 0, "fold": 1, "models": {}}
+
+    def fold(*args, **kwargs):
+        out.mkdir()  # the file's place taken while the fold trained
+        return result
+
+    monkeypatch.setattr(distill, "compare_fold", fold)
+    assert distill.main(["--cv-fold", "1", "--data", str(tmp_path), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {out}: cannot write the result")
+    assert captured.err.count("\n") == 1 and json.loads(captured.out) == result
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
+
+
+def test_table_refuses_missing_broken_and_foreign_files(tmp_path: Path, capsys) -> None:
+    from training.distill import main
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"seed": 0, "fold": 0, "n_test": 10, "models": {
+        "edge-gap": {"accuracy": 0.9, "errors": 1, "params": 5}}}))
+    cases = [(tmp_path / "missing.json", None, "cannot read it (No such file or directory)"),
+             (tmp_path / "broken.json", "{", "cannot read it (Expecting"),
+             (tmp_path / "empty.json", "{}", "not a --cv-fold result"),
+             (tmp_path / "models.json", json.dumps({"seed": 0, "fold": 1, "n_test": 10,
+                                                    "models": {"other": {"accuracy": 1.0,
+                                                                         "errors": 0,
+                                                                         "params": 5}}}),
+              "are not those of")]
+    for path, text, message in cases:
+        if text is not None:
+            path.write_text(text)
+        assert main(["--table", str(good), str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: ") and message in err and err.count("\n") == 1
+    assert main(["--table", str(good)]) == 0
+    assert "| edge-gap | 5 | 90.0% |" in capsys.readouterr().out
+
+
+def _teacher_folder(tmp_path: Path, model: bytes) -> Path:
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "model.keras").write_bytes(model)
+    (folder / "config.json").write_text(json.dumps({"data": str(tmp_path),
+                                                   "spec": PreprocessSpec().to_dict()}))
+    return folder
+
+
+def test_a_corrupt_teacher_model_is_named_as_such(tmp_path: Path, capsys) -> None:
+    from training.distill import main
+
+    teacher = _teacher_folder(tmp_path, b"garbage")
+    assert main(["--teacher", str(teacher), "--out", str(tmp_path / "student")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {teacher / 'model.keras'}: not a Keras .keras archive (corrupt or "
+                   "another format)\n")
+    (teacher / "config.json").write_text("{")
+    assert main(["--teacher", str(teacher), "--out", str(tmp_path / "student")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {teacher / 'config.json'}: unreadable")
+    assert not (tmp_path / "student").exists()
+
+
+def test_view_bank_and_student_report_progress(capsys) -> None:
+    """Progress lines on stderr; the bank itself is the same with or without them."""
+    import keras
+
+    from training.distill import progress_callback, view_bank
+    from training.train import TrainConfig
+
+    x = np.random.default_rng(2).random((6, 40, 40, 3), dtype=np.float32)
+    y = np.arange(6) % 3
+    config = TrainConfig(spec=replace(PreprocessSpec(), size=32).to_dict())
+
+    def teacher(batch, training=False):
+        return np.full((len(batch), 3), 1 / 3, np.float32)
+
+    keras.utils.set_random_seed(0)
+    quiet = view_bank(teacher, config, x, y, views=2, mixup=0.4)
+    assert capsys.readouterr().err == ""
+    keras.utils.set_random_seed(0)
+    loud = view_bank(teacher, config, x, y, views=2, mixup=0.4, progress=True)
+    for a, b in zip(quiet, loud, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "view bank: 2/2 views of 6 images" in capsys.readouterr().err
+    callback = progress_callback("student", 30)
+    callback.on_train_begin()
+    callback.on_epoch_end(2, {"loss": 0.5, "hard_loss": 0.25, "accuracy": 1.0})
+    line = capsys.readouterr().err
+    assert line.startswith("  student: epoch 3/30, loss 0.500, hard_loss 0.250, 0:0")
+
+
+def test_watch_training_prints_each_epoch_the_csv_logger_appends(tmp_path: Path, capsys) -> None:
+    import time
+
+    from training.distill import watch_training
+
+    member = tmp_path / "member-0-edge-gap"
+    member.mkdir()
+    history = member / "history.csv"
+    with watch_training("teacher", tmp_path, every=0.05, quiet=1000):
+        history.write_text("epoch,accuracy,loss,val_loss\n0,0.5,1.2,1.3\n1,0.6,1.0,")  # torn
+        time.sleep(0.3)
+        history.write_text("epoch,accuracy,loss,val_loss\n0,0.5,1.2,1.3\n1,0.6,1.0,1.1\n")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(", 0:")[0] for line in lines] == [
+        "  teacher member-0-edge-gap: epoch 1, loss 1.200, val_loss 1.300",
+        "  teacher member-0-edge-gap: epoch 2, loss 1.000, val_loss 1.100"]
+
+
+def test_progress_changes_nothing_the_student_learns(capsys) -> None:
+    """The running experiment's numbers must not move: same weights with progress on or off."""
+    from training.distill import distill_on_bank
+    from training.train import TrainConfig
+
+    q = np.array([0.2, 0.3, 0.5], np.float32)
+    x = np.random.default_rng(3).random((8, 40, 40, 3), dtype=np.float32)
+    y = np.arange(8) % 3
+    config = TrainConfig(arch="edge-sep", batch_size=4,
+                         spec=replace(PreprocessSpec(), size=32).to_dict())
+    runs = [distill_on_bank(_constant_teacher(40, q), config, x, y, views=2, mixup=0.4, epochs=2,
+                            progress=progress) for progress in (False, True)]
+    for a, b in zip(runs[0][0].get_weights(), runs[1][0].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0][1] == runs[1][1]
+    err = capsys.readouterr().err
+    assert "view bank: 2/2 views" in err and "student: epoch 2/2" in err

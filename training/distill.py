@@ -23,10 +23,15 @@ schedule, no early stopping and no class weights (the teacher's answers set the 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -34,17 +39,23 @@ from typing import Any
 import numpy as np
 
 from ct_edge import DISCLAIMER, LABELS
-from ct_edge.errors import CtEdgeError
+from ct_edge.cli.common import positive_int
+from ct_edge.errors import CtEdgeError, one_line
 from ct_edge.preprocess import PreprocessSpec
 
 from . import data as data_mod
 from . import machine
 from .ensemble import MIXTURE_RECIPE, MIXTURE_SIZE
 from .metrics import classification_report
+from .models import ARCHITECTURES, PRETRAINED
 from .train import TrainConfig, augmenter
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.5
+CV_FOLDS = 5  # k of compare_fold, as training.evaluate's default
+# What a --cv-fold result file holds (fold_table and seed_summary read these).
+RESULT_KEYS = ("seed", "fold", "n_test", "models")
+MODEL_KEYS = ("accuracy", "errors", "params")
 
 
 def soften(probabilities: Any, temperature: float) -> Any:
@@ -77,8 +88,87 @@ def distillation_loss(classes: int, temperature: float, alpha: float):
 
 
 def check_weights(temperature: float, alpha: float) -> None:
-    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+    if not 0.0 <= alpha <= 1.0 or not 0 < temperature < math.inf:
         raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
+
+
+def _clock(started: float) -> str:
+    seconds = int(time.time() - started)
+    return f"{seconds // 60}:{seconds % 60:02d} elapsed"
+
+
+def progress_callback(label: str, epochs: int) -> Any:
+    """A Keras callback that only prints one line per epoch to stderr (loss, elapsed time)."""
+    import keras
+
+    class EpochProgress(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.started = time.time()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            figures = ", ".join(f"{k} {float(v):.3f}" for k, v in (logs or {}).items()
+                                if k.endswith("loss"))
+            print(f"  {label}: epoch {epoch + 1}/{epochs}, {figures}, {_clock(self.started)}",
+                  file=sys.stderr, flush=True)
+
+    return EpochProgress()
+
+
+def _epoch_rows(path: Path) -> list[dict[str, str]]:
+    """The complete rows of a Keras CSVLogger file being written (a torn last line left out)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return []
+    lines = text.splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith("\n")]
+    return list(csv.DictReader(complete)) if len(complete) > 1 else []
+
+
+@contextmanager
+def watch_training(label: str, folder: Path, every: float = 30.0,
+                   quiet: float = 300.0) -> Iterator[None]:
+    """Print each epoch `fit_model` appends to a history.csv under `folder` (its CSVLogger;
+    a mixture writes one per member), polled from a thread every `every` s, and a line after
+    `quiet` s without one. It only reads those files: training runs exactly as without it."""
+    started = time.time()
+    stop = threading.Event()
+    seen: dict[Path, int] = {}
+
+    def poll() -> bool:
+        printed = False
+        for path in sorted(folder.rglob("history.csv")):
+            rows = _epoch_rows(path)
+            where = f" {path.parent.name}" if path.parent != folder else ""
+            for row in rows[seen.get(path, 0):]:
+                figures = ", ".join(f"{k} {float(v):.3f}" for k, v in row.items()
+                                    if k and k.endswith("loss") and v)
+                print(f"  {label}{where}: epoch {int(row.get('epoch') or 0) + 1}, {figures}, "
+                      f"{_clock(started)}", file=sys.stderr, flush=True)
+                printed = True
+            seen[path] = max(seen.get(path, 0), len(rows))
+        return printed
+
+    def loop() -> None:
+        last = time.time()
+        while not stop.wait(every):
+            with suppress(OSError, ValueError):  # progress is a courtesy: never end the run
+                if poll():
+                    last = time.time()
+                elif time.time() - last >= quiet:
+                    print(f"  {label}: still training, {_clock(started)}", file=sys.stderr,
+                          flush=True)
+                    last = time.time()
+
+    thread = threading.Thread(target=loop, name=f"progress-{label}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with suppress(OSError, ValueError):
+            poll()
 
 
 def hard_cross_entropy(classes: int):
@@ -103,11 +193,13 @@ def hard_accuracy(classes: int):
 
 def distill(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
             x_val: np.ndarray, y_val: np.ndarray, temperature: float = DEFAULT_TEMPERATURE,
-            alpha: float = DEFAULT_ALPHA, verbose: int = 0) -> tuple[Any, dict]:
+            alpha: float = DEFAULT_ALPHA, verbose: int = 0,
+            progress: bool = False) -> tuple[Any, dict]:
     """Train `config.arch` at `config`'s input size from `teacher`; x_* at the teacher's size.
 
     Returns (student, history). Uses `config`'s seed, epochs, batch size, learning rate,
-    patience, augmentation and class weights; schedule 'plateau' only.
+    patience, augmentation and class weights; schedule 'plateau' only. `progress` prints a
+    line per epoch to stderr.
     """
     import keras
     import tensorflow as tf
@@ -161,18 +253,22 @@ def distill(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_train: np.
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="min", factor=0.5,
                                           patience=max(3, config.patience // 2), min_lr=1e-5),
     ]
+    if progress:
+        callbacks.append(progress_callback("student", config.epochs))
     history = logits_model.fit(train, validation_data=val, epochs=config.epochs,
                                callbacks=callbacks, verbose=verbose, shuffle=False)
     return student, {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
 def view_bank(teacher: Any, config: TrainConfig, x: np.ndarray, y: np.ndarray, views: int,
-              mixup: float, chunk: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              mixup: float, chunk: int = 32,
+              progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images at the student's size, blended one-hot labels, the teacher's probabilities on
     exactly those images): `views` augmented copies of every training image, each blended with
     another image's augmented copy (weight ~ Beta(mixup, mixup), the image's own the larger part)
     when mixup > 0. The teacher runs once per view, so a long student schedule costs no more
-    teacher time ("function matching", Beyer et al. 2022, with a fixed set of views)."""
+    teacher time ("function matching", Beyer et al. 2022, with a fixed set of views).
+    `progress` prints a line to stderr after a view when 30 s passed, and after the last."""
 
     if views < 1 or mixup < 0:
         raise ValueError(f"need views >= 1 and mixup >= 0, got {views}, {mixup}")
@@ -181,7 +277,8 @@ def view_bank(teacher: Any, config: TrainConfig, x: np.ndarray, y: np.ndarray, v
     rng = np.random.default_rng(config.seed)
     one_hot = np.eye(len(LABELS), dtype=np.float32)[y]
     images, labels, soft = [], [], []
-    for _ in range(views):
+    started = shown = time.time()
+    for view in range(views):
         partners = rng.permutation(len(x))
         for start in range(0, len(x), chunk):
             own = np.arange(start, min(start + chunk, len(x)))
@@ -195,15 +292,21 @@ def view_bank(teacher: Any, config: TrainConfig, x: np.ndarray, y: np.ndarray, v
             soft.append(np.asarray(teacher(batch, training=False), np.float32))
             images.append(np.asarray(at_size(batch, spec.size)))
             labels.append(target)
+        if progress and (view + 1 == views or time.time() - shown >= 30):
+            shown = time.time()
+            print(f"  view bank: {view + 1}/{views} views of {len(x)} images, {_clock(started)}",
+                  file=sys.stderr, flush=True)
     return np.concatenate(images), np.concatenate(labels), np.concatenate(soft)
 
 
 def distill_on_bank(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
                     views: int, mixup: float, epochs: int, temperature: float = 1.0,
-                    alpha: float = 0.0, verbose: int = 0) -> tuple[Any, dict]:
+                    alpha: float = 0.0, verbose: int = 0,
+                    progress: bool = False) -> tuple[Any, dict]:
     """`config.arch` trained on `view_bank`'s images for a fixed cosine schedule of `epochs`
     passes over the bank (no early stopping: the validation split is not used), loss as
-    `distillation_loss`. Returns (student, history)."""
+    `distillation_loss`. Returns (student, history). `progress` prints the view bank's and each
+    epoch's progress to stderr."""
     import keras
     import tensorflow as tf
 
@@ -212,7 +315,7 @@ def distill_on_bank(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_tr
     check_weights(temperature, alpha)
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    x, hard, soft = view_bank(teacher, config, x_train, y_train, views, mixup)
+    x, hard, soft = view_bank(teacher, config, x_train, y_train, views, mixup, progress=progress)
     spec = config.preprocess_spec()
     classes = len(LABELS)
     student = build_model(config.arch, (spec.size, spec.size, spec.channels), classes)
@@ -225,7 +328,8 @@ def distill_on_bank(teacher: Any, config: TrainConfig, x_train: np.ndarray, y_tr
         loss=distillation_loss(classes, temperature, alpha),
         metrics=[hard_cross_entropy(classes), hard_accuracy(classes)])
     history = logits_model.fit(x, targets, batch_size=config.batch_size, epochs=epochs,
-                               verbose=verbose, shuffle=True)
+                               verbose=verbose, shuffle=True,
+                               callbacks=[progress_callback("student", epochs)] if progress else None)
     return student, {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
@@ -239,7 +343,19 @@ def load_teacher(folder: Path) -> tuple[Any, dict]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: the teacher has no config.json (data and split)")
-    return load_keras_model(path), json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: unreadable teacher config ({one_line(exc)})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("spec"), dict) \
+            or not config.get("data"):
+        raise ValueError(f"{config_path}: not a training config (needs spec and data)")
+    data_mod.check_keras_archive(path)
+    try:
+        model = load_keras_model(path)
+    except Exception as exc:  # Keras raises many types for an unreadable archive
+        raise ValueError(f"{path}: cannot load the Keras model ({one_line(exc)})") from None
+    return model, config
 
 
 def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, alpha: float,
@@ -248,12 +364,15 @@ def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, 
     bank: {'views', 'mixup'} distils on a fixed set of views for exactly `epochs` passes
     (`distill_on_bank`) instead of online with early stopping."""
     teacher, teacher_config = load_teacher(teacher_dir)
-    teacher_spec = PreprocessSpec.from_dict(teacher_config["spec"])
+    try:
+        teacher_spec = PreprocessSpec.from_dict(teacher_config["spec"])
+        seed, val_fraction, test_fraction = data_mod.split_settings(teacher_config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{teacher_dir / 'config.json'}: unusable teacher config "
+                         f"({one_line(exc)})") from None
     root = Path(teacher_config["data"])
     config = TrainConfig(data=str(root), out=str(out), arch=arch, epochs=epochs,
-                         seed=int(teacher_config.get("seed", 0)),
-                         val_fraction=float(teacher_config.get("val_fraction", 0.15)),
-                         test_fraction=float(teacher_config.get("test_fraction", 0.15)),
+                         seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                          spec=replace(teacher_spec, size=size).to_dict(),
                          cache=teacher_config.get("cache") or str(data_mod.DEFAULT_CACHE),
                          modality=teacher_config.get("modality"))
@@ -291,7 +410,7 @@ def run(teacher_dir: Path, out: Path, arch: str, size: int, temperature: float, 
 
 def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
                  temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
-                 folds: int = 5, cache: Path = data_mod.DEFAULT_CACHE,
+                 folds: int = CV_FOLDS, cache: Path = data_mod.DEFAULT_CACHE,
                  bank: dict | None = None) -> dict:
     """One fold of `training.evaluate`'s cross-validation (same groups, folds, validation split,
     seeds): the default edge-gap, a teacher (TrainConfig fields in `teacher_settings`), their
@@ -334,7 +453,9 @@ def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
     probabilities = {}
     for name, config, x in (("edge-gap", base, x_all), ("teacher", teacher_config, x_big)):
         started = time.time()
-        with tempfile.TemporaryDirectory(prefix="ct-edge-distill-") as scratch:
+        print(f"  training {name} ({config.arch}, {config.recipe})...", file=sys.stderr, flush=True)
+        with (tempfile.TemporaryDirectory(prefix="ct-edge-distill-") as scratch,
+              watch_training(name, Path(scratch))):
             model, _ = fit_model(config, x[fit], y_all[fit], x[val], y_all[val],
                                  out=Path(scratch), verbose=0)
         probabilities[name] = model.predict(x[test], verbose=0)
@@ -344,12 +465,14 @@ def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
     score("mean(edge-gap, teacher)", (probabilities["edge-gap"] + probabilities["teacher"]) / 2,
           0.0, out["models"]["edge-gap"]["params"] + out["models"]["teacher"]["params"])
     started = time.time()
+    print("  distilling edge-gap from the teacher...", file=sys.stderr, flush=True)
     if bank:
         student, _ = distill_on_bank(teacher, base, x_big[fit], y_all[fit], bank["views"],
-                                     bank["mixup"], bank["epochs"], temperature, alpha)
+                                     bank["mixup"], bank["epochs"], temperature, alpha,
+                                     progress=True)
     else:
         student, _ = distill(teacher, base, x_big[fit], y_all[fit], x_big[val], y_all[val],
-                             temperature=temperature, alpha=alpha)
+                             temperature=temperature, alpha=alpha, progress=True)
     score("edge-gap distilled", student.predict(x_all[test], verbose=0), time.time() - started,
           int(student.count_params()))
     return out
@@ -404,28 +527,38 @@ def seed_summary(results: list[dict], baseline: str = "edge-gap", folds: int = 5
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.distill",
                                      description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--teacher", type=Path, help="teacher model folder (model.keras, config.json)")
-    add("--out", type=Path, help="folder for the student (or the --cv-fold JSON file)")
-    add("--cv-fold", type=int, default=None, metavar="N",
-        help="instead: one fold of the cross-validation on --data (seed --seed): edge-gap, a "
-             "teacher trained there (--teacher-arch/--teacher-lr/--teacher-epochs/--teacher-size), "
-             "their mean, and edge-gap distilled from it")
+    archs = ", ".join(sorted(ARCHITECTURES))
+    add("--teacher", type=Path,
+        help="teacher model folder (model.keras, config.json) (default: none; needed unless "
+             "--cv-fold or --table)")
+    add("--out", type=Path,
+        help="folder for the student, or with --cv-fold the JSON result file (default: none; "
+             "needed unless --table)")
+    add("--cv-fold", type=int, default=None, metavar="N", choices=range(CV_FOLDS),
+        help=f"instead: fold N (0-{CV_FOLDS - 1}) of the {CV_FOLDS}-fold cross-validation on --data "
+             "(seed --seed): edge-gap, a teacher trained there (--teacher-arch/--teacher-lr/"
+             "--teacher-epochs/--teacher-size), their mean, and edge-gap distilled from it "
+             "(default: none)")
     add("--table", nargs="+", type=Path, metavar="JSON",
         help="instead: print the markdown tables of --cv-fold result files (per fold; per "
-             "seed whose five folds are all there)")
-    add("--data", type=Path, help="data folder, for --cv-fold")
-    add("--seed", type=int, default=0, help="cross-validation seed, for --cv-fold (default: 0)")
+             "seed whose five folds are all there) (default: none)")
+    add("--data", type=Path, help="data folder, for --cv-fold (default: none; needed there)")
+    add("--seed", type=int, default=0,
+        help="cross-validation seed, 0 or more, for --cv-fold (default: 0)")
     add("--teacher-recipe", default="finetune", choices=["finetune", "probe", "mixture"],
         help="for --cv-fold: the teacher's recipe; mixture: `--recipe mixture` of training.train "
         "(its own members, lr and epochs; 224 px unless --teacher-size) (default: %(default)s)")
-    add("--teacher-arch", default="efficientnet-lite0", help="for --cv-fold (default: %(default)s)")
-    add("--teacher-lr", type=float, default=3e-4, help="for --cv-fold (default: %(default)s)")
-    add("--teacher-epochs", type=int, default=15, help="for --cv-fold (default: %(default)s)")
-    add("--teacher-size", type=int, default=None,
+    add("--teacher-arch", default="efficientnet-lite0", choices=sorted(ARCHITECTURES),
+        metavar="NAME", help=f"for --cv-fold, one of {archs} (default: %(default)s)")
+    add("--teacher-lr", type=float, default=3e-4,
+        help="for --cv-fold, more than 0 (default: %(default)s)")
+    add("--teacher-epochs", type=positive_int, default=15,
+        help="for --cv-fold (default: %(default)s)")
+    add("--teacher-size", type=positive_int, default=None,
         help=f"for --cv-fold (default: {PreprocessSpec().size}; {MIXTURE_SIZE} for a mixture)")
     add("--bank-views", type=int, default=0, metavar="V",
         help="distil on V fixed augmented views of every training image, the "
@@ -434,26 +567,86 @@ def main(argv: list[str] | None = None) -> int:
     add("--mixup", type=float, default=0.0,
         help="with --bank-views: blend every view with another image's, weight ~ Beta(a, a) "
              "(default: %(default)s)")
-    add("--arch", default="edge-gap", help="student architecture (default: %(default)s)")
-    add("--size", type=int, default=PreprocessSpec().size,
+    add("--arch", default="edge-gap", choices=sorted(ARCHITECTURES), metavar="NAME",
+        help=f"student architecture, one of {archs} (default: %(default)s)")
+    add("--size", type=positive_int, default=PreprocessSpec().size,
         help="student input size (default: %(default)s)")
     add("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-        help="softening temperature T (default: %(default)s)")
+        help="softening temperature T, more than 0 (default: %(default)s)")
     add("--alpha", type=float, default=DEFAULT_ALPHA,
-        help="weight of the label loss; 1 - alpha goes to the teacher (default: %(default)s)")
-    add("--epochs", type=int, default=TrainConfig().epochs,
+        help="weight of the label loss, 0 to 1; 1 - alpha goes to the teacher "
+             "(default: %(default)s)")
+    add("--epochs", type=positive_int, default=TrainConfig().epochs,
         help="maximum epochs with early stopping; with --bank-views the exact number of passes "
              "over the bank; --cv-fold without --bank-views uses the default (default: "
              "%(default)s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def read_results(paths: list[Path]) -> list[dict]:
+    """--cv-fold result files, each checked to hold what the tables read (DataError naming the
+    file otherwise)."""
+    results = []
+    for path in paths:
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
+            raise data_mod.DataError(f"{path}: cannot read it ({problem})") from None
+        if not isinstance(result, dict) or not all(k in result for k in RESULT_KEYS):
+            raise data_mod.DataError(f"{path}: not a --cv-fold result (needs "
+                                     f"{', '.join(RESULT_KEYS)})")
+        models = result["models"]
+        if not isinstance(models, dict) or not models or not all(
+                isinstance(m, dict) and all(k in m for k in MODEL_KEYS) for m in models.values()):
+            raise data_mod.DataError(f"{path}: not a --cv-fold result (each model needs "
+                                     f"{', '.join(MODEL_KEYS)})")
+        if results and set(models) != set(results[0]["models"]):
+            raise data_mod.DataError(f"{path}: its models ({', '.join(models)}) are not those of "
+                                     f"{paths[0]} ({', '.join(results[0]['models'])})")
+        results.append(result)
+    return results
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every usage error before any data is read or model trained."""
     if (args.bank_views or args.mixup) and args.cv_fold is None and args.teacher is None:
         parser.error("--bank-views and --mixup go with --teacher or --cv-fold")
     if args.mixup and not args.bank_views:
         parser.error("--mixup needs --bank-views")
-    if args.bank_views < 0 or args.mixup < 0:
-        parser.error("--bank-views and --mixup must not be negative")
+    if args.bank_views < 0 or not 0 <= args.mixup < math.inf:
+        parser.error(f"--bank-views and --mixup must be 0 or more (got {args.bank_views}, "
+                     f"{args.mixup})")
+    try:
+        check_weights(args.temperature, args.alpha)
+    except ValueError:
+        parser.error(f"--temperature must be more than 0 (got {args.temperature}) and --alpha "
+                     f"0 to 1 (got {args.alpha})")
+    if not 0 < args.teacher_lr < math.inf:
+        parser.error(f"--teacher-lr must be more than 0, got {args.teacher_lr}")
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
+    for flag, size in (("--size", args.size), ("--teacher-size", args.teacher_size)):
+        try:
+            PreprocessSpec(size=size or PreprocessSpec().size)
+        except ValueError as exc:
+            parser.error(f"{flag} {size}: {exc}")
+    if (args.cv_fold is not None and args.teacher_recipe == "probe"
+            and args.teacher_arch not in PRETRAINED):
+        parser.error(f"--teacher-recipe probe needs a pretrained --teacher-arch "
+                     f"({', '.join(PRETRAINED)})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_arguments(parser, args)
     if args.table:
-        results = [json.loads(path.read_text(encoding="utf-8")) for path in args.table]
+        try:
+            results = read_results(args.table)
+        except CtEdgeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(fold_table(results) + "\n\n" + seed_summary(results))
         return 0
     if args.cv_fold is not None:
@@ -469,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
                         "spec": PreprocessSpec(size=args.teacher_size
                                                or PreprocessSpec().size).to_dict()}
         try:
+            # Before the hour of training: a bad --data or --out fails now.
+            data_mod.check_data_folder(args.data)
+            data_mod.check_writable(args.out)
             bank = ({"views": args.bank_views, "mixup": args.mixup, "epochs": args.epochs}
                     if args.bank_views else None)
             result = compare_fold(args.data, args.seed, args.cv_fold, settings, args.temperature,
@@ -476,12 +672,20 @@ def main(argv: list[str] | None = None) -> int:
         except (CtEdgeError, OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        data_mod.write_json(args.out, result)  # atomic: `make distill-cv` skips folds on file
+        try:
+            data_mod.write_json(args.out, result)  # atomic: `make distill-cv` skips folds on file
+        except OSError as exc:
+            # Keep the hour's result: on stdout, after the one error line.
+            print(f"error: {args.out}: cannot write the result ({exc.strerror or one_line(exc)}); "
+                  "it follows on stdout", file=sys.stderr)
+            print(json.dumps(result, indent=2))
+            return 2
         print(f"wrote {args.out}")
         return 0
     if args.teacher is None or args.out is None:
         parser.error("--teacher and --out are required")
     try:
+        data_mod.check_writable(args.out, folder=True)
         bank = {"views": args.bank_views, "mixup": args.mixup} if args.bank_views else None
         metrics = run(args.teacher, args.out, args.arch, args.size, args.temperature, args.alpha,
                       args.epochs, bank)
