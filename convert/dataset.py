@@ -60,12 +60,12 @@ def read_training_record(model_dir: Path) -> TrainingRecord | None:
             raise ValueError(f"uncertain_below {threshold} is not in [0, 1]")
         if operating_point is not None and not isinstance(operating_point, dict):
             raise TypeError("calibration.operating_point is not an object")
+        # Checked here, so a bad value is named with this file, not met as a crash in the splits.
+        seed, val_fraction, test_fraction = data_mod.split_settings(config)
         return TrainingRecord(
             data=Path(config["data"]) if config.get("data") else None,
             spec=PreprocessSpec.from_dict(config.get("spec") or PreprocessSpec().to_dict()),
-            seed=int(config.get("seed", 0)),
-            val_fraction=float(config.get("val_fraction", 0.15)),
-            test_fraction=float(config.get("test_fraction", 0.15)),
+            seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
             temperature=float(calibration.get("temperature", 1.0)),
             cache=Path(config.get("cache") or data_mod.DEFAULT_CACHE),
             data_fingerprint=fingerprint,

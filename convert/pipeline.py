@@ -19,6 +19,7 @@ from ct_edge import LABELS
 from ct_edge.bundle import MANIFEST, Bundle
 from ct_edge.domain import DOMAIN_FILE
 from ct_edge.preprocess import PreprocessSpec
+from training.data import check_keras_archive
 from training.gradcam import describe
 
 from . import bias_correction, dataset, domain_fit, parity, report, staging
@@ -97,6 +98,7 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
     rows = select(formats, table)
     if not model.is_file():
         raise ConvertError(f"no model at {model}; run make train first")
+    check_keras_archive(model)  # before the data is read; Keras calls it "File not found"
     staging.check_replaceable(out)
     record, root = dataset.resolve_record(model, Path(data) if data is not None else None)
     splits = dataset.load_splits(record, root)

@@ -472,3 +472,46 @@ def test_cli_exits_1_naming_the_threshold_when_int8_fails(easy_model: Path, tmp_
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert any("tflite-int8" in line and "min_agreement" in line for line in errors)
     assert "FAILED" in captured.out and (out / "parity.md").is_file()
+
+
+def _model_folder(tmp_path: Path, config: dict, model: bytes | None = None) -> Path:
+    """model.keras (a zip, or the bytes given) and config.json; no data needed to fail early."""
+    import zipfile
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = folder / "model.keras"
+    if model is None:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("config.json", "{}")
+    else:
+        path.write_bytes(model)
+    (folder / "config.json").write_text(json.dumps({"data": str(tmp_path), **config}))
+    return path
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    ({"test_fraction": 1}, "each must be in [0, 1)"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, "their sum below 1"),
+    ({"seed": float("inf")}, "seed inf is not a whole number"),
+    ({"seed": -3}, "seed -3 is not a whole number"),
+])
+def test_cli_unusable_split_settings_are_one_line_and_exit_2(config: dict, problem: str,
+                                                             tmp_path: Path, capsys) -> None:
+    from convert.__main__ import main
+
+    model = _model_folder(tmp_path, config)
+    assert main(["--model", str(model), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model.parent / 'config.json'}: unreadable training config")
+    assert problem in err and err.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_corrupt_model_is_named_as_such(tmp_path: Path, capsys) -> None:
+    from convert.__main__ import main
+
+    model = _model_folder(tmp_path, {}, model=b"\x00" * 64)
+    assert main(["--model", str(model), "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == (f"error: {model}: not a Keras .keras archive (corrupt or "
+                                       "another format)\n")
