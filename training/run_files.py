@@ -1,5 +1,5 @@
 """What a training run leaves on disk: the model saved whole or not at all, the history, the
-backup a killed run resumes from, and result files replaced together or not at all."""
+backup a killed run resumes from, and output files or folders replaced together or not at all."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +120,19 @@ def publish(staged: Path, out: Path, names: Sequence[str]) -> None:
             fsync_dir(out)
         shutil.rmtree(staged, ignore_errors=True)
 
+
+def replace_folder(out: Path, fill: Callable[[Path], None]) -> None:
+    """Let `fill` write a new folder beside `out`, then swap it in (convert.staging.install):
+    a failed or interrupted run leaves `out` as it was and no staging folder behind."""
+    from convert.staging import discard, install, recover
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)  # puts back a folder whose swap was killed between its two renames
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(staged, 0o755)  # mkdtemp makes it private; the output is not
+        fill(staged)
+        install(staged, out)
+    except BaseException:
+        discard(staged)
+        raise
