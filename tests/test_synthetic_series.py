@@ -146,7 +146,7 @@ def test_a_folder_that_is_not_a_series_and_a_path_through_a_file_are_refused(
     afile.write_text("")
     assert main(["--out", str(afile / "sub" / "x"), "--slices", "1", "--size", "32"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {afile / 'sub'}: Not a directory"
+    assert err == f"error: cannot write {afile / 'sub' / 'x'}: {afile / 'sub'}: Not a directory"
 
 
 def test_help_says_out_is_required_and_every_default(capsys) -> None:

@@ -67,12 +67,14 @@ def usable_backup(backup: Path) -> bool:
     return False
 
 
-def describe_os_error(exc: OSError) -> str:
-    """An OSError as one line naming the file: "path: No such file or directory"."""
+def describe_os_error(exc: OSError, writing: Path | None = None) -> str:
+    """An OSError as one line naming the file: "path: No such file or directory"; with
+    `writing`, the output it was for too when that is another path."""
     if exc.filename is None:
         return str(exc)  # raised here with its own message
     where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
-    return f"{where}: {exc.strerror or exc}"
+    line = f"{where}: {exc.strerror or exc}"
+    return line if writing is None or str(writing) == where else f"cannot write {writing}: {line}"
 
 
 @contextlib.contextmanager

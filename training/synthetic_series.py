@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"error: {describe_os_error(exc, writing=args.out)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted; {args.out} was left as it was", file=sys.stderr)
