@@ -245,3 +245,73 @@ def test_the_mixture_recipe_trains_merges_calibrates_and_converts(synthetic_root
     # the domain gate reads the first member's pooled features, and the manifest says so
     assert manifest["domain"]["features"]["layer"] == \
         "input of 'logits' of member 'member0_edge-gap-resize128'"
+
+
+# --- the output folder: replaced whole or not at all ------------------------------------------
+
+@pytest.fixture
+def member(tmp_path: Path) -> Path:
+    """A model folder as training leaves it (model.keras, config.json), with a tiny model."""
+    from training.models import build_model
+
+    folder = tmp_path / "mem"
+    folder.mkdir()
+    build_model("edge-gap", (32, 32, 3), 3).save(folder / "model.keras")
+    (folder / "config.json").write_text(json.dumps({"arch": "edge-gap", "seed": 0}))
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_failed_build_leaves_the_earlier_ensemble_as_it_was(member: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    """Its config.json made a folder: refused in one line, before model.keras is touched."""
+    from training.ensemble import main
+
+    out = tmp_path / "ens"
+    assert main(["--members", str(member), "--out", str(out)]) == 0
+    (out / "config.json").unlink()
+    (out / "config.json").mkdir()
+    before = _snapshot(out)
+    assert main(["--members", f"{member},{member}", "--out", str(out)]) == 2
+    assert _snapshot(out) == before
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: refusing to replace {out}") and "\n" not in err
+
+
+def test_an_earlier_ensemble_is_replaced_whole_and_nothing_is_left_beside_it(
+        member: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import data as data_mod
+    from training.ensemble import build
+
+    out = tmp_path / "ens"
+    build([member], out)
+    (out / "notes.txt").write_text("from the earlier ensemble")
+    before = _snapshot(out)
+
+    def disk_full(path: Path, data: object) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data_mod, "write_json", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            build([member, member], out)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "mem"]
+    info = build([member, member], out)
+    assert info["members"] == 2 and sorted(p.name for p in out.iterdir()) == ["config.json",
+                                                                             "model.keras"]
+    assert json.loads((out / "config.json").read_text())["members"] == [str(member)] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "mem"]
+
+
+def test_a_folder_that_is_not_an_ensemble_is_not_replaced(member: Path, capsys) -> None:
+    from training.ensemble import main
+
+    before = _snapshot(member)
+    assert main(["--members", str(member), "--out", str(member)]) == 2
+    assert "not an earlier ensemble" in capsys.readouterr().err
+    assert _snapshot(member) == before

@@ -81,6 +81,56 @@ def test_training_report_writes_the_gradcam_grid(tiny_model: Path) -> None:
     assert grid.size[0] > 600 and grid.size[1] > 300
 
 
+def _gradcam_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from training.gradcam import main
+
+    try:
+        status = main(argv)
+    except Exception as exc:  # what the user would have seen as a traceback
+        pytest.fail(f"traceback: {exc!r}")
+    return status, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(("make", "problem"), [
+    ("nothing", "--model {model}: no such file"),
+    ("folder", "--model {model} is a folder; pass its model.keras"),
+    ("model only", "{config}: missing; the training run writes it beside the model"),
+    ("config without spec", "{config}: no 'spec' (preprocessing); not a training run's config"),
+    ("config not json", "{config}: not valid JSON"),
+    ("config without data", "{config} names no data folder; pass --data DIR"),
+])
+def test_gradcam_cli_refuses_an_unusable_model_folder_in_one_line(make: str, problem: str,
+                                                                  tmp_path: Path,
+                                                                  capsys) -> None:
+    folder = tmp_path / "m"
+    model, config = folder / "model.keras", folder / "config.json"
+    folder.mkdir()
+    if make == "folder":
+        model.mkdir()
+    elif make != "nothing":
+        model.write_bytes(b"not opened before config.json is checked")
+    if make == "config without spec":
+        config.write_text(json.dumps({"data": str(tmp_path), "seed": 0}))
+    elif make == "config not json":
+        config.write_text("{")
+    elif make == "config without data":
+        config.write_text(json.dumps({"spec": PreprocessSpec().to_dict()}))
+    for argv in (["--model", str(model)], ["--compare", "--model", str(model)]):
+        status, err = _gradcam_cli(argv, capsys)
+        assert status == 2 and "\n" not in err, err
+        assert err.startswith("error: " + problem.format(model=model, config=config)), err
+
+
+def test_gradcam_cli_help_states_every_default(capsys) -> None:
+    from training.gradcam import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: off: draw the Grad-CAM grid)" in text
+    assert text.count("(default: ") == 9  # every option but --help
+
+
 # --- the bundle: every artifact carries the maps, the manifest says so ---------------------------
 
 

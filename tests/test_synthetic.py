@@ -249,3 +249,41 @@ def test_cli_module_help_shows_defaults() -> None:
     ):
         assert flag in text
         assert f"(default: {default})" in text
+
+
+@pytest.mark.parametrize(("out", "problem"), [
+    ("afile/sub/x", "cannot write {out}: {tmp}/afile/sub: Not a directory"),
+    ("afile/x", "cannot write {out}: {tmp}/afile: File exists"),
+    ("afile", "{tmp}/afile exists and is not a synthetic data set; not replacing it"),
+])
+def test_cli_an_unusable_out_is_one_line_naming_the_path(out: str, problem: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("a regular file")
+    argv = ["--out", str(tmp_path / out), "--train-per-class", "1", "--test-per-class", "1",
+            "--size", "64"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: " + problem.format(out=tmp_path / out, tmp=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_cli_ctrl_c_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*args: object, **kwargs: object) -> np.ndarray:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "render_slice", interrupted)
+    try:
+        status = main(["--out", str(tmp_path / "data"), "--size", "64"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main: a traceback")
+    assert status == 130
+    assert capsys.readouterr().err.strip() == f"interrupted; {tmp_path / 'data'} was left as it was"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_a_number_that_is_not_one_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--seed", "x"])
+    assert exit_.value.code == 2
+    assert "argument --seed: expected an integer, got 'x'" in capsys.readouterr().err

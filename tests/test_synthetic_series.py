@@ -10,6 +10,7 @@ import pytest
 from pydicom.uid import UID
 
 from ct_edge.preprocess import PreprocessSpec, decode
+from training import synthetic_series
 from training.phantom import render_slice
 from training.synthetic_series import (
     CT_IMAGE_STORAGE,
@@ -75,4 +76,82 @@ def test_cli_writes_a_series(tmp_path: Path, capsys: pytest.CaptureFixture[str])
                  "--label", "Normal"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "s")
     assert len(list((tmp_path / "s").glob("*.dcm"))) == 3
-    assert main(["--out", str(tmp_path / "t"), "--slices", "0"]) == 1
+
+
+def _series(folder: Path) -> dict[str, tuple[str, bytes]]:
+    """File name -> (SeriesInstanceUID, bytes) of every entry in the folder."""
+    return {p.name: (str(pydicom.dcmread(p).SeriesInstanceUID), p.read_bytes())
+            for p in sorted(folder.iterdir())}
+
+
+def test_a_second_run_replaces_the_earlier_series_whole(tmp_path: Path) -> None:
+    out = tmp_path / "ser"
+    assert main(["--out", str(out), "--slices", "3", "--size", "32"]) == 0
+    assert main(["--out", str(out), "--slices", "2", "--size", "32"]) == 0
+    series = _series(out)
+    assert list(series) == ["slice_0001.dcm", "slice_0002.dcm"]
+    assert len({uid for uid, _ in series.values()}) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ser"]
+
+
+def test_an_interrupted_run_leaves_the_earlier_series(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys) -> None:
+    out = tmp_path / "ser"
+    write_series(out, "Normal", slices=3, size=32)
+    before = _series(out)
+    drawn = []
+
+    def ctrl_c_at_the_second_slice(*args, **kwargs) -> np.ndarray:
+        drawn.append(1)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        return render_slice(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic_series, "render_slice", ctrl_c_at_the_second_slice)
+    try:
+        status = main(["--out", str(out), "--slices", "3", "--size", "32", "--seed", "5"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main: a traceback")
+    assert status == 130
+    assert capsys.readouterr().err.strip() == f"interrupted; {out} was left as it was"
+    assert _series(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ser"]
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
+    (["--slices", "0"], "argument --slices: must be 1 or more, got 0"),
+    (["--size", "16"], "argument --size: must be 32 or more, got 16"),
+    (["--render-size", "x"], "argument --render-size: expected an integer, got 'x'"),
+])
+def test_bad_numbers_are_usage_errors_naming_the_flag(argv: list[str], problem: str,
+                                                      tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "ser"), *argv])
+    assert exit_.value.code == 2 and problem in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_is_not_a_series_and_a_path_through_a_file_are_refused(
+        tmp_path: Path, capsys) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("keep me")
+    assert main(["--out", str(notes), "--slices", "1", "--size", "32"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: refusing to replace {notes}") and "\n" not in err
+    assert [p.name for p in notes.iterdir()] == ["keep.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["--out", str(afile / "sub" / "x"), "--slices", "1", "--size", "32"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write {afile / 'sub' / 'x'}: {afile / 'sub'}: Not a directory"
+
+
+def test_help_says_out_is_required_and_every_default(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(required)" in text and "(default: None)" not in text
+    assert text.count("(default: ") == 7  # every option but --out and --help

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -168,3 +169,105 @@ def test_an_unknown_schedule_and_cosine_only_options_are_refused() -> None:
         build_optimizer(TrainConfig(ema=True), steps_per_epoch=3)
     with pytest.raises(ValueError, match="warmup_epochs must be"):
         build_optimizer(TrainConfig(schedule="cosine", epochs=2, warmup_epochs=2), steps_per_epoch=3)
+
+
+# --- interrupts and re-runs into an existing folder ----------------------------------------------
+
+def _fit_without_training(config: TrainConfig, x_train, y_train, x_val, y_val, out=None,
+                          verbose=None):
+    """fit_model's contract without the minutes of fitting: an untrained model, one epoch logged."""
+    import keras
+
+    from training.models import build_model
+
+    keras.utils.set_random_seed(config.seed)
+    spec = config.preprocess_spec()
+    model = build_model(config.arch, (spec.size, spec.size, spec.channels), len(LABELS))
+    if out is not None:
+        (out / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss\n"
+                                         "0,0.3,1.1,0.3,1.1\n")
+    return model, {"loss": [1.1]}
+
+
+def test_an_interrupted_rerun_leaves_the_previous_model_and_its_config(
+        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the results are written: the earlier model still has its own config.json."""
+    from ct_edge.preprocess import PreprocessSpec
+    from training import data as data_mod
+    from training import train as train_mod
+
+    monkeypatch.setattr(train_mod, "fit_model", _fit_without_training)
+    out = tmp_path / "model"
+    config = TrainConfig(data=str(synthetic_root), out=str(out), arch="edge-gap",
+                         abstention_folds=0, cache=str(tmp_path / "cache"),
+                         spec=PreprocessSpec(size=32).to_dict())
+    train_mod.train(config)
+    results = ["model.keras", "config.json", "metrics.json", "learning_curves.png",
+               "confusion_matrix.png", "gradcam.png", "held_out_predictions.json",
+               "risk_coverage.png"]
+    assert all((out / name).is_file() for name in results)
+    before = {name: (out / name).read_bytes() for name in results}
+
+    real_write_json = data_mod.write_json
+
+    def interrupted_at_the_config(path: Path, data: object) -> None:
+        if path.name == "config.json":
+            raise KeyboardInterrupt
+        real_write_json(path, data)
+
+    monkeypatch.setattr(data_mod, "write_json", interrupted_at_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(dataclasses.replace(config, seed=1))  # other weights, other split
+    assert {name: (out / name).read_bytes() for name in results} == before
+    assert not list(out.glob(".*")), "a staging folder was left behind"
+
+
+def test_publish_lets_ctrl_c_wait_until_every_file_is_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from training.run_files import publish, staging_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model.keras", "config.json", "plot.png"):
+        (out / name).write_text("old")
+    staged = staging_folder(out)
+    for name in ("model.keras", "config.json"):
+        (staged / name).write_text("new")
+    real_replace = os.replace
+
+    def ctrl_c_during_the_first_rename(src, dst) -> None:
+        monkeypatch.setattr(os, "replace", real_replace)
+        signal.raise_signal(signal.SIGINT)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", ctrl_c_during_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        publish(staged, out, ["model.keras", "config.json", "plot.png"])
+    # plot.png was the previous run's: it would not describe the new model
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"model.keras": "new",
+                                                              "config.json": "new"}
+
+
+@pytest.mark.parametrize("resumable", [True, False], ids=["backup", "no-backup"])
+def test_ctrl_c_is_one_line_saying_what_a_rerun_does(resumable: bool, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys) -> None:
+    from training import train as train_mod
+
+    def interrupted(config: TrainConfig) -> dict:
+        if resumable:  # BackupAndRestore's folder after a finished epoch
+            (Path(config.out) / f"backup-{config.key()}").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    try:
+        status = main(["--out", str(tmp_path / "m"), "--epochs", "3"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main: a traceback")
+    assert status == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("interrupted; ")
+    assert ("resume" in err) == resumable and ("start over" in err) != resumable

@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from . import data as data_mod
 from .gradcam import MAPS_LAYER, cam_model
+from .run_files import describe_os_error, replace_folder, save_model_atomically
 
 ENSEMBLE_ARCH = "ensemble"
 MEMBER_PREFIX = "member"
@@ -180,10 +182,28 @@ def member_dirs(arg: str) -> list[Path]:
     return [Path(p) for p in arg.split(",") if p]
 
 
+def check_replaceable(out: Path) -> None:
+    """Only a missing or empty folder, or an earlier ensemble's, may be replaced by `build`."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"--out {out} exists and is not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = json.loads((out / "config.json").read_text(encoding="utf-8")).get("arch")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier != ENSEMBLE_ARCH:
+        raise FileExistsError(f"refusing to replace {out}: it is not empty and not an earlier "
+                              f"ensemble (config.json with arch {ENSEMBLE_ARCH!r}); choose "
+                              "another --out")
+
+
 def build(member_folders: Sequence[Path], out: Path, flip_tta: bool = False) -> dict:
-    """Loads each member's model.keras, merges them, writes <out>/model.keras and config.json."""
+    """Loads each member's model.keras, merges them, writes <out>/model.keras and config.json
+    into a new folder that then replaces `out` whole (check_replaceable says which `out` may)."""
     from .models import load_keras_model
 
+    check_replaceable(out)
     models, configs = [], []
     for folder in member_folders:
         path = folder / "model.keras"
@@ -191,7 +211,10 @@ def build(member_folders: Sequence[Path], out: Path, flip_tta: bool = False) -> 
             raise FileNotFoundError(f"{path}: no model.keras in member folder {folder}")
         models.append(load_keras_model(path))
         config_path = folder / "config.json"
-        configs.append(json.loads(config_path.read_text()) if config_path.is_file() else {})
+        try:
+            configs.append(json.loads(config_path.read_text()) if config_path.is_file() else {})
+        except ValueError as exc:
+            raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
     model = merge(models, flip_tta=flip_tta)
     largest = max(range(len(models)), key=lambda i: _size(models[i]))
     config = dict(configs[largest])
@@ -206,9 +229,12 @@ def build(member_folders: Sequence[Path], out: Path, flip_tta: bool = False) -> 
     config.update(arch=ENSEMBLE_ARCH, out=str(out), members=[str(f) for f in member_folders],
                   member_archs=[c.get("arch") for c in configs],
                   calibration={"temperature": 1.0, "fitted_on": "none (ensemble)"})
-    out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "model.keras")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    def write(folder: Path) -> None:
+        save_model_atomically(model, folder / "model.keras")
+        data_mod.write_json(folder / "config.json", config)
+
+    replace_folder(out, write)
     return {"members": len(models), "input": list(_size(model)),
             "params": int(model.count_params()),
             "class_maps": ensemble_cam_model(model) is not None}
@@ -268,17 +294,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.ensemble",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", required=True,
-                        help="comma-separated model folders (each with model.keras, config.json)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the merged model")
+                        help="comma-separated model folders (each with model.keras, config.json) "
+                        "(required)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the merged model: a new or empty one, or an earlier "
+                        "ensemble's, replaced only once the new one is complete (required)")
     parser.add_argument("--flip-tta", action="store_true",
                         help="each member also runs on the mirrored image inside the graph and "
                         "the means include it: twice the compute (default: off)")
     args = parser.parse_args(argv)
     try:
         info = build(member_dirs(args.members), args.out, args.flip_tta)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {args.out} was left as it was", file=sys.stderr)
+        return 130
     print(f"wrote {args.out / 'model.keras'}: {info['members']} members, input {info['input']}, "
           f"{info['params']:,} parameters, class maps: {'yes' if info['class_maps'] else 'no'}")
     return 0

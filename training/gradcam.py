@@ -22,11 +22,19 @@ from typing import Any
 import numpy as np
 
 from ct_edge import LABELS
+from ct_edge.cli.common import positive_int
+from ct_edge.errors import CtEdgeError, one_line
+
+from .run_files import describe_os_error
 
 MAPS_LAYER = "class_maps"
 HEAD_PASSTHROUGH = ("Dropout", "SpatialDropout2D", "Identity", "GaussianNoise", "GaussianDropout")
 COMPARE_GRID = 16  # both heatmaps are resized to this grid before correlating them
 GRID_PER_CLASS = 3  # Grad-CAM grid: up to this many correct and this many wrong per class
+
+
+class ModelFolderError(CtEdgeError):
+    """The model, or the config.json its training run wrote beside it, is missing or unusable."""
 
 
 # --- the model side -------------------------------------------------------------------------------
@@ -229,18 +237,40 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float((a * b).sum() / norm) if norm > 1e-12 else None
 
 
+def check_model(model_path: Path) -> None:
+    """A one-line ModelFolderError unless `model_path` is a file."""
+    if model_path.is_dir():
+        raise ModelFolderError(f"--model {model_path} is a folder; pass its model.keras")
+    if not model_path.is_file():
+        raise ModelFolderError(f"--model {model_path}: no such file")
+
+
 def _test_split(model_path: Path, data: Path | None) -> tuple[list[Any], Any, Path]:
     """The model's test split (samples), its preprocessing spec and cache, from config.json."""
     from ct_edge.preprocess import PreprocessSpec
 
     from . import data as data_mod
 
-    config = json.loads((model_path.parent / "config.json").read_text(encoding="utf-8"))
-    root = Path(data or config["data"])
-    splits = data_mod.load_splits(root, float(config.get("val_fraction", 0.15)),
-                                  float(config.get("test_fraction", 0.15)), int(config.get("seed", 0)))
-    return splits.test, PreprocessSpec.from_dict(config["spec"]), Path(config.get("cache") or
-                                                                        data_mod.DEFAULT_CACHE)
+    path = model_path.parent / "config.json"
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: missing; the training run writes it beside the model "
+                               "(its data, split and preprocessing)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelFolderError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "spec" not in config:
+        raise ModelFolderError(f"{path}: no 'spec' (preprocessing); not a training run's config")
+    if not (data or config.get("data")):
+        raise ModelFolderError(f"{path} names no data folder; pass --data DIR")
+    try:
+        spec = PreprocessSpec.from_dict(config["spec"])
+        fractions = float(config.get("val_fraction", 0.15)), float(config.get("test_fraction", 0.15))
+        seed = int(config.get("seed", 0))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelFolderError(f"{path}: unusable 'spec', split or seed ({one_line(exc)})") from None
+    splits = data_mod.load_splits(Path(data or config["data"]), *fractions, seed)
+    return splits.test, spec, Path(config.get("cache") or data_mod.DEFAULT_CACHE)
 
 
 def _summary(values: list[float]) -> dict[str, float | None]:
@@ -333,16 +363,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="grid mode: the PNG (default: gradcam.png beside "
                         "the model); --compare: also write the report as JSON here")
     parser.add_argument("--compare", action="store_true",
-                        help="compare the bundle's device heatmaps with Grad-CAM on the test split")
+                        help="compare the bundle's device heatmaps with Grad-CAM on the test split "
+                        "(default: off: draw the Grad-CAM grid)")
     parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"),
                         help="--compare: the bundle (default: %(default)s)")
     parser.add_argument("--artifacts", help="--compare: comma-separated artifact names "
                         "(default: the bundle's default)")
     parser.add_argument("--methods", default="cam,occlusion",
                         help="--compare: methods to measure (default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="--compare: first N test images (default: all)")
-    parser.add_argument("--threads", type=int, help="--compare: engine threads (default: engine's)")
+    parser.add_argument("--limit", type=positive_int,
+                        help="--compare: first N test images (default: all)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="--compare: engine threads (default: engine's)")
     args = parser.parse_args(argv)
+    try:
+        check_model(args.model)
+        return _run(args)
+    except CtEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+    except ValueError as exc:  # e.g. a model.keras Keras cannot load
+        print(f"error: {args.model}: {one_line(exc)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command once its arguments are parsed: the comparison or the grid."""
     if args.compare:
         report = compare(args.model, args.bundle, args.artifacts.split(",") if args.artifacts else None,
                          tuple(args.methods.split(",")), args.limit, args.data, args.threads)

@@ -1,16 +1,23 @@
-"""What a training run leaves on disk: the model saved whole or not at all, the history, and
-the backup a killed run resumes from."""
+"""What a training run leaves on disk: the model saved whole or not at all, the history, the
+backup a killed run resumes from, and output files or folders replaced together or not at all."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ct_edge.files import create_temp
+from ct_edge.files import create_temp, fsync_dir
+
+STAGING_PREFIX = ".staged-"  # a run's finished files inside its output folder, before publish()
 
 
 def save_model_atomically(model: Any, path: Path) -> None:
@@ -58,3 +65,76 @@ def usable_backup(backup: Path) -> bool:
     print(f"warning: {backup} was cut off mid-write; starting this run over", file=sys.stderr)
     shutil.rmtree(backup, ignore_errors=True)
     return False
+
+
+def describe_os_error(exc: OSError, writing: Path | None = None) -> str:
+    """An OSError as one line naming the file: "path: No such file or directory"; with
+    `writing`, the output it was for too when that is another path."""
+    if exc.filename is None:
+        return str(exc)  # raised here with its own message
+    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
+    line = f"{where}: {exc.strerror or exc}"
+    return line if writing is None or str(writing) == where else f"cannot write {writing}: {line}"
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block takes effect when it ends: for renames that belong together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread, which gets the signal
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+
+
+def staging_folder(out: Path) -> Path:
+    """A new private folder inside `out` for a run's finished files (see publish); what runs
+    killed before their publish() left there is removed first."""
+    for stale in out.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+
+
+def publish(staged: Path, out: Path, names: Sequence[str]) -> None:
+    """Move the files `names` from `staged` (inside `out`) into `out` as one step: each one is
+    replaced, or removed when this run made none (an older run's would not match the new model).
+
+    Other files in `out` stay. Ctrl-C waits until every rename is done, so a model is never
+    paired with another run's config.json; only a kill or power cut in those microseconds can.
+    """
+    for name in names:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            raise IsADirectoryError(21, "is a folder, not replacing it", str(target))
+    with interrupts_deferred():
+        for name in names:
+            if (staged / name).exists():
+                os.replace(staged / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # durability where the file system allows it
+            fsync_dir(out)
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def replace_folder(out: Path, fill: Callable[[Path], None]) -> None:
+    """Let `fill` write a new folder beside `out`, then swap it in (convert.staging.install):
+    a failed or interrupted run leaves `out` as it was and no staging folder behind."""
+    from convert.staging import discard, install, recover
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)  # puts back a folder whose swap was killed between its two renames
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(staged, 0o755)  # mkdtemp makes it private; the output is not
+        fill(staged)
+        install(staged, out)
+    except BaseException:
+        discard(staged)
+        raise

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .phantom import CLASSES, GENERATOR_VERSION, MIN_SIZE, render_slice
+from .run_files import describe_os_error
 
 # 300 + 60 per class: with 120 + 40 the demo model landed anywhere from 82% to 94% between runs;
 # 300 + 60 keeps it in the mid 90s within the same 50 epochs (about two minutes here).
@@ -141,15 +142,22 @@ def generate_dataset(
     return root
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _count(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
     return value
 
 
 def _size(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < MIN_SIZE:
         raise argparse.ArgumentTypeError(f"must be >= {MIN_SIZE}")
     return value
@@ -173,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         root = generate_dataset(args.out, args.train_per_class, args.test_per_class, args.seed, args.size)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:  # FileExistsError: not a synthetic data set; else e.g. a path through a file
+        print(f"error: {describe_os_error(exc, writing=args.out)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {args.out} was left as it was", file=sys.stderr)
+        return 130
     n = (args.train_per_class + args.test_per_class) * len(CLASSES)
     print(f"{n} images ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     print(root)

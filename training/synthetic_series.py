@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from training.phantom import CLASSES, MIN_SIZE, render_slice
+from training.run_files import describe_os_error, replace_folder
 
 LUNG_WINDOW = (1500.0, -600.0)  # (width, level) HU; ct_edge.preprocess.WINDOWS["lung"]
 RESCALE_INTERCEPT = -1024.0
 SLICE_THICKNESS_MM = 5.0
 FIELD_OF_VIEW_MM = 360.0
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SLICE_NAME = re.compile(r"slice_\d{4,}\.dcm")  # what write_series names its files
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,16 @@ def _dataset(pixels_hu: np.ndarray, index: int, slices: int, uids: dict[str, str
     return ds
 
 
+def check_replaceable(out: Path) -> None:
+    """Only a missing or empty folder, or an earlier series (slice files only), may be replaced."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"--out {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(not (SLICE_NAME.fullmatch(p.name) and p.is_file())
+                            for p in out.iterdir()):
+        raise FileExistsError(f"refusing to replace {out}: it holds more than an earlier "
+                              "series' slice_NNNN.dcm files; choose another --out")
+
+
 def write_series(out: Path, label: str = "COVID-19", slices: int = 60, seed: int = 0,
                  size: int = 192, render_size: int | None = None, apex: float = APEX_EXTENT,
                  base: float = BASE_EXTENT) -> SeriesInfo:
@@ -153,7 +166,8 @@ def write_series(out: Path, label: str = "COVID-19", slices: int = 60, seed: int
     that side and resized to `size` (a 512-px series for transfer benchmarks in a fraction of the
     time: drawing costs about 1 s per 512-px slice here). `apex` and `base` are the lung size
     factors at the two ends (see `lung_extent`); 0.9 for both keeps every slice near the size of
-    the training slices."""
+    the training slices. The slices are written to a new folder that then replaces `out` whole
+    (an earlier series' slices never stay beside the new ones; see check_replaceable)."""
     from PIL import Image
     from pydicom.uid import generate_uid
 
@@ -161,29 +175,49 @@ def write_series(out: Path, label: str = "COVID-19", slices: int = 60, seed: int
         raise ValueError(f"unknown label {label!r}; expected one of {CLASSES}")
     if slices < 1:
         raise ValueError("slices must be >= 1")
+    if seed < 0:
+        raise ValueError("seed must be >= 0")
     if not (0.2 <= apex <= 1.0 and 0.2 <= base <= 1.0):
         raise ValueError("apex and base lung extents must be between 0.2 and 1")
     if min(size, render_size or size) < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out)
     uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
     sick = set(finding_slices(label, slices, apex, base))
     when = dt.datetime.now(dt.timezone.utc)
     anatomy_seed = int(np.random.SeedSequence([seed, 7919]).generate_state(1)[0])
-    files = []
-    for index in range(slices):
-        rng = np.random.default_rng([seed, CLASSES.index(label), index])
-        image = render_slice(label if index in sick else "Normal", rng, render_size or size,
-                             lung_extent=lung_extent(_z(index, slices), apex, base),
-                             anatomy_seed=anatomy_seed)
-        if image.shape[0] != size:
-            image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-        ds = _dataset(to_hounsfield(image), index, slices, uids, f"SYN{seed:05d}", when)
-        path = out / f"slice_{index + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return SeriesInfo(out, files, label, uids["study"], uids["series"], sorted(sick))
+    names = [f"slice_{index + 1:04d}.dcm" for index in range(slices)]
+
+    def write(folder: Path) -> None:
+        for index, name in enumerate(names):
+            rng = np.random.default_rng([seed, CLASSES.index(label), index])
+            image = render_slice(label if index in sick else "Normal", rng, render_size or size,
+                                 lung_extent=lung_extent(_z(index, slices), apex, base),
+                                 anatomy_seed=anatomy_seed)
+            if image.shape[0] != size:
+                image = np.asarray(Image.fromarray(image).resize((size, size),
+                                                                 Image.Resampling.BILINEAR))
+            ds = _dataset(to_hounsfield(image), index, slices, uids, f"SYN{seed:05d}", when)
+            ds.save_as(folder / name, enforce_file_format=True)
+
+    replace_folder(out, write)
+    return SeriesInfo(out, [out / name for name in names], label, uids["study"], uids["series"],
+                      sorted(sick))
+
+
+def _at_least(minimum: int):
+    """argparse type: an integer >= minimum (argparse names the flag in its message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,13 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m training.synthetic_series",
         description="Write one synthetic patient as a CT series (CT Image Storage DICOM files).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS,
+                        help="output folder: a new or empty one, or an earlier series', replaced "
+                        "only once the new series is complete (required)")
     parser.add_argument("--label", choices=CLASSES, default="COVID-19", help="the patient's class")
-    parser.add_argument("--slices", type=int, default=60, help="number of slices (>= 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
-    parser.add_argument("--size", type=int, default=192, help=f"slice side in pixels (>= {MIN_SIZE})")
-    parser.add_argument("--render-size", type=int, default=None,
-                        help="draw at this side and resize to --size (faster for large series)")
+    parser.add_argument("--slices", type=_at_least(1), default=60, help="number of slices")
+    parser.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
+    parser.add_argument("--size", type=_at_least(MIN_SIZE), default=192,
+                        help=f"slice side in pixels (>= {MIN_SIZE})")
+    parser.add_argument("--render-size", type=_at_least(MIN_SIZE), default=argparse.SUPPRESS,
+                        help="draw at this side and resize to --size, faster for large series "
+                        "(default: draw at --size)")
     parser.add_argument("--apex-extent", type=float, default=APEX_EXTENT,
                         help="lung size at the apex (1 = mid-chest)")
     parser.add_argument("--base-extent", type=float, default=BASE_EXTENT,
@@ -206,10 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         info = write_series(args.out, args.label, args.slices, args.seed, args.size,
-                            args.render_size, args.apex_extent, args.base_extent)
-    except (ValueError, OSError) as exc:
+                            getattr(args, "render_size", None), args.apex_extent,
+                            args.base_extent)
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc, writing=args.out)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {args.out} was left as it was", file=sys.stderr)
+        return 130
     print(f"{len(info.files)} slices ({info.label}, findings in {len(info.finding_slices)}) "
           f"series {info.series_uid}", file=sys.stderr)
     print(info.folder)

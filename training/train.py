@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,14 @@ from ct_edge.preprocess import PreprocessSpec
 
 from . import abstention
 from . import data as data_mod
-from .ensemble import MIXTURE_MEMBERS, MIXTURE_RECIPE, MIXTURE_SIZE, fit_mixture, mixture_members
+from .ensemble import (
+    MEMBER_PREFIX,
+    MIXTURE_MEMBERS,
+    MIXTURE_RECIPE,
+    MIXTURE_SIZE,
+    fit_mixture,
+    mixture_members,
+)
 from .metrics import (
     classification_report,
     expected_calibration_error,
@@ -30,12 +38,24 @@ from .metrics import (
     scale_temperature,
 )
 from .models import ARCHITECTURES, DEFAULT_ARCHITECTURE, PRETRAINED
-from .run_files import read_history, save_model_atomically, usable_backup
+from .run_files import (
+    describe_os_error,
+    publish,
+    read_history,
+    save_model_atomically,
+    staging_folder,
+    usable_backup,
+)
 from .synthetic import DEFAULT_ROOT as BUILTIN_DATA
 
 DEFAULT_OUT = Path("artifacts") / "model"
 
 CONFIG_FILE = "config.json"
+# What a finished run publishes in one step (run_files.publish), so that model.keras and its
+# config.json (calibration, operating point) and reports never come from two runs. history.csv is
+# not among them: it grows in `out` during the run, for resuming and for watching the epochs.
+RESULT_FILES = (abstention.PREDICTIONS_FILE, abstention.PLOT_FILE, "model.keras", "metrics.json",
+                CONFIG_FILE, "learning_curves.png", "confusion_matrix.png", "gradcam.png")
 
 
 @dataclass
@@ -281,9 +301,10 @@ def fit_model(config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray,
 
 
 def train(config: TrainConfig) -> dict:
-    """The whole job: data, fit, test, calibration, reports. Returns metrics.json's content."""
-    from .report import confusion_matrix_plot, learning_curves
+    """The whole job: data, fit, test, calibration, reports. Returns metrics.json's content.
 
+    The results replace an earlier run's in `out` only once all are written (RESULT_FILES).
+    """
     started = time.time()
     spec = config.preprocess_spec()
     root = Path(config.data) if config.data else builtin_data()
@@ -312,6 +333,22 @@ def train(config: TrainConfig) -> dict:
           f"{len(arrays['val'][1])} validation, {len(arrays['test'][1])} test images; "
           f"test split: {splits.test_source})" + (" - resuming" if resumed else ""), flush=True)
     model, _ = fit_model(config, *arrays["train"], *arrays["val"], out=out)
+    staged = staging_folder(out)
+    try:
+        metrics = _write_results(config, model, root, splits, arrays, skipped, modality, out, staged,
+                                 started)
+        publish(staged, out, RESULT_FILES)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    (out / "checkpoint.keras").unlink(missing_ok=True)
+    return metrics
+
+
+def _write_results(config: TrainConfig, model, root: Path, splits: data_mod.Splits, arrays: dict,
+                   skipped: list[tuple[str, str]], modality: str, out: Path, staged: Path,
+                   started: float) -> dict:
+    """Test, calibrate and report the fitted model into `staged` (RESULT_FILES); metrics.json."""
+    from .report import confusion_matrix_plot, learning_curves
 
     x_test, y_test = arrays["test"]
     test_probs = model.predict(x_test, verbose=0)
@@ -327,15 +364,16 @@ def train(config: TrainConfig) -> dict:
             "test_ece_after": expected_calibration_error(
                 scale_temperature(test_probs, temperature), y_test),
         }
-    calibration.update(abstention.for_training(fit_model, config, splits.train + splits.val, model,
+    # config.out only says where for_training writes its predictions and plot: the staged folder.
+    calibration.update(abstention.for_training(fit_model, replace(config, out=str(staged)),
+                                               splits.train + splits.val, model,
                                                calibration["temperature"], arrays["val"],
                                                arrays["test"]))
     history = read_history(out / "history.csv")
     monitor = history.get("val_loss") or history["loss"]
     best_epoch = len(monitor) if config.schedule == "cosine" else int(np.argmin(monitor)) + 1
 
-    save_model_atomically(model, out / "model.keras")
-    (out / "checkpoint.keras").unlink(missing_ok=True)
+    save_model_atomically(model, staged / "model.keras")
     metrics = {
         "test_accuracy": report["accuracy"], "test_loss": report["loss"], "test": report,
         "best_epoch": best_epoch, "epochs_run": len(monitor),
@@ -345,18 +383,29 @@ def train(config: TrainConfig) -> dict:
         "test_source": splits.test_source, "skipped": skipped, "calibration": calibration,
         "seed": config.seed, "seconds": round(time.time() - started, 1), "modality": modality,
     }
-    data_mod.write_json(out / "metrics.json", metrics)
-    data_mod.write_json(out / CONFIG_FILE, {**asdict(config), "data": str(root),
-                                            "modality": modality, "calibration": calibration})
+    data_mod.write_json(staged / "metrics.json", metrics)
+    data_mod.write_json(staged / CONFIG_FILE, {**asdict(config), "data": str(root),
+                                               "modality": modality, "calibration": calibration})
     trained = (f"{MIXTURE_RECIPE} (curves: member 1, {mixture_members(config)[0]['arch']})"
                if config.recipe == MIXTURE_RECIPE else config.arch)
-    learning_curves(history, best_epoch, out / "learning_curves.png", f"{trained} on {root.name}")
-    confusion_matrix_plot(report["confusion_matrix"], LABELS, out / "confusion_matrix.png",
+    learning_curves(history, best_epoch, staged / "learning_curves.png",
+                    f"{trained} on {root.name}")
+    confusion_matrix_plot(report["confusion_matrix"], LABELS, staged / "confusion_matrix.png",
                           f"test split ({report['n']} images), accuracy {report['accuracy']:.1%}")
     from .gradcam import gradcam_grid  # Grad-CAM of correct and wrong test predictions per class
 
-    gradcam_grid(model, x_test, y_test, out / "gradcam.png")
+    gradcam_grid(model, x_test, y_test, staged / "gradcam.png")
     return metrics
+
+
+def interrupted_state(config: TrainConfig) -> str:
+    """What an interrupted run left and what running it again does (a line for Ctrl-C)."""
+    out = Path(config.out)
+    backups = [out / f"backup-{config.key()}", *out.glob(f"{MEMBER_PREFIX}*/backup-*")]
+    if any(path.is_dir() for path in backups):
+        return "run the same command again to resume from the last finished epoch"
+    return (f"model.keras, config.json and the reports in {out}, if any, are still the last "
+            "finished run's; run the same command again to start over")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,12 +498,18 @@ def main(argv: list[str] | None = None) -> int:
                          probe_uses_val=args.probe_uses_val,
                          spec=spec.to_dict(), modality=args.modality,
                          abstention_folds=args.abstention_folds, target_risk=args.target_risk)
+    out = Path(config.out)
     try:
         metrics = train(config)
-    except (CtEdgeError, OSError) as exc:
+    except CtEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(config.out)
+    except OSError as exc:
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {interrupted_state(config)}", file=sys.stderr)
+        return 130
     print(f"\ntest accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.3f}  "
           f"({metrics['test']['n']} test images, {metrics['test_source']}; best epoch "
           f"{metrics['best_epoch']} of {metrics['epochs_run']}; {metrics['params']:,} parameters)")
