@@ -174,7 +174,7 @@ def test_cli_distils_a_trained_teacher_into_a_convertible_folder(tiny_model: Pat
 
 
 def test_fold_table_pools_errors_over_the_folds_run() -> None:
-    from training.distill import fold_table
+    from training.distill_tables import fold_table
 
     def result(fold: int, n: int, errors: dict[str, int]) -> dict:
         return {"seed": 0, "fold": fold, "n_test": n,
@@ -189,7 +189,7 @@ def test_fold_table_pools_errors_over_the_folds_run() -> None:
 
 
 def test_seed_summary_pairs_complete_seeds_only() -> None:
-    from training.distill import seed_summary
+    from training.distill_tables import seed_summary
 
     def result(seed: int, fold: int, errors: dict[str, int]) -> dict:
         return {"seed": seed, "fold": fold, "n_test": 50,
@@ -351,7 +351,8 @@ def test_view_bank_and_student_report_progress(capsys) -> None:
     """Progress lines on stderr; the bank itself is the same with or without them."""
     import keras
 
-    from training.distill import progress_callback, view_bank
+    from training.distill import view_bank
+    from training.progress import progress_callback
     from training.train import TrainConfig
 
     x = np.random.default_rng(2).random((6, 40, 40, 3), dtype=np.float32)
@@ -379,7 +380,7 @@ def test_view_bank_and_student_report_progress(capsys) -> None:
 def test_watch_training_prints_each_epoch_the_csv_logger_appends(tmp_path: Path, capsys) -> None:
     import time
 
-    from training.distill import watch_training
+    from training.progress import watch_training
 
     member = tmp_path / "member-0-edge-gap"
     member.mkdir()

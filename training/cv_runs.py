@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ct_edge.errors import one_line
+
 from . import abstention
+from .data import DataError
 from .metrics import scale_temperature
 
 
@@ -165,8 +168,20 @@ def abstention_plots(runs: dict[str, dict], folder: Path) -> list[Path]:
 
 
 def load_runs(folder: Path) -> dict[str, dict]:
-    """Every run of one data set's results folder, by label ('recipe' or 'recipe@seedN')."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
+    """Every run of one data set's results folder, by label ('recipe' or 'recipe@seedN'); a file
+    that is no training.evaluate run is named in a DataError."""
+    runs = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: unreadable earlier result ({one_line(exc)}); "
+                            "move it away or delete it") from None
+        if not isinstance(run, dict) or not {"folds", "summary", "config", "params"} <= set(run):
+            raise DataError(f"{path}: not a training.evaluate result (no folds, summary, "
+                            "config and params); move it away or delete it")
+        runs[path.stem] = run
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="edge-gap-crop",
                         help="recipe the paired differences are taken to (default: edge-gap-crop)")
     args = parser.parse_args(argv)
-    runs = load_runs(args.runs)
+    try:
+        runs = load_runs(args.runs)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not runs:
         print(f"error: {args.runs}: no training.evaluate runs (*.json) there", file=sys.stderr)
         return 2

@@ -23,15 +23,11 @@ schedule, no early stopping and no class weights (the teacher's answers set the 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -45,17 +41,16 @@ from ct_edge.preprocess import PreprocessSpec
 
 from . import data as data_mod
 from . import machine
+from .distill_tables import fold_table, read_results, seed_summary
 from .ensemble import MIXTURE_RECIPE, MIXTURE_SIZE
 from .metrics import classification_report
 from .models import ARCHITECTURES, PRETRAINED
+from .progress import clock, progress_callback, watch_training
 from .train import TrainConfig, augmenter
 
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.5
 CV_FOLDS = 5  # k of compare_fold, as training.evaluate's default
-# What a --cv-fold result file holds (fold_table and seed_summary read these).
-RESULT_KEYS = ("seed", "fold", "n_test", "models")
-MODEL_KEYS = ("accuracy", "errors", "params")
 
 
 def soften(probabilities: Any, temperature: float) -> Any:
@@ -90,85 +85,6 @@ def distillation_loss(classes: int, temperature: float, alpha: float):
 def check_weights(temperature: float, alpha: float) -> None:
     if not 0.0 <= alpha <= 1.0 or not 0 < temperature < math.inf:
         raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
-
-
-def _clock(started: float) -> str:
-    seconds = int(time.time() - started)
-    return f"{seconds // 60}:{seconds % 60:02d} elapsed"
-
-
-def progress_callback(label: str, epochs: int) -> Any:
-    """A Keras callback that only prints one line per epoch to stderr (loss, elapsed time)."""
-    import keras
-
-    class EpochProgress(keras.callbacks.Callback):
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            self.started = time.time()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            figures = ", ".join(f"{k} {float(v):.3f}" for k, v in (logs or {}).items()
-                                if k.endswith("loss"))
-            print(f"  {label}: epoch {epoch + 1}/{epochs}, {figures}, {_clock(self.started)}",
-                  file=sys.stderr, flush=True)
-
-    return EpochProgress()
-
-
-def _epoch_rows(path: Path) -> list[dict[str, str]]:
-    """The complete rows of a Keras CSVLogger file being written (a torn last line left out)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, ValueError):
-        return []
-    lines = text.splitlines(keepends=True)
-    complete = [line for line in lines if line.endswith("\n")]
-    return list(csv.DictReader(complete)) if len(complete) > 1 else []
-
-
-@contextmanager
-def watch_training(label: str, folder: Path, every: float = 30.0,
-                   quiet: float = 300.0) -> Iterator[None]:
-    """Print each epoch `fit_model` appends to a history.csv under `folder` (its CSVLogger;
-    a mixture writes one per member), polled from a thread every `every` s, and a line after
-    `quiet` s without one. It only reads those files: training runs exactly as without it."""
-    started = time.time()
-    stop = threading.Event()
-    seen: dict[Path, int] = {}
-
-    def poll() -> bool:
-        printed = False
-        for path in sorted(folder.rglob("history.csv")):
-            rows = _epoch_rows(path)
-            where = f" {path.parent.name}" if path.parent != folder else ""
-            for row in rows[seen.get(path, 0):]:
-                figures = ", ".join(f"{k} {float(v):.3f}" for k, v in row.items()
-                                    if k and k.endswith("loss") and v)
-                print(f"  {label}{where}: epoch {int(row.get('epoch') or 0) + 1}, {figures}, "
-                      f"{_clock(started)}", file=sys.stderr, flush=True)
-                printed = True
-            seen[path] = max(seen.get(path, 0), len(rows))
-        return printed
-
-    def loop() -> None:
-        last = time.time()
-        while not stop.wait(every):
-            with suppress(OSError, ValueError):  # progress is a courtesy: never end the run
-                if poll():
-                    last = time.time()
-                elif time.time() - last >= quiet:
-                    print(f"  {label}: still training, {_clock(started)}", file=sys.stderr,
-                          flush=True)
-                    last = time.time()
-
-    thread = threading.Thread(target=loop, name=f"progress-{label}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        with suppress(OSError, ValueError):
-            poll()
 
 
 def hard_cross_entropy(classes: int):
@@ -294,7 +210,7 @@ def view_bank(teacher: Any, config: TrainConfig, x: np.ndarray, y: np.ndarray, v
             labels.append(target)
         if progress and (view + 1 == views or time.time() - shown >= 30):
             shown = time.time()
-            print(f"  view bank: {view + 1}/{views} views of {len(x)} images, {_clock(started)}",
+            print(f"  view bank: {view + 1}/{views} views of {len(x)} images, {clock(started)}",
                   file=sys.stderr, flush=True)
     return np.concatenate(images), np.concatenate(labels), np.concatenate(soft)
 
@@ -478,55 +394,6 @@ def compare_fold(root: Path, seed: int, fold: int, teacher_settings: dict,
     return out
 
 
-def fold_table(results: list[dict]) -> str:
-    """Markdown: accuracy per fold of each model of `compare_fold` results, and over all of them."""
-    results = sorted(results, key=lambda r: (r["seed"], r["fold"]))
-    names = list(results[0]["models"])
-    header = ["model", "params", *(f"seed {r['seed']} fold {r['fold']} ({r['n_test']})"
-                                   for r in results), "all folds run", "errors"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    tested = sum(r["n_test"] for r in results)
-    for name in names:
-        errors = sum(r["models"][name]["errors"] for r in results)
-        cells = [name, f"{results[0]['models'][name]['params']:,}",
-                 *(f"{r['models'][name]['accuracy']:.1%}" for r in results),
-                 f"{1 - errors / tested:.1%} of {tested}", str(errors)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def seed_summary(results: list[dict], baseline: str = "edge-gap", folds: int = 5) -> str:
-    """Markdown: each model's accuracy per complete seed (every fold run, all images once), mean
-    ± std over those seeds, and the paired difference to `baseline` with its standard error."""
-    by_seed: dict[int, list[dict]] = {}
-    for result in results:
-        by_seed.setdefault(result["seed"], []).append(result)
-    complete = sorted(seed for seed, runs in by_seed.items()
-                      if {r["fold"] for r in runs} == set(range(folds)) and len(runs) == folds)
-    if not complete:
-        return f"no seed has all {folds} folds yet"
-    names = list(by_seed[complete[0]][0]["models"])
-
-    def accuracy(seed: int, name: str) -> float:
-        runs = by_seed[seed]
-        return 1 - sum(r["models"][name]["errors"] for r in runs) / sum(r["n_test"] for r in runs)
-
-    lines = [f"| model | accuracy per seed ({', '.join(map(str, complete))}) | mean ± std | "
-             f"Δ vs {baseline} (pts, ± SE) |", "|---|---:|---:|---:|"]
-    for name in names:
-        acc = np.array([accuracy(seed, name) for seed in complete])
-        spread = f" ± {acc.std(ddof=1):.1%}" if len(acc) > 1 else " (one seed)"
-        delta = "—"
-        if name != baseline and baseline in names:
-            paired = 100 * (acc - np.array([accuracy(seed, baseline) for seed in complete]))
-            error = (f" ± {paired.std(ddof=1) / np.sqrt(len(paired)):.1f}" if len(paired) > 1
-                     else " (one seed: no SE)")
-            delta = f"{paired.mean():+.1f}{error}"
-        lines.append(f"| {name} | {' / '.join(f'{a:.1%}' for a in acc)} | {acc.mean():.1%}{spread} "
-                     f"| {delta} |")
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.distill",
                                      description=__doc__.split("\n\n")[0])
@@ -581,31 +448,6 @@ def build_parser() -> argparse.ArgumentParser:
              "over the bank; --cv-fold without --bank-views uses the default (default: "
              "%(default)s)")
     return parser
-
-
-def read_results(paths: list[Path]) -> list[dict]:
-    """--cv-fold result files, each checked to hold what the tables read (DataError naming the
-    file otherwise)."""
-    results = []
-    for path in paths:
-        try:
-            result = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
-            raise data_mod.DataError(f"{path}: cannot read it ({problem})") from None
-        if not isinstance(result, dict) or not all(k in result for k in RESULT_KEYS):
-            raise data_mod.DataError(f"{path}: not a --cv-fold result (needs "
-                                     f"{', '.join(RESULT_KEYS)})")
-        models = result["models"]
-        if not isinstance(models, dict) or not models or not all(
-                isinstance(m, dict) and all(k in m for k in MODEL_KEYS) for m in models.values()):
-            raise data_mod.DataError(f"{path}: not a --cv-fold result (each model needs "
-                                     f"{', '.join(MODEL_KEYS)})")
-        if results and set(models) != set(results[0]["models"]):
-            raise data_mod.DataError(f"{path}: its models ({', '.join(models)}) are not those of "
-                                     f"{paths[0]} ({', '.join(results[0]['models'])})")
-        results.append(result)
-    return results
 
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -11,7 +11,6 @@ are mean ± standard deviation over folds; with several seeds, over seeds too.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from .cv_runs import (
     abstention_plots,
     abstention_table,
     hard_images,
+    load_runs,
     out_of_fold,
     seed_table,
 )
@@ -316,22 +316,6 @@ def markdown_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_runs(folder: Path) -> dict[str, dict]:
-    """`cv_runs.load_runs`, with a file that is no training.evaluate run named in a DataError."""
-    runs = {}
-    for path in sorted(folder.glob("*.json")):
-        try:
-            run = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise data_mod.DataError(f"{path}: unreadable earlier result ({one_line(exc)}); "
-                                     "move it away or delete it") from None
-        if not isinstance(run, dict) or not {"folds", "summary", "config", "params"} <= set(run):
-            raise data_mod.DataError(f"{path}: not a training.evaluate result (no folds, summary, "
-                                     "config and params); move it away or delete it")
-        runs[path.stem] = run
-    return runs
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate",
                                      description=__doc__.split("\n\n")[0],
@@ -393,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                        results / "summary.md"]:
             data_mod.check_writable(target)
         if results.is_dir():
-            read_runs(results)
+            load_runs(results)
         runs: dict[str, dict] = {}
         for name in names:
             config = experiment_config(TrainConfig(seed=args.seed, spec=PreprocessSpec().to_dict()),
@@ -421,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"point ct-edge {run['abstention']['in_words']}", flush=True)
             data_mod.write_json(results / f"{label}.json", run)
             runs[label] = run
-        existing = read_runs(results)
+        existing = load_runs(results)
         table = (markdown_table(existing) + "\nSeveral seeds:\n\n" + seed_table(existing)
                  + "\nHard images:\n\n" + hard_images(existing)
                  + "\nAbstention: risk-coverage of the out-of-fold predictions (training.abstention)"
