@@ -177,9 +177,9 @@ def load_runs(folder: Path) -> dict[str, dict]:
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: unreadable earlier result ({one_line(exc)}); "
                             "move it away or delete it") from None
-        if not isinstance(run, dict) or not {"folds", "summary", "config", "params"} <= set(run):
-            raise DataError(f"{path}: not a training.evaluate result (no folds, summary, "
-                            "config and params); move it away or delete it")
+        if not isinstance(run, dict) or not isinstance(run.get("folds"), list):
+            raise DataError(f"{path}: not a training.evaluate result (no folds); move it away "
+                            "or delete it")
         runs[path.stem] = run
     return runs
 
