@@ -150,6 +150,18 @@ def test_cli_reports_a_missing_member_in_one_line(tmp_path: Path, capsys) -> Non
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nope' / 'model.keras'}")
 
 
+def test_cli_names_a_member_that_is_no_keras_archive(tmp_path: Path, capsys) -> None:
+    from training.ensemble import main
+
+    member = tmp_path / "member"
+    member.mkdir()
+    (member / "model.keras").write_text("not a zip")
+    assert main(["--members", f"{member},{member}", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"error: {member / 'model.keras'}: not a Keras .keras "
+                                       "archive (corrupt or another format)\n")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flip_tta", [False, True], ids=["plain", "flip-tta"])
 def test_merged_ensemble_converts_with_class_maps(tiny_model: Path, tmp_path: Path,

@@ -266,9 +266,10 @@ def load_teacher(folder: Path) -> tuple[Any, dict]:
     if not isinstance(config, dict) or not isinstance(config.get("spec"), dict) \
             or not config.get("data"):
         raise ValueError(f"{config_path}: not a training config (needs spec and data)")
-    data_mod.check_keras_archive(path)
     try:
         model = load_keras_model(path)
+    except data_mod.DataError:
+        raise
     except Exception as exc:  # Keras raises many types for an unreadable archive
         raise ValueError(f"{path}: cannot load the Keras model ({one_line(exc)})") from None
     return model, config

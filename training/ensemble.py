@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except (ValueError, data_mod.DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

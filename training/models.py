@@ -65,7 +65,11 @@ class MirrorMean(layers.Layer):
 
 
 def load_keras_model(path: str | Path) -> keras.Model:
-    """A saved model.keras, with this project's own layers known to Keras."""
+    """A saved model.keras, with this project's own layers known to Keras; DataError when the
+    file is no .keras archive at all (Keras itself would say "File not found")."""
+    from .data import check_keras_archive
+
+    check_keras_archive(Path(path))
     return keras.models.load_model(path, compile=False)
 
 
