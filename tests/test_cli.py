@@ -794,3 +794,13 @@ def test_an_image_past_pillows_warning_size_is_one_error_line(bundle: Path, tmp_
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {big}: ") and "pixel limit" in line
+
+
+def test_serve_with_stdout_closed_stops_cleanly(bundle: Path, tmp_path: Path) -> None:
+    """Its first line cannot be written: one error line, and the server and store are closed."""
+    result = subprocess.run([_console_script(), "serve", "--bundle", str(bundle), "--port", "0",
+                             "--data-dir", str(tmp_path / "data")], stderr=subprocess.PIPE,
+                            text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == ["error: cannot write output: Bad file descriptor"]
+    assert "ct-edge serve: stopping" in result.stderr and "Traceback" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -443,3 +444,25 @@ def test_results_command_series_filters_by_status_and_label(tmp_path: Path, caps
     assert listed("--status", "uncertain") == ["1.5.1"]
     assert listed("--label", "COVID-19") == ["1.5.1"]
     assert listed("--status", "ok", "--label", "COVID-19") == []
+
+
+@pytest.mark.parametrize(("code", "stored"), [(errno.EINVAL, True), (errno.EIO, False)])
+def test_a_folder_that_cannot_be_synced_is_no_error_but_an_io_error_is(
+        tmp_path: Path, monkeypatch, code: int, stored: bool) -> None:
+    """Some mounts refuse fsync on a folder (EINVAL): explained uploads must still be stored.
+    A disk error is a StoreError, and no heatmap file or row is left."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    with Store(tmp_path) as store:
+        monkeypatch.setattr(os, "fsync", fsync)
+        if stored:
+            assert store.heatmap_path(_add(store, heatmap_png=PNG)) is not None
+        else:
+            with pytest.raises(StoreError):
+                _add(store, heatmap_png=PNG)
+            assert store.count() == 0 and not list((tmp_path / "heatmaps").glob("*"))

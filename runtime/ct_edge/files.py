@@ -7,6 +7,7 @@ process umask, like any file `open(path, "w")` creates.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -25,9 +26,14 @@ def create_temp(folder: str | Path, prefix: str = ".", suffix: str = ".tmp") -> 
 
 
 def fsync_dir(path: str | Path) -> None:
-    """Make a folder's entries durable (a file just renamed into it); OSError when it cannot."""
+    """Make a folder's entries durable (a file just renamed into it). A file system that cannot
+    sync a folder at all (EINVAL, ENOTSUP: some network and FUSE mounts) is not an error, as
+    SQLite treats it; any other OSError (EIO) is raised."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)

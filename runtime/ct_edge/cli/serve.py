@@ -159,12 +159,12 @@ def serve(args: argparse.Namespace, config: Any) -> int:
         signal.signal(signum, lambda *_: stop.set())
     thread = threading.Thread(target=server.serve_forever, name="ct-edge-http", daemon=True)
     thread.start()
-    print(f"ct-edge serve: listening on {server.url}/", flush=True)
-    print(f"bundle {classifier.bundle.root} (artifact {classifier.artifact.name}); results in "
-          f"{data_dir}; {'bearer token required' if config.token else 'no token'}; "
-          f"body limit {config.max_body_bytes // (1024 * 1024)} MB", file=sys.stderr)
-    print(DISCLAIMER, file=sys.stderr, flush=True)
-    try:
+    try:  # from here on, whatever ends the command (stdout unwritable too) stops the server
+        print(f"ct-edge serve: listening on {server.url}/", flush=True)
+        print(f"bundle {classifier.bundle.root} (artifact {classifier.artifact.name}); results "
+              f"in {data_dir}; {'bearer token required' if config.token else 'no token'}; "
+              f"body limit {config.max_body_bytes // (1024 * 1024)} MB", file=sys.stderr)
+        print(DISCLAIMER, file=sys.stderr, flush=True)
         while not stop.wait(0.5) and thread.is_alive():
             pass
     finally:
