@@ -31,12 +31,19 @@ def check_replaceable(out: Path) -> None:
 
 
 def prepare(out: Path) -> Path:
-    """A fresh staging folder beside `out` (same file system, so the swap is a rename)."""
+    """A fresh staging folder beside `out` for a bundle (see `staging_beside`)."""
     check_replaceable(out)
+    return staging_beside(out)
+
+
+def staging_beside(out: Path) -> Path:
+    """A fresh staging folder beside `out` (same file system, so the swap is a rename), named so
+    that `recover` removes it if this process is killed before `install`; first puts back what
+    an earlier killed swap left."""
     out.parent.mkdir(parents=True, exist_ok=True)
     recover(out)
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-{os.getpid()}-", dir=out.parent))
-    os.chmod(staged, 0o755)  # mkdtemp makes it private; a bundle is not
+    os.chmod(staged, 0o755)  # mkdtemp makes it private; the output is not
     return staged
 
 

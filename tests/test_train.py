@@ -251,6 +251,38 @@ def test_publish_lets_ctrl_c_wait_until_every_file_is_in_place(
                                                               "config.json": "new"}
 
 
+def test_ctrl_c_while_publishing_finishes_the_run(
+        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The interrupt waits for the last rename; then the run is complete and says so."""
+    import os
+    import signal
+
+    from ct_edge.preprocess import PreprocessSpec
+    from training import train as train_mod
+    from training.run_files import publish
+
+    monkeypatch.setattr(train_mod, "fit_model", _fit_without_training)
+    real_replace = os.replace
+
+    def publish_with_ctrl_c(staged: Path, out: Path, names) -> None:
+        def ctrl_c_then_rename(src, dst) -> None:
+            monkeypatch.setattr(os, "replace", real_replace)
+            signal.raise_signal(signal.SIGINT)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", ctrl_c_then_rename)
+        publish(staged, out, names)
+
+    monkeypatch.setattr(train_mod, "publish", publish_with_ctrl_c)
+    out = tmp_path / "model"
+    metrics = train_mod.train(TrainConfig(data=str(synthetic_root), out=str(out), arch="edge-gap",
+                                          abstention_folds=0, cache=str(tmp_path / "cache"),
+                                          spec=PreprocessSpec(size=32).to_dict()))
+    assert metrics["test"]["n"] > 0 and (out / "model.keras").is_file()
+    assert json.loads((out / "config.json").read_text())["out"] == str(out)
+    assert f"they are complete in {out}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("resumable", [True, False], ids=["backup", "no-backup"])
 def test_ctrl_c_is_one_line_saying_what_a_rerun_does(resumable: bool, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
@@ -271,3 +303,18 @@ def test_ctrl_c_is_one_line_saying_what_a_rerun_does(resumable: bool, tmp_path: 
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("interrupted; ")
     assert ("resume" in err) == resumable and ("start over" in err) != resumable
+
+
+def test_only_this_mixtures_member_backups_promise_a_resume(tmp_path: Path) -> None:
+    """A backup a mixture run with other settings left does not make a rerun resume."""
+    from training.ensemble import mixture_member_configs
+    from training.train import interrupted_state
+
+    config = TrainConfig(out=str(tmp_path), recipe="mixture", seed=3)
+    other = dataclasses.replace(config, seed=4)
+    (member, _), *_ = mixture_member_configs(other, tmp_path)
+    (Path(member.out) / f"backup-{member.key()}").mkdir(parents=True)
+    assert "start over" in interrupted_state(config)
+    (member, _), *_ = mixture_member_configs(config, tmp_path)
+    (Path(member.out) / f"backup-{member.key()}").mkdir(parents=True)
+    assert "resume" in interrupted_state(config)

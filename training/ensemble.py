@@ -245,16 +245,11 @@ def mixture_members(config: Any) -> list[dict]:
     return [dict(m) for m in (config.mixture_members or MIXTURE_MEMBERS)]
 
 
-def fit_mixture(fit: Callable[..., tuple[Any, dict]], config: Any, x_train: np.ndarray,
-                y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                out: Path | None = None, verbose: int | None = None) -> tuple[Any, dict]:
-    """`training.train.fit_model` for `config.recipe == "mixture"`: each member fitted by `fit`
-    (fit_model itself, passed in so this module never imports train) on the same arrays and seed,
-    in its own subfolder of `out` (resumable there), then merged. Returns (model, the first
-    member's history); `out/history.csv` is the first member's, for the learning curves."""
-    changes_per_member = mixture_members(config)
-    models, first_history = [], {}
-    for index, changes in enumerate(changes_per_member):
+def mixture_member_configs(config: Any, out: Path | None) -> list[tuple[Any, Path | None]]:
+    """Each member's TrainConfig of a mixture `config` and its subfolder of `out` (None without
+    `out`), as `fit_mixture` trains them."""
+    members = []
+    for index, changes in enumerate(mixture_members(config)):
         if changes.get("recipe") == MIXTURE_RECIPE:
             raise ValueError("a mixture member cannot itself be a mixture")
         member = replace(config, **{"recipe": "finetune", **changes}, mixture_members=None,
@@ -262,10 +257,25 @@ def fit_mixture(fit: Callable[..., tuple[Any, dict]], config: Any, x_train: np.n
         member_out = None
         if out is not None:
             member_out = Path(out) / f"{MEMBER_PREFIX}{index}-{member.arch}"
-            member_out.mkdir(parents=True, exist_ok=True)
             member = replace(member, out=str(member_out))
+        members.append((member, member_out))
+    return members
+
+
+def fit_mixture(fit: Callable[..., tuple[Any, dict]], config: Any, x_train: np.ndarray,
+                y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                out: Path | None = None, verbose: int | None = None) -> tuple[Any, dict]:
+    """`training.train.fit_model` for `config.recipe == "mixture"`: each member fitted by `fit`
+    (fit_model itself, passed in so this module never imports train) on the same arrays and seed,
+    in its own subfolder of `out` (resumable there), then merged. Returns (model, the first
+    member's history); `out/history.csv` is the first member's, for the learning curves."""
+    members = mixture_member_configs(config, out)
+    models, first_history = [], {}
+    for index, (member, member_out) in enumerate(members):
+        if member_out is not None:
+            member_out.mkdir(parents=True, exist_ok=True)
         if verbose != 0:
-            print(f"mixture member {index + 1}/{len(changes_per_member)}: {member.arch} "
+            print(f"mixture member {index + 1}/{len(members)}: {member.arch} "
                   f"({member.recipe})", flush=True)
         model, history = fit(member, x_train, y_train, x_val, y_val, out=member_out,
                              verbose=verbose)

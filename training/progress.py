@@ -59,7 +59,10 @@ def watch_training(label: str, folder: Path, every: float = 30.0,
 
     def poll() -> bool:
         printed = False
-        for path in sorted(folder.rglob("history.csv")):
+        logs = sorted(folder.rglob("history.csv"))
+        if len(logs) > 1:  # a mixture: the root file is a copy of its first member's
+            logs = [path for path in logs if path.parent != folder]
+        for path in logs:
             rows = epoch_rows(path)
             where = f" {path.parent.name}" if path.parent != folder else ""
             for row in rows[seen.get(path, 0):]:
@@ -74,7 +77,7 @@ def watch_training(label: str, folder: Path, every: float = 30.0,
     def loop() -> None:
         last = time.time()
         while not stop.wait(every):
-            with suppress(OSError, ValueError):  # progress is a courtesy: never end the run
+            with suppress(Exception):  # progress is a courtesy: never end the run
                 if poll():
                     last = time.time()
                 elif time.time() - last >= quiet:
@@ -89,5 +92,5 @@ def watch_training(label: str, folder: Path, every: float = 30.0,
     finally:
         stop.set()
         thread.join()
-        with suppress(OSError, ValueError):
+        with suppress(Exception):  # e.g. a damaged row (csv.Error): the training is done
             poll()

@@ -105,14 +105,15 @@ def publish(staged: Path, out: Path, names: Sequence[str]) -> None:
     """Move the files `names` from `staged` (inside `out`) into `out` as one step: each one is
     replaced, or removed when this run made none (an older run's would not match the new model).
 
-    Other files in `out` stay. Ctrl-C waits until every rename is done, so a model is never
-    paired with another run's config.json; only a kill or power cut in those microseconds can.
+    Other files in `out` stay. Ctrl-C waits until every rename is done (KeyboardInterrupt then
+    means: published), so a model is never paired with another run's config.json; only a kill
+    or power cut in those microseconds can.
     """
-    for name in names:
-        target = out / name
-        if target.is_dir() and not target.is_symlink():
-            raise IsADirectoryError(21, "is a folder, not replacing it", str(target))
-    with interrupts_deferred():
+    with interrupts_deferred():  # raised after the last rename: the results are all in place
+        for name in names:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                raise IsADirectoryError(21, "is a folder, not replacing it", str(target))
         for name in names:
             if (staged / name).exists():
                 os.replace(staged / name, out / name)
@@ -126,13 +127,10 @@ def publish(staged: Path, out: Path, names: Sequence[str]) -> None:
 def replace_folder(out: Path, fill: Callable[[Path], None]) -> None:
     """Let `fill` write a new folder beside `out`, then swap it in (convert.staging.install):
     a failed or interrupted run leaves `out` as it was and no staging folder behind."""
-    from convert.staging import discard, install, recover
+    from convert.staging import discard, install, staging_beside
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    recover(out)  # puts back a folder whose swap was killed between its two renames
-    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staged = staging_beside(out)  # a killed run's leftovers are removed or put back first
     try:
-        os.chmod(staged, 0o755)  # mkdtemp makes it private; the output is not
         fill(staged)
         install(staged, out)
     except BaseException:

@@ -11,7 +11,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +24,17 @@ from ct_edge.preprocess import PreprocessSpec
 from . import abstention
 from . import data as data_mod
 from .ensemble import (
-    MEMBER_PREFIX,
     MIXTURE_MEMBERS,
     MIXTURE_RECIPE,
     MIXTURE_SIZE,
     fit_mixture,
-    mixture_members,
-)
-from .metrics import (
-    classification_report,
-    expected_calibration_error,
-    fit_temperature,
-    scale_temperature,
+    mixture_member_configs,
 )
 from .models import ARCHITECTURES, DEFAULT_ARCHITECTURE, PRETRAINED
+from .results import RESULT_FILES, write_results
 from .run_files import (
     describe_os_error,
     publish,
-    read_history,
     save_model_atomically,
     staging_folder,
     usable_backup,
@@ -50,12 +43,6 @@ from .synthetic import DEFAULT_ROOT as BUILTIN_DATA
 
 DEFAULT_OUT = Path("artifacts") / "model"
 
-CONFIG_FILE = "config.json"
-# What a finished run publishes in one step (run_files.publish), so that model.keras and its
-# config.json (calibration, operating point) and reports never come from two runs. history.csv is
-# not among them: it grows in `out` during the run, for resuming and for watching the epochs.
-RESULT_FILES = (abstention.PREDICTIONS_FILE, abstention.PLOT_FILE, "model.keras", "metrics.json",
-                CONFIG_FILE, "learning_curves.png", "confusion_matrix.png", "gradcam.png")
 
 
 @dataclass
@@ -335,73 +322,26 @@ def train(config: TrainConfig) -> dict:
     model, _ = fit_model(config, *arrays["train"], *arrays["val"], out=out)
     staged = staging_folder(out)
     try:
-        metrics = _write_results(config, model, root, splits, arrays, skipped, modality, out, staged,
-                                 started)
-        publish(staged, out, RESULT_FILES)
+        metrics = write_results(config, model, fit_model, root, splits, arrays, skipped, modality,
+                                out, staged, started)
+        try:
+            publish(staged, out, RESULT_FILES)
+        except KeyboardInterrupt:  # deferred to the end of publish: nothing is left to stop
+            print(f"\ninterrupted while the results were written; they are complete in {out}",
+                  file=sys.stderr)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     (out / "checkpoint.keras").unlink(missing_ok=True)
     return metrics
 
 
-def _write_results(config: TrainConfig, model, root: Path, splits: data_mod.Splits, arrays: dict,
-                   skipped: list[tuple[str, str]], modality: str, out: Path, staged: Path,
-                   started: float) -> dict:
-    """Test, calibrate and report the fitted model into `staged` (RESULT_FILES); metrics.json."""
-    from .report import confusion_matrix_plot, learning_curves
-
-    x_test, y_test = arrays["test"]
-    test_probs = model.predict(x_test, verbose=0)
-    report = classification_report(test_probs, y_test, LABELS)
-    calibration = {"temperature": 1.0}
-    if len(arrays["val"][1]):
-        val_probs = model.predict(arrays["val"][0], verbose=0)
-        temperature = fit_temperature(val_probs, arrays["val"][1])
-        calibration = {
-            "temperature": temperature,
-            "fitted_on": "validation split",
-            "test_ece_before": expected_calibration_error(test_probs, y_test),
-            "test_ece_after": expected_calibration_error(
-                scale_temperature(test_probs, temperature), y_test),
-        }
-    # config.out only says where for_training writes its predictions and plot: the staged folder.
-    calibration.update(abstention.for_training(fit_model, replace(config, out=str(staged)),
-                                               splits.train + splits.val, model,
-                                               calibration["temperature"], arrays["val"],
-                                               arrays["test"]))
-    history = read_history(out / "history.csv")
-    monitor = history.get("val_loss") or history["loss"]
-    best_epoch = len(monitor) if config.schedule == "cosine" else int(np.argmin(monitor)) + 1
-
-    save_model_atomically(model, staged / "model.keras")
-    metrics = {
-        "test_accuracy": report["accuracy"], "test_loss": report["loss"], "test": report,
-        "best_epoch": best_epoch, "epochs_run": len(monitor),
-        "params": int(model.count_params()), "architecture": config.arch,
-        "labels": list(LABELS), "class_counts": splits.counts(),
-        "data": str(root), "data_fingerprint": splits.fingerprint(),
-        "test_source": splits.test_source, "skipped": skipped, "calibration": calibration,
-        "seed": config.seed, "seconds": round(time.time() - started, 1), "modality": modality,
-    }
-    data_mod.write_json(staged / "metrics.json", metrics)
-    data_mod.write_json(staged / CONFIG_FILE, {**asdict(config), "data": str(root),
-                                               "modality": modality, "calibration": calibration})
-    trained = (f"{MIXTURE_RECIPE} (curves: member 1, {mixture_members(config)[0]['arch']})"
-               if config.recipe == MIXTURE_RECIPE else config.arch)
-    learning_curves(history, best_epoch, staged / "learning_curves.png",
-                    f"{trained} on {root.name}")
-    confusion_matrix_plot(report["confusion_matrix"], LABELS, staged / "confusion_matrix.png",
-                          f"test split ({report['n']} images), accuracy {report['accuracy']:.1%}")
-    from .gradcam import gradcam_grid  # Grad-CAM of correct and wrong test predictions per class
-
-    gradcam_grid(model, x_test, y_test, staged / "gradcam.png")
-    return metrics
-
-
 def interrupted_state(config: TrainConfig) -> str:
     """What an interrupted run left and what running it again does (a line for Ctrl-C)."""
     out = Path(config.out)
-    backups = [out / f"backup-{config.key()}", *out.glob(f"{MEMBER_PREFIX}*/backup-*")]
+    backups = [out / f"backup-{config.key()}"]
+    if config.recipe == MIXTURE_RECIPE:  # only this mixture's members resume
+        backups += [Path(member.out) / f"backup-{member.key()}"
+                    for member, _ in mixture_member_configs(config, out)]
     if any(path.is_dir() for path in backups):
         return "run the same command again to resume from the last finished epoch"
     return (f"model.keras, config.json and the reports in {out}, if any, are still the last "
