@@ -286,4 +286,4 @@ def test_cli_a_number_that_is_not_one_names_the_flag(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exit_:
         main(["--seed", "x"])
     assert exit_.value.code == 2
-    assert "argument --seed: expected an integer, got 'x'" in capsys.readouterr().err
+    assert "argument --seed: expected a whole number, got 'x'" in capsys.readouterr().err

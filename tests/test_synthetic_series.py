@@ -123,7 +123,7 @@ def test_an_interrupted_run_leaves_the_earlier_series(tmp_path: Path,
     (["--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
     (["--slices", "0"], "argument --slices: must be 1 or more, got 0"),
     (["--size", "16"], "argument --size: must be 32 or more, got 16"),
-    (["--render-size", "x"], "argument --render-size: expected an integer, got 'x'"),
+    (["--render-size", "x"], "argument --render-size: expected a whole number, got 'x'"),
 ])
 def test_bad_numbers_are_usage_errors_naming_the_flag(argv: list[str], problem: str,
                                                       tmp_path: Path, capsys) -> None:

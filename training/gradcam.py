@@ -265,11 +265,10 @@ def _test_split(model_path: Path, data: Path | None) -> tuple[list[Any], Any, Pa
         raise ModelFolderError(f"{path} names no data folder; pass --data DIR")
     try:
         spec = PreprocessSpec.from_dict(config["spec"])
-        fractions = float(config.get("val_fraction", 0.15)), float(config.get("test_fraction", 0.15))
-        seed = int(config.get("seed", 0))
+        seed, val_fraction, test_fraction = data_mod.split_settings(config)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ModelFolderError(f"{path}: unusable 'spec', split or seed ({one_line(exc)})") from None
-    splits = data_mod.load_splits(Path(data or config["data"]), *fractions, seed)
+    splits = data_mod.load_splits(Path(data or config["data"]), val_fraction, test_fraction, seed)
     return splits.test, spec, Path(config.get("cache") or data_mod.DEFAULT_CACHE)
 
 

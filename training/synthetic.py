@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ct_edge.cli.common import int_at_least
+
 from .phantom import CLASSES, GENERATOR_VERSION, MIN_SIZE, render_slice
 from .run_files import describe_os_error
 
@@ -142,27 +144,6 @@ def generate_dataset(
     return root
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _count(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
-def _size(text: str) -> int:
-    value = _integer(text)
-    if value < MIN_SIZE:
-        raise argparse.ArgumentTypeError(f"must be >= {MIN_SIZE}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI: write the synthetic data set and print its root."""
     parser = argparse.ArgumentParser(
@@ -171,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_ROOT, help="output folder")
-    parser.add_argument("--train-per-class", type=_count, default=TRAIN_PER_CLASS,
+    parser.add_argument("--train-per-class", type=int_at_least(0), default=TRAIN_PER_CLASS,
                         help="training images per class")
-    parser.add_argument("--test-per-class", type=_count, default=TEST_PER_CLASS,
+    parser.add_argument("--test-per-class", type=int_at_least(0), default=TEST_PER_CLASS,
                         help="test images per class")
-    parser.add_argument("--seed", type=_count, default=0, help="random seed (>= 0)")
-    parser.add_argument("--size", type=_size, default=192, help="image side in pixels")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (>= 0)")
+    parser.add_argument("--size", type=int_at_least(MIN_SIZE), default=192, help="image side in pixels")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:

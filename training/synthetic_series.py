@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ct_edge.cli.common import int_at_least
 from training.phantom import CLASSES, MIN_SIZE, render_slice
 from training.run_files import describe_os_error, replace_folder
 
@@ -206,20 +207,6 @@ def write_series(out: Path, label: str = "COVID-19", slices: int = 60, seed: int
                       sorted(sick))
 
 
-def _at_least(minimum: int):
-    """argparse type: an integer >= minimum (argparse names the flag in its message)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
-        return value
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI: write one synthetic CT series and print its folder."""
     parser = argparse.ArgumentParser(
@@ -230,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="output folder: a new or empty one, or an earlier series', replaced "
                         "only once the new series is complete (required)")
     parser.add_argument("--label", choices=CLASSES, default="COVID-19", help="the patient's class")
-    parser.add_argument("--slices", type=_at_least(1), default=60, help="number of slices")
-    parser.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
-    parser.add_argument("--size", type=_at_least(MIN_SIZE), default=192,
+    parser.add_argument("--slices", type=int_at_least(1), default=60, help="number of slices")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed")
+    parser.add_argument("--size", type=int_at_least(MIN_SIZE), default=192,
                         help=f"slice side in pixels (>= {MIN_SIZE})")
-    parser.add_argument("--render-size", type=_at_least(MIN_SIZE), default=argparse.SUPPRESS,
+    parser.add_argument("--render-size", type=int_at_least(MIN_SIZE), default=argparse.SUPPRESS,
                         help="draw at this side and resize to --size, faster for large series "
                         "(default: draw at --size)")
     parser.add_argument("--apex-extent", type=float, default=APEX_EXTENT,
