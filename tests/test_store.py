@@ -327,8 +327,15 @@ def test_text_that_is_not_unicode_is_stored_with_a_replacement_character(tmp_pat
                                           series_uid="1.2.3", spool_path="1.dcm", nbytes=1,
                                           description="CHEST \udce9")
         assert series and store.get_dicom_series(series_uid="1.2.3")["description"] == "CHEST \ufffd"
+        # every write goes through the one cleaning path, not only the writers that remember it
+        series_id = store.get_dicom_series(series_uid="1.2.3")["id"]
+        store.complete_dicom_series(series_id, status="ok", label="Normal",
+                                    probabilities={"Normal": 1.0}, reason=None,
+                                    aggregate="mean \udce9", counts={}, report="r\ud800.json")
+        done = store.get_dicom_series(series_id)
+        assert (done["aggregate"], done["report"]) == ("mean \ufffd", "r\ufffd.json")
         # a UID is an identity, not display text: refused, never a raw UnicodeEncodeError
-        with pytest.raises(StoreError, match="not valid Unicode"):
+        with pytest.raises(StoreError, match="SOPInstanceUID is not valid Unicode"):
             store.add_dicom_instance(sop_instance_uid="1.2.3.\udce9", study_uid="1.2",
                                      series_uid="1.2.3", spool_path="2.dcm", nbytes=1)
 

@@ -10,7 +10,7 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,25 +32,38 @@ class StoreError(CtEdgeError):
     """The store cannot be opened or written (unwritable folder, a newer schema, a corrupt file)."""
 
 
+class TextSafeConnection:
+    """What a transaction yields: `execute`/`executemany` pass every parameter through
+    `db_text`, so no write can store, or fail on, a string that is not valid Unicode."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, db_params(params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+        return self._db.executemany(sql, (db_params(row) for row in rows))
+
+
 @contextlib.contextmanager
 def transaction(db: sqlite3.Connection, lock: threading.Lock | threading.RLock,
-                path: Path) -> Iterator[sqlite3.Connection]:
+                path: Path) -> Iterator[TextSafeConnection]:
     """Under the store's lock, one committed transaction (rolled back on any error); an sqlite
     error becomes one StoreError naming the store."""
     try:
         with lock:
             db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
+                yield TextSafeConnection(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
     except sqlite3.Error as exc:
         raise StoreError(f"cannot write to the results store {path}: {exc}") from None
-    except UnicodeEncodeError:  # a backstop: writers pass text through `db_text`
-        raise StoreError(f"cannot write to the results store {path}: text that is not "
-                         "valid Unicode") from None
 
 
 def read(db: sqlite3.Connection, lock: threading.Lock | threading.RLock, path: Path, sql: str,
@@ -59,7 +72,7 @@ def read(db: sqlite3.Connection, lock: threading.Lock | threading.RLock, path: P
     error) becomes one StoreError naming the store."""
     try:
         with lock:
-            return db.execute(sql, [db_text(value) for value in params]).fetchall()
+            return db.execute(sql, db_params(params)).fetchall()
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read the results store {path}: {exc}") from None
 
@@ -84,6 +97,20 @@ def db_text(value: T) -> T:
     return value
 
 
+def db_params(params: Sequence[Any]) -> tuple:
+    """Query parameters with every string passed through `db_text`."""
+    return tuple(db_text(value) for value in params)
+
+
+def require_unicode(path: Path, **identities: str) -> None:
+    """StoreError unless every identity (a UID, say) is valid Unicode: unlike display text, an
+    identity with a replacement character would name something else."""
+    for name, value in identities.items():
+        if db_text(value) is not value:
+            raise StoreError(f"cannot write to the results store {path}: the {name} is not "
+                             "valid Unicode")
+
+
 def result_values(*, source: str, origin: str, status: str | None, label: str | None,
                   probabilities: Mapping[str, float] | None, reason: str | None,
                   timings_ms: Mapping[str, float] | None, error: str | None, sha256: str | None,
@@ -95,7 +122,7 @@ def result_values(*, source: str, origin: str, status: str | None, label: str | 
     values = (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256, status,
               reason, label, confidence, json.dumps(probabilities),
               json.dumps(dict(timings_ms or {})), heatmap, error, origin)
-    return tuple(db_text(value) for value in values)
+    return values
 
 
 def utc_now() -> str:

@@ -16,9 +16,9 @@ from typing import Any
 from .schema import (
     INSERT_RESULT,
     MAX_PAGE,
-    db_text,
     decode_json,
     read,
+    require_unicode,
     result_values,
     transaction,
     utc_now,
@@ -61,10 +61,9 @@ class DicomSeriesStore:
         sent again replaces the earlier copy (it is classified again, counted once) and a
         completed series it belongs to goes back to 'receiving'. Free text that is not valid
         Unicode is stored with U+FFFD in its place; a UID that is not is a StoreError."""
+        require_unicode(self.path, SOPInstanceUID=sop_instance_uid, StudyInstanceUID=study_uid,
+                        SeriesInstanceUID=series_uid)
         now = utc_now()
-        sop_class_uid, modality, patient_id, description, calling_ae, peer = (
-            db_text(value) for value in (sop_class_uid, modality, patient_id, description,
-                                         calling_ae, peer))
         with transaction(self._db, self._lock, self.path) as db:
             # Select first: an upsert would use up an AUTOINCREMENT id per instance.
             row = db.execute("SELECT id FROM dicom_series WHERE series_uid = ?",
@@ -172,10 +171,9 @@ class DicomSeriesStore:
                 "UPDATE dicom_series SET state = 'complete', completed_at = ?, status = ?, "
                 "reason = ?, label = ?, confidence = ?, probabilities = ?, aggregate = ?, "
                 "counts = ?, bundle_sha256 = ?, report = ? WHERE id = ?",
-                tuple(db_text(value) for value in (
-                    utc_now(), status, reason, label,
-                    probabilities.get(label) if label else None, json.dumps(probabilities),
-                    aggregate, json.dumps(dict(counts)), bundle_sha256, report, int(series_id))))
+                (utc_now(), status, reason, label, probabilities.get(label) if label else None,
+                 json.dumps(probabilities), aggregate, json.dumps(dict(counts)), bundle_sha256,
+                 report, int(series_id)))
 
     def get_dicom_series(self, series_id: int | None = None,
                          series_uid: str | None = None) -> dict[str, Any] | None:
