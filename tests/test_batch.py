@@ -6,6 +6,7 @@ kill-a-real-process ones are also `slow`. The rest check the pieces without a cl
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -358,6 +359,27 @@ def test_out_folder_of_another_model_is_refused(bundle_artifact, tmp_path) -> No
                  ["artifacts"] if a["name"] != artifact)
     with pytest.raises(batch.BatchError, match="holds results of another model"):
         batch.run_batch([str(tmp_path / "none-*.png")], out, bundle=bundle, artifact=other)
+
+
+def test_a_part_that_cannot_be_written_is_one_line_and_leaves_no_temp_file(
+        bundle_artifact, tmp_path, monkeypatch, capsys) -> None:
+    """A full disk while a part is written was a traceback; now one line naming the folder."""
+    import pyarrow.parquet as pq
+
+    bundle, artifact = bundle_artifact
+    out = tmp_path / "results"
+
+    def disk_full(table, where, **kwargs) -> None:
+        Path(where).write_bytes(b"half a part")  # what a real write leaves when the disk fills
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    code = cli.main(["batch", str(tmp_path / "none-*.png"), "--out", str(out),
+                     "--bundle", str(bundle), "--artifact", artifact])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"error: cannot write results to {out}: No space left on device\n"
+    assert sorted(p.name for p in out.iterdir()) == [parts.LOCK_NAME]
 
 
 def test_inputs_folders_globs_and_list_files(tmp_path, monkeypatch) -> None:

@@ -79,11 +79,7 @@ def drop_error_rows(out: Path, paths: set[str]) -> int:
         if kept.num_rows == 0:
             part.unlink()
         else:
-            tmp = out / f"{TMP_PREFIX}{part.name}"
-            pq.write_table(kept, tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, part)
+            write_part(kept, part)
         dropped += count
     return dropped
 
@@ -96,18 +92,29 @@ class PartWriter:
         self.count = 0
 
     def write(self, table: pa.Table) -> Path:
-        import pyarrow.parquet as pq
-
         self.count += 1
-        name = f"{PART_PREFIX}{self.run_id}-{self.count:06d}{PART_SUFFIX}"
-        tmp = self.out / f"{TMP_PREFIX}{name}"
+        path = self.out / f"{PART_PREFIX}{self.run_id}-{self.count:06d}{PART_SUFFIX}"
+        write_part(table, path)
+        return path
+
+
+def write_part(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` whole and durably (temp file, fsync, rename, folder fsync); a
+    failed write (a full disk, say) is a BatchError naming the folder and leaves no temp file."""
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    try:
         pq.write_table(table, tmp)
         with open(tmp, "rb") as handle:  # on disk before the name says it is complete
             os.fsync(handle.fileno())
-        os.replace(tmp, self.out / name)
-        with contextlib.suppress(OSError):  # make the rename itself durable where possible
-            fsync_dir(self.out)
-        return self.out / name
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise BatchError(f"cannot write results to {path.parent}: "
+                         f"{exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
