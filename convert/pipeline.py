@@ -20,6 +20,7 @@ from ct_edge.bundle import MANIFEST, Bundle
 from ct_edge.domain import DOMAIN_FILE
 from ct_edge.preprocess import PreprocessSpec
 from training.data import check_keras_archive
+from training.folders import discard, install
 from training.gradcam import describe
 
 from . import bias_correction, dataset, domain_fit, parity, report, staging
@@ -99,7 +100,7 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
     if not model.is_file():
         raise ConvertError(f"no model at {model}; run make train first")
     check_keras_archive(model)  # before the data is read; Keras calls it "File not found"
-    staging.check_replaceable(out)
+    staging.check_bundle_replaceable(out)
     record, root = dataset.resolve_record(model, Path(data) if data is not None else None)
     splits = dataset.load_splits(record, root)
     if record.data_fingerprint and splits.fingerprint() != record.data_fingerprint:
@@ -159,9 +160,9 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
                 build.add(index, row, context, meta, staged)
         manifest = build.finish(staged, model.stat().st_size)
         _verify(staged)
-        staging.install(staged, out)
+        install(staged, out)
     except BaseException:
-        staging.discard(staged)
+        discard(staged)
         raise
     reasons = gate_reasons(build.outcomes)
     if reasons:

@@ -146,16 +146,20 @@ def test_no_private_name_is_taken_from_another_module_anywhere() -> None:
     assert bad == []
 
 
+def imported_packages_of(path: Path) -> set[str]:
+    """The repository's top-level packages that one module imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            found.add((node.module or "").split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+    return found & set(OWN_PACKAGES)
+
+
 def imported_packages(folder: Path) -> set[str]:
     """The repository's top-level packages that the modules under `folder` import, anywhere."""
-    found = set()
-    for path in folder.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and not node.level:
-                found.add((node.module or "").split(".")[0])
-            elif isinstance(node, ast.Import):
-                found.update(alias.name.split(".")[0] for alias in node.names)
-    return found & set(OWN_PACKAGES)
+    return set().union(*(imported_packages_of(path) for path in folder.rglob("*.py")))
 
 
 @pytest.mark.parametrize(("folder", "allowed"), [
@@ -165,6 +169,15 @@ def imported_packages(folder: Path) -> set[str]:
 ])
 def test_the_heavy_side_never_imports_benchmarks_or_tools(folder: str, allowed: set[str]) -> None:
     assert imported_packages(REPO / folder) <= allowed
+
+
+def test_training_imports_convert_only_in_the_cross_validation_harness() -> None:
+    """convert builds on training (models, data, ensembles); the one way back is evaluate, which
+    scores int8 on held-out folds the way `make convert` writes it. Anything else would be an
+    import circle between the two packages."""
+    importers = sorted(path.relative_to(REPO).as_posix() for path in (REPO / "training").rglob("*.py")
+                       if "convert" in imported_packages_of(path))
+    assert importers == ["training/evaluate.py"]
 
 
 def test_the_private_name_check_sees_both_forms(tmp_path: Path) -> None:

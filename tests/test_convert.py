@@ -342,6 +342,7 @@ def test_interrupted_convert_leaves_the_previous_bundle(converted, easy_model: P
 
 def test_failed_swap_puts_the_previous_bundle_back(tmp_path: Path, monkeypatch) -> None:
     from convert import staging
+    from training import folders
 
     out = tmp_path / "bundle"
     out.mkdir()
@@ -355,9 +356,9 @@ def test_failed_swap_puts_the_previous_bundle_back(tmp_path: Path, monkeypatch) 
             raise OSError("disk gone")
         real_rename(src, dst)
 
-    monkeypatch.setattr(staging.os, "rename", rename)
+    monkeypatch.setattr(folders.os, "rename", rename)
     with pytest.raises(OSError, match="disk gone"):
-        staging.install(staged, out)
+        folders.install(staged, out)
     assert (out / "manifest.json").read_text() == "{}"
 
 
@@ -376,7 +377,7 @@ def test_a_backup_orphaned_by_a_killed_swap_is_restored(tmp_path: Path) -> None:
     staged = staging.prepare(out)
     assert (out / "manifest.json").read_text() == "{}"
     assert not backup.exists() and not stale.exists()
-    staging.discard(staged)
+    shutil.rmtree(staged)
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_bundle(easy_model: Path, tmp_path: Path) -> None:

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from . import data as data_mod
+from .folders import check_replaceable, replace_folder
 from .gradcam import MAPS_LAYER, cam_model
-from .run_files import describe_os_error, replace_folder, save_model_atomically
+from .run_files import describe_os_error, save_model_atomically
 
 ENSEMBLE_ARCH = "ensemble"
 MEMBER_PREFIX = "member"
@@ -182,28 +183,23 @@ def member_dirs(arg: str) -> list[Path]:
     return [Path(p) for p in arg.split(",") if p]
 
 
-def check_replaceable(out: Path) -> None:
-    """Only a missing or empty folder, or an earlier ensemble's, may be replaced by `build`."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {out} exists and is not a folder; choose another --out")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
+def is_earlier_ensemble(folder: Path) -> bool:
+    """True when `folder` holds what `build` writes (config.json with arch ENSEMBLE_ARCH)."""
     try:
-        earlier = json.loads((out / "config.json").read_text(encoding="utf-8")).get("arch")
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")) \
+            .get("arch") == ENSEMBLE_ARCH
     except (OSError, ValueError, AttributeError):
-        earlier = None
-    if earlier != ENSEMBLE_ARCH:
-        raise FileExistsError(f"refusing to replace {out}: it is not empty and not an earlier "
-                              f"ensemble (config.json with arch {ENSEMBLE_ARCH!r}); choose "
-                              "another --out")
+        return False
 
 
 def build(member_folders: Sequence[Path], out: Path, flip_tta: bool = False) -> dict:
     """Loads each member's model.keras, merges them, writes <out>/model.keras and config.json
-    into a new folder that then replaces `out` whole (check_replaceable says which `out` may)."""
+    into a new folder that then replaces `out` whole: only a missing or empty folder or an earlier
+    ensemble's is replaced."""
     from .models import load_keras_model
 
-    check_replaceable(out)
+    check_replaceable(out, is_earlier_ensemble,
+                      f"an earlier ensemble (config.json with arch {ENSEMBLE_ARCH!r})")
     models, configs = [], []
     for folder in member_folders:
         path = folder / "model.keras"

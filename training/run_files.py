@@ -1,5 +1,5 @@
 """What a training run leaves on disk: the model saved whole or not at all, the history, the
-backup a killed run resumes from, and output files or folders replaced together or not at all."""
+backup a killed run resumes from, and output files replaced together or not at all."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,20 +119,6 @@ def publish(staged: Path, out: Path, names: Sequence[str]) -> None:
                 os.replace(staged / name, out / name)
             else:
                 (out / name).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # durability where the file system allows it
-            fsync_dir(out)
         shutil.rmtree(staged, ignore_errors=True)
+        fsync_dir(out)  # an EIO is raised: the published files may not survive a power cut
 
-
-def replace_folder(out: Path, fill: Callable[[Path], None]) -> None:
-    """Let `fill` write a new folder beside `out`, then swap it in (convert.staging.install):
-    a failed or interrupted run leaves `out` as it was and no staging folder behind."""
-    from convert.staging import discard, install, staging_beside
-
-    staged = staging_beside(out)  # a killed run's leftovers are removed or put back first
-    try:
-        fill(staged)
-        install(staged, out)
-    except BaseException:
-        discard(staged)
-        raise

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from ct_edge.cli.common import int_at_least
+from training.folders import check_replaceable, replace_folder
 from training.phantom import CLASSES, MIN_SIZE, render_slice
-from training.run_files import describe_os_error, replace_folder
+from training.run_files import describe_os_error
 
 LUNG_WINDOW = (1500.0, -600.0)  # (width, level) HU; ct_edge.preprocess.WINDOWS["lung"]
 RESCALE_INTERCEPT = -1024.0
@@ -149,14 +150,9 @@ def _dataset(pixels_hu: np.ndarray, index: int, slices: int, uids: dict[str, str
     return ds
 
 
-def check_replaceable(out: Path) -> None:
-    """Only a missing or empty folder, or an earlier series (slice files only), may be replaced."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(not (SLICE_NAME.fullmatch(p.name) and p.is_file())
-                            for p in out.iterdir()):
-        raise FileExistsError(f"refusing to replace {out}: it holds more than an earlier "
-                              "series' slice_NNNN.dcm files; choose another --out")
+def is_earlier_series(folder: Path) -> bool:
+    """True when `folder` holds slice files only, as `write_series` writes."""
+    return all(SLICE_NAME.fullmatch(path.name) and path.is_file() for path in folder.iterdir())
 
 
 def write_series(out: Path, label: str = "COVID-19", slices: int = 60, seed: int = 0,
@@ -183,7 +179,7 @@ def write_series(out: Path, label: str = "COVID-19", slices: int = 60, seed: int
     if min(size, render_size or size) < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
     out = Path(out)
-    check_replaceable(out)
+    check_replaceable(out, is_earlier_series, "an earlier series (slice_NNNN.dcm files only)")
     uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
     sick = set(finding_slices(label, slices, apex, base))
     when = dt.datetime.now(dt.timezone.utc)
