@@ -25,7 +25,7 @@ import numpy as np
 
 from ct_edge.classifier import Classifier
 from ct_edge.domain import DEFAULT_RULE, METHODS, FeatureGate, fit_arrays, fit_threshold
-from ct_edge.errors import InputError
+from ct_edge.errors import CtEdgeError, InputError
 from ct_edge.preprocess import preprocess
 
 CROSS_LIMIT = 30  # other-modality chest images, an evenly spaced subset
@@ -218,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = measure(args.bundle, args.model, args.cross, args.foreign_dir)
+    try:
+        report = measure(args.bundle, args.model, args.cross, args.foreign_dir)
+    except (CtEdgeError, OSError) as exc:
+        print(f"benchmarks.domain: error: {exc}", file=sys.stderr)
+        return 2
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -50,8 +50,8 @@ def _largest_growth(profile: dict, top: int = 3) -> str:
         steps.append((name, value["rss_mb"] - before))
         before = value["rss_mb"]
     ranked = sorted(steps, key=lambda kv: -kv[1])[:top]
-    return (f"python alone {fmt(profile.get('python_start_rss_mb'))} MB; largest growth: "
-            + ", ".join(f"{name} +{fmt(mb)} MB" for name, mb in ranked))
+    return (f"python alone {fmt(profile.get('python_start_rss_mb'))} MiB; largest growth: "
+            + ", ".join(f"{name} +{fmt(mb)} MiB" for name, mb in ranked))
 
 
 def goals(results: dict) -> list[dict]:
@@ -81,10 +81,10 @@ def goals(results: dict) -> list[dict]:
               GOAL_COLD_START_S, "s", cold.get("median_s"),
               (cold.get("error") or f"median of {cold.get('runs')}") + "; "
               + _slowest_stages(profile)),
-        _goal("rss", "Peak RSS of the runtime", GOAL_RSS_MB, "MB", rss,
+        _goal("rss", "Peak RSS of the runtime", GOAL_RSS_MB, "MiB", rss,
               f"{rss_source}; {_largest_growth(profile)}"),
         _goal("rss_limits", "Peak RSS classifying the largest accepted input",
-              float(limits.get("bound_mb", MEMORY_BOUND_MB)), "MB",
+              float(limits.get("bound_mb", MEMORY_BOUND_MB)), "MiB",
               limits.get("worst_peak_rss_mb"),
               f"{limits['worst']}: {limits['inputs'][limits['worst']]['input']}"
               if "worst" in limits else limits.get("error", "not measured")),

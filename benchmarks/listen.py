@@ -34,7 +34,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ct_edge.cli.common import positive_int
+from ct_edge.cli.common import positive_float, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 AE = "CTEDGE"
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=positive_int, default=3,
                         help="runs of both receivers, which goes first alternating; the result is "
                              "the median (default: %(default)s)")
-    parser.add_argument("--stable-seconds", type=float, default=5.0,
+    parser.add_argument("--stable-seconds", type=positive_float, default=5.0,
                         help="ct-edge listen --stable-seconds: a series is complete after this many "
                              "seconds without a new slice (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=REPO / "artifacts" / "listen-bench",
@@ -228,8 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = measure(args.bundle, args.slices, args.size, args.runs, args.stable_seconds,
-                     args.cache, log=lambda line: print(line, file=sys.stderr, flush=True))
+    if not (args.bundle / "manifest.json").is_file():
+        print(f"benchmarks.listen: no bundle at {args.bundle}; run `make demo` first",
+              file=sys.stderr)
+        return 2
+    try:
+        result = measure(args.bundle, args.slices, args.size, args.runs, args.stable_seconds,
+                         args.cache, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (RuntimeError, OSError) as exc:
+        print(f"benchmarks.listen: error: {exc}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "listen.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

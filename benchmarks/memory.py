@@ -20,7 +20,7 @@ print(json.dumps({"label": prediction.label, "tensorflow_imported": "tensorflow"
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS so far (VmHWM), in MB."""
+    """This process's peak RSS so far (VmHWM), in MiB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -31,7 +31,7 @@ def peak_rss_mb() -> float:
 
 
 def artifact_memory(bundle_dir: Path, name: str, image: Path) -> dict:
-    """Peak RSS (MB) of `Classifier.from_bundle(bundle, artifact=name).predict(image)` in a new process."""
+    """Peak RSS (MiB) of `Classifier.from_bundle(bundle, artifact=name).predict(image)` in a new process."""
     child = run_child([sys.executable, "-c", _CLASSIFY_ONE, str(bundle_dir), name, str(image)])
     if child.returncode != 0:
         raise ChildError(f"classifying with {name} exited {child.returncode}:\n{tail(child.stderr)}")

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ct_edge.cli.common import positive_int
+
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 256  # small PNGs: decoding is cheap, so start-up and dispatch costs show fully
 VERSION = 1
@@ -194,16 +196,25 @@ def _load(values: Sequence[float]) -> str:
     return "/".join(f"{v:.1f}" for v in values)
 
 
+def counts_arg(text: str) -> list[int]:
+    """argparse type: comma-separated image counts, each 1 or more."""
+    counts = [positive_int(part) for part in text.split(",") if part.strip()]
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected counts such as 500,3000, got {text!r}")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"),
                         help="bundle both commands run (default: %(default)s)")
     parser.add_argument("--artifact", help="artifact to run (default: the bundle's default)")
-    parser.add_argument("--counts", default="500,3000",
+    parser.add_argument("--counts", type=counts_arg, default="500,3000",
                         help="image counts to time, comma-separated (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="counts 200,1000 (default: --counts)")
-    parser.add_argument("--actors", type=int, help="batch actors (default: one per core)")
+    parser.add_argument("--actors", type=positive_int,
+                        help="batch actors (default: one per core)")
     parser.add_argument("--inputs", type=Path, default=REPO / "artifacts" / "bench-inputs",
                         help="folder the PNGs are made in once and reused from (default: "
                              "artifacts/bench-inputs in the repository)")
@@ -215,14 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    counts = [200, 1000] if args.quick else [int(c) for c in args.counts.split(",") if c.strip()]
+    counts = [200, 1000] if args.quick else args.counts
+    if not (args.bundle / "manifest.json").is_file():
+        print(f"benchmarks.ray_batch: no bundle at {args.bundle}; run `make demo` first",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[ray-batch {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr,
               flush=True)
 
-    result = measure(args.bundle, counts, args.inputs, args.artifact, args.actors, log)
+    try:
+        result = measure(args.bundle, counts, args.inputs, args.artifact, args.actors, log)
+    except (RuntimeError, OSError) as exc:
+        print(f"benchmarks.ray_batch: error: {exc}", file=sys.stderr)
+        return 2
     result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ray_batch.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -62,7 +62,7 @@ def _artifact_tables(results: dict) -> list[str]:
                      fmt(keras.get("load_ms")), fmt(keras.get("memory", {}).get("peak_rss_mb")),
                      "1x"])
     lines += _table(["Artifact", "Precision", "Parity", "Size (KiB)", "vs Keras", "Load (ms)",
-                     "Peak RSS (MB)", "vs Keras"], rows)
+                     "Peak RSS (MiB)", "vs Keras"], rows)
     lines += ["Load: `Classifier.from_bundle` (manifest, sha256, engine set-up) in a warm process; "
               "Keras: `load_model` after TensorFlow is imported "
               f"(import itself: {fmt(keras.get('import_s'))} s). Peak RSS: a fresh process that loads "
@@ -94,11 +94,11 @@ def _limit_lines(limits: dict) -> list[str]:
     if "inputs" not in limits:
         return [f"Peak RSS at the input limits not measured: {limits.get('error')}", ""]
     lines = [f"### Peak RSS at the input limits ({limits['artifact']}; bound "
-             f"{limits['bound_mb']} MB; at most {limits['max_pixels']:,} pixels and "
+             f"{limits['bound_mb']} MiB; at most {limits['max_pixels']:,} pixels and "
              f"{limits['max_file_bytes'] / 2**20:.0f} MiB a file)", ""]
     rows = [[kind, e["input"], fmt(e["peak_rss_mb"]), fmt(e["wall_s"])]
             for kind, e in limits["inputs"].items()]
-    return lines + _table(["Kind", "Input (a fresh process classifies it)", "Peak RSS (MB)",
+    return lines + _table(["Kind", "Input (a fresh process classifies it)", "Peak RSS (MiB)",
                            "Wall (s)"], rows)
 
 
@@ -126,7 +126,7 @@ def _cold_lines(cold: dict, profile: dict) -> list[str]:
         lines += [f"Cold start, `{cold['command']}`: median **{fmt(cold['median_s'])} s** over "
                   f"{cold['runs']} runs (min {fmt(cold['min_s'])}, max {fmt(cold['max_s'])}; first "
                   f"output after {fmt(cold['median_to_first_output_s'])} s); peak RSS "
-                  f"{fmt(cold['peak_rss_mb'])} MB.", ""]
+                  f"{fmt(cold['peak_rss_mb'])} MiB.", ""]
     else:
         lines += [f"Cold start not measured: {cold.get('error')}", ""]
     if profile.get("stages"):
@@ -135,7 +135,7 @@ def _cold_lines(cold: dict, profile: dict) -> list[str]:
         rows += [[name, fmt(v["ms"]), fmt(v["rss_mb"])] for name, v in profile["stages"].items()]
         lines += [f"Where a cold classification goes (fresh process, {profile.get('artifact')}; "
                   f"total {fmt(profile.get('total_s'))} s):", ""]
-        lines += _table(["Stage", "ms", "RSS after (MB)"], rows)
+        lines += _table(["Stage", "ms", "RSS after (MiB)"], rows)
     return lines
 
 
@@ -147,7 +147,7 @@ def markdown(results: dict) -> str:
         f"{results['created']} · {results['mode']} mode · bundle `{results['bundle']['path']}` "
         f"(default artifact {results['bundle']['default']}) · {fmt(results.get('wall_s'))} s", "",
         f"Machine: {m['cpu_model']}, {m['cores_available']} of {m['cores']} cores, "
-        f"{m['memory_total_mb']} MB, {m['os']} {m['machine']}, Python {m['python']}; {packages}. "
+        f"{m['memory_total_mb']} MiB, {m['os']} {m['machine']}, Python {m['python']}; {packages}. "
         f"Load average at start {m['load_average_start']}, at end {m.get('load_average_end')}: "
         "absolute times move with the machine and its load; the ratios travel better.", "",
         "## Goals", ""]

@@ -309,6 +309,9 @@ def measure(args: argparse.Namespace, progress: Progress) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.model is not None and not args.model.is_file():
+        print(f"bench: --model {args.model}: no such file", file=sys.stderr)
+        return 2
     progress = Progress()
     try:
         results = measure(args, progress)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ct_edge.cli.common import positive_int
+from ct_edge.cli.common import positive_float, positive_int
 
 from .inputs import chest
 from .latency import summarize
@@ -53,14 +53,16 @@ def png_images(count: int = IMAGES, side: int = SIDE) -> list[bytes]:
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
-    """(current, peak) resident set size of a process in MB, from /proc."""
+    """(current, peak) resident set size of a process in MiB, from /proc."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                   if ":" in line)
     return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
 
 
 def run_clients(call: Callable[[int], bool], concurrency: int, seconds: float) -> dict:
-    """`concurrency` threads calling `call(i)` (True = success) for `seconds`; rate and latency."""
+    """`concurrency` threads calling `call(i)` (True = success) for `seconds`; the rate and the
+    latencies of successful calls only (a fast refusal, 503 say, must not look like throughput),
+    and the number of failed calls."""
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
     stop = time.perf_counter() + seconds
@@ -69,9 +71,10 @@ def run_clients(call: Callable[[int], bool], concurrency: int, seconds: float) -
         i = n
         while time.perf_counter() < stop:
             start = time.perf_counter()
-            ok = call(i)
-            latencies[n].append(time.perf_counter() - start)
-            errors[n] += 0 if ok else 1
+            if call(i):
+                latencies[n].append(time.perf_counter() - start)
+            else:
+                errors[n] += 1
             i += concurrency
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(concurrency)]
@@ -82,6 +85,8 @@ def run_clients(call: Callable[[int], bool], concurrency: int, seconds: float) -
         thread.join()
     elapsed = time.perf_counter() - begin
     samples = [s for per in latencies for s in per]
+    if not samples:
+        raise RuntimeError(f"every one of {sum(errors)} calls failed")
     return {"requests": len(samples), "per_s": len(samples) / elapsed, "errors": sum(errors),
             **summarize(samples)}
 
@@ -249,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=positive_int, default=4,
                         help="concurrent clients: keep-alive loopback connections, or threads in "
                              "process (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=10.0,
+    parser.add_argument("--seconds", type=positive_float, default=10.0,
                         help="seconds each figure is timed for (default: %(default)s)")
     parser.add_argument("--workers", type=positive_int, default=2,
                         help="ct-edge serve --workers: its worker threads (default: %(default)s)")
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{local['per_s']:.0f}/s, p50 {local['p50_ms']:.2f} ms, p99 {local['p99_ms']:.2f} ms")
     print(f"  ct-edge serve POST /v1/classify: {served['per_s']:.0f}/s, p50 "
           f"{served['p50_ms']:.2f} ms, p99 {served['p99_ms']:.2f} ms, errors {served['errors']}, "
-          f"RSS {served['rss_mb']:.0f} MB (peak {served['peak_rss_mb']:.0f}, idle "
+          f"RSS {served['rss_mb']:.0f} MiB (peak {served['peak_rss_mb']:.0f}, idle "
           f"{served['idle_rss_mb']:.0f})")
     print(f"  server / in-process throughput: {ratio:.0%}")
     print(f"  engine per image: batch 1 {local['engine_ms_per_image']['batch1']:.3f} ms, batch 4 "

@@ -12,8 +12,8 @@ def human_size(size: int | None) -> str:
     if size is None:
         return "—"
     if size < 1024 * 1024:
-        return f"{size / 1024:.1f} kB"
-    return f"{size / (1024 * 1024):.2f} MB"
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / (1024 * 1024):.2f} MiB"
 
 
 def _percent(value: float | None) -> str:

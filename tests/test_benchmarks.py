@@ -192,3 +192,40 @@ def test_machine_record_names_thread_counts_set_from_outside(monkeypatch) -> Non
     assert machine.describe()["thread_settings"] == {"TF_NUM_INTRAOP_THREADS": "1"}
     monkeypatch.delenv("TF_NUM_INTRAOP_THREADS")
     assert machine.describe()["thread_settings"] == {}
+
+
+def test_server_throughput_and_latency_count_successful_requests_only() -> None:
+    """A server shedding load answers 503 fast: those must not count as throughput or latency."""
+    import time
+
+    from benchmarks.server import run_clients
+
+    def call(i: int) -> bool:
+        if i % 2:
+            return False  # a refusal, at once
+        time.sleep(0.01)
+        return True
+
+    result = run_clients(call, concurrency=2, seconds=0.3)
+    assert result["errors"] > 0 and result["requests"] > 0
+    assert result["min_ms"] >= 10.0  # no refusal's near-zero time among the latencies
+    with pytest.raises(RuntimeError, match="calls failed"):
+        run_clients(lambda i: False, concurrency=1, seconds=0.05)
+
+
+@pytest.mark.parametrize("argv", [
+    ["benchmarks.ray_batch", "--bundle", "/nonexistent-bundle"],
+    ["benchmarks.ray_batch", "--counts", "abc"],
+    ["benchmarks.ray_batch", "--actors", "-1"],
+    ["benchmarks.domain", "--bundle", "/nonexistent-bundle"],
+    ["benchmarks.listen", "--bundle", "/nonexistent-bundle"],
+    ["benchmarks.server", "--seconds", "0"],
+    ["benchmarks.run", "--model", "/nonexistent-model.keras"],
+])
+def test_benchmark_scripts_refuse_bad_arguments_with_an_error_not_a_traceback(
+        argv: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert argv[-1] in done.stderr.strip().splitlines()[-1]  # the last line names what is wrong

@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error, native_info_silenced, port
+from .common import (
+    BUNDLE_HELP,
+    EXIT_OK,
+    EXIT_USAGE,
+    RAW,
+    error,
+    native_info_silenced,
+    port,
+    positive_float,
+)
 
 ENV_TOKEN = "CT_EDGE_TOKEN"
 DEFAULT_PORT = 8080
@@ -27,16 +36,6 @@ endpoint but /v2/health/* and the page's own files then needs 'Authorization: Be
 Each answer is committed to the results store (--data-dir) before it is sent. SIGINT/SIGTERM stop
 it cleanly: requests in flight finish, the store is closed. docs/serve.md has the details.
 """
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1e6:
-        raise argparse.ArgumentTypeError(f"must be more than 0 (and at most 1e6), got {text}")
-    return value
 
 
 def _count(text: str) -> int:
@@ -73,7 +72,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--insecure-no-token", action="store_true",
                         help="allow a non-loopback --host without a token (anyone who reaches "
                              "the port can classify and read every stored result; default: refused)")
-    parser.add_argument("--max-body-mb", type=_positive_float, default=32.0, metavar="MB",
+    parser.add_argument("--max-body-mb", type=positive_float, default=32.0, metavar="MB",
                         help="largest request body; larger ones get 413 (default: 32)")
     parser.add_argument("--cors-origin", metavar="ORIGIN",
                         help="let pages from ORIGIN (e.g. https://viewer.example) call the API "
@@ -83,7 +82,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--queue", type=_count, default=16,
                         help="requests that may wait for a worker; past that, 503 with "
                              "Retry-After (default: 16)")
-    parser.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+    parser.add_argument("--timeout", type=positive_float, default=30.0, metavar="S",
                         help="answer 504 when a request's inference takes longer (default: 30)")
     parser.add_argument("--access-log", action="store_true",
                         help="log every request on stderr (default: errors only)")
