@@ -47,15 +47,22 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 positive_int = int_at_least(1)
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number above 0 (and at most 1e6: seconds, megabytes)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1e6:
-        raise argparse.ArgumentTypeError(f"must be more than 0 (and at most 1e6), got {text}")
-    return value
+def number_up_to(maximum: float) -> Callable[[str], float]:
+    """argparse type: a number above 0 and at most `maximum` (seconds, megabytes)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not 0 < value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be more than 0 and at most {maximum:g}, "
+                                             f"got {text}")
+        return value
+
+    return parse
+
+
+positive_float = number_up_to(1e6)
 
 
 def port(text: str) -> int:

@@ -9,7 +9,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error, native_info_silenced, port
+from .common import (
+    BUNDLE_HELP,
+    EXIT_OK,
+    EXIT_USAGE,
+    RAW,
+    error,
+    native_info_silenced,
+    number_up_to,
+    port,
+)
 
 EXAMPLES = """\
 examples:
@@ -58,16 +67,6 @@ def _cidr_list(text: str) -> tuple[str, ...]:
     return parts
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400, got {value}")
-    return value
-
-
 def _megabytes(text: str) -> int:
     try:
         value = float(text)
@@ -98,7 +97,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--data-dir", metavar="DIR",
                         help="results store, spool and reports (default: $CT_EDGE_DATA, else "
                              "$XDG_DATA_HOME/ct-edge, else ~/.local/share/ct-edge)")
-    parser.add_argument("--stable-seconds", type=_seconds, default=30.0, metavar="S",
+    parser.add_argument("--stable-seconds", type=number_up_to(86400), default=30.0, metavar="S",
                         help="a series is complete after S seconds with no new instance "
                              "(default: 30)")
     parser.add_argument("--aggregate", choices=("topk-mean", "max", "mean"), default="topk-mean",
