@@ -3,6 +3,7 @@ decompression bomb guard for a deflated one."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +13,22 @@ from ..errors import InputError, one_line
 _HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                 "Modality", "PatientID", "SeriesDescription", "InstanceNumber", "SliceLocation",
                 "ImagePositionPatient")
+# What the store's INTEGER column holds (SQLite: signed 64 bits).
+_INTEGERS = range(-(2**63), 2**63)
 
 
 def _number(kind: type, value: Any) -> Any:
-    """An optional attribute's value as `kind`; None when absent or malformed (it only orders
-    slices, so a bad value must not refuse the dataset)."""
+    """An optional attribute's value as `kind`; None when absent, malformed, not finite or (an
+    integer) beyond 64 bits: it only orders slices, so a bad value must not refuse the dataset."""
     try:
-        return kind(value) if value not in (None, "") else None
+        number = kind(value) if value not in (None, "") else None
     except (TypeError, ValueError, OverflowError):
         return None
+    if isinstance(number, float) and not math.isfinite(number):
+        return None  # inf or nan would make every JSON answer about its series fail
+    if isinstance(number, int) and number not in _INTEGERS:
+        return None
+    return number
 
 
 def read_header(path: Path, deflated: bool = False, affected_class: str = "",

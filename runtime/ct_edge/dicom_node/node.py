@@ -15,7 +15,8 @@ for a newer one. A crash between those steps leaves a file no instance refers to
 removes it once it is older than ABANDONED_AFTER.
 
 pynetdicom's chunked receiving is a process-wide setting, and its temporary files go to the
-process's temporary folder, so the node sets both: one node per process.
+process's temporary folder (pynetdicom has no per-association way to choose either), so the node
+sets both while it runs and restores them when it stops: one node per process at a time.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Node:
         # earlier copy for theirs.
         self._recording = threading.Lock()
         self._server: Any = None
+        self._saved_globals: tuple[bool, str | None] | None = None
         self.address: tuple[str, int] = (config.host, config.port)
 
     # --- life cycle ------------------------------------------------------------------------------
@@ -101,13 +103,36 @@ class Node:
     def start(self) -> None:
         """Recover what a previous run left, start the listener and the worker (non-blocking).
         OSError when the spool cannot be used (its `filename` set) or the port cannot be bound."""
-        from pynetdicom import AE, _config, evt
-
         self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in self.incoming.iterdir():  # never acknowledged: the sender resends them
             leftover.unlink(missing_ok=True)
+        self._set_globals()
+        try:
+            self._start()
+        except BaseException:
+            self._restore_globals()
+            raise
+
+    def _set_globals(self) -> None:
+        """Stream received datasets to files in the spool's `.incoming` (remembering what was set)."""
+        from pynetdicom import _config
+
+        if self._saved_globals is None:
+            self._saved_globals = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.incoming)  # same file system as the spool: rename, not copy
+
+    def _restore_globals(self) -> None:
+        """Put back the process-wide settings `_set_globals` changed."""
+        from pynetdicom import _config
+
+        if self._saved_globals is not None:
+            _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved_globals
+            self._saved_globals = None
+
+    def _start(self) -> None:
+        from pynetdicom import AE, evt
+
         pending = self.store.pending_dicom_instances()
         self._reattach_unnamed_copies(pending)
         self._remove_unreferenced()
@@ -148,6 +173,7 @@ class Node:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)
+        self._restore_globals()
 
     # --- associations ----------------------------------------------------------------------------
 
@@ -167,12 +193,19 @@ class Node:
                                 0x01, 0x01, 0x07)
         if self.config.allow_ae and calling not in self.config.allow_ae:
             return self._reject(event, f"calling AE title {calling!r} is not allowed", 0x01, 0x01, 0x03)
-        if self.config.networks and not any(ipaddress.ip_address(address) in network
-                                            for network in self.config.networks):
+        if self.config.networks and not self._address_allowed(address):
             return self._reject(event, f"address {address} is not allowed", 0x01, 0x01, 0x01)
         if shutil.disk_usage(self.spool).free < self.config.min_free_bytes:
             return self._reject(event, "low disk space", 0x02, 0x03, 0x02)
         return None
+
+    def _address_allowed(self, address: str) -> bool:
+        """Whether `--allow-ip` admits a peer; on a dual-stack socket an IPv4 peer shows as
+        ::ffff:a.b.c.d and is matched as a.b.c.d too."""
+        ip = ipaddress.ip_address(address)
+        candidates = {ip, getattr(ip, "ipv4_mapped", None) or ip}  # IPv4Address has no such field
+        return any(candidate in network for candidate in candidates
+                   for network in self.config.networks)
 
     def _on_accepted(self, event: Any) -> None:
         peer = event.assoc.requestor
@@ -205,10 +238,22 @@ class Node:
     # --- C-STORE ---------------------------------------------------------------------------------
 
     def _on_store(self, event: Any) -> int:
-        """Spool, record, then acknowledge. Runs in the association's thread."""
-        received = Path(event.dataset_path)
+        """Spool, record, then acknowledge (0x0000 only once the instance is on disk and recorded);
+        a failure status, never an exception, for anything else. Runs in the association's thread."""
         peer = event.assoc.requestor
         calling = peer.primitive.calling_ae_title.strip()
+        try:
+            return self._store(event, calling)
+        except Exception as exc:  # a bug: the sender gets a failure (and resends), not a dropped PDU
+            log.exception("C-STORE from %s failed (0x%04X)", calling, CANNOT_UNDERSTAND)
+            self._record_failure(f"{calling}@{peer.address}", f"internal error ({one_line(exc)})")
+            self._count(event, "failed")
+            return CANNOT_UNDERSTAND
+
+    def _store(self, event: Any, calling: str) -> int:
+        """`_on_store` for the failures it expects: their status codes."""
+        received = Path(event.dataset_path)
+        peer = event.assoc.requestor
         try:
             nbytes = received.stat().st_size
             if shutil.disk_usage(self.spool).free - nbytes < self.config.min_free_bytes:
@@ -362,22 +407,31 @@ class Node:
                 log.exception("series monitor")
 
     def complete_series(self, series_id: int) -> dict[str, Any] | None:
-        """Aggregate a series' slices, write its report, store the result and forward it."""
+        """Aggregate a series' slices, write its report, store the result and forward it; None,
+        with nothing kept, when the series is gone or an instance came meanwhile (its next
+        completion includes it)."""
         series = self.store.get_dicom_series(series_id)
-        if series is None:
-            return None
         slices = self.store.dicom_series_slices(series_id)
+        if series is None or not slices or any(s["result_id"] is None for s in slices):
+            return None
         result = aggregate(slices, self.classifier.labels, self.config.aggregate,
                            self.classifier.bundle.uncertain_below)
         series.update(status=result.status, label=result.label, reason=result.reason,
                       probabilities=result.probabilities, aggregate=result.aggregate,
                       counts=result.counts)
         report = self._report(series, slices) if self.config.reports else None
-        self.store.complete_dicom_series(
+        completed = self.store.complete_dicom_series(
             series_id, status=result.status, label=result.label,
             probabilities=result.probabilities, reason=result.reason, aggregate=result.aggregate,
             counts=result.counts, bundle_sha256=self.bundle_sha256,
-            report=report.name if report else None)
+            report=report.name if report else None,
+            slices={s["instance_id"]: s["result_id"] for s in slices})
+        if not completed:
+            if report is not None:
+                self._remove_report(report)
+            log.info("series %s changed while it was completed: it completes later",
+                     series["series_uid"])
+            return None
         shown = f"{result.label} {result.probabilities[result.label]:.2f}" if result.label else "-"
         log.info("series %s complete: %s (%s) from %d slices: %s", series["series_uid"], shown,
                  result.status or "unreadable", result.counts["slices"],
@@ -396,6 +450,13 @@ class Node:
             log.error("cannot write the report of series %s: %s", series["series_uid"],
                       one_line(exc))
             return None
+
+    def _remove_report(self, path: Path) -> None:
+        """Delete the report of a completion that was abandoned (no series refers to it)."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", path, one_line(exc))
 
     def _forward(self, path: Path) -> None:
         from pynetdicom import AE

@@ -16,6 +16,7 @@ from typing import Any
 from .schema import (
     INSERT_RESULT,
     MAX_PAGE,
+    TextSafeConnection,
     decode_json,
     read,
     require_unicode,
@@ -36,6 +37,15 @@ def _series_dict(row: tuple, path: Path) -> dict[str, Any]:
     for key in ("probabilities", "counts"):
         series[key] = decode_json(series[key], path)
     return series
+
+
+def _moved(db: TextSafeConnection, left: int, joined: int) -> None:
+    """An instance moved from series `left` to `joined`: both counted again; `left` dropped
+    when no instance is left in it (a series of no slices has no result to give)."""
+    db.execute("UPDATE dicom_series SET instances = (SELECT COUNT(*) FROM dicom_instances i "
+               "WHERE i.series_id = dicom_series.id) WHERE id IN (?, ?)", (left, joined))
+    db.execute("DELETE FROM dicom_series WHERE id = ? AND NOT EXISTS (SELECT 1 FROM "
+               "dicom_instances i WHERE i.series_id = ?)", (left, left))
 
 
 class DicomSeriesStore:
@@ -59,7 +69,8 @@ class DicomSeriesStore:
                            peer: str | None = None) -> int:
         """Record a received instance and its series, committed; the instance id. An instance
         sent again replaces the earlier copy (it is classified again, counted once) and a
-        completed series it belongs to goes back to 'receiving'. Free text that is not valid
+        completed series it belongs to goes back to 'receiving'; sent again under another series,
+        it moves there, and a series it leaves empty is dropped. Free text that is not valid
         Unicode is stored with U+FFFD in its place; a UID that is not is a StoreError."""
         require_unicode(self.path, SOPInstanceUID=sop_instance_uid, StudyInstanceUID=study_uid,
                         SeriesInstanceUID=series_uid)
@@ -81,7 +92,7 @@ class DicomSeriesStore:
                      now, now)).lastrowid)
             fields = (sop_class_uid, series_id, instance_number, slice_location,
                       spool_path, int(nbytes), sha256, now, calling_ae, peer)
-            old = db.execute("SELECT id FROM dicom_instances WHERE "
+            old = db.execute("SELECT id, series_id FROM dicom_instances WHERE "
                              "sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
             if old:
                 db.execute(
@@ -90,6 +101,8 @@ class DicomSeriesStore:
                     "sha256 = ?, received_at = ?, calling_ae = ?, peer = ?, "
                     "state = 'received', result_id = NULL WHERE id = ?", (*fields, old[0]))
                 instance_id = int(old[0])
+                if int(old[1]) != series_id:
+                    _moved(db, int(old[1]), series_id)
             else:
                 instance_id = int(db.execute(
                     "INSERT INTO dicom_instances (sop_class_uid, series_id, instance_number, "
@@ -135,12 +148,13 @@ class DicomSeriesStore:
 
     def stable_dicom_series(self, received_before: datetime) -> list[int]:
         """Series still 'receiving' whose last instance came before the given time and whose
-        instances are all classified."""
+        instances, one at least, are all classified."""
         cutoff = utc_text(received_before)
         rows = self._read(
             "SELECT s.id FROM dicom_series s WHERE s.state = 'receiving' AND "
             "s.last_received_at <= ? AND NOT EXISTS (SELECT 1 FROM dicom_instances i WHERE "
-            "i.series_id = s.id AND i.state = 'received') ORDER BY s.id", (cutoff,))
+            "i.series_id = s.id AND i.state = 'received') AND EXISTS (SELECT 1 FROM "
+            "dicom_instances i WHERE i.series_id = s.id) ORDER BY s.id", (cutoff,))
         return [int(row[0]) for row in rows]
 
     def dicom_series_slices(self, series_id: int) -> list[dict[str, Any]]:
@@ -163,17 +177,27 @@ class DicomSeriesStore:
     def complete_dicom_series(self, series_id: int, *, status: str | None, label: str | None,
                               probabilities: Mapping[str, float], reason: str | None,
                               aggregate: str, counts: Mapping[str, int],
-                              bundle_sha256: str | None = None, report: str | None = None) -> None:
-        """Store a series result and mark the series 'complete' (committed)."""
+                              bundle_sha256: str | None = None, report: str | None = None,
+                              slices: Mapping[int, int | None] | None = None) -> bool:
+        """Store a series result and mark the series 'complete' (committed); True when done.
+        With `slices` (instance id -> result id: what the result was computed from) only while
+        the series is 'receiving' and holds exactly those, all classified: False, and nothing
+        stored, once an instance came, came again or left meanwhile (it completes later)."""
         probabilities = dict(probabilities)
+        where = "id = ?" if slices is None else "id = ? AND state = 'receiving'"
         with transaction(self._db, self._lock, self.path) as db:
-            db.execute(
+            if slices is not None and (None in slices.values() or dict(db.execute(
+                    "SELECT id, result_id FROM dicom_instances WHERE series_id = ?",
+                    (int(series_id),)).fetchall()) != dict(slices)):
+                return False
+            changed = db.execute(
                 "UPDATE dicom_series SET state = 'complete', completed_at = ?, status = ?, "
                 "reason = ?, label = ?, confidence = ?, probabilities = ?, aggregate = ?, "
-                "counts = ?, bundle_sha256 = ?, report = ? WHERE id = ?",
+                f"counts = ?, bundle_sha256 = ?, report = ? WHERE {where}",
                 (utc_now(), status, reason, label, probabilities.get(label) if label else None,
                  json.dumps(probabilities), aggregate, json.dumps(dict(counts)), bundle_sha256,
-                 report, int(series_id)))
+                 report, int(series_id))).rowcount
+        return bool(changed)
 
     def get_dicom_series(self, series_id: int | None = None,
                          series_uid: str | None = None) -> dict[str, Any] | None:
