@@ -24,6 +24,10 @@ STATUSES = ("ok", "uncertain", "out_of_domain")
 CHECK_OFF = "domain check off (research use): the label is forced"
 
 
+class InferenceError(InputError):
+    """The model gave no usable answer for one input (probabilities that are not finite)."""
+
+
 @dataclass
 class Prediction:
     """One classified input.
@@ -218,6 +222,11 @@ class Classifier:
 
     def _result(self, path: str, probabilities: np.ndarray, timings: dict[str, float],
                 score: float | None = None, info: DicomInfo | None = None) -> Prediction:
+        if not np.isfinite(probabilities).all():
+            # NaN compares false with everything: argmax and the operating point would make a
+            # label out of it, and JSON has no NaN to store or send.
+            raise InferenceError(path, "the model's output for this input is not finite (NaN or "
+                                       "infinity); there is no result to give")
         probs = {label: float(p) for label, p in zip(self.labels, probabilities, strict=True)}
         label, status, reason = self.decide(probabilities, score, info)
         return Prediction(path=path, label=label, probabilities=probs, status=status,

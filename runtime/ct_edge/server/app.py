@@ -20,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 from .. import DISCLAIMER, __version__
 from ..classifier import STATUSES
 from ..store import StoreError
+from .body import DIGITS, BodyHandler, LingeringCloser
 from .metrics import Metrics
 from .oip import infer, model_metadata, server_metadata
 from .service import Busy, ClientError, Service, display_name
@@ -42,7 +43,6 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY"}
 MAX_NAME = 200
 MAX_RESULT_ID = 2**63 - 1
-DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 @dataclass
@@ -116,6 +116,7 @@ class Server(ThreadingHTTPServer):
         self.assets = _load_assets()
         self._connections = 0
         self._connections_lock = threading.Lock()
+        self._refused = LingeringCloser(self.shutdown_request)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), Handler)
@@ -136,7 +137,7 @@ class Server(ThreadingHTTPServer):
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
                                 b"Content-Type: application/json\r\nConnection: close\r\n"
                                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            self.shutdown_request(request)
+            self._refused.close(request)  # a body may be on its way: the 503 must reach it
             return
         super().process_request(request, client_address)
 
@@ -170,10 +171,12 @@ def _load_assets() -> dict[str, tuple[bytes, str]]:
     return assets
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(BodyHandler):
     """One connection: requests are read here, the work runs in the Service's workers."""
 
     server: Server
+    _route = "other"  # the endpoint and start time of the request being answered, for metrics
+    _started: float | None = None
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out in separate writes
     server_version = f"ct-edge/{__version__}"
@@ -185,6 +188,15 @@ class Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.config.idle_timeout_s
         super().setup()
 
+    @property
+    def body_limit(self) -> int:
+        return self.server.config.max_body_bytes
+
+    def handle_one_request(self) -> None:
+        # A keep-alive request refused before it is routed (414, bad headers) is not the last one.
+        self._route, self._started = "other", None
+        super().handle_one_request()
+
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.config.access_log:
             sys.stderr.write(f"{self.address_string()} {format % args}\n")
@@ -193,8 +205,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors http.server raises itself (bad request line, unsupported method) as JSON."""
-        self._route = getattr(self, "_route", "other")
-        self._started = getattr(self, "_started", time.perf_counter())
         text = message or HTTPStatus(code).phrase
         if getattr(self, "request_version", "") == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # so the status line and headers are sent
@@ -229,8 +239,9 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.server.metrics.observe(self._route, self.command or "-", status,
-                                    time.perf_counter() - self._started)
+        now = time.perf_counter()
+        self.server.metrics.observe(self._route, self.command or "", status,
+                                    now - (self._started or now))
 
     def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload, allow_nan=False).encode()
@@ -247,12 +258,28 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_OPTIONS(self) -> None:
         self._started, self._route = time.perf_counter(), "preflight"
-        self._drain_body()
+        try:
+            self.drain_body()
+        except ClientError as exc:
+            self._refuse(exc)
+            return
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+            return
         self._send(204, b"", "text/plain", {
             "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type, "
                                             "Inference-Header-Content-Length",
             "Access-Control-Max-Age": "600"})
+
+    def _refuse(self, exc: ClientError) -> None:
+        headers = dict(exc.headers)
+        if not self.body_read or self.close_connection:
+            # A body left unread (refused before it was read: 401, 404, 413, 503...) would be
+            # taken for the next request; an unauthenticated upload is never kept, only drained.
+            self.close_unread()
+            headers["Connection"] = "close"
+        self._json(exc.status, {"error": exc.message}, headers)
 
     def _match(self, path: str) -> tuple[str, dict[str, str]]:
         allowed = []
@@ -279,7 +306,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self._started, self._route = time.perf_counter(), "other"
-        body_read = False
         try:
             try:
                 url = urlsplit(self.path)
@@ -300,17 +326,10 @@ class Handler(BaseHTTPRequestHandler):
                 # Refused before the body is read: a full server does not buffer more uploads.
                 self.close_connection = True
                 raise Busy()
-            body = self._read_body() if self.command == "POST" else self._drain_body()
-            body_read = True
+            body = self.read_body() if self.command == "POST" else self.drain_body()
             getattr(self, f"_{name}")(params, {k: v[-1] for k, v in query.items()}, body)
         except ClientError as exc:
-            headers = dict(exc.headers)
-            if not body_read or self.close_connection:
-                # A body left unread (refused before it was read: 401, 404, 413, 503...) would be
-                # taken for the next request; an unauthenticated upload is never read at all.
-                self.close_connection = True
-                headers["Connection"] = "close"
-            self._json(exc.status, {"error": exc.message}, headers)
+            self._refuse(exc)
         except StoreError as exc:
             self._json(503, {"error": f"results store unavailable: {exc}"}, {"Retry-After": "5"})
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -319,37 +338,6 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             self.close_connection = True
             self._json(500, {"error": "internal error (a bug; see the server log)"})
-
-    def _content_length(self) -> int:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise ClientError(411, "chunked bodies are not accepted; send Content-Length")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return -1
-        if not DIGITS.fullmatch(raw.strip()):
-            self.close_connection = True
-            raise ClientError(400, "Content-Length is not a number")
-        length = int(raw)
-        if length > self.server.config.max_body_bytes:
-            raise ClientError(413, f"body of {length} bytes is over the "
-                                   f"{self.server.config.max_body_bytes}-byte limit")
-        return length
-
-    def _read_body(self) -> bytes:
-        length = self._content_length()
-        if length < 0:
-            raise ClientError(411, "a POST needs a Content-Length")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise ConnectionResetError("body shorter than Content-Length")
-        return body
-
-    def _drain_body(self) -> bytes:
-        length = self._content_length()
-        if length > 0:
-            self.rfile.read(length)
-        return b""
 
     # --- the page -------------------------------------------------------------------------------
 

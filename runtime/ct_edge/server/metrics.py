@@ -9,10 +9,13 @@ from collections.abc import Callable
 
 # Seconds; a 128-px PNG takes a few milliseconds, a heatmap by occlusion about a second.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Any method reaches the router (405), and labels are kept forever: an unknown one is "other".
+METHODS = ("GET", "HEAD", "POST", "OPTIONS")
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def _escape(value: object) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 class Metrics:
@@ -30,7 +33,9 @@ class Metrics:
         self._capacity = capacity
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        """Count one answered request; `endpoint` is the route, never the raw path."""
+        """Count one answered request; `endpoint` is the route, never the raw path, and `method`
+        is counted as itself only when it is one of METHODS."""
+        method = method if method in METHODS else "other"
         with self._lock:
             self._requests[(endpoint, method, status)] += 1
             buckets = self._buckets.setdefault(endpoint, [0] * len(BUCKETS))
@@ -46,7 +51,8 @@ class Metrics:
         with self._lock:
             for (endpoint, method, status), count in sorted(self._requests.items()):
                 lines.append(f'ct_edge_requests_total{{endpoint="{_escape(endpoint)}",'
-                             f'method="{method}",status="{status}"}} {count}')
+                             f'method="{_escape(method)}",status="{_escape(status)}"}} '
+                             f"{count}")
             lines += ["# HELP ct_edge_request_seconds Time from request read to response sent.",
                       "# TYPE ct_edge_request_seconds histogram"]
             for endpoint in sorted(self._buckets):

@@ -167,7 +167,7 @@ def _bytes_elements(tensor: dict, count: int, request_parameters: dict,
 
 
 def _fp32_batch(tensor: dict, shape: list[int], expected: tuple[int, int, int],
-                binary: _Binary) -> np.ndarray:
+                value_range: tuple[float, float], binary: _Binary) -> np.ndarray:
     if len(shape) == 3:
         shape = [1, *shape]
     if len(shape) != 4 or tuple(shape[1:]) != expected:
@@ -195,6 +195,12 @@ def _fp32_batch(tensor: dict, shape: list[int], expected: tuple[int, int, int],
             raise bad("FP32 input holds a number out of float32 range") from None
     if not np.isfinite(values).all():
         raise bad("FP32 input holds NaN or infinity")
+    low, high = value_range
+    # Finite but far out (3e38) an fp32 model overflows to NaN; nothing else is preprocessed.
+    if values.min() < low or values.max() > high:
+        raise bad(f"FP32 input values must lie in [{low:g}, {high:g}], the range the bundle's "
+                  f"preprocessing produces (parameters.preprocess in the model metadata); got "
+                  f"{values.min():g} to {values.max():g}")
     return values.reshape(shape)
 
 
@@ -287,13 +293,11 @@ def _classify_fp32(service: Service, tensor: dict, shape: list[int], binary: _Bi
                    name: str) -> list[tuple[Prediction, str]]:
     """Each preprocessed FP32 input -> (prediction, sha256 of its float32 bytes), none stored."""
     spec = service.classifier.spec
-    batch = _fp32_batch(tensor, shape, (spec.size, spec.size, spec.channels), binary)
-    answered = []
-    for index, x in enumerate(batch):
-        prediction = service.classifier.predict(x)
-        prediction.path = f"{name}[{index}]"
-        answered.append((prediction, sha256_bytes(x.tobytes())))
-    return answered
+    low, high = spec.to_dict()["range"]
+    batch = _fp32_batch(tensor, shape, (spec.size, spec.size, spec.channels), (low, high),
+                        binary)
+    return [(service.predict_array(x, f"{name}[{index}]"), sha256_bytes(x.tobytes()))
+            for index, x in enumerate(batch)]
 
 
 def _output(name: str, top: int | None, predictions: list[Prediction],

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from ..classifier import Classifier, Prediction
+from ..classifier import Classifier, InferenceError, Prediction
 from ..errors import InputError
 from ..preprocess import is_dicom
 from ..store import Store, bundle_identity, sha256_bytes
@@ -46,6 +46,15 @@ class ClientError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+def _refusal(exc: InputError, source: str) -> ClientError:
+    """The answer to an input the classifier could not take: 415 for a format it does not
+    support, 422 when the model gave no finite answer, else 400."""
+    message = f"{source}: {exc.problem}"
+    if isinstance(exc, InferenceError):  # a well-formed input the model cannot classify
+        return ClientError(422, message)
+    return ClientError(415 if "unsupported" in exc.problem else 400, message)
 
 
 class Busy(ClientError):
@@ -167,8 +176,17 @@ class Service:
         try:
             prediction = self.classifier.predict(data)
         except InputError as exc:
-            status = 415 if "unsupported" in exc.problem else 400
-            raise ClientError(status, f"{source}: {exc.problem}") from None
+            raise _refusal(exc, source) from None
+        prediction.path = source
+        return prediction
+
+    def predict_array(self, x: np.ndarray, source: str) -> Prediction:
+        """One preprocessed input -> its prediction (not stored); ClientError (422) when the model
+        gives no finite answer."""
+        try:
+            prediction = self.classifier.predict(x)
+        except InputError as exc:
+            raise _refusal(exc, source) from None
         prediction.path = source
         return prediction
 

@@ -78,9 +78,10 @@ def read(db: sqlite3.Connection, lock: threading.Lock | threading.RLock, path: P
 
 
 def decode_json(text: str | None, path: Path) -> Any:
-    """A JSON column's value; StoreError when a damaged row holds something else."""
+    """A JSON column's value; StoreError when a damaged row holds something else. NaN and
+    infinity (in rows written before they were refused) read as None: JSON cannot send them."""
     try:
-        return json.loads(text or "{}")
+        return json.loads(text or "{}", parse_constant=lambda _: None)
     except (ValueError, RecursionError):
         raise StoreError(f"cannot read the results store {path}: a damaged row") from None
 
@@ -116,13 +117,18 @@ def result_values(*, source: str, origin: str, status: str | None, label: str | 
                   timings_ms: Mapping[str, float] | None, error: str | None, sha256: str | None,
                   bundle_sha256: str | None, artifact: str | None, artifact_sha256: str | None,
                   heatmap: str | None) -> tuple:
-    """One `results` row in INSERT_RESULT's column order."""
+    """One `results` row in INSERT_RESULT's column order; StoreError for a number that is not
+    finite (NaN or infinity), which no reader of the row could send as JSON."""
     probabilities = dict(probabilities or {})
     confidence = probabilities.get(label) if label is not None else None
-    values = (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256, status,
-              reason, label, confidence, json.dumps(probabilities),
-              json.dumps(dict(timings_ms or {})), heatmap, error, origin)
-    return values
+    try:
+        encoded = [json.dumps(value, allow_nan=False)
+                   for value in (probabilities, dict(timings_ms or {}))]
+    except ValueError:
+        raise StoreError(f"refused the result for {source}: a number in it is not finite "
+                         "(NaN or infinity)") from None
+    return (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256, status,
+            reason, label, confidence, *encoded, heatmap, error, origin)
 
 
 def utc_now() -> str:
