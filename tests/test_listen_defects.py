@@ -263,3 +263,18 @@ def test_a_stopped_node_leaves_no_process_wide_setting(ct_bundle: Path,
         with pytest.raises(OSError):
             node.start()
     assert settings() == before
+
+
+def test_a_report_that_cannot_be_written_leaves_no_temporary_file(tmp_path: Path) -> None:
+    from ct_edge.dicom_node.report import save_report
+
+    class HalfWritten:
+        SOPInstanceUID = generate_uid()
+
+        def save_as(self, path: Path, **kwargs) -> None:
+            Path(path).write_bytes(b"half a report")  # what a full disk leaves
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        save_report(HalfWritten(), tmp_path / "reports")
+    assert list((tmp_path / "reports").iterdir()) == []

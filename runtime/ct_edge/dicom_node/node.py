@@ -48,7 +48,7 @@ from .contexts import (
     storage_classes,
 )
 from .header import read_header
-from .report import BASIC_TEXT_SR, build_report, save_report
+from .report import build_report, forward_report, remove_report, save_report
 from .series import aggregate
 
 log = logging.getLogger("ct_edge.listen")
@@ -428,7 +428,7 @@ class Node:
             slices={s["instance_id"]: s["result_id"] for s in slices})
         if not completed:
             if report is not None:
-                self._remove_report(report)
+                remove_report(report)
             log.info("series %s changed while it was completed: it completes later",
                      series["series_uid"])
             return None
@@ -451,32 +451,8 @@ class Node:
                       one_line(exc))
             return None
 
-    def _remove_report(self, path: Path) -> None:
-        """Delete the report of a completion that was abandoned (no series refers to it)."""
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", path, one_line(exc))
-
     def _forward(self, path: Path) -> None:
-        from pynetdicom import AE
-
-        target = self.config.forward
-        ae = AE(ae_title=self.config.ae_title)
-        ae.add_requested_context(BASIC_TEXT_SR, "1.2.840.10008.1.2.1")
-        try:
-            assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
-            if not assoc.is_established:
-                log.error("forward to %s@%s:%d: association not established", target.ae_title,
-                          target.host, target.port)
-                return
-            status = assoc.send_c_store(path)
-            assoc.release()
-            code = getattr(status, "Status", None)
-            log.info("report %s forwarded to %s@%s:%d: status 0x%04X", path.name, target.ae_title,
-                     target.host, target.port, code if code is not None else 0xFFFF)
-        except Exception as exc:  # a network error must not stop the node
-            log.error("forward to %s: %s", target.ae_title, one_line(exc))
+        forward_report(path, self.config.forward, self.config.ae_title)
 
     def _housekeeping(self) -> None:
         """Spool retention, and temporary files of transfers that were aborted."""

@@ -8,12 +8,17 @@ and says in its series description and its first item that it is not for diagnos
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import DISCLAIMER, __version__
+from ..errors import one_line
+from ..files import fsync_dir
+
+log = logging.getLogger("ct_edge.listen")
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 SERIES_DESCRIPTION = "ct-edge research result - not for diagnostic use"
@@ -107,12 +112,48 @@ def build_report(series: dict[str, Any], instances: Sequence[tuple[str, str]],
 
 
 def save_report(ds, folder: Path) -> Path:
-    """Write the SR atomically as `<folder>/<SOPInstanceUID>.dcm`."""
+    """Write the SR atomically and durably as `<folder>/<SOPInstanceUID>.dcm` (the store names
+    it); a failed write leaves no temporary file."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     tmp = folder / f".{path.name}.tmp"
-    ds.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
     return path
+
+
+def remove_report(path: Path) -> None:
+    """Delete the report of a completion that was abandoned (no series refers to it)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, one_line(exc))
+
+
+def forward_report(path: Path, target: Any, ae_title: str) -> None:
+    """C-STORE the report to `target` (host, port, ae_title); a failure is logged, not raised:
+    a network error must not stop the node."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(BASIC_TEXT_SR, "1.2.840.10008.1.2.1")
+    try:
+        assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+        if not assoc.is_established:
+            log.error("forward to %s@%s:%d: association not established", target.ae_title,
+                      target.host, target.port)
+            return
+        status = assoc.send_c_store(path)
+        assoc.release()
+        code = getattr(status, "Status", None)
+        log.info("report %s forwarded to %s@%s:%d: status 0x%04X", path.name, target.ae_title,
+                 target.host, target.port, code if code is not None else 0xFFFF)
+    except Exception as exc:
+        log.error("forward to %s: %s", target.ae_title, one_line(exc))
