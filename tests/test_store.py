@@ -9,6 +9,7 @@ import os
 import random
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -473,3 +474,21 @@ def test_a_folder_that_cannot_be_synced_is_no_error_but_an_io_error_is(
             with pytest.raises(StoreError):
                 _add(store, heatmap_png=PNG)
             assert store.count() == 0 and not list((tmp_path / "heatmaps").glob("*"))
+
+
+def test_heatmaps_no_row_names_are_removed_once_old(tmp_path: Path) -> None:
+    """A kill between a heatmap file and its row's commit leaves an orphan; `serve` sweeps them
+    at start, sparing young files another process may be about to commit."""
+    with Store(tmp_path) as store:
+        kept = store.heatmap_path(_add(store, heatmap_png=PNG))
+        old_orphan = store.heatmaps / ("ab" * 16 + ".png")
+        old_temp = store.heatmaps / f".{'cd' * 16}.png.tmp"
+        young_orphan = store.heatmaps / ("ef" * 16 + ".png")
+        for path in (old_orphan, old_temp, young_orphan):
+            path.write_bytes(PNG)
+        hours_ago = time.time() - 7200
+        for path in (kept, old_orphan, old_temp):
+            os.utime(path, (hours_ago, hours_ago))
+        assert store.remove_orphan_heatmaps() == 2
+        assert sorted(p.name for p in store.heatmaps.iterdir()) == sorted(
+            [kept.name, young_orphan.name])

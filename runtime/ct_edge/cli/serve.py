@@ -144,6 +144,7 @@ def serve(args: argparse.Namespace, config: Any) -> int:
     with native_info_silenced():
         classifier = Classifier.from_bundle(args.bundle, artifact=args.artifact)
     store = Store(data_dir)
+    store.remove_orphan_heatmaps()  # what a kill between a heatmap and its row left
     service = Service(classifier, store, workers=config.workers, queue_size=config.queue_size,
                       timeout_s=config.timeout_s)
     try:

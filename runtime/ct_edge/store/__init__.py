@@ -14,11 +14,13 @@ The schema and its migrations are in `store.schema`; the DICOM instances and ser
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +50,8 @@ DB_NAME = "results.sqlite3"
 HEATMAP_DIR = "heatmaps"
 HEATMAP_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
 BUSY_TIMEOUT_MS = 10_000
+# A heatmap file no row names is an orphan once older than this (a request takes seconds).
+ORPHAN_AFTER_S = 3600.0
 
 
 def default_data_dir() -> Path:
@@ -190,6 +194,21 @@ class Store(DicomSeriesStore):
                 raise StoreError(f"cannot write a heatmap to {self.heatmaps}: {exc}") from None
             raise
         return name
+
+    def remove_orphan_heatmaps(self, older_than_s: float = ORPHAN_AFTER_S) -> int:
+        """Delete heatmap files (and temporary ones) that no row names and that are older than
+        `older_than_s`, what a kill between the file and its row's commit leaves; the number
+        removed. The age keeps a file another process is about to commit."""
+        horizon = time.time() - older_than_s
+        named = {row[0] for row in self._read(
+            "SELECT heatmap FROM results WHERE heatmap IS NOT NULL")}
+        removed = 0
+        for path in self.heatmaps.iterdir():
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+                if path.name not in named and path.is_file() and path.stat().st_mtime < horizon:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def get(self, result_id: int) -> dict[str, Any] | None:
         rows = self._read(f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE id = ?",
