@@ -492,3 +492,15 @@ def test_heatmaps_no_row_names_are_removed_once_old(tmp_path: Path) -> None:
         assert store.remove_orphan_heatmaps() == 2
         assert sorted(p.name for p in store.heatmaps.iterdir()) == sorted(
             [kept.name, young_orphan.name])
+
+
+def test_a_slice_location_stored_as_infinity_reads_as_absent(tmp_path: Path) -> None:
+    """Stores written before the header check refused infinity must not fail every JSON answer
+    about the series."""
+    with Store(tmp_path) as store:
+        store.add_dicom_instance(sop_instance_uid="1.2.3.1", study_uid="1.2", series_uid="1.2.3",
+                                 spool_path="1.dcm", nbytes=1, slice_location=float("inf"))
+        series_id = store.get_dicom_series(series_uid="1.2.3")["id"]
+        (only,) = store.dicom_series_slices(series_id)
+        assert only["slice_location"] is None
+        json.dumps(only, allow_nan=False)

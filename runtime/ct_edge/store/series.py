@@ -6,6 +6,7 @@ the same explicit transactions; the tables are migration v2 in `schema`.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
@@ -172,6 +173,8 @@ class DicomSeriesStore:
         slices = [dict(zip(keys, row, strict=True)) for row in rows]
         for item in slices:
             item["probabilities"] = decode_json(item["probabilities"], self.path)
+            if not math.isfinite(item["slice_location"] or 0.0):
+                item["slice_location"] = None  # stored before the header check refused infinity
         return slices
 
     def complete_dicom_series(self, series_id: int, *, status: str | None, label: str | None,
