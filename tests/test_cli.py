@@ -541,7 +541,21 @@ def test_info_json(capsys, bundle: Path, manifest: dict) -> None:
     code, out, _ = run(capsys, "info", "--json", "--bundle", bundle)
     data = json.loads(out)
     assert code == 0 and data["manifest"] == manifest
-    assert data["checks"] == {a["name"]: "ok" for a in manifest["artifacts"]}
+    gate = {manifest["domain"]["file"]: "ok"} if "method" in manifest.get("domain", {}) else {}
+    assert data["checks"] == {**{a["name"]: "ok" for a in manifest["artifacts"]}, **gate}
+
+
+def test_info_checks_the_domain_gate_file_as_classify_does(capsys, tiny_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    """A damaged domain.npz made classify refuse the bundle while info said every file was ok."""
+    copy = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    gate = copy / json.loads((copy / "manifest.json").read_text())["domain"]["file"]
+    data = bytearray(gate.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    gate.write_bytes(bytes(data))
+    code, out, err = run(capsys, "info", "--bundle", copy)
+    assert code == 2 and "does not match its sha256" in err and len(err.splitlines()) == 1
+    assert f"{gate.name}: " in out and "does not match its sha256" in out
 
 
 # --- the real process ----------------------------------------------------------------------

@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = Bundle.load(args.bundle)
     checks = {name: check_artifact(artifact) for name, artifact in bundle.artifacts.items()}
+    gate_file = bundle.domain.get("file") if "method" in bundle.domain else None
+    if gate_file is not None:
+        checks[str(gate_file)] = check_gate(bundle)
     if args.json:
         print(json.dumps({"path": str(bundle.root), "manifest": bundle.manifest, "checks": checks},
                          indent=2, ensure_ascii=False))
@@ -54,22 +57,33 @@ def run(args: argparse.Namespace) -> int:
         print(text)
     bad = {name: check for name, check in checks.items() if check != "ok"}
     if bad:
-        error("; ".join(f"artifact {name!r}: {check}" for name, check in bad.items())
-               + f" - {REBUILD_BUNDLE}")
+        error("; ".join(f"{'artifact ' if name in bundle.artifacts else ''}{name!r}: {check}"
+                        for name, check in bad.items()) + f" - {REBUILD_BUNDLE}")
         return EXIT_USAGE
     return EXIT_OK
 
 
 def check_artifact(artifact: Artifact) -> str:
-    """'ok', 'missing' or 'sha256 mismatch' for one model file."""
-    from ..errors import BundleError
+    """'ok', 'missing', or why the model file cannot be used (its size or sha256, say)."""
+    from ..errors import BundleError, one_line
 
-    if not artifact.path.is_file():
+    if not artifact.path.exists():
         return "missing"
     try:
         artifact.read_verified()
-    except BundleError:
-        return "sha256 mismatch"
+    except BundleError as exc:
+        return one_line(exc)
+    return "ok"
+
+
+def check_gate(bundle: Bundle) -> str:
+    """'ok', or why the domain gate's statistics cannot be used (the same check classify makes)."""
+    from ..errors import BundleError, one_line
+
+    try:
+        bundle.feature_gate()
+    except BundleError as exc:
+        return one_line(exc)
     return "ok"
 
 
@@ -79,6 +93,7 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
 
     manifest = bundle.manifest
     spec = bundle.spec
+    gate_file = str(bundle.domain.get("file"))
     contract = manifest.get("input", {})
     shape = "x".join("N" if d in (None, -1) else str(d) for d in contract.get("shape", []))
     value_range = contract.get("range", [0, 1])
@@ -96,7 +111,8 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
         ("calibration", f"temperature {bundle.temperature:g}, uncertain below "
                         f"{bundle.uncertain_below:.1%}"),
         ("  chosen by", _operating_point_line(bundle.operating_point)),
-        ("domain", _domain_line(bundle.domain)),
+        ("domain", _domain_line(bundle.domain)
+                   + (f"; {gate_file}: {checks[gate_file]}" if gate_file in checks else "")),
         ("default", str(bundle.default or "(none: smallest artifact that passed parity)")),
         ("explain", _explain_line(manifest.get("explain"))),
     ]
