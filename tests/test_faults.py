@@ -117,7 +117,7 @@ def _kill_convert(model: Path, previous: Path, out: Path, formats: list[str],
 def _check_after_kill(out: Path, before: dict[str, str], new_formats: list[str]) -> str:
     """`out` holds the previous bundle, untouched, or (killed after the swap) the complete new
     one; no leftover beside it is usable; the next run's recovery clears the leftovers."""
-    from convert import staging
+    from training.folders import recover
 
     after = _snapshot(out)
     bundle = _verify(out)
@@ -135,7 +135,7 @@ def _check_after_kill(out: Path, before: dict[str, str], new_formats: list[str])
                 staged.select()
         else:  # killed after the last write, before the swap: the complete new bundle
             _verify(leftover)
-    staging.recover(out)
+    recover(out)
     assert list(out.parent.glob(f".{out.name}.*")) == [], "recovery leaves nothing behind"
     assert _snapshot(out) == after
     return state
