@@ -76,6 +76,13 @@ def check_artifact(artifact: Artifact) -> str:
     return "ok"
 
 
+def short_check(check: str) -> str:
+    """A file check as one word or two for the artifact table (the error line gives it whole)."""
+    if check in ("ok", "missing", "?"):
+        return check
+    return "sha256 mismatch" if "does not match" in check else "unusable"
+
+
 def check_gate(bundle: Bundle) -> str:
     """'ok', or why the domain gate's statistics cannot be used (the same check classify makes)."""
     from ..errors import BundleError, one_line
@@ -120,7 +127,8 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
 
     header = ("artifact", "format", "precision", "size", "status", "file", "parity")
     rows = [(a.name, a.format, a.precision, _size(a.bytes), a.status,
-             checks.get(a.name, "?"), _figures(a.parity)) for a in bundle.artifacts.values()]
+             short_check(checks.get(a.name, "?")), _figures(a.parity))
+            for a in bundle.artifacts.values()]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     out.append("")
     for row in [header, *rows]:
