@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import TYPE_CHECKING, Any
 
 from . import IMAGE_SUFFIXES
 from .errors import EMPTY_PATH, CtEdgeError
+from .limits import DECODE_BUDGET_BYTES
 
 if TYPE_CHECKING:
     from .classifier import Classifier, Prediction
@@ -92,11 +94,14 @@ def has_dicom_magic(path: str) -> bool:
 
 
 def predictions(classifier: Classifier, items: list[tuple[str, str | None]],
-                workers: int = DECODE_WORKERS) -> Iterator[Prediction]:
+                workers: int = DECODE_WORKERS,
+                budget: int = DECODE_BUDGET_BYTES) -> Iterator[Prediction]:
     """One Prediction per item, in order; files are decoded a few ahead in a small thread pool.
 
     Pillow and pydicom's numpy work release the GIL and the engine call is serialised by the
-    backend's lock, so decoding the next file overlaps inference on the current one.
+    backend's lock, so decoding the next file overlaps inference on the current one. Files in
+    flight together cost at most `budget` bytes by their headers (`decode_cost`); a file over it,
+    or one whose header cannot be read, is decoded alone (limits.MEMORY_BOUND_MB).
     """
     if workers <= 1 or len(items) <= 1:
         yield from (classify_one(classifier, path, error) for path, error in items)
@@ -105,19 +110,40 @@ def predictions(classifier: Classifier, items: list[tuple[str, str | None]],
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(workers, thread_name_prefix="ct-edge-decode") as pool:
-        pending: deque = deque()
-        queue = iter(items)
-        # A bounded look-ahead, so Ctrl-C or a closed pipe waits for a few files, not all of them.
-        for path, error in queue:
-            pending.append(pool.submit(classify_one, classifier, path, error))
+        pending: deque[Future] = deque()
+        in_flight: dict[Future, int] = {}  # submitted, not finished -> estimated bytes
+        for path, error in items:
+            cost = item_cost(classifier, path, error, budget)
+            wait_for_room(in_flight, cost, budget)
+            future = pool.submit(classify_one, classifier, path, error)
+            in_flight[future] = cost
+            pending.append(future)
+            # A bounded look-ahead, so Ctrl-C or a closed pipe waits for a few files, not all.
             if len(pending) >= 2 * workers:
-                break
+                yield pending.popleft().result()
         while pending:
-            result = pending.popleft().result()
-            following = next(queue, None)
-            if following is not None:
-                pending.append(pool.submit(classify_one, classifier, *following))
-            yield result
+            yield pending.popleft().result()
+
+
+def item_cost(classifier: Classifier, path: str, error: str | None, budget: int) -> int:
+    """Estimated bytes classifying `path` takes, from its header; `budget` (alone) if unknown."""
+    if error is not None:
+        return 0
+    from .preprocess import decode_cost
+
+    cost = decode_cost(path, classifier.spec)
+    return budget if cost is None else min(cost, budget)
+
+
+def wait_for_room(in_flight: dict[Future, int], cost: int, budget: int) -> None:
+    """Block until `cost` more bytes fit in `budget` beside the unfinished futures (forgetting
+    finished ones), or none is left: a file costing the whole budget waits to run alone."""
+    while in_flight:
+        for future in [f for f in in_flight if f.done()]:
+            del in_flight[future]
+        if not in_flight or sum(in_flight.values()) + cost <= budget:
+            return
+        wait(list(in_flight), return_when=FIRST_COMPLETED)
 
 
 def classify_one(classifier: Classifier, path: str, error: str | None) -> Prediction:

@@ -1,5 +1,9 @@
 """What the runtime accepts, and the memory bound those limits are chosen to meet."""
 
+from __future__ import annotations
+
+from .errors import InputError
+
 # The memory bound: peak RSS of the runtime process (engine and model loaded) classifying any
 # input it accepts, so a 1 GB Pi-class board keeps room for the rest. The limits below are chosen
 # to meet it (benchmarks.memory.limit_input makes the largest accepted input of each kind).
@@ -15,3 +19,30 @@ MAX_SIDE = 16_384
 # The whole file is read into memory: an uncompressed 16-bit DICOM at MAX_PIXELS is 37 MB.
 MAX_FILE_BYTES = 64 * 1024 * 1024
 STRIP_ROWS = 256  # rows converted to gray at a time: no whole-image temporaries
+# Every scan of a progressive JPEG walks the whole image again: 20,000 copies of one small scan
+# (753 kB) took 29 s, and the cost grows with the count, not the pixels. libjpeg's own progressive
+# scripts use 6-10 scans; an EXIF thumbnail adds its own.
+MAX_JPEG_SCANS = 100
+# Text chunks Pillow keeps from a PNG (its defaults: 1 MiB decompressed per chunk, 64 MiB in all,
+# which took the largest accepted PNG from 200 to 263 MB). One chunk's limit also bounds an ICC
+# profile, so it stays at Pillow's 1 MiB; a film's text (software, XMP) is a few kB in all.
+MAX_PNG_TEXT_CHUNK = 1024 * 1024
+MAX_PNG_TEXT_BYTES = 1024 * 1024
+# `ct-edge classify` decodes the next file while the engine runs the current one. Decodes in flight
+# together may cost at most this much (preprocess.decode_cost, from the headers): what the bound
+# leaves beside the runtime itself (~55-95 MB with engine and gate). A larger input runs alone.
+DECODE_BUDGET_BYTES = 128 * 1024 * 1024
+
+
+def check_jpeg_scans(data: bytes, name: str, limit: int = MAX_JPEG_SCANS) -> None:
+    """Refuse a JPEG stream of over `limit` scans before it is decoded (InputError).
+
+    Each scan walks the whole image again, so a small file repeating one scan takes minutes (a
+    scan bomb); for JPEG frames in DICOM files too. Every 0xFFDA (start of scan) is counted:
+    entropy-coded data never holds one (0xFF there is followed by 0x00 or a restart marker), so
+    the count bounds the scans any decoder sees, at memory speed.
+    """
+    scans = data.count(b"\xff\xda")
+    if scans > limit:
+        raise InputError(name, f"JPEG has {scans} scan markers, over the {limit} scan limit "
+                               "(progressive scan bomb guard)")

@@ -15,20 +15,38 @@ import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from . import DICOM_SUFFIXES
 from .errors import EMPTY_PATH, InputError, one_line
-from .limits import MAX_FILE_BYTES, MAX_PIXELS, MAX_SIDE, STRIP_ROWS
+from .limits import (
+    MAX_FILE_BYTES,
+    MAX_PIXELS,
+    MAX_PNG_TEXT_BYTES,
+    MAX_PNG_TEXT_CHUNK,
+    MAX_SIDE,
+    STRIP_ROWS,
+    check_jpeg_scans,
+)
+
+# Pillow's PNG text limits are module globals its plugin reads while a file is opened, so they are
+# set once, here, where every ct-edge decode starts: changing them per call would race with other
+# threads opening PNGs. Pillow's defaults let text chunks add 64 MB to the largest PNG's peak.
+PngImagePlugin.MAX_TEXT_CHUNK = MAX_PNG_TEXT_CHUNK
+PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
 
 Source = str | Path | bytes
 Aspect = Literal["stretch", "letterbox", "crop"]
 Contrast = Literal["none", "stretch"]
 
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # more than 8 bits: gray becomes float32
+# Bytes a pixel of a Pillow image takes in memory; every other mode is stored in 4.
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
+_DICOM_SIZE_TAGS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated"]
+_DEFLATED_DICOM = b"1.2.840.10008.1.2.1.99"  # the transfer syntax UID
 _EXIF_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -178,6 +196,9 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
                                    "limit (decompression bomb guard)")
         if image.format not in ("PNG", "JPEG", "MPO"):
             raise InputError(name, f"unsupported image format {image.format}; use PNG, JPEG or DICOM")
+        _check_single_frame(image, name)
+        if image.format in ("JPEG", "MPO"):
+            check_jpeg_scans(data, name)
         if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
             image.draft("L", (spec.size, spec.size))
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
@@ -205,7 +226,85 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
     except MemoryError:
         raise InputError(name, "not enough memory to decode this image") from None
     except Exception as exc:  # Pillow's plugins raise many unrelated types for damaged files
-        raise InputError(name, f"corrupt or truncated image ({one_line(exc)})") from None
+        raise InputError(name, _damage(exc)) from None
+
+
+def _damage(exc: Exception) -> str:
+    """What Pillow's exception for a file it cannot decode says, as one line."""
+    if "MAX_TEXT" in str(exc):  # PngImagePlugin's text limits, set at import above
+        return (f"PNG text or ICC profile chunks are over the {MAX_PNG_TEXT_BYTES} byte limit "
+                "(decompression bomb guard)")
+    return f"corrupt or truncated image ({one_line(exc)})"
+
+
+def _check_single_frame(image: Image.Image, name: str) -> None:
+    """Refuse an animated PNG or a multi-picture JPEG (MPO): only its first frame would be seen."""
+    frames = int(getattr(image, "n_frames", 1) or 1)
+    if getattr(image, "is_animated", False) or frames > 1:
+        raise InputError(name, f"animated image ({frames} frames); send one frame")
+
+
+def decode_cost(source: str | Path, spec: PreprocessSpec = PreprocessSpec()) -> int | None:
+    """Estimated peak bytes `decode(source, spec)` allocates, from the file's header alone: the
+    file's bytes, its decoded pixels and its gray image. None when the header cannot be read."""
+    path = Path(source)
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # opening a FIFO would block
+            return None
+        if info.st_size > MAX_FILE_BYTES:  # refused unread
+            return 0
+        with path.open("rb") as handle:
+            head = handle.read(256)
+            handle.seek(0)
+            if is_dicom(head) or str(path).lower().endswith(DICOM_SUFFIXES):
+                work = _dicom_work_bytes(handle)
+            else:
+                work = _image_work_bytes(handle, spec)
+    except Exception:  # a damaged or unknown file: `decode` says what is wrong with it
+        return None
+    return None if work is None else info.st_size + work
+
+
+def _image_work_bytes(handle: BinaryIO, spec: PreprocessSpec) -> int:
+    """Bytes `decode` allocates for a PNG or JPEG besides the file's: decoded pixels, the gray
+    image and a progressive JPEG's coefficients (libjpeg keeps 2 bytes a sample at full size)."""
+    with Image.open(handle) as image:
+        width, height = image.size
+        coefficients = 0
+        if image.format in ("JPEG", "MPO"):
+            if image.info.get("progressive"):
+                coefficients = 2 * width * height * len(image.getbands())
+            if image.mode in ("RGB", "L"):
+                image.draft("L", (spec.size, spec.size))  # as `decode` does: no pixels read
+        gray = 4 if image.mode in _DEEP_MODES else 1
+        return coefficients + image.size[0] * image.size[1] * (_PIXEL_BYTES.get(image.mode, 4) + gray)
+
+
+def _dicom_work_bytes(handle: BinaryIO) -> int | None:
+    """Bytes `decode` allocates for a DICOM besides the file's: one decoded frame, its float32
+    gray and, for colour, float32 RGB. None for a deflated file: pydicom inflates the whole
+    dataset to read its header, and `decode` checks the inflated size before it does."""
+    if _holds(handle, _DEFLATED_DICOM):
+        return None
+    handle.seek(0)
+    import pydicom  # an optional extra; without it the caller's estimate is None
+
+    ds = pydicom.dcmread(handle, force=True, stop_before_pixels=True, specific_tags=_DICOM_SIZE_TAGS)
+    pixels = int(ds.Rows) * int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    stored = pixels * samples * max(1, (int(ds.get("BitsAllocated", 16) or 16) + 7) // 8)
+    return stored + pixels * (4 if samples == 1 else 4 + 4 * samples)
+
+
+def _holds(handle: BinaryIO, needle: bytes, chunk: int = 1 << 20) -> bool:
+    """True if the rest of `handle` holds `needle`, read a chunk at a time."""
+    tail = b""
+    while block := handle.read(chunk):
+        if needle in tail + block:
+            return True
+        tail = block[-(len(needle) - 1):]
+    return False
 
 
 def source_size(image: Image.Image) -> tuple[int, int]:
