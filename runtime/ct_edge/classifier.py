@@ -12,16 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .backends import Backend, open_backend
 from .bundle import Artifact, Bundle
-from .dicom import INFO_KEY, DicomError, DicomInfo
+from .dicom import INFO_KEY, DicomError, DicomInfo, header_check
 from .domain import FeatureGate, metadata_reason
 from .errors import REBUILD_BUNDLE, BundleError, InputError
 from .preprocess import PreprocessSpec, Source, decode, fit
 
 STATUSES = ("ok", "uncertain", "out_of_domain")
 CHECK_OFF = "domain check off (research use): the label is forced"
+# A bundle converted without domain statistics cannot tell an input unlike its training images:
+# no answer of it is confident, so each is uncertain and says why.
+NO_GATE = "this bundle has no domain gate: inputs unlike its training images are not detected"
 
 
 class InferenceError(InputError):
@@ -171,10 +175,13 @@ class Classifier:
             if reason is not None:
                 return None, "out_of_domain", reason
         best = int(np.argmax(probabilities))
-        uncertain = bool(probabilities[best] < self.bundle.uncertain_below)
-        reasons = [f"confidence below {self.bundle.uncertain_below:.0%}"] if uncertain else []
+        low = bool(probabilities[best] < self.bundle.uncertain_below)
+        reasons = [f"confidence below {self.bundle.uncertain_below:.0%}"] if low else []
         if not self.domain_check:
             reasons.append(CHECK_OFF)
+        elif self.gate is None:
+            reasons.append(NO_GATE)
+        uncertain = low or (self.domain_check and self.gate is None)
         return (self.labels[best], "uncertain" if uncertain else "ok",
                 "; ".join(reasons) if reasons else None)
 
@@ -183,6 +190,12 @@ class Classifier:
         if info is None or not self.domain_check:
             return None
         return metadata_reason(info, self.bundle.modality)
+
+    def decode(self, source: Source) -> Image.Image:
+        """`preprocess.decode` with this bundle's DICOM header rules applied first: a colour or
+        foreign DICOM object raises DicomError (see `refusal`) before its pixels are decoded."""
+        with header_check(self.metadata_reason):
+            return decode(source, self.spec)
 
     def refusal(self, exc: DicomError) -> Prediction | None:
         """The out_of_domain result for a DICOM object with no image to classify whose header is
@@ -251,7 +264,7 @@ class Classifier:
         name = "<bytes>" if isinstance(source, bytes) else str(source)
         t0 = time.perf_counter()
         try:
-            image = decode(source, self.spec)
+            image = self.decode(source)
         except DicomError as exc:
             refused = self.refusal(exc)
             if refused is None:

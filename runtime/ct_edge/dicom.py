@@ -13,26 +13,40 @@ What each kind of file becomes (docs/inputs.md says the same for users):
 
 The header fields the domain gate reads (ct_edge.domain.metadata_reason) travel with the result:
 `image.info["dicom"]` of the decoded image, or `DicomError.info` when the object cannot be decoded
-(e.g. a structured report, which holds no image).
+(e.g. a structured report, which holds no image). Within `header_check(...)` the header is judged
+before any pixel is decoded: a colour or foreign object costs its header, not its pixels.
 """
 
 from __future__ import annotations
 
 import io
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from .errors import InputError, one_line
-from .limits import MAX_FILE_BYTES, STRIP_ROWS
+from .limits import MAX_FILE_BYTES, STRIP_ROWS, check_jpeg_scans
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Elements any real DICOM object has; a file with none of them (and no preamble) is not DICOM.
+_IDENTIFYING_TAGS = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID",
+                     "SeriesInstanceUID", "Rows", "Columns", "PhotometricInterpretation")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# Values larger than this are left in the file until used: a header read costs no pixel copy.
+_DEFER_BYTES = 64 * 1024
+# A decoded frame may take as many bytes as a 16-bit gray frame at the pixel limit, the input
+# limits.MEMORY_BOUND_MB was measured with; colour and 32/64-bit frames take more per pixel.
+FRAME_BYTES_PER_PIXEL = 2
+# pydicom turns these into RGB through a float32 copy of the frame (4 more bytes a sample).
+_CONVERTED_TO_RGB = ("YBR_FULL", "YBR_FULL_422")
 INFO_KEY = "dicom"  # the decoded image's info[] key holding its DicomInfo
-
+NOT_AN_IMAGE = "not a PNG, JPEG or DICOM image"  # as preprocess.decode says it
 
 @dataclass(frozen=True)
 class DicomInfo:
@@ -45,6 +59,7 @@ class DicomInfo:
     body_part: str = ""
     image_type: tuple[str, ...] = ()
     has_pixels: bool = True
+    samples: int = 1  # SamplesPerPixel, or the decoded frame's colour axis when it has more
 
     @classmethod
     def from_dataset(cls, ds) -> DicomInfo:
@@ -64,7 +79,8 @@ class DicomInfo:
                    sop_class_name=name, photometric=text("PhotometricInterpretation"),
                    body_part=text("BodyPartExamined"),
                    image_type=tuple(str(v).strip().upper() for v in values),
-                   has_pixels=any(tag in ds for tag in _PIXEL_TAGS))
+                   has_pixels=any(tag in ds for tag in _PIXEL_TAGS),
+                   samples=_count(ds, "SamplesPerPixel", 1))
 
 
 class DicomError(InputError):
@@ -73,6 +89,31 @@ class DicomError(InputError):
     def __init__(self, path: object, problem: str, info: DicomInfo) -> None:
         super().__init__(path, problem)
         self.info = info
+
+
+HeaderCheck = Callable[[DicomInfo], str | None]
+_HEADER_CHECK: ContextVar[HeaderCheck | None] = ContextVar("ct_edge_dicom_header_check",
+                                                           default=None)
+
+
+@contextmanager
+def header_check(check: HeaderCheck) -> Iterator[None]:
+    """Within the block, `read_dicom` refuses an object whose header `check` gives a reason for
+    (a DicomError carrying the header) before decoding its pixels. A context variable: each
+    decoding thread sees only its own check."""
+    token = _HEADER_CHECK.set(check)
+    try:
+        yield
+    finally:
+        _HEADER_CHECK.reset(token)
+
+
+def _judge(info: DicomInfo, name: str) -> None:
+    """DicomError when the active header check finds `info` foreign."""
+    check = _HEADER_CHECK.get()
+    reason = None if check is None else check(info)
+    if reason is not None:
+        raise DicomError(name, reason, info)
 
 
 @dataclass
@@ -98,12 +139,7 @@ class DicomFrame:
                 image = _gray_image(ds, pixels, photometric, self.window, name,
                                     apply_modality_lut, apply_voi_lut)
             else:
-                scaled = _to_unit_range(ds, pixels, photometric, apply_color_lut)
-                if scaled.ndim != 2:
-                    raise InputError(name, f"unsupported DICOM pixel array shape {scaled.shape}")
-                if not np.isfinite(scaled).all():
-                    raise InputError(name, "DICOM pixel values are not finite")
-                image = Image.fromarray(np.ascontiguousarray(scaled, dtype=np.float32), mode="F")
+                image = _colour_image(ds, pixels, photometric, name, apply_color_lut)
         except InputError as exc:
             raise DicomError(exc.path, exc.problem, self.info) from None
         except MemoryError:
@@ -118,7 +154,27 @@ class DicomFrame:
 
 def read_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels: int) -> DicomFrame:
     """DICOM bytes -> its header and one decoded frame (`DicomFrame.to_image` makes the image).
-    Raises InputError (DicomError once the header was read) for anything it cannot use."""
+    Raises InputError (DicomError once the header was read) for anything it cannot use; within
+    `header_check`, a DicomError for a foreign header before any pixel is decoded."""
+    stream = io.BytesIO(data)
+    try:
+        ds, info = _read_header(stream, data, name)
+        _judge(info, name)
+        try:
+            pixels = _decode_frame(ds, data, name, max_pixels)
+        except InputError as exc:
+            raise DicomError(exc.path, exc.problem, info) from None
+        if pixels.ndim == 3 and pixels.shape[-1] > info.samples:  # colour the header denied
+            info = replace(info, samples=int(pixels.shape[-1]))
+            _judge(info, name)
+    finally:
+        stream.close()  # a dataset read from a buffer keeps it: closing frees its copy
+    return DicomFrame(ds=ds, pixels=pixels, name=name, window=window, info=info)
+
+
+def _read_header(stream: BinaryIO, data: bytes, name: str) -> tuple[object, DicomInfo]:
+    """The dataset, its large values (the pixel data) left unread, and its DicomInfo.
+    InputError when it cannot be read, or is not DICOM at all."""
     try:
         import pydicom
         from pydicom import uid
@@ -126,28 +182,41 @@ def read_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels: 
         raise InputError(name, "DICOM support needs pydicom 3: pip install 'ct-edge[dicom]'") from None
     if b"1.2.840.10008.1.2.1.99" in data:  # the file meta group is never compressed
         check_inflated_size(io.BytesIO(data), name)
-    stream = io.BytesIO(data)
     try:
-        try:
-            ds = pydicom.dcmread(stream, force=True)
-            if "TransferSyntaxUID" not in ds.file_meta:  # no file meta (ACR-NEMA style): as read
-                implicit, little = ds.original_encoding
-                ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
-                                                  uid.ExplicitVRLittleEndian if little else
-                                                  uid.ExplicitVRBigEndian)
-            info = DicomInfo.from_dataset(ds)
-        except MemoryError:
-            raise InputError(name, "not enough memory to decode this DICOM file") from None
-        except Exception as exc:  # pydicom raises many unrelated types for a damaged file
-            raise InputError(name, "cannot decode the DICOM pixel data "
-                                   f"({_syntax(data)}{one_line(exc)})") from None
-        try:
-            pixels = _decode_frame(ds, data, name, max_pixels)
-        except InputError as exc:
-            raise DicomError(exc.path, exc.problem, info) from None
-    finally:
-        stream.close()  # a dataset read from a buffer keeps it: closing frees its copy
-    return DicomFrame(ds=ds, pixels=pixels, name=name, window=window, info=info)
+        ds = pydicom.dcmread(stream, force=True, defer_size=_DEFER_BYTES)
+        if "TransferSyntaxUID" not in ds.file_meta:  # no file meta (ACR-NEMA style): as read
+            implicit, little = ds.original_encoding
+            ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                              uid.ExplicitVRLittleEndian if little else
+                                              uid.ExplicitVRBigEndian)
+        info = DicomInfo.from_dataset(ds)
+        identified = any(tag in ds for tag in _IDENTIFYING_TAGS)
+    except MemoryError:
+        raise InputError(name, "not enough memory to decode this DICOM file") from None
+    except Exception as exc:  # pydicom raises many unrelated types for a damaged file
+        raise InputError(name, "cannot decode the DICOM pixel data "
+                               f"({_syntax(data)}{one_line(exc)})") from None
+    if data[128:132] != b"DICM" and not info.has_pixels and not identified:
+        raise InputError(name, _not_dicom(data))  # force=True reads anything as some dataset
+    return ds, info
+
+
+def _not_dicom(data: bytes) -> str:
+    """Why a file named as DICOM is refused: a PNG or JPEG misnamed, or not an image at all."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+    except Exception:  # not an image Pillow knows either
+        return NOT_AN_IMAGE
+    suffix = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg"}.get(kind or "")
+    if suffix is None:
+        return NOT_AN_IMAGE
+    return f"not a DICOM file but a {kind} image; rename it to {suffix}"
+
+
+def _count(ds, keyword: str, default: int) -> int:
+    """A whole-number header field; `default` when absent or empty."""
+    return int(ds.get(keyword, default) or default)
 
 
 def _decode_frame(ds, data: bytes, name: str, max_pixels: int) -> np.ndarray:
@@ -157,12 +226,13 @@ def _decode_frame(ds, data: bytes, name: str, max_pixels: int) -> np.ndarray:
     try:
         if not any(tag in ds for tag in _PIXEL_TAGS):
             raise InputError(name, "DICOM file has no pixel data (not an image)")
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, cols = _count(ds, "Rows", 0), _count(ds, "Columns", 0)
+        frames = _count(ds, "NumberOfFrames", 1)
         if rows <= 0 or cols <= 0:
             raise InputError(name, "DICOM file has no image size (Rows/Columns)")
         if rows * cols > max_pixels:
             raise InputError(name, f"DICOM image {cols}x{rows} is over the {max_pixels} pixel limit")
+        _check_decoded_bytes(ds, rows, cols, name, max_pixels * FRAME_BYTES_PER_PIXEL)
         _check_frame_size(ds, frames // 2 if frames > 1 else 0, frames, rows, cols, name)
         # Decode only the frame we use: a 500-slice volume must not be expanded in memory.
         pixels = pixel_array(ds, index=frames // 2 if frames > 1 else None)
@@ -178,6 +248,23 @@ def _decode_frame(ds, data: bytes, name: str, max_pixels: int) -> np.ndarray:
     return pixels
 
 
+def _check_decoded_bytes(ds, rows: int, cols: int, name: str, limit: int) -> None:
+    """Refuse a frame whose decoded array (rows x cols x samples x bytes a sample, plus pydicom's
+    float32 copy for YBR -> RGB) would be over `limit` bytes: the pixel limit alone lets colour
+    and 32/64-bit frames take several times the memory the bound was measured with."""
+    samples, bits = max(1, _count(ds, "SamplesPerPixel", 1)), _count(ds, "BitsAllocated", 8)
+    per_sample = max(1, -(-bits // 8))
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if samples > 1 and photometric in _CONVERTED_TO_RGB:
+        per_sample += 4
+    size = rows * cols * samples * per_sample
+    if size > limit:
+        plural = "s" if samples > 1 else ""
+        raise InputError(name, f"DICOM image {cols}x{rows} ({samples} sample{plural} of {bits} bits "
+                               f"a pixel) takes {size} bytes to decode, over the {limit} byte limit "
+                               "(memory bound)")
+
+
 def _check_frame_size(ds, index: int, frames: int, rows: int, cols: int, name: str) -> None:
     """Refuse a compressed frame whose own header (JPEG, JPEG 2000) claims another size than
     Rows x Columns: pydicom decodes it whole before it notices, so a 3 kB file claiming 104 M
@@ -189,6 +276,10 @@ def _check_frame_size(ds, index: int, frames: int, rows: int, cols: int, name: s
 
     try:
         frame = get_frame(ds.PixelData, index, number_of_frames=frames)
+    except Exception:  # a frame pydicom cannot find: its decoder reports that
+        return
+    check_jpeg_scans(frame, name)  # pydicom's JPEG decoders walk every scan too
+    try:
         with Image.open(io.BytesIO(frame)) as image:
             width, height = image.size
     except Exception:  # RLE, JPEG-LS...: not read by Pillow; their decoders size by the header
@@ -198,16 +289,27 @@ def _check_frame_size(ds, index: int, frames: int, rows: int, cols: int, name: s
                                f"says {cols}x{rows}")
 
 
-def _to_unit_range(ds, pixels: np.ndarray, photometric: str, apply_color_lut) -> np.ndarray:
-    """Decoded pixels of one frame -> float32 (rows, cols) in [0, 1], air dark."""
-    if photometric == "PALETTE COLOR" and pixels.ndim == 2:
-        pixels = apply_color_lut(pixels, ds)
-        peak = float(np.iinfo(pixels.dtype).max) if pixels.dtype.kind in "ui" else 1.0
-        return np.clip((pixels[..., :3].astype(np.float32) @ _LUMA) / peak, 0.0, 1.0)
-    if pixels.ndim == 3:  # colour; pydicom has already converted YBR_* to RGB
-        bits = int(ds.get("BitsStored", 8) or 8)
-        return np.clip((pixels[..., :3].astype(np.float32) @ _LUMA) / (2.0**bits - 1.0), 0.0, 1.0)
-    return pixels  # not one gray frame: the caller refuses its shape
+def _colour_image(ds, pixels: np.ndarray, photometric: str, name: str,
+                  apply_color_lut) -> Image.Image:
+    """A colour frame (palette, or RGB: pydicom has converted YBR_*) -> its luminance as an 'F'
+    image in [0, 1], STRIP_ROWS rows at a time: a whole-frame float32 RGB copy would take 12
+    bytes a pixel, over limits.MEMORY_BOUND_MB at the pixel limit."""
+    palette = photometric == "PALETTE COLOR" and pixels.ndim == 2
+    if not palette and (pixels.ndim != 3 or pixels.shape[-1] < 3):
+        raise InputError(name, f"unsupported DICOM pixel array shape {pixels.shape}")
+    image = Image.new("F", (pixels.shape[1], pixels.shape[0]))
+    for top in range(0, pixels.shape[0], STRIP_ROWS):
+        strip = pixels[top : top + STRIP_ROWS]
+        if palette:
+            strip = apply_color_lut(strip, ds)
+            peak = float(np.iinfo(strip.dtype).max) if strip.dtype.kind in "ui" else 1.0
+        else:
+            peak = 2.0 ** _count(ds, "BitsStored", 8) - 1.0
+        luma = np.clip((strip[..., :3].astype(np.float32) @ _LUMA) / peak, 0.0, 1.0)
+        if not np.isfinite(luma).all():
+            raise InputError(name, "DICOM pixel values are not finite")
+        image.paste(Image.fromarray(luma.astype(np.float32, copy=False), mode="F"), (0, top))
+    return image
 
 
 def _gray_image(ds, pixels: np.ndarray, photometric: str, window: tuple[float, float], name: str,

@@ -315,11 +315,20 @@ def metadata_reason(info: DicomInfo, modality: str | None) -> str | None:
     uid = info.sop_class_uid
     if uid and uid not in rule["sop_classes"] and uid not in SECONDARY_CAPTURE_CLASSES:
         return f"SOP class {info.sop_class_name or uid}; {accepts}"
-    if info.photometric and not info.photometric.startswith("MONOCHROME"):
-        return f"colour image ({info.photometric}); {accepts}"
+    if info.samples > 1 or (info.photometric and not info.photometric.startswith("MONOCHROME")):
+        return f"colour image ({_colour_kind(info)}); {accepts}"
     part = info.body_part.replace(" ", "").replace("_", "")
     if part and not any(chest in part for chest in CHEST_PARTS):
         return f"body part {info.body_part}; this bundle accepts chest images"
     if modality == "ct" and "LOCALIZER" in info.image_type:
         return f"image type LOCALIZER (a scout view); {accepts} slices"
     return None
+
+
+def _colour_kind(info: DicomInfo) -> str:
+    """The colour model a header names, or its sample count when it names a gray one (or none):
+    three samples labelled MONOCHROME2 are still colour."""
+    if info.photometric and not info.photometric.startswith("MONOCHROME"):
+        return info.photometric
+    labelled = f", labelled {info.photometric}" if info.photometric else ""
+    return f"{info.samples} samples per pixel{labelled}"

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import BundleError
 from .files import create_temp
-from .preprocess import PreprocessSpec, Source, decode, fit, source_size
+from .preprocess import PreprocessSpec, Source, fit, source_size
 
 if TYPE_CHECKING:
     from .classifier import Classifier
@@ -122,7 +122,7 @@ def explain(classifier: Classifier, source: Source | np.ndarray, method: str | N
         input_size = decoded_size = (x.shape[1], x.shape[0])
     else:
         name = "<bytes>" if isinstance(source, bytes) else str(source)
-        image = decode(source, classifier.spec)
+        image = classifier.decode(source)
         input_size, decoded_size = source_size(image), image.size
         timings["decode"] = (time.perf_counter() - t0) * 1e3
         x = fit(image, classifier.spec)

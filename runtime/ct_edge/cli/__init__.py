@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     # Every command refuses images over ct-edge's own pixel limit (far below Pillow's warning
     # threshold) with a one-line error; Pillow's two-line warning for those would only be noise.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    # pydicom warns, naming its own source files, about odd values it reads; what matters about a
+    # file reaches the user as its result or error. Set once here, for the process, because
+    # warnings.catch_warnings is not thread-safe and inputs are decoded in parallel threads.
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     stdout, sys.stdout = sys.stdout, GuardedStdout(sys.stdout)  # type: ignore[assignment]
     try:
         return args.handler(args)
