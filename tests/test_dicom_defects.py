@@ -254,3 +254,39 @@ def test_pydicom_warnings_do_not_reach_stderr(bundle: Path, tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert [json.loads(line)["error"] for line in result.stdout.splitlines()] == [None, None]
+
+
+# --- what the header-first read must not break -------------------------------------------------
+
+
+def test_a_16_bit_voi_lut_left_in_the_file_by_the_header_read_is_applied(tmp_path: Path) -> None:
+    """A 65,536-entry LUT is over the deferral size: it must still be read, stream open."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    path = write_dicom(tmp_path / "voi.dcm", (np.arange(64 * 64, dtype=np.uint16) * 7).tobytes(),
+                       64, 64)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.LUTDescriptor = [0, 0, 16]
+    item.add(DataElement(0x00283006, "OW", np.arange(65536, dtype=np.uint16).tobytes()))
+    ds.VOILUTSequence = Sequence([item])
+    ds.save_as(path, enforce_file_format=True)
+    assert decode(path).size == (64, 64)
+
+
+def test_an_rle_frame_is_not_taken_for_a_jpeg_scan_bomb(tmp_path: Path) -> None:
+    """RLE frames are raw pixel bytes: FF DA pairs in them are pixel values, not JPEG scans."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    low_bytes = np.tile(np.array([0xFF, 0xDA], np.uint16), 64 * 64 // 2)  # FF DA FF DA ... once coded
+    path = write_dicom(tmp_path / "rle.dcm", low_bytes.tobytes(), 64, 64)
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    ds.save_as(path, enforce_file_format=True)
+    assert path.read_bytes().count(b"\xff\xda") > 100
+    assert decode(path).size == (64, 64)

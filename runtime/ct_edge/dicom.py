@@ -167,6 +167,8 @@ def read_dicom(data: bytes, name: str, window: tuple[float, float], max_pixels: 
         if pixels.ndim == 3 and pixels.shape[-1] > info.samples:  # colour the header denied
             info = replace(info, samples=int(pixels.shape[-1]))
             _judge(info, name)
+        for _ in ds.iterall():  # read what was deferred (a 16-bit LUT) while the stream is open
+            pass
     finally:
         stream.close()  # a dataset read from a buffer keeps it: closing frees its copy
     return DicomFrame(ds=ds, pixels=pixels, name=name, window=window, info=info)
@@ -278,7 +280,8 @@ def _check_frame_size(ds, index: int, frames: int, rows: int, cols: int, name: s
         frame = get_frame(ds.PixelData, index, number_of_frames=frames)
     except Exception:  # a frame pydicom cannot find: its decoder reports that
         return
-    check_jpeg_scans(frame, name)  # pydicom's JPEG decoders walk every scan too
+    if frame[:2] == b"\xff\xd8":  # a JPEG codestream (RLE frames are raw pixel bytes)
+        check_jpeg_scans(frame, name)  # pydicom's JPEG decoders walk every scan too
     try:
         with Image.open(io.BytesIO(frame)) as image:
             width, height = image.size
