@@ -278,3 +278,15 @@ def test_a_report_that_cannot_be_written_leaves_no_temporary_file(tmp_path: Path
     with pytest.raises(OSError, match="No space"):
         save_report(HalfWritten(), tmp_path / "reports")
     assert list((tmp_path / "reports").iterdir()) == []
+
+
+def test_a_series_from_a_bundle_without_domain_gate_is_never_ok() -> None:
+    from ct_edge.classifier import NO_GATE
+    from ct_edge.dicom_node.series import aggregate
+
+    sure = {"status": "uncertain", "reason": NO_GATE,
+            "probabilities": {"COVID-19": 0.98, "Normal": 0.01, "Viral Pneumonia": 0.01}}
+    labels = list(sure["probabilities"])
+    assert aggregate([sure] * 4, labels).status == "ok"  # the slices' caveat alone is not seen
+    result = aggregate([sure] * 4, labels, caveat=NO_GATE)
+    assert (result.status, result.label, result.reason) == ("uncertain", "COVID-19", NO_GATE)

@@ -179,11 +179,17 @@ class Classifier:
         reasons = [f"confidence below {self.bundle.uncertain_below:.0%}"] if low else []
         if not self.domain_check:
             reasons.append(CHECK_OFF)
-        elif self.gate is None:
-            reasons.append(NO_GATE)
-        uncertain = low or (self.domain_check and self.gate is None)
+        elif self.no_gate_reason is not None:
+            reasons.append(self.no_gate_reason)
+        uncertain = low or self.no_gate_reason is not None
         return (self.labels[best], "uncertain" if uncertain else "ok",
                 "; ".join(reasons) if reasons else None)
+
+    @property
+    def no_gate_reason(self) -> str | None:
+        """NO_GATE when the domain check is on but the bundle has no feature gate: then no answer
+        may be `ok` (a series result neither), else None."""
+        return NO_GATE if self.domain_check and self.gate is None else None
 
     def metadata_reason(self, info: DicomInfo | None) -> str | None:
         """Why a DICOM header is foreign to this bundle (None: not foreign, or no header)."""

@@ -415,7 +415,7 @@ class Node:
         if series is None or not slices or any(s["result_id"] is None for s in slices):
             return None
         result = aggregate(slices, self.classifier.labels, self.config.aggregate,
-                           self.classifier.bundle.uncertain_below)
+                           self.classifier.bundle.uncertain_below, self.classifier.no_gate_reason)
         series.update(status=result.status, label=result.label, reason=result.reason,
                       probabilities=result.probabilities, aggregate=result.aggregate,
                       counts=result.counts)

@@ -52,8 +52,9 @@ def top_k(answered: int, method: str) -> int:
 
 
 def aggregate(slices: Sequence[dict[str, Any]], labels: Sequence[str], method: str = "topk-mean",
-              uncertain_below: float = 0.0) -> SeriesResult:
-    """Slice results (dicts with status, probabilities, reason, error) -> the series result."""
+              uncertain_below: float = 0.0, caveat: str | None = None) -> SeriesResult:
+    """Slice results (dicts with status, probabilities, reason, error) -> the series result;
+    with a `caveat` (the bundle has no domain gate), an answered series is never `ok`."""
     if method not in METHODS:
         raise ValueError(f"unknown aggregation {method!r}; expected one of {', '.join(METHODS)}")
     answered = [s for s in slices if s.get("status") in ("ok", "uncertain") and s.get("probabilities")]
@@ -85,7 +86,9 @@ def aggregate(slices: Sequence[dict[str, Any]], labels: Sequence[str], method: s
     probabilities = ({label: score / total for label, score in scores.items()} if total > 0 else
                      {label: 1.0 / len(labels) for label in labels})
     label = max(probabilities, key=probabilities.__getitem__)
-    uncertain = probabilities[label] < uncertain_below
-    return SeriesResult("uncertain" if uncertain else "ok", label, probabilities,
-                        f"confidence below {uncertain_below:.0%}" if uncertain else None, method,
-                        counts)
+    reasons = [f"confidence below {uncertain_below:.0%}"] if probabilities[label] < uncertain_below \
+        else []
+    if caveat is not None:
+        reasons.append(caveat)
+    return SeriesResult("uncertain" if reasons else "ok", label, probabilities,
+                        "; ".join(reasons) or None, method, counts)
