@@ -504,3 +504,18 @@ def test_a_slice_location_stored_as_infinity_reads_as_absent(tmp_path: Path) -> 
         (only,) = store.dicom_series_slices(series_id)
         assert only["slice_location"] is None
         json.dumps(only, allow_nan=False)
+
+
+def test_a_completed_series_an_instance_moves_out_of_completes_again(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        for number in (1, 2):
+            store.add_dicom_instance(sop_instance_uid=f"1.2.3.{number}", study_uid="1.2",
+                                     series_uid="1.2.3", spool_path=f"{number}.dcm", nbytes=1)
+        left = store.get_dicom_series(series_uid="1.2.3")["id"]
+        store.complete_dicom_series(left, status="ok", label="Normal",
+                                    probabilities={"Normal": 1.0}, reason=None, aggregate="mean",
+                                    counts={"slices": 2})
+        store.add_dicom_instance(sop_instance_uid="1.2.3.2", study_uid="1.2", series_uid="1.2.4",
+                                 spool_path="2b.dcm", nbytes=1)
+        series = store.get_dicom_series(left)
+        assert (series["state"], series["instances"]) == ("receiving", 1)  # its result counted 2

@@ -41,10 +41,12 @@ def _series_dict(row: tuple, path: Path) -> dict[str, Any]:
 
 
 def _moved(db: TextSafeConnection, left: int, joined: int) -> None:
-    """An instance moved from series `left` to `joined`: both counted again; `left` dropped
-    when no instance is left in it (a series of no slices has no result to give)."""
+    """An instance moved from series `left` to `joined`: both counted again; `left` goes back to
+    'receiving' (its result counted the instance) and is dropped when no instance is left in it
+    (a series of no slices has no result to give)."""
     db.execute("UPDATE dicom_series SET instances = (SELECT COUNT(*) FROM dicom_instances i "
                "WHERE i.series_id = dicom_series.id) WHERE id IN (?, ?)", (left, joined))
+    db.execute("UPDATE dicom_series SET state = 'receiving' WHERE id = ?", (left,))
     db.execute("DELETE FROM dicom_series WHERE id = ? AND NOT EXISTS (SELECT 1 FROM "
                "dicom_instances i WHERE i.series_id = ?)", (left, left))
 
