@@ -278,8 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.server: no bundle at {args.bundle}; run `make demo` first",
               file=sys.stderr)
         return 2
-    local = in_process(args.bundle, images, args.concurrency, seconds)
-    served = over_http(args.bundle, images, args.concurrency, seconds, args.workers)
+    try:
+        local = in_process(args.bundle, images, args.concurrency, seconds)
+        served = over_http(args.bundle, images, args.concurrency, seconds, args.workers)
+    except RuntimeError as exc:  # every call failed, or the server did not start
+        print(f"benchmarks.server: error: {exc}", file=sys.stderr)
+        return 2
     ratio = served["per_s"] / local["per_s"]
     checks = {"ratio": ratio >= GOALS["ratio"], "p99_ms": served["p99_ms"] < GOALS["p99_ms"],
               "errors": served["errors"] == GOALS["errors"],

@@ -228,7 +228,7 @@ def test_lingering_is_bounded_in_time_for_a_client_that_keeps_sending(
             while time.monotonic() - start < 20:
                 sock.sendall(b"x" * 4096)
                 time.sleep(0.005)
-        assert time.monotonic() - start < 6
+        assert time.monotonic() - start < 15  # LINGER_S is 2 s; 20 s would mean unbounded
 
 
 def test_linger_stops_at_its_byte_cap_and_its_time_limit() -> None:
@@ -242,7 +242,7 @@ def test_linger_stops_at_its_byte_cap_and_its_time_limit() -> None:
     with left, right:
         start = time.monotonic()
         assert linger(left, limit_s=0.3, max_bytes=1000) == 0  # the peer sends nothing
-        assert 0.2 < time.monotonic() - start < 2
+        assert 0.2 < time.monotonic() - start < 5  # stopped by its limit, not by the peer
 
 
 def expect_exchange(api: Running, headers: str, body: bytes) -> bytes:
@@ -281,5 +281,5 @@ def test_a_keep_alive_connection_is_not_lingered_on_after_a_body_was_read(
         assert response.status == 415 and response.read()
         start = time.monotonic()
         assert connection.sock.recv(1) == b""  # the server closes at its idle timeout
-        assert time.monotonic() - start < 2
+        assert time.monotonic() - start < 5  # not LINGER_S after each request on a busy CI
         connection.close()

@@ -238,9 +238,10 @@ def _damage(exc: Exception) -> str:
 
 
 def _check_single_frame(image: Image.Image, name: str) -> None:
-    """Refuse an animated PNG or a multi-picture JPEG (MPO): only its first frame would be seen."""
+    """Refuse an animated PNG: only its first frame would be seen. A multi-picture JPEG (MPO:
+    a phone's photo with its depth or HDR map) is its first picture, the full image."""
     frames = int(getattr(image, "n_frames", 1) or 1)
-    if getattr(image, "is_animated", False) or frames > 1:
+    if image.format != "MPO" and (getattr(image, "is_animated", False) or frames > 1):
         raise InputError(name, f"animated image ({frames} frames); send one frame")
 
 

@@ -34,8 +34,9 @@ examples:
 
 output: a table (file, label, confidence, status, the other classes). Every result has a
 status: 'ok' (answered), 'uncertain' (a label, but confidence below the bundle's operating
-point: treat as inconclusive) or 'out_of_domain' (not like the images the model was trained on,
-e.g. another modality or a photograph: no label, and a reason). --json objects hold: path,
+point, or a bundle with no domain gate: treat as inconclusive) or 'out_of_domain' (not like
+the images the model was trained on, e.g. another modality or a photograph: no label, and a
+reason). --json objects hold: path,
 label and confidence (both null when out_of_domain), status, reason, probabilities {label: p,
 in the bundle's label order},
 timings_ms and error (null, or why the input could not be read).

@@ -55,7 +55,7 @@ def number_up_to(maximum: float) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not 0 < value <= maximum:
-            raise argparse.ArgumentTypeError(f"must be more than 0 and at most {maximum:g}, "
+            raise argparse.ArgumentTypeError(f"must be more than 0 and at most {maximum:,.0f}, "
                                              f"got {text}")
         return value
 

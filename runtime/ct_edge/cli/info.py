@@ -40,22 +40,26 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import BundleError
 
     bundle = Bundle.load(args.bundle)
-    checks = {name: check_artifact(artifact) for name, artifact in bundle.artifacts.items()}
-    gate_file = bundle.domain.get("file") if "method" in bundle.domain else None
+    # Every file the manifest names -> "ok" or why it cannot be used (the error line says it whole).
+    found = {name: check_artifact(artifact) for name, artifact in bundle.artifacts.items()}
+    gate_file = str(bundle.domain["file"]) if "method" in bundle.domain else None
     if gate_file is not None:
-        checks[str(gate_file)] = check_gate(bundle)
+        found[gate_file] = check_gate(bundle)
+    checks = {name: short_check(found[name]) for name in bundle.artifacts}
     if args.json:
-        print(json.dumps({"path": str(bundle.root), "manifest": bundle.manifest, "checks": checks},
+        print(json.dumps({"path": str(bundle.root), "manifest": bundle.manifest, "checks": checks,
+                          "domain_gate": short_check(found[gate_file]) if gate_file else None,
+                          "problems": {name: why for name, why in found.items() if why != "ok"}},
                          indent=2, ensure_ascii=False))
     else:
         try:
-            text = render_info(bundle, checks)
+            text = render_info(bundle, checks, found.get(gate_file or ""))
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             # Fields only `info` shows (provenance, parity figures) are checked here, not on load.
             raise BundleError(f"{bundle.root / 'manifest.json'}: malformed manifest "
                               f"({type(exc).__name__}: {exc}); {REBUILD_BUNDLE}") from None
         print(text)
-    bad = {name: check for name, check in checks.items() if check != "ok"}
+    bad = {name: why for name, why in found.items() if why != "ok"}
     if bad:
         error("; ".join(f"{'artifact ' if name in bundle.artifacts else ''}{name!r}: {check}"
                         for name, check in bad.items()) + f" - {REBUILD_BUNDLE}")
@@ -94,13 +98,13 @@ def check_gate(bundle: Bundle) -> str:
     return "ok"
 
 
-def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
-    """The manifest as aligned text."""
+def render_info(bundle: Bundle, checks: dict[str, str], gate_check: str | None = None) -> str:
+    """The manifest as aligned text; `checks` per artifact, `gate_check` for the domain gate's
+    statistics file (None: the bundle has none)."""
     from ..preprocess import WINDOWS
 
     manifest = bundle.manifest
     spec = bundle.spec
-    gate_file = str(bundle.domain.get("file"))
     contract = manifest.get("input", {})
     shape = "x".join("N" if d in (None, -1) else str(d) for d in contract.get("shape", []))
     value_range = contract.get("range", [0, 1])
@@ -118,8 +122,8 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
         ("calibration", f"temperature {bundle.temperature:g}, uncertain below "
                         f"{bundle.uncertain_below:.1%}"),
         ("  chosen by", _operating_point_line(bundle.operating_point)),
-        ("domain", _domain_line(bundle.domain)
-                   + (f"; {gate_file}: {checks[gate_file]}" if gate_file in checks else "")),
+        ("domain", _domain_line(bundle.domain) + (f"; {bundle.domain.get('file')}: "
+                                                  f"{short_check(gate_check)}" if gate_check else "")),
         ("default", str(bundle.default or "(none: smallest artifact that passed parity)")),
         ("explain", _explain_line(manifest.get("explain"))),
     ]
@@ -127,8 +131,7 @@ def render_info(bundle: Bundle, checks: dict[str, str]) -> str:
 
     header = ("artifact", "format", "precision", "size", "status", "file", "parity")
     rows = [(a.name, a.format, a.precision, _size(a.bytes), a.status,
-             short_check(checks.get(a.name, "?")), _figures(a.parity))
-            for a in bundle.artifacts.values()]
+             checks.get(a.name, "?"), _figures(a.parity)) for a in bundle.artifacts.values()]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     out.append("")
     for row in [header, *rows]:

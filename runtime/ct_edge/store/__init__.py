@@ -203,7 +203,11 @@ class Store(DicomSeriesStore):
         named = {row[0] for row in self._read(
             "SELECT heatmap FROM results WHERE heatmap IS NOT NULL")}
         removed = 0
-        for path in self.heatmaps.iterdir():
+        try:
+            paths = list(self.heatmaps.iterdir())
+        except OSError:  # an unreadable folder: heatmap writes will say so; serving goes on
+            return 0
+        for path in paths:
             with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
                 if path.name not in named and path.is_file() and path.stat().st_mtime < horizon:
                     path.unlink()
