@@ -38,6 +38,9 @@ _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _IDENTIFYING_TAGS = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID",
                      "SeriesInstanceUID", "Rows", "Columns", "PhotometricInterpretation")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# Deflated Explicit VR Little Endian: only the file meta group (never compressed) names it.
+DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"
+META_BYTES = 64 * 1024  # the preamble and the file meta group fit in this, with room to spare
 # Values larger than this are left in the file until used: a header read costs no pixel copy.
 _DEFER_BYTES = 64 * 1024
 # A decoded frame may take as many bytes as a 16-bit gray frame at the pixel limit, the input
@@ -182,7 +185,7 @@ def _read_header(stream: BinaryIO, data: bytes, name: str) -> tuple[object, Dico
         from pydicom import uid
     except ImportError:
         raise InputError(name, "DICOM support needs pydicom 3: pip install 'ct-edge[dicom]'") from None
-    if b"1.2.840.10008.1.2.1.99" in data:  # the file meta group is never compressed
+    if DEFLATED_SYNTAX in data[:META_BYTES]:
         check_inflated_size(io.BytesIO(data), name)
     try:
         ds = pydicom.dcmread(stream, force=True, defer_size=_DEFER_BYTES)
@@ -250,16 +253,21 @@ def _decode_frame(ds, data: bytes, name: str, max_pixels: int) -> np.ndarray:
     return pixels
 
 
-def _check_decoded_bytes(ds, rows: int, cols: int, name: str, limit: int) -> None:
-    """Refuse a frame whose decoded array (rows x cols x samples x bytes a sample, plus pydicom's
-    float32 copy for YBR -> RGB) would be over `limit` bytes: the pixel limit alone lets colour
-    and 32/64-bit frames take several times the memory the bound was measured with."""
+def decoded_frame_bytes(ds, rows: int, cols: int) -> tuple[int, int, int]:
+    """(bytes, samples, bits): what pydicom allocates to decode one frame (rows x cols x samples
+    x bytes a sample, plus its float32 copy for YBR -> RGB); also `preprocess.decode_cost`'s."""
     samples, bits = max(1, _count(ds, "SamplesPerPixel", 1)), _count(ds, "BitsAllocated", 8)
     per_sample = max(1, -(-bits // 8))
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if samples > 1 and photometric in _CONVERTED_TO_RGB:
         per_sample += 4
-    size = rows * cols * samples * per_sample
+    return rows * cols * samples * per_sample, samples, bits
+
+
+def _check_decoded_bytes(ds, rows: int, cols: int, name: str, limit: int) -> None:
+    """Refuse a frame whose decoded array would be over `limit` bytes: the pixel limit alone lets
+    colour and 32/64-bit frames take several times the memory the bound was measured with."""
+    size, samples, bits = decoded_frame_bytes(ds, rows, cols)
     if size > limit:
         plural = "s" if samples > 1 else ""
         raise InputError(name, f"DICOM image {cols}x{rows} ({samples} sample{plural} of {bits} bits "

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from . import DICOM_SUFFIXES
+from .dicom import DEFLATED_SYNTAX, META_BYTES, decoded_frame_bytes
 from .errors import EMPTY_PATH, InputError, one_line
 from .limits import (
     MAX_FILE_BYTES,
@@ -45,8 +46,7 @@ Contrast = Literal["none", "stretch"]
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # more than 8 bits: gray becomes float32
 # Bytes a pixel of a Pillow image takes in memory; every other mode is stored in 4.
 _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
-_DICOM_SIZE_TAGS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated"]
-_DEFLATED_DICOM = b"1.2.840.10008.1.2.1.99"  # the transfer syntax UID
+_DICOM_SIZE_TAGS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation"]
 _EXIF_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -286,26 +286,15 @@ def _dicom_work_bytes(handle: BinaryIO) -> int | None:
     """Bytes `decode` allocates for a DICOM besides the file's: one decoded frame, its float32
     gray and, for colour, float32 RGB. None for a deflated file: pydicom inflates the whole
     dataset to read its header, and `decode` checks the inflated size before it does."""
-    if _holds(handle, _DEFLATED_DICOM):
+    if DEFLATED_SYNTAX in handle.read(META_BYTES):
         return None
     handle.seek(0)
     import pydicom  # an optional extra; without it the caller's estimate is None
 
     ds = pydicom.dcmread(handle, force=True, stop_before_pixels=True, specific_tags=_DICOM_SIZE_TAGS)
     pixels = int(ds.Rows) * int(ds.Columns)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    stored = pixels * samples * max(1, (int(ds.get("BitsAllocated", 16) or 16) + 7) // 8)
+    stored, samples, _ = decoded_frame_bytes(ds, int(ds.Rows), int(ds.Columns))
     return stored + pixels * (4 if samples == 1 else 4 + 4 * samples)
-
-
-def _holds(handle: BinaryIO, needle: bytes, chunk: int = 1 << 20) -> bool:
-    """True if the rest of `handle` holds `needle`, read a chunk at a time."""
-    tail = b""
-    while block := handle.read(chunk):
-        if needle in tail + block:
-            return True
-        tail = block[-(len(needle) - 1):]
-    return False
 
 
 def source_size(image: Image.Image) -> tuple[int, int]:
