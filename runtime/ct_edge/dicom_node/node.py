@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import os
 import queue
@@ -40,6 +39,7 @@ from typing import Any
 from ..errors import InputError, one_line
 from ..files import fsync_dir
 from ..store import Store, StoreError, bundle_identity
+from .admission import refusal
 from .config import NodeConfig
 from .contexts import (
     VERIFICATION,
@@ -177,35 +177,16 @@ class Node:
 
     # --- associations ----------------------------------------------------------------------------
 
-    def _reject(self, event: Any, why: str, result: int, source: int, diagnostic: int) -> None:
-        peer = event.assoc.requestor
-        log.warning("association from %s@%s:%s rejected: %s", peer.primitive.calling_ae_title,
-                    peer.address, peer.port, why)
-        event.assoc.acse.send_reject(result, source, diagnostic)
-        event.assoc.kill()  # as pynetdicom's own rejections do: waits until the A-ASSOCIATE-RJ is out
-
     def _on_requested(self, event: Any) -> None:
-        primitive = event.assoc.requestor.primitive
-        calling, called = primitive.calling_ae_title.strip(), primitive.called_ae_title.strip()
-        address = event.assoc.requestor.address
-        if called != self.config.ae_title:
-            return self._reject(event, f"called AE title {called!r} is not {self.config.ae_title!r}",
-                                0x01, 0x01, 0x07)
-        if self.config.allow_ae and calling not in self.config.allow_ae:
-            return self._reject(event, f"calling AE title {calling!r} is not allowed", 0x01, 0x01, 0x03)
-        if self.config.networks and not self._address_allowed(address):
-            return self._reject(event, f"address {address} is not allowed", 0x01, 0x01, 0x01)
-        if shutil.disk_usage(self.spool).free < self.config.min_free_bytes:
-            return self._reject(event, "low disk space", 0x02, 0x03, 0x02)
-        return None
-
-    def _address_allowed(self, address: str) -> bool:
-        """Whether `--allow-ip` admits a peer; on a dual-stack socket an IPv4 peer shows as
-        ::ffff:a.b.c.d and is matched as a.b.c.d too."""
-        ip = ipaddress.ip_address(address)
-        candidates = {ip, getattr(ip, "ipv4_mapped", None) or ip}  # IPv4Address has no such field
-        return any(candidate in network for candidate in candidates
-                   for network in self.config.networks)
+        peer = event.assoc.requestor
+        why = refusal(self.config, peer.primitive.calling_ae_title.strip(),
+                      peer.primitive.called_ae_title.strip(), peer.address, self.spool)
+        if why is None:
+            return
+        log.warning("association from %s@%s:%s rejected: %s", peer.primitive.calling_ae_title,
+                    peer.address, peer.port, why.why)
+        event.assoc.acse.send_reject(why.result, why.source, why.diagnostic)
+        event.assoc.kill()  # as pynetdicom's own rejections do: waits until the A-ASSOCIATE-RJ is out
 
     def _on_accepted(self, event: Any) -> None:
         peer = event.assoc.requestor
