@@ -1,13 +1,16 @@
 """Convert the trained Keras model into a TFLite + ONNX bundle, each artifact parity-checked.
 
-exit status: 0 bundle written, gate passed; 1 bundle written, but tflite-int8 (or every
-artifact) failed the parity gate; 2 nothing written (missing model, unusable data or options).
+exit status: 0 bundle written, gate passed; 1 parity gate failed: tflite-int8 failed (the bundle
+is written with the passing artifacts), or every artifact did (nothing replaced: --out stays as
+it was, the bundle is kept at <out>.rejected); 2 nothing written (missing model, unusable data or
+options); 3 an unexpected error, a bug (a traceback says where).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from ct_edge import DISCLAIMER
@@ -16,10 +19,11 @@ from ct_edge.errors import CtEdgeError
 
 from .errors import ParityError
 from .formats import DEFAULT_ARTIFACT, FORMATS
-from .pipeline import DEFAULT_CALIBRATION_IMAGES, PARITY_MD, convert_model
+from .pipeline import DEFAULT_CALIBRATION_IMAGES, PARITY_MD, BundleRejected, convert_model
 
 DEFAULT_MODEL = Path("artifacts") / "model" / "model.keras"
 DEFAULT_OUT = Path("artifacts") / "bundle"
+EXIT_BUG = 3  # never 1, which says the parity gate failed
 
 
 def _names(values: list[str]) -> list[str]:
@@ -39,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", type=Path, default=DEFAULT_MODEL,
         help=f"trained Keras model; config.json beside it names the data (default: {DEFAULT_MODEL})")
     add("--out", type=Path, default=DEFAULT_OUT,
-        help=f"bundle folder, replaced only when the new bundle is complete (default: {DEFAULT_OUT})")
+        help="bundle folder, replaced only when the new bundle is complete and has an artifact "
+             f"that passed parity (default: {DEFAULT_OUT})")
     add("--data", type=Path, default=None,
         help="data folder for the test split and calibration (default: the one in config.json)")
     add("--formats", nargs="+", metavar="NAME", default=None,
@@ -54,14 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except Exception:  # a bug: keep its traceback, but do not pass for a parity failure (exit 1)
+        traceback.print_exc()
+        print("error: convert failed unexpectedly (a bug; the traceback above says where)",
+              file=sys.stderr)
+        return EXIT_BUG
+
+
+def _run(args: argparse.Namespace) -> int:
     formats = _names(args.formats) if args.formats is not None else None
-    status = 0
+    status, folder = 0, args.out
     try:
         manifest = convert_model(args.model, args.out, args.data, formats, args.calibration_images,
                                  threads=args.threads)
     except ParityError as exc:
         manifest, status = exc.manifest, 1
         failure = exc
+        if isinstance(exc, BundleRejected):
+            folder = exc.folder
     except CtEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -72,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted; {args.out} was left as it was", file=sys.stderr)
         return 130
     print()
-    print((args.out / PARITY_MD).read_text(encoding="utf-8").rstrip())
+    print((folder / PARITY_MD).read_text(encoding="utf-8").rstrip())
     files = len(manifest["artifacts"])
-    print(f"\nwrote {args.out}/: manifest.json, {PARITY_MD}, parity.json and {files} model file(s); "
+    print(f"\nwrote {folder}/: manifest.json, {PARITY_MD}, parity.json and {files} model file(s); "
           f"default artifact: {manifest['default'] or 'none'}")
     if status:
         for reason in failure.reasons:

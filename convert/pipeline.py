@@ -1,4 +1,7 @@
-"""convert_model: Keras model -> staged bundle -> parity through the runtime -> gate -> swap in."""
+"""convert_model: Keras model -> staged bundle -> parity through the runtime -> gate -> swap in.
+
+A bundle with no passing artifact is not swapped in: it is kept beside `out` (`<out>.rejected`)
+and the bundle at `out` stays as it was."""
 
 from __future__ import annotations
 
@@ -43,18 +46,25 @@ from .manifest import (
     versions,
 )
 from .quiet import quiet
+from .staging import PARITY_JSON, PARITY_MD
 
-__all__ = ["ConvertError", "ParityError", "convert_model"]
+__all__ = ["BundleRejected", "ConvertError", "ParityError", "convert_model"]
 
 DEFAULT_CALIBRATION_IMAGES = 300
-PARITY_JSON = "parity.json"
-PARITY_MD = "parity.md"
 
 Log = Callable[[str], None]
 
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+class BundleRejected(ParityError):
+    """No artifact passed: the bundle and its reports are in `folder`, not at --out."""
+
+    def __init__(self, reasons: list[str], manifest: dict, folder: Path) -> None:
+        super().__init__(reasons, manifest)
+        self.folder = folder
 
 
 @dataclass
@@ -90,17 +100,20 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
     `data` overrides the data folder recorded in the model's config.json; `formats` picks rows of
     the format table by name. `calibration` (float32 NHWC images) replaces the training images
     for int8 calibration and `table` the format table: both for tests. Raises ParityError, after
-    the bundle and its reports are in place, when tflite-int8 or every artifact fails the gate;
-    ConvertError/DataError when nothing could be written.
+    the bundle and its reports are in place, when tflite-int8 fails the gate; BundleRejected (a
+    ParityError) when every artifact fails: `out` is then left as it was and the bundle is at
+    `<out>.rejected`; ConvertError/DataError when nothing could be written.
     """
     log = log or (lambda line: None)
     model, shown_out = Path(model), Path(out)
     out = Path(os.path.abspath(out))  # '.', '..' and 'x/' have a usable name and parent
     rows = select(formats, table)
+    for row in rows:
+        staging.check_artifact_file(row.file)
     if not model.is_file():
         raise ConvertError(f"no model at {model}; run make train first")
     check_keras_archive(model)  # before the data is read; Keras calls it "File not found"
-    staging.check_bundle_replaceable(out)
+    staging.check_destinations(out)
     record, root = dataset.resolve_record(model, Path(data) if data is not None else None)
     splits = dataset.load_splits(record, root)
     if record.data_fingerprint and splits.fingerprint() != record.data_fingerprint:
@@ -160,11 +173,19 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
                 build.add(index, row, context, meta, staged)
         manifest = build.finish(staged, model.stat().st_size)
         _verify(staged)
-        install(staged, out)
+        rejected = None
+        if manifest["default"] is None:  # nothing in it can run: never in place of a bundle
+            rejected = staging.keep_rejected(staged, out)
+        else:
+            install(staged, out)
     except BaseException:
         discard(staged)
         raise
     reasons = gate_reasons(build.outcomes)
+    if rejected is not None:
+        raise BundleRejected([*reasons, f"nothing installed: {shown_out} was left as it was; the "
+                              f"rejected bundle is at {rejected} for inspection"], manifest,
+                             rejected)
     if reasons:
         raise ParityError(reasons, manifest)
     return manifest

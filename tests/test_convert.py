@@ -286,16 +286,47 @@ def test_altered_or_broken_artifacts_fail_with_a_reason(easy_model: Path, tmp_pa
         "onnx-fp32": "passed"}
 
 
-def test_every_artifact_failing_is_a_parity_error_without_default(easy_model: Path,
-                                                                  tmp_path: Path) -> None:
+def _junk_table() -> tuple:
+    """Two rows whose files convert but fail parity (as a broken converter release would)."""
     from convert.formats import FORMATS
+
+    return tuple(replace(row, writer=lambda ctx: b"junk") for row in FORMATS[:2])
+
+
+def test_every_artifact_failing_keeps_the_old_bundle_and_the_new_one_beside_it(
+        converted, easy_model: Path, tmp_path: Path) -> None:
     from convert.pipeline import ParityError, convert_model
 
-    table = tuple(replace(row, writer=lambda ctx: b"junk") for row in FORMATS[:2])
-    with pytest.raises(ParityError) as caught:
-        convert_model(easy_model, tmp_path / "b", table=table, log=None)
-    assert caught.value.reasons[-1].startswith("every artifact failed")
-    assert caught.value.manifest["default"] is None and caught.value.manifest["artifacts"] == []
+    out = tmp_path / "b"
+    shutil.copytree(converted[0], out)
+    before = _snapshot(out)
+    rejected = tmp_path / "b.rejected"
+    for _attempt in range(2):  # the second run replaces the first run's rejected bundle
+        with pytest.raises(ParityError) as caught:
+            convert_model(easy_model, out, table=_junk_table(), log=None)
+        assert _snapshot(out) == before, "the working bundle is untouched"
+        assert Bundle.load(out).select().name == "tflite-int8"
+        assert caught.value.folder == rejected  # a BundleRejected
+        assert any(r.startswith("every artifact failed") for r in caught.value.reasons)
+        assert f"{out} was left as it was" in str(caught.value)
+        assert f"rejected bundle is at {rejected}" in str(caught.value)
+        assert caught.value.manifest["default"] is None
+        assert json.loads((rejected / "manifest.json").read_text()) == caught.value.manifest
+        assert "FAILED" in (rejected / "parity.md").read_text()
+        assert _leftovers(out) == [] and _leftovers(rejected) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.rejected"]
+
+
+def test_a_folder_of_another_kind_where_the_rejected_bundle_goes_is_refused_first(
+        easy_model: Path, tmp_path: Path) -> None:
+    from convert.pipeline import ConvertError, convert_model
+
+    mine = tmp_path / "b.rejected"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ConvertError, match=f"refusing to replace {mine}: .* it holds notes.txt"):
+        convert_model(easy_model, tmp_path / "b", table=_junk_table(), log=None)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "b").exists()
 
 
 def test_gate_thresholds() -> None:
@@ -346,7 +377,8 @@ def test_failed_swap_puts_the_previous_bundle_back(tmp_path: Path, monkeypatch) 
 
     out = tmp_path / "bundle"
     out.mkdir()
-    (out / "manifest.json").write_text("{}")
+    old = json.dumps(dict.fromkeys(staging.MANIFEST_KEYS))
+    (out / "manifest.json").write_text(old)
     staged = staging.prepare(out)
     (staged / "manifest.json").write_text('{"new": true}')
     real_rename = os.rename
@@ -359,7 +391,7 @@ def test_failed_swap_puts_the_previous_bundle_back(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(folders.os, "rename", rename)
     with pytest.raises(OSError, match="disk gone"):
         folders.install(staged, out)
-    assert (out / "manifest.json").read_text() == "{}"
+    assert (out / "manifest.json").read_text() == old
 
 
 def test_a_backup_orphaned_by_a_killed_swap_is_restored(tmp_path: Path) -> None:
@@ -387,6 +419,82 @@ def test_refuses_to_replace_a_folder_that_is_not_a_bundle(easy_model: Path, tmp_
     with pytest.raises(ConvertError, match="not a ct-edge bundle"):
         convert_model(easy_model, tmp_path, formats=["onnx-fp32"], log=None)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _web_app(folder: Path, bundle: Path) -> None:
+    """A web app: its manifest.json is no bundle's."""
+    (folder / "manifest.json").write_text(json.dumps({"name": "My PWA", "start_url": "/"}))
+    (folder / "index.html").write_text("<h1>precious</h1>")
+    (folder / "assets").mkdir()
+    (folder / "assets" / "app.js").write_text("")
+
+
+def _bundle_and_a_note(folder: Path, bundle: Path) -> None:
+    shutil.copytree(bundle, folder, dirs_exist_ok=True)
+    (folder / "notes.txt").write_text("mine")
+
+
+def _bundle_and_a_folder(folder: Path, bundle: Path) -> None:
+    shutil.copytree(bundle, folder, dirs_exist_ok=True)
+    (folder / "model_weights").mkdir()
+    (folder / "model_weights" / "mine.bin").write_text("mine")
+
+
+@pytest.mark.parametrize(("make", "holds"), [
+    (_web_app, "it holds assets/, index.html, manifest.json;"),
+    (lambda folder, bundle: (folder / "manifest.json").write_text("[1, 2]"), "manifest.json"),
+    (lambda folder, bundle: (folder / "manifest.json").write_text("{not json"), "manifest.json"),
+    (lambda folder, bundle: (folder / "parity.md").write_text("# mine"), "parity.md"),
+    (_bundle_and_a_note, "it holds notes.txt, domain.npz, manifest.json, model_dynamic.tflite, "
+                         "model_fp16.tflite and 6 more;"),
+    (_bundle_and_a_folder, "it holds model_weights/, domain.npz,"),
+], ids=["web-app", "manifest-not-an-object", "manifest-not-json", "no-manifest",
+        "bundle-and-a-note", "bundle-and-a-folder"])
+def test_only_a_folder_convert_wrote_is_replaced(converted, tmp_path: Path, make,
+                                                 holds: str) -> None:
+    from convert import staging
+    from convert.pipeline import ConvertError
+
+    site = tmp_path / "site"
+    site.mkdir()
+    make(site, converted[0])
+    before = _tree(site)
+    with pytest.raises(ConvertError) as caught:
+        staging.prepare(site)
+    message = str(caught.value)
+    assert message.startswith(f"refusing to replace {site}: it is not empty and not a ct-edge "
+                              "bundle"), message
+    assert holds in message and "\n" not in message, message
+    assert _tree(site) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["site"], "no staging folder was made"
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_format_file_not_named_as_a_bundle_file_is_refused(tmp_path: Path) -> None:
+    from convert.formats import FORMATS
+    from convert.pipeline import ConvertError, convert_model
+
+    table = (replace(FORMATS[0], file="weights.tflite"),)
+    with pytest.raises(ConvertError, match=r"'weights\.tflite' must be model_"):
+        convert_model(tmp_path / "model.keras", tmp_path / "b", table=table, log=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_earlier_bundle_and_a_bare_bundle_manifest_may_be_replaced(converted,
+                                                                      tmp_path: Path) -> None:
+    from convert import staging
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(converted[0], bundle)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.json").write_text(json.dumps(dict.fromkeys(staging.MANIFEST_KEYS)))
+    for out in (bundle, bare):
+        shutil.rmtree(staging.prepare(out))  # no ConvertError
 
 
 @pytest.mark.slow
@@ -468,11 +576,13 @@ def test_cli_exits_1_naming_the_threshold_when_int8_fails(easy_model: Path, tmp_
 
     monkeypatch.setattr(dataset, "calibration_arrays", lambda *args: _dim_noise())
     out = tmp_path / "b"
-    assert main(["--model", str(easy_model), "--out", str(out), "--formats", "tflite-int8"]) == 1
+    assert main(["--model", str(easy_model), "--out", str(out),
+                 "--formats", "tflite-int8,onnx-fp32"]) == 1
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert any("tflite-int8" in line and "min_agreement" in line for line in errors)
     assert "FAILED" in captured.out and (out / "parity.md").is_file()
+    assert Bundle.load(out).select().name == "onnx-fp32", "installed with the passing artifact"
 
 
 def _model_folder(tmp_path: Path, config: dict, model: bytes | None = None) -> Path:
@@ -516,3 +626,53 @@ def test_cli_corrupt_model_is_named_as_such(tmp_path: Path, capsys) -> None:
     assert main(["--model", str(model), "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err == (f"error: {model}: not a Keras .keras archive (corrupt or "
                                        "another format)\n")
+
+
+def test_cli_every_artifact_failing_exits_1_and_keeps_the_old_bundle(
+        converted, easy_model: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from convert import pipeline
+    from convert.__main__ import main
+
+    out = tmp_path / "b"
+    shutil.copytree(converted[0], out)
+    before = _snapshot(out)
+    monkeypatch.setattr(pipeline, "select", lambda names, table: _junk_table())
+    assert main(["--model", str(easy_model), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    rejected = tmp_path / "b.rejected"
+    assert f"wrote {rejected}/" in captured.out and "FAILED" in captured.out
+    assert f"error: nothing installed: {out} was left as it was" in captured.err
+    assert "Traceback" not in captured.err
+    assert _snapshot(out) == before and (rejected / "parity.md").is_file()
+
+
+def test_cli_a_corrupt_decode_cache_is_decoded_again(easy_model: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    from convert.__main__ import main
+
+    model = tmp_path / "model"
+    shutil.copytree(easy_model.parent, model, ignore=shutil.ignore_patterns("cache"))
+    config = json.loads((model / "config.json").read_text())
+    shutil.copytree(config["cache"], tmp_path / "cache")
+    (model / "config.json").write_text(json.dumps({**config, "cache": str(tmp_path / "cache")}))
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert entries
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:90])  # as a disk-full or killed write leaves them
+    assert main(["--model", str(model / "model.keras"), "--out", str(tmp_path / "b"),
+                 "--formats", "onnx-fp32"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_cli_an_unexpected_error_keeps_its_traceback_and_is_not_exit_1(tmp_path: Path, capsys,
+                                                                      monkeypatch) -> None:
+    import convert.__main__ as cli
+
+    def bug(*args, **kwargs) -> dict:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "convert_model", bug)
+    assert cli.main(["--out", str(tmp_path / "b")]) == cli.EXIT_BUG != 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: a bug" in err
+    assert err.rstrip().splitlines()[-1].startswith("error: convert failed unexpectedly (a bug")

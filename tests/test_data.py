@@ -170,6 +170,25 @@ def test_cache_returns_the_same_array_without_decoding_again(tmp_path: Path) -> 
     assert len(list((tmp_path / "cache" / spec.fingerprint()).glob("*.npy"))) == 6
 
 
+@pytest.mark.parametrize("damage", [
+    lambda path: path.write_bytes(path.read_bytes()[:90]),  # truncated in the header
+    lambda path: path.write_bytes(path.read_bytes()[:-100]),  # truncated in the data
+    lambda path: path.write_bytes(b""),
+    lambda path: np.save(path, np.zeros((4, 4, 3), np.float32)),  # a valid array, not this spec's
+], ids=["header", "data", "empty", "other-shape"])
+def test_an_unreadable_cache_entry_is_a_miss_decoded_again(tmp_path: Path, damage) -> None:
+    root = _folder(tmp_path, per_class=1)
+    samples = data.scan_split(root / "train")
+    spec = PreprocessSpec(size=32)
+    first, _, _ = data.load_arrays(samples, spec, tmp_path / "cache")
+    cached = data.cache_path(tmp_path / "cache", spec, samples[0].sha256)
+    damage(cached)
+    second, _, skipped = data.load_arrays(samples, spec, tmp_path / "cache")
+    assert not skipped
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(np.load(cached), first[0])  # rewritten whole
+
+
 def test_a_data_file_is_not_a_folder(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -61,3 +61,15 @@ def test_a_swap_that_cannot_be_made_durable_says_so_unless_the_mount_cannot_sync
     else:
         install(staged, out)
     assert (out / "mark").read_text() == "new"  # in place either way; EIO says it may not last
+
+
+def test_a_refusal_is_one_line_saying_what_the_folder_holds(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "assets").mkdir(parents=True)
+    for name in ("index.html", "a\nb.txt", "c", "d", "e", "f"):
+        (out / name).write_text("")
+    with pytest.raises(FileExistsError) as caught:
+        check_replaceable(out, marked, "an earlier thing")
+    assert str(caught.value) == (f"refusing to replace {out}: it is not empty and not an earlier "
+                                 "thing; it holds 'a\\nb.txt', assets/, c, d, e and 2 more; "
+                                 "choose another --out")

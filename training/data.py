@@ -254,11 +254,27 @@ def cache_path(cache_dir: Path, spec: PreprocessSpec, sha256: str) -> Path:
 def _load_one(sample: Sample, spec: PreprocessSpec, cache_dir: Path) -> np.ndarray:
     cached = cache_path(cache_dir, spec, sample.sha256)
     if cached.is_file():
-        return np.load(cached)
+        x = _read_cached(cached, spec)
+        if x is not None:
+            return x
     x = preprocess(sample.path, spec)
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(cached, lambda handle: np.save(handle, x), binary=True, sync=False)
     return x
+
+
+def _read_cached(cached: Path, spec: PreprocessSpec) -> np.ndarray | None:
+    """The cached array, or None (the entry removed) when it is unreadable or not this spec's:
+    a killed or full-disk write, or a damaged disk, must cost a decode, not the run."""
+    try:
+        x = np.load(cached)
+    except (OSError, ValueError, EOFError):  # truncated, garbled or unreadable .npy
+        x = None
+    if (isinstance(x, np.ndarray) and x.dtype == np.float32
+            and x.shape == (spec.size, spec.size, spec.channels)):
+        return x
+    cached.unlink(missing_ok=True)
+    return None
 
 
 def load_arrays(samples: Sequence[Sample], spec: PreprocessSpec, cache_dir: Path = DEFAULT_CACHE,

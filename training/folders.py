@@ -19,14 +19,31 @@ from ct_edge.files import fsync_dir
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>convert|old)-(?P<pid>\d+)-[^/]*$")
 
 
-def check_replaceable(out: Path, is_earlier: Callable[[Path], bool], earlier: str) -> None:
+def check_replaceable(out: Path, is_earlier: Callable[[Path], bool], earlier: str,
+                      usual: Callable[[Path], bool] | None = None) -> None:
     """FileExistsError unless `out` is missing, an empty folder, or a folder `is_earlier`
-    recognises as an earlier run's output (`earlier` says what that is, for the message)."""
+    recognises as an earlier run's output (`earlier` says what that is, for the message, which
+    also lists what `out` holds: first the entries `usual` does not expect there)."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FileExistsError(f"--out {out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not is_earlier(out):
         raise FileExistsError(f"refusing to replace {out}: it is not empty and not {earlier}; "
-                              "choose another --out")
+                              f"it holds {describe_contents(out, usual)}; choose another --out")
+
+
+def describe_contents(folder: Path, usual: Callable[[Path], bool] | None = None,
+                      shown: int = 5) -> str:
+    """The first few entries of `folder` (sub-folders end in '/'), those `usual` does not expect
+    first, for a one-line message."""
+    paths = sorted(folder.iterdir(), key=lambda path: (bool(usual and usual(path)), path.name))
+    names = [_shown_name(path) for path in paths]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _shown_name(path: Path) -> str:
+    name = path.name if path.name.isprintable() else repr(path.name)  # one line, whatever it is
+    return name + "/" if path.is_dir() and not path.is_symlink() else name
 
 
 def replace_folder(out: Path, fill: Callable[[Path], None]) -> None:
