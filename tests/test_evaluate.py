@@ -74,7 +74,13 @@ def test_a_tiny_cross_validation_with_an_ensemble_and_flip(synthetic_root: Path,
                "Viral Pneumonia"].index(p["predicted"])] for p in predictions)
     assert mixture.mixed_accuracy([run])[0] == pytest.approx(cv_runs.pooled_accuracy(run))
     assert all(len(p["flipped_probabilities"]) == 3 for p in predictions)
+    # each member's own answer: their mean is the ensemble's, k = 2 of 2 is its accuracy
+    assert all(np.allclose(np.mean(p["member_probabilities"], axis=0), p["probabilities"],
+                           atol=2e-6) for p in predictions)
+    assert run["accuracy_by_members"]["2"] == pytest.approx(cv_runs.pooled_accuracy(run))
     single = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache")
+    assert "accuracy_by_members" not in single
+    assert "member_probabilities" not in single["folds"][0]["predictions"][0]
     assert single["folds"][0]["n_test"] == run["folds"][0]["n_test"]  # the same folds...
     assert [f["loss"] for f in single["folds"]] != [f["loss"] for f in run["folds"]]  # ...averaged
 

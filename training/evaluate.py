@@ -215,6 +215,7 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
             flipped_probs.append(model.predict(x_all[pick(test_part)][:, :, ::-1], verbose=0))
             val_probs.append(_predict(model, x_all[pick(val_part)], tta))
             epochs.append(len(history["loss"]))
+        member_probs = np.stack(test_probs, axis=1)  # (images, members, classes)
         test_probs, val_probs = np.mean(test_probs, axis=0), np.mean(val_probs, axis=0)
         flipped_probs = np.mean(flipped_probs, axis=0)
         temperature = fit_temperature(val_probs, y_val)
@@ -255,7 +256,11 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
                              "probabilities": [round(float(v), 6) for v in raw],
                              "flipped_probabilities": [round(float(v), 6) for v in flipped],
                              **({"int8_probabilities": [round(float(v), 6) for v in int8_probs[i]]}
-                                if int8_probs is not None else {})}
+                                if int8_probs is not None else {}),
+                             # Each member's own answer, so the first k of K can be scored.
+                             **({"member_probabilities": [[round(float(v), 6) for v in m]
+                                                          for m in member_probs[i]]}
+                                if members > 1 else {})}
                             for i, (s, t, p, raw, flipped) in enumerate(zip(
                                 test_part, y_test, scaled, test_probs, flipped_probs,
                                 strict=True))],
@@ -266,8 +271,21 @@ def cross_validate(root: Path, config: TrainConfig, folds: int = 5,
         print(f"  fold {fold + 1}/{folds}: accuracy {result['accuracy']:.1%}  loss "
               f"{result['loss']:.3f}{int8_note}  ({result['epochs']} epochs, {result['seconds']} s)",
               flush=True)
-    return {"folds": results, "summary": summarise(results), "params": int(model.count_params()),
-            "n_images": len(samples), "k": folds}
+    run = {"folds": results, "summary": summarise(results), "params": int(model.count_params()),
+           "n_images": len(samples), "k": folds}
+    if members > 1:
+        run["accuracy_by_members"] = accuracy_by_members(results)
+    return run
+
+
+def accuracy_by_members(results: list[dict]) -> dict[str, float]:
+    """Out-of-fold accuracy of the mean of each fold's first k members, k = 1..K: what an
+    ensemble of k costs nothing extra to measure once K were trained."""
+    predictions = [p for r in results for p in r["predictions"]]
+    members = np.asarray([p["member_probabilities"] for p in predictions])  # (n, K, classes)
+    truth = np.asarray([LABELS.index(p["true"]) for p in predictions])
+    return {str(k): float((members[:, :k].mean(axis=1).argmax(axis=1) == truth).mean())
+            for k in range(1, members.shape[1] + 1)}
 
 
 def summarise(results: list[dict]) -> dict:
@@ -403,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                 run["abstention"] = abstention.summary(*out_of_fold(run))
                 print(f"  risk-coverage: AURC {run['abstention']['aurc']:.3f}; at the operating "
                       f"point ct-edge {run['abstention']['in_words']}", flush=True)
+            if "accuracy_by_members" in run:
+                print("  accuracy of the first k members: " + ", ".join(
+                    f"k={k} {acc:.1%}" for k, acc in run["accuracy_by_members"].items()), flush=True)
             data_mod.write_json(results / f"{label}.json", run)
             runs[label] = run
         existing = load_runs(results)
