@@ -217,7 +217,8 @@ def test_for_training_without_folds_uses_the_validation_split_or_nothing(tmp_pat
 
 def _cache_with(samples: list[Sample], x: np.ndarray, config: TrainConfig,
                 folder: Path) -> TrainConfig:
-    """for_training loads its images through the decode cache: put the fake ones there."""
+    """for_training loads its images through the decode cache: put the fake ones there, at
+    the spec's shape (an entry of another shape is a miss)."""
     import dataclasses
 
     from training.data import cache_path
@@ -226,7 +227,7 @@ def _cache_with(samples: list[Sample], x: np.ndarray, config: TrainConfig,
     for sample, image in zip(samples, x, strict=True):
         path = cache_path(folder, spec, sample.sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, image)
+        np.save(path, np.full((spec.size, spec.size, spec.channels), image[0, 0, 0], np.float32))
     return dataclasses.replace(config, cache=str(folder))
 
 
