@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_helpers import manifest_for, provenance_for, write_bundle
 
+from ct_edge.bundle import MANIFEST, Bundle
 from ct_edge.classifier import Classifier, apply_temperature
+from ct_edge.domain import DOMAIN_FILE, FeatureGate
 from ct_edge.errors import BundleError
 
 
@@ -92,3 +96,75 @@ def test_info_shows_a_malformed_explain_field_as_unknown_and_still_exits_0(
     assert cli.main(["info", "--bundle", str(bundle)]) == 0
     (line,) = [row for row in capsys.readouterr().out.splitlines() if row.startswith("explain ")]
     assert "?" in line
+
+
+# --- every file of a bundle: one rule, and the manifest that was parsed ---------------------------
+
+STAND_IN = {"tflite-int8": b"a stand-in model: Bundle.load never parses one"}
+
+
+def _gated_bundle(root: Path) -> Path:
+    """A bundle of a stand-in model whose manifest records a feature gate and its statistics."""
+    arrays = {"weights": np.eye(4, 3, dtype=np.float32), "bias": np.zeros(3, np.float32)}
+    data = FeatureGate("max_logit", 3.0, arrays).to_npz()
+    manifest = manifest_for(STAND_IN, "tflite-int8", provenance_for("0" * 64))
+    manifest["domain"] = {"modality": "xray", "method": "max_logit", "threshold": 3.0,
+                          "file": DOMAIN_FILE, "sha256": hashlib.sha256(data).hexdigest(),
+                          "bytes": len(data)}
+    write_bundle(root, STAND_IN, manifest)
+    (root / DOMAIN_FILE).write_bytes(data)
+    return root
+
+
+def _use(root: Path) -> None:
+    """What a front end reads of a bundle: the manifest, the default model, the domain gate."""
+    bundle = Bundle.load(root)
+    bundle.select().read_verified()
+    bundle.feature_gate()
+
+
+@pytest.mark.parametrize("file", ["manifest.json", "model_int8.tflite", "domain.npz"])
+def test_a_bundle_file_linked_outside_the_folder_is_refused(tmp_path: Path, file: str) -> None:
+    """Model files linked out were refused; the manifest and domain.npz were read from anywhere.
+    The link target holds the very bytes the manifest names: only the path rule stops it."""
+    root = _gated_bundle(tmp_path / "bundle")
+    _use(root)
+    outside = tmp_path / f"outside-{file}"
+    (root / file).rename(outside)
+    (root / file).symlink_to(outside)
+    with pytest.raises(BundleError, match="links outside the bundle folder") as refused:
+        _use(root)
+    assert str(refused.value).startswith(f"{root / file}: ") and "\n" not in str(refused.value)
+
+
+def test_a_link_inside_the_folder_is_still_followed(tmp_path: Path) -> None:
+    root = _gated_bundle(tmp_path / "bundle")
+    for file in ("manifest.json", "model_int8.tflite", "domain.npz"):
+        (root / file).rename(root / f"real-{file}")
+        (root / file).symlink_to(f"real-{file}")
+    _use(root)
+
+
+def test_the_bundle_identity_is_the_manifest_that_was_parsed(tmp_path: Path) -> None:
+    """Results were stamped with the sha256 of manifest.json read again later: a bundle installed
+    in between would be named for answers the loaded one gave."""
+    root = _gated_bundle(tmp_path / "bundle")
+    loaded = (root / MANIFEST).read_bytes()
+    bundle = Bundle.load(root)
+    manifest = json.loads(loaded)
+    manifest["calibration"]["temperature"] = 5.0  # `make convert` installs a new bundle now
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    assert bundle.manifest_bytes == loaded
+    assert bundle.manifest_sha256 == hashlib.sha256(loaded).hexdigest()
+    assert json.loads(bundle.manifest_bytes) == bundle.manifest and bundle.temperature == 1.0
+
+
+def test_an_artifact_that_did_not_pass_parity_has_a_warning(tmp_path: Path) -> None:
+    root = _gated_bundle(tmp_path / "bundle")
+    assert Bundle.load(root).select().parity_warning is None
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["artifacts"][0]["status"] = "failed"
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    assert Bundle.load(root).select().parity_warning == (
+        "artifact 'tflite-int8' has parity status 'failed'; its answers may differ from the "
+        "reference model")

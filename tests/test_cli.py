@@ -462,6 +462,39 @@ def test_tampered_model_is_never_run(capsys, bundle_copy: Path,
     assert error_lines(err) == [err.strip()] and default.name in err
 
 
+@pytest.mark.parametrize("change", [{"bytes": float("inf")}, {"file": "domain\x00.npz"}],
+                         ids=["bytes 1e999", "NUL in file"])
+def test_a_malformed_domain_section_is_one_line_and_exit_2(capsys, bundle_copy: Path,
+                                                          change: dict) -> None:
+    """Both were a traceback and exit 1 (OverflowError; ValueError from os.open)."""
+    path = bundle_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["domain"] = {"modality": "xray", "method": "max_logit", "threshold": 3.0,
+                          "file": "domain.npz", "sha256": "0" * 64, "bytes": 100, **change}
+    path.write_text(json.dumps(manifest))
+    for argv in (["classify", GOOD[0]], ["info"]):
+        code, _, err = run(capsys, *argv, "--bundle", bundle_copy)
+        assert code == 2, argv
+        assert error_lines(err) == [err.strip()] and str(path) in err and "\x00" not in err
+
+
+def test_each_command_that_runs_an_artifact_warns_when_it_missed_parity(
+        capsys, bundle_copy: Path) -> None:
+    """classify warned; explain ran such an artifact silently (so did listen and serve)."""
+    path = bundle_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = next(a for a in manifest["artifacts"] if a["name"] == manifest["default"])
+    entry["status"] = "failed"
+    path.write_text(json.dumps(manifest))
+    warning = (f"warning: artifact {entry['name']!r} has parity status 'failed'; its answers "
+               "may differ from the reference model")
+    for command in (["classify"], ["explain", "--json", "--method", "occlusion"]):
+        code, _, err = run(capsys, *command, "--bundle", bundle_copy, GOOD[0])
+        assert code == 0 and warning in err.splitlines(), command
+        code, _, err = run(capsys, *command, "--quiet", "--bundle", bundle_copy, GOOD[0])
+        assert code == 0 and warning not in err, command
+
+
 def test_bundle_from_environment_then_default_folder(capsys, bundle: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

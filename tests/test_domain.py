@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_helpers import manifest_for, provenance_for, write_bundle
 
 from ct_edge.bundle import MANIFEST, Bundle
 from ct_edge.dicom import DicomInfo
@@ -20,7 +21,6 @@ from ct_edge.domain import (
     fit_threshold,
     knn,
     ledoit_wolf,
-    load_gate,
     mahalanobis,
     max_logit,
     metadata_reason,
@@ -122,33 +122,58 @@ def test_unknown_method_is_refused() -> None:
 # --- the statistics file ------------------------------------------------------------------------------
 
 
-def _write_gate(root: Path, method: str = "mahalanobis") -> dict:
+STAND_IN = {"tflite-int8": b"a stand-in model: Bundle.load never parses one"}
+
+
+def _gated_bundle(root: Path, **change: object) -> Path:
+    """A bundle of a stand-in model with a fitted mahalanobis gate; `change` edits the manifest's domain
+    section (a value of None drops the key)."""
     train, labels = _clusters()
-    gate = FeatureGate(method, 3.0, fit_arrays(method, train, labels, W, B))
+    gate = FeatureGate("mahalanobis", 3.0, fit_arrays("mahalanobis", train, labels, W, B))
     data = gate.to_npz()
+    section = {"modality": "ct", "method": "mahalanobis", "threshold": 3.0, "file": DOMAIN_FILE,
+               "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **change}
+    manifest = manifest_for(STAND_IN, "tflite-int8", provenance_for("0" * 64))
+    manifest["domain"] = {key: value for key, value in section.items() if value is not None}
+    write_bundle(root, STAND_IN, manifest)
     (root / DOMAIN_FILE).write_bytes(data)
-    return {"modality": "ct", "method": method, "threshold": 3.0, "file": DOMAIN_FILE,
-            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return root
 
 
 def test_gate_round_trips_and_refuses_a_tampered_file(tmp_path: Path) -> None:
-    section = _write_gate(tmp_path)
-    gate = load_gate(tmp_path, section)
-    assert gate.method == "mahalanobis" and gate.feature_dim == 4
-    data = bytearray((tmp_path / DOMAIN_FILE).read_bytes())
+    root = _gated_bundle(tmp_path / "bundle")
+    gate = Bundle.load(root).feature_gate()
+    assert gate is not None and gate.method == "mahalanobis" and gate.feature_dim == 4
+    data = bytearray((root / DOMAIN_FILE).read_bytes())
     data[-10] ^= 0xFF
-    (tmp_path / DOMAIN_FILE).write_bytes(bytes(data))
+    (root / DOMAIN_FILE).write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
-        load_gate(tmp_path, section)
+        Bundle.load(root).feature_gate()
 
 
-@pytest.mark.parametrize("change", [{"method": "telepathy"}, {"file": "../domain.npz"},
-                                    {"threshold": "nan"}, {"sha256": None, "bytes": None}])
-def test_malformed_domain_sections_are_bundle_errors(tmp_path: Path, change: dict) -> None:
-    section = {**_write_gate(tmp_path), **change}
-    section = {k: v for k, v in section.items() if v is not None}
-    with pytest.raises(BundleError):
-        load_gate(tmp_path, section)
+@pytest.mark.parametrize("change", [
+    {"method": "telepathy"}, {"file": "../domain.npz"}, {"threshold": "nan"},
+    {"sha256": None, "bytes": None}, {"file": None},
+    {"bytes": float("inf")},  # 1e999 in JSON: an OverflowError traceback
+    {"threshold": 10**400},  # too large for a float: an OverflowError too
+    {"file": "domain\x00.npz"},  # os.open raised ValueError
+    {"file": "sub/domain.npz"}, {"file": ""}, {"bytes": 64 * 1024 * 1024 + 1}, {"bytes": 0},
+], ids=lambda change: repr(change)[:40])
+def test_malformed_domain_sections_are_one_line_bundle_errors(tmp_path: Path,
+                                                               change: dict) -> None:
+    root = _gated_bundle(tmp_path / "bundle", **change)
+    bundle = Bundle.load(root)
+    with pytest.raises(BundleError) as refused:
+        bundle.feature_gate()
+    message = str(refused.value)
+    assert message.startswith(str(root)) and "\n" not in message and "\x00" not in message
+
+
+def test_the_gate_comes_with_the_very_bytes_it_was_built_from(tmp_path: Path) -> None:
+    root = _gated_bundle(tmp_path / "bundle")
+    loaded = Bundle.load(root).gate_with_data()
+    assert loaded is not None and loaded[1] == (root / DOMAIN_FILE).read_bytes()
+    assert loaded[0].method == "mahalanobis"
 
 
 # --- DICOM header rules -------------------------------------------------------------------------------

@@ -661,6 +661,39 @@ def local_node(ct_bundle: Path, tmp_path: Path) -> Iterator[Node]:
                    Classifier.from_bundle(ct_bundle), store)
 
 
+def test_the_node_stamps_the_manifest_it_loaded_not_one_installed_since(ct_bundle: Path,
+                                                                          tmp_path: Path) -> None:
+    """The node hashed manifest.json again after Classifier.from_bundle had parsed it: a bundle
+    installed in between was named on every series and report of the one that answered."""
+    import hashlib
+
+    from ct_edge.classifier import Classifier
+
+    bundle = Path(shutil.copytree(ct_bundle, tmp_path / "bundle"))
+    loaded = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    classifier = Classifier.from_bundle(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["calibration"]["temperature"] = 5.0  # `make convert` installs a new bundle now
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with Store(tmp_path / "data") as store:
+        node = Node(NodeConfig(data_dir=tmp_path / "data"), classifier, store)
+        assert node.bundle_sha256 == loaded == classifier.bundle.manifest_sha256
+
+
+def test_listen_warns_when_its_artifact_missed_parity(ct_bundle: Path, tmp_path: Path) -> None:
+    """`classify` warned about such an artifact; `listen` ran it silently (also with --quiet,
+    which keeps warnings)."""
+    bundle = Path(shutil.copytree(ct_bundle, tmp_path / "bundle"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = next(a for a in manifest["artifacts"] if a["name"] == manifest["default"])
+    entry["status"] = "failed"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with running(bundle, tmp_path / "data", "--quiet") as listener:
+        log = listener.log()
+    assert (f"warning: artifact {entry['name']!r} has parity status 'failed'; its answers may "
+            "differ from the reference model") in log.splitlines()
+
+
 def receive(node: Node, source: Path = FIXTURES / "ct_small.dcm") -> dict:
     """What the C-STORE handler does with a dataset pynetdicom streamed to a file: its queue item."""
     node.incoming.mkdir(parents=True, exist_ok=True)

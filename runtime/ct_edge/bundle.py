@@ -1,7 +1,9 @@
 """Read and verify a model bundle: a folder with manifest.json and the model files it lists.
 
 The manifest is untrusted input: its schema version must be known, every file must stay inside
-the bundle folder, and a model's bytes must match their sha256 before any engine sees them.
+the bundle folder (`bundle_file`: the manifest itself, the models, the domain statistics), and a
+file's bytes must match their size and sha256 before any engine or the domain gate sees them
+(`read_checked`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .domain import MODALITIES, FeatureGate, load_gate
+from .domain import MODALITIES, FeatureGate, gate_entry, gate_from_npz
 from .errors import REBUILD_BUNDLE, BundleError
 from .preprocess import PreprocessSpec
 
@@ -40,37 +42,13 @@ class Artifact:
     failures: tuple[str, ...] = ()
 
     def read_verified(self) -> bytes:
-        """The model bytes, after checking size and sha256 against the manifest.
+        """The model bytes, after checking size and sha256 against the manifest (`read_checked`)."""
+        return read_checked(self.path.parent, self.file, self.bytes, self.sha256, "model file")
 
-        Only a regular file inside the bundle folder, of the size the manifest states, is read:
-        a FIFO would block forever, and a huge (e.g. sparse) file would exhaust memory.
-        """
-        try:
-            if self.path.resolve().parent != self.path.parent.resolve():
-                raise BundleError(f"{self.path} links outside the bundle; it will not be run")
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-            try:
-                info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
-                    raise BundleError(f"{self.path} is not a regular file; {REBUILD_BUNDLE}")
-                if info.st_size != self.bytes:
-                    raise BundleError(f"{self.path} does not match its size and sha256 in the "
-                                      f"manifest ({info.st_size} bytes, the manifest says "
-                                      f"{self.bytes}: tampered or corrupt); it will not be run - "
-                                      f"{REBUILD_BUNDLE}")
-                with os.fdopen(os.dup(fd), "rb") as handle:
-                    data = handle.read(self.bytes + 1)
-            finally:
-                os.close(fd)
-        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL in the name
-            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise BundleError(f"cannot read model file {self.path}: {problem}; "
-                              f"{REBUILD_BUNDLE}") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != self.bytes or digest != self.sha256:
-            raise BundleError(f"{self.path} does not match its sha256 in the manifest (tampered or "
-                              f"corrupt); it will not be run - {REBUILD_BUNDLE}")
-        return data
+    @property
+    def parity_warning(self) -> str | None:
+        """What to tell whoever runs this artifact when it did not pass its parity check."""
+        return parity_warning(self.name, self.status)
 
 
 @dataclass(frozen=True)
@@ -88,6 +66,10 @@ class Bundle:
     # How uncertain_below was chosen (method, target, measured risk and coverage, on what data);
     # empty for bundles that predate it. Informational: only uncertain_below decides.
     operating_point: dict = field(default_factory=dict)
+    # The exact manifest.json bytes parsed above and their sha256: the bundle's identity on every
+    # result (re-reading the file later could name a bundle installed since).
+    manifest_bytes: bytes = field(default=b"", repr=False)
+    manifest_sha256: str = ""
 
     @property
     def domain(self) -> dict:
@@ -101,15 +83,25 @@ class Bundle:
         return self.domain.get("modality")
 
     def feature_gate(self) -> FeatureGate | None:
-        """The fitted feature gate (its statistics file sha256-checked), None when not recorded."""
+        """The fitted feature gate (its statistics file checked like a model file), None when the
+        manifest records none."""
+        loaded = self.gate_with_data()
+        return None if loaded is None else loaded[0]
+
+    def gate_with_data(self) -> tuple[FeatureGate, bytes] | None:
+        """The feature gate and the verified statistics bytes it was built from; None without one."""
         if "method" not in self.domain:
             return None
-        return load_gate(self.root, self.domain)
+        entry = gate_entry(self.domain, self.root / MANIFEST)
+        data = read_checked(self.root, entry.file, entry.bytes, entry.sha256,
+                            "domain statistics file")
+        return gate_from_npz(entry, data, self.root / entry.file), data
 
     @classmethod
     def load(cls, root: str | Path | None = None) -> Bundle:
         root = resolve_bundle_dir(root)
-        manifest = _read_manifest(root)
+        raw = _read_manifest(root)
+        manifest = _parse_manifest(root / MANIFEST, raw)
         try:
             version = manifest.get("schema_version")
             if type(version) is not int or version != SCHEMA_VERSION:  # true == 1.0 == 1 in Python
@@ -151,7 +143,7 @@ class Bundle:
             raise BundleError(f"{root / MANIFEST}: malformed domain section (modality must be one "
                               f"of {', '.join(MODALITIES)})")
         return cls(root, manifest, labels, spec, artifacts, default, temperature, uncertain_below,
-                   operating_point)
+                   operating_point, raw, hashlib.sha256(raw).hexdigest())
 
     def select(self, name: str | None = None, fmt: str | None = None) -> Artifact:
         """The artifact to run: by name, else the default (of a format), else the best passing one."""
@@ -183,13 +175,80 @@ def resolve_bundle_dir(root: str | Path | None) -> Path:
     return path
 
 
-def _read_manifest(root: Path) -> dict:
-    path = root / MANIFEST
+def parity_warning(name: str, status: str) -> str | None:
+    """The warning for running artifact `name` of parity status `status`; None when it passed.
+
+    Every front end prints it (a warning, not a refusal: the artifact was chosen by name or as
+    the bundle's default)."""
+    if status == "passed":
+        return None
+    return (f"artifact {name!r} has parity status {status!r}; its answers may differ from the "
+            "reference model")
+
+
+def bundle_file(root: Path, file: str, what: str) -> Path:
+    """root/file for a file of the bundle (`what` names it in errors): a plain name, not a
+    symlink out of the folder. The one rule for the manifest, every model and the domain
+    statistics; BundleError otherwise."""
+    candidate = Path(file)
+    if candidate.is_absolute() or len(candidate.parts) != 1 or file in ("", ".", "..") \
+            or "\x00" in file:
+        raise BundleError(f"{root / MANIFEST}: {what} {file[:100]!r} is outside the bundle")
+    path = root / file
+    try:
+        outside = path.is_symlink() and path.resolve().parent != root.resolve()
+    except (OSError, RuntimeError) as exc:  # e.g. a name too long, a symlink loop
+        raise BundleError(f"{root / MANIFEST}: {what} {file[:100]!r} cannot be checked "
+                          f"({exc}); {REBUILD_BUNDLE}") from None
+    if outside:
+        raise BundleError(f"{path}: the {what} links outside the bundle folder; it will not be "
+                          f"used - {REBUILD_BUNDLE}")
+    return path
+
+
+def read_checked(root: Path, file: str, size: int, sha256: str, what: str) -> bytes:
+    """The bytes of bundle file `file` (see `bundle_file`), once their size and sha256 match the
+    manifest's. Only a regular file of that size is read: a FIFO would block forever, and a huge
+    (e.g. sparse) file would exhaust memory."""
+    path = bundle_file(root, file, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise BundleError(f"{path} is not a regular file; {REBUILD_BUNDLE}")
+            if info.st_size != size:
+                raise BundleError(f"{path} does not match its size and sha256 in the manifest "
+                                  f"({info.st_size} bytes, the manifest says {size}: tampered or "
+                                  f"corrupt); the bundle will not be run - {REBUILD_BUNDLE}")
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = handle.read(size + 1)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise BundleError(f"cannot read {what} {path}: {exc.strerror or exc}; "
+                          f"{REBUILD_BUNDLE}") from None
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        raise BundleError(f"{path} does not match its sha256 in the manifest (tampered or "
+                          f"corrupt); the bundle will not be run - {REBUILD_BUNDLE}")
+    return data
+
+
+def _read_manifest(root: Path) -> bytes:
+    path = bundle_file(root, MANIFEST, "manifest")
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise BundleError(f"{path}: manifest is implausibly large")
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read the manifest ({exc.strerror or exc}); "
+                          "rebuild the bundle") from None
+
+
+def _parse_manifest(path: Path, raw: bytes) -> dict:
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         # ValueError: also JSONDecodeError, UnicodeDecodeError and over-long integer literals;
         # RecursionError: arrays nested thousands deep.
         raise BundleError(f"{path}: cannot read the manifest ({type(exc).__name__}: "
@@ -201,18 +260,7 @@ def _read_manifest(root: Path) -> dict:
 
 def _artifact(root: Path, entry: dict) -> Artifact:
     file = str(entry["file"])
-    candidate = Path(file)
-    if candidate.is_absolute() or len(candidate.parts) != 1 or file in ("", ".", "..") \
-            or "\x00" in file:
-        raise BundleError(f"{root / MANIFEST}: artifact file {file!r} is outside the bundle")
-    path = root / file
-    try:
-        outside = path.is_symlink() and path.resolve().parent != root.resolve()
-    except (OSError, RuntimeError) as exc:  # e.g. a name too long, a symlink loop
-        raise BundleError(f"{root / MANIFEST}: artifact file {file[:100]!r} cannot be checked "
-                          f"({exc})") from None
-    if outside:
-        raise BundleError(f"{root / MANIFEST}: artifact file {file!r} links outside the bundle")
+    path = bundle_file(root, file, "model file")
     size = int(entry["bytes"])
     if not 0 < size <= MAX_MODEL_BYTES:
         raise BundleError(f"{root / MANIFEST}: artifact {file!r} has implausible size {size}")

@@ -16,10 +16,7 @@ Methods (docs/domain.md compares them on real and synthetic data):
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,56 +216,53 @@ class FeatureGate:
         return buffer.getvalue()
 
 
-def load_gate(root: Path, section: dict) -> FeatureGate:
-    """The manifest's `domain.features` section and its .npz (size and sha256 checked first)."""
+@dataclass(frozen=True)
+class GateEntry:
+    """The manifest's `domain` section, checked: the method, its threshold and the statistics file
+    (a name in the bundle folder, its size and sha256; ct_edge.bundle reads it like a model)."""
+
+    method: str
+    threshold: float
+    file: str
+    sha256: str
+    bytes: int
+
+
+def gate_entry(section: dict, where: Path) -> GateEntry:
+    """The domain section of the manifest at `where` as a GateEntry; BundleError when malformed."""
     try:
-        method = str(section["method"])
-        threshold = float(section["threshold"])
-        file, digest, size = str(section["file"]), str(section["sha256"]), int(section["bytes"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{root}: malformed domain section ({type(exc).__name__}: {exc})") from None
-    if method not in SCORES:
-        raise BundleError(f"{root}: unknown domain method {method!r} (this ct-edge knows "
-                          f"{', '.join(METHODS)}); upgrade ct-edge")
-    if not np.isfinite(threshold):
-        raise BundleError(f"{root}: domain threshold {threshold} is not finite")
-    if Path(file).name != file or file in ("", ".", ".."):
-        raise BundleError(f"{root}: domain file {file!r} is outside the bundle")
-    data = _read_checked(root / file, size, digest)
+        entry = GateEntry(method=str(section["method"]), threshold=float(section["threshold"]),
+                          file=str(section["file"]), sha256=str(section["sha256"]),
+                          bytes=int(section["bytes"]))
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: 1e999 bytes
+        raise BundleError(f"{where}: malformed domain section ({type(exc).__name__}: "
+                          f"{str(exc)[:200]})") from None
+    if entry.method not in SCORES:
+        raise BundleError(f"{where}: unknown domain method {entry.method[:100]!r} (this ct-edge "
+                          f"knows {', '.join(METHODS)}); upgrade ct-edge")
+    if not np.isfinite(entry.threshold):
+        raise BundleError(f"{where}: domain threshold {entry.threshold} is not finite")
+    if not 0 < entry.bytes <= MAX_DOMAIN_BYTES:
+        raise BundleError(f"{where}: implausible domain statistics size {entry.bytes}")
+    return entry
+
+
+def gate_from_npz(entry: GateEntry, data: bytes, path: Path) -> FeatureGate:
+    """The gate from the statistics file's verified bytes (read from `path`, named in errors)."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, EOFError) as exc:
-        raise BundleError(f"{root / file}: unreadable domain statistics ({exc})") from None
-    gate = FeatureGate(method, threshold, arrays)
+        raise BundleError(f"{path}: unreadable domain statistics ({exc})") from None
+    gate = FeatureGate(entry.method, entry.threshold, arrays)
     try:
         probe = gate.scores(np.zeros((1, gate.feature_dim), np.float32))
     except (KeyError, ValueError, IndexError) as exc:
-        raise BundleError(f"{root / file}: domain statistics do not fit method {method!r} "
+        raise BundleError(f"{path}: domain statistics do not fit method {entry.method!r} "
                           f"({type(exc).__name__}: {exc})") from None
     if probe.shape != (1,):
-        raise BundleError(f"{root / file}: domain statistics do not fit method {method!r}")
+        raise BundleError(f"{path}: domain statistics do not fit method {entry.method!r}")
     return gate
-
-
-def _read_checked(path: Path, size: int, digest: str) -> bytes:
-    if not 0 < size <= MAX_DOMAIN_BYTES:
-        raise BundleError(f"{path}: implausible domain statistics size {size}")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise BundleError(f"{path} is not a regular file")
-            with os.fdopen(os.dup(fd), "rb") as handle:
-                data = handle.read(size + 1)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
-        raise BundleError(f"{path} does not match its sha256 in the manifest (tampered or corrupt); "
-                          "copy the bundle again, or convert the model again")
-    return data
 
 
 # --- metadata: what a DICOM header says, before any pixel is looked at ----------------------------------

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import math
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +20,33 @@ from .cases import Case, mutate_bytes
 FUZZED_ARTIFACTS = ("tflite-int8", "tflite-fp32", "onnx-fp32")  # names from convert.formats
 OUTSIDE = "outside.bin"  # beside the bundle folder; holds the bytes of model_int8.tflite
 OUTSIDE_ABS = "@OUTSIDE@"  # replaced by the absolute path of OUTSIDE in the worker
+DOMAIN_FILE = "domain.npz"  # ct_edge.domain.DOMAIN_FILE, as convert writes it
+OUTSIDE_DOMAIN = "outside.npz"  # beside the bundle folder; holds the bytes of DOMAIN_FILE
 
 
 def artifact_bytes(file: str) -> bytes:
     """The stand-in model file content (Bundle.load never parses a model)."""
     return hashlib.sha256(file.encode()).digest() * 64
+
+
+def domain_bytes() -> bytes:
+    """A stand-in domain statistics file the gate accepts (max_logit over 4 features), the same
+    bytes in every process: np.savez would stamp the zip entries with the current time."""
+    arrays = {"weights": np.eye(4, 3, dtype=np.float32), "bias": np.zeros(3, np.float32)}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for key, value in arrays.items():
+            npy = io.BytesIO()
+            np.lib.format.write_array(npy, value)
+            archive.writestr(zipfile.ZipInfo(f"{key}.npy", (1980, 1, 1, 0, 0, 0)), npy.getvalue())
+    return buffer.getvalue()
+
+
+def domain_section() -> dict:
+    """The manifest's domain section for `domain_bytes` (the keys ct_edge.domain reads)."""
+    data = domain_bytes()
+    return {"modality": "xray", "method": "max_logit", "threshold": 3.0, "file": DOMAIN_FILE,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def model_files() -> dict[str, str]:
@@ -47,7 +71,8 @@ def base_manifest() -> dict:
                 row, hashlib.sha256(data).hexdigest(), len(data), "passed", [],
                 {"accuracy": 0.9, "agreement": 1.0, "max_abs_diff": 1e-6}))
     return build_manifest(LABELS, PreprocessSpec(), 0.91, artifacts, "tflite-int8",
-                          {"model_sha256": "0" * 64, "created": "2026-01-01T00:00:00+00:00"})
+                          {"model_sha256": "0" * 64, "created": "2026-01-01T00:00:00+00:00"},
+                          domain=domain_section())
 
 
 JSON_VALUES: list = [None, True, False, 0, -1, 1, 2, 3, 2**31, 2**63, 2**64 + 1, 1e308, -1e308,
@@ -60,7 +85,16 @@ FILE_ATTACKS = ["../outside.bin", OUTSIDE_ABS, "/etc/hostname", "sub/model_int8.
                 "//outside.bin", "model_int8.tflite/..", "nonexistent.tflite", 5, None, ["a"]]
 FS_LAYOUTS = ["plain"] * 6 + ["symlink-out", "symlink-in", "symlink-chain-out", "symlink-loop",
                               "dangling", "fifo", "directory", "sparse-huge", "missing",
-                              "manifest-huge", "manifest-fifo"]
+                              "manifest-huge", "manifest-fifo", "manifest-symlink-out",
+                              "domain-symlink-out", "domain-fifo", "domain-missing"]
+# Values for the keys of the domain section (ct_edge.domain.gate_entry), besides JSON_VALUES.
+DOMAIN_VALUES: dict[str, list] = {
+    "method": ["telepathy", "combined", "knn", "mahalanobis", "energy"],
+    "threshold": [float("nan"), float("inf"), "3", 1e308, 10**400],
+    "bytes": [1e999, -1, 0, 10**30, 2**31, "1", 64 * 1024 * 1024 + 1],
+    "sha256": ["0" * 64, "", "@BIGINT@"],
+    "modality": ["ct", "xray", "mri", "", None],
+}
 
 
 def _paths(node, prefix=()) -> Iterator[tuple]:
@@ -93,7 +127,7 @@ def gen_manifest(rng: np.random.Generator, base: dict) -> Case:
     for _ in range(int(rng.integers(1, 4))):
         paths = list(_paths(manifest))
         path = paths[int(rng.integers(len(paths)))]
-        op = int(rng.integers(10))
+        op = int(rng.integers(11))
         if op <= 3:
             manifest = _set(manifest, path, _pick(rng, JSON_VALUES))
         elif op == 4 and path:
@@ -129,6 +163,8 @@ def gen_manifest(rng: np.random.Generator, base: dict) -> Case:
             manifest[f"unknown_{int(rng.integers(100))}"] = _pick(rng, JSON_VALUES)
         elif op == 9 and isinstance(manifest, dict) and isinstance(manifest.get("artifacts"), list):
             manifest["artifacts"] = copy.deepcopy(manifest["artifacts"] * int(rng.choice([0, 2, 50])))
+        elif op == 10 and isinstance(manifest, dict):
+            _mutate_domain(rng, manifest)
     try:
         text = json.dumps(manifest, indent=int(rng.choice([0, 2])))
     except (ValueError, OverflowError):
@@ -141,6 +177,22 @@ def gen_manifest(rng: np.random.Generator, base: dict) -> Case:
         data = mutate_bytes(rng, data, [])
     fs = FS_LAYOUTS[int(rng.integers(len(FS_LAYOUTS)))]
     return Case("manifest", "manifest", data, fs=fs)
+
+
+def _mutate_domain(rng: np.random.Generator, manifest: dict) -> None:
+    """One change to the domain section: a hostile file name, a bad value, or the whole section."""
+    section = manifest.get("domain")
+    if not isinstance(section, dict) or rng.random() < 0.1:
+        manifest["domain"] = _pick(rng, [None, [], "xray", {}, {"modality": "mri"},
+                                         {"method": "max_logit"}, domain_section()])
+        return
+    key = str(rng.choice(["file", *DOMAIN_VALUES]))
+    if rng.random() < 0.15:
+        section.pop(key, None)
+    elif key == "file":
+        section[key] = _pick(rng, [*FILE_ATTACKS, "../" + OUTSIDE_DOMAIN])
+    else:
+        section[key] = _pick(rng, DOMAIN_VALUES[key] + JSON_VALUES)
 
 
 def manifest_cases(rng: np.random.Generator, count: int) -> Iterator[Case]:
@@ -166,6 +218,7 @@ def write_bundle_layout(root: Path, manifest: bytes, fs: str) -> None:
         (root / file).write_bytes(artifact_bytes(file))
     text = manifest.replace(OUTSIDE_ABS.encode(), str(outside).encode())
     (root / "manifest.json").write_bytes(text)
+    _domain_layout(root, fs)
     target = root / int8
     if fs in ("symlink-out", "symlink-chain-out", "symlink-loop", "dangling", "symlink-in", "fifo",
               "directory", "missing"):
@@ -196,6 +249,24 @@ def write_bundle_layout(root: Path, manifest: bytes, fs: str) -> None:
     elif fs == "manifest-fifo":
         (root / "manifest.json").unlink()
         os.mkfifo(root / "manifest.json")
+    elif fs == "manifest-symlink-out":
+        outside_manifest = root.parent / "outside.json"
+        (root / "manifest.json").rename(outside_manifest)
+        (root / "manifest.json").symlink_to(outside_manifest)
+
+
+def _domain_layout(root: Path, fs: str) -> None:
+    """The domain statistics file in `root`, and beside the folder (for links and ../ names)."""
+    data = domain_bytes()
+    outside = root.parent / OUTSIDE_DOMAIN
+    outside.write_bytes(data)
+    target = root / DOMAIN_FILE
+    if fs == "domain-symlink-out":
+        target.symlink_to(outside)  # bytes match the manifest: only the path check stops it
+    elif fs == "domain-fifo":
+        os.mkfifo(target)
+    elif fs != "domain-missing":
+        target.write_bytes(data)
 
 
 def accepted_problem(bundle, root: Path) -> str | None:
@@ -246,6 +317,8 @@ def run_manifest(data: bytes, fs: str, scratch: Path, counter: int) -> tuple[str
         if problem:
             return "invalid", problem
         inside = root.resolve()
+        if (root / "manifest.json").resolve().parent != inside:
+            return "invalid", "read a manifest from outside the bundle"
         for artifact in bundle.artifacts.values():
             try:
                 artifact.read_verified()
@@ -256,6 +329,13 @@ def run_manifest(data: bytes, fs: str, scratch: Path, counter: int) -> tuple[str
         for fmt in (None, "tflite", "onnx"):
             with contextlib.suppress(BundleError):
                 bundle.select(fmt=fmt)
+        try:
+            bundle.gate_with_data()
+        except BundleError:
+            return "valid", ""
+        file = root / str(bundle.domain.get("file"))
+        if "method" in bundle.domain and file.resolve().parent != inside:
+            return "invalid", f"read domain file {bundle.domain.get('file')!r} from outside the bundle"
         return "valid", ""
     finally:
         shutil.rmtree(case_dir, ignore_errors=True)

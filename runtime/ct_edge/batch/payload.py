@@ -3,7 +3,6 @@ bytes (`ModelPayload`) and the Parquet schema of the results."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,23 +39,26 @@ class ModelPayload:
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path | None, artifact: str | None,
                     backend: str | None = None) -> ModelPayload:
-        """Load and verify the bundle on the driver (the actors verify the bytes again)."""
-        from ..bundle import MANIFEST, Bundle
+        """Load and verify the bundle on the driver (the actors verify the bytes again): the very
+        manifest, model and domain statistics bytes that were verified, never a second read."""
+        from ..bundle import Bundle
 
         bundle = Bundle.load(bundle_dir)
         chosen = bundle.select(artifact, backend)
         model = chosen.read_verified()
-        try:
-            manifest = (bundle.root / MANIFEST).read_bytes()
-            bundle.feature_gate()  # verified here first, as on a device
-            domain = (bundle.root / bundle.domain["file"]).read_bytes() \
-                if "file" in bundle.domain else b""
-        except OSError as exc:
-            raise BundleError(f"cannot read the bundle in {bundle.root}: {exc}") from None
-        return cls(manifest=manifest, model=model, artifact=chosen.name, domain=domain,
-                   manifest_sha256=hashlib.sha256(manifest).hexdigest(), labels=bundle.labels,
+        gate = bundle.gate_with_data()  # verified here first, as on a device
+        return cls(manifest=bundle.manifest_bytes, model=model, artifact=chosen.name,
+                   domain=b"" if gate is None else gate[1],
+                   manifest_sha256=bundle.manifest_sha256, labels=bundle.labels,
                    artifact_sha256=chosen.sha256, artifact_format=chosen.format,
                    artifact_status=chosen.status)
+
+    @property
+    def parity_warning(self) -> str | None:
+        """The warning for running this artifact (ct_edge.bundle.parity_warning)."""
+        from ..bundle import parity_warning
+
+        return parity_warning(self.artifact, self.artifact_status)
 
 
 def result_schema(labels: Sequence[str]) -> pa.Schema:

@@ -27,7 +27,7 @@ class Scorer:
                  window: tuple[float, float] | None = None, decode_workers: int = 1,
                  domain_check: bool = True) -> None:
         from ..backends import open_backend
-        from ..bundle import MANIFEST, Bundle
+        from ..bundle import MANIFEST, Bundle, bundle_file
         from ..classifier import Classifier
 
         if hashlib.sha256(payload.manifest).hexdigest() != payload.manifest_sha256:
@@ -39,8 +39,9 @@ class Scorer:
             Path(folder, MANIFEST).write_bytes(payload.manifest)
             bundle = Bundle.load(folder)
             if payload.domain:
-                # Only a plain name inside the folder; ct_edge.domain refuses any other.
-                Path(folder, Path(str(bundle.domain["file"])).name).write_bytes(payload.domain)
+                # Only where the bundle's one file rule allows it, as on the driver.
+                bundle_file(bundle.root, str(bundle.domain.get("file")),
+                            "domain statistics file").write_bytes(payload.domain)
             artifact = bundle.select(payload.artifact)
             digest = hashlib.sha256(payload.model).hexdigest()
             if len(payload.model) != artifact.bytes or digest != artifact.sha256:

@@ -7,7 +7,17 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..batch import DEFAULT_PART_ROWS  # the runner imports only the standard library up front
-from .common import BUNDLE_HELP, DOMAIN_CHECK_OFF, RAW, Progress, error, isatty, positive_int, window_arg
+from .common import (
+    BUNDLE_HELP,
+    DOMAIN_CHECK_OFF,
+    RAW,
+    Progress,
+    error,
+    isatty,
+    positive_int,
+    warn,
+    window_arg,
+)
 
 if TYPE_CHECKING:
     from ..batch import Cluster, ModelPayload
@@ -84,10 +94,8 @@ def run(args: Any) -> int:
     progress: list[Progress] = []
 
     def on_start(rows: int, payload: ModelPayload) -> None:
-        if payload.artifact_status != "passed" and not args.quiet:
-            print(f"warning: artifact {payload.artifact!r} has parity status "
-                  f"{payload.artifact_status!r}; its answers may differ from the reference model",
-                  file=sys.stderr)
+        if not args.quiet:
+            warn(payload.parity_warning)
         progress.append(Progress(rows, sys.stderr, enabled=not args.quiet and rows > 0
                                  and isatty(sys.stderr)))
 

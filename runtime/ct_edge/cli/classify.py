@@ -20,6 +20,7 @@ from .common import (
     isatty,
     native_info_silenced,
     positive_int,
+    warn,
     window_arg,
 )
 
@@ -95,9 +96,8 @@ def run(args: argparse.Namespace) -> int:
         error(f"artifact {artifact.name!r} is a {artifact.format} model, not {args.backend}; "
               "drop --backend or choose another --artifact (see 'ct-edge info')")
         return EXIT_USAGE
-    if artifact.status != "passed" and not args.quiet:
-        print(f"warning: artifact {artifact.name!r} has parity status {artifact.status!r}; its "
-              "answers may differ from the reference model", file=sys.stderr)
+    if not args.quiet:
+        warn(artifact.parity_warning)
     if args.no_domain_check and not args.quiet:
         print(DOMAIN_CHECK_OFF, file=sys.stderr)
 

@@ -90,6 +90,12 @@ def error(message: str) -> None:
     print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
+def warn(message: str | None) -> None:
+    """One `warning: ...` line on stderr; nothing when there is nothing to warn about (None)."""
+    if message is not None:
+        print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def native_info_silenced() -> Iterator[None]:
     """Drop the INFO lines native engines print on fd 2 while loading, keep anything else.

@@ -19,6 +19,7 @@ from .common import (
     error,
     native_info_silenced,
     positive_int,
+    warn,
     window_arg,
 )
 from .output import display_path
@@ -99,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         classifier = Classifier.from_bundle(args.bundle, artifact=args.artifact,
                                             threads=args.threads, window=args.window,
                                             domain_check=not args.no_domain_check)
+    if not args.quiet:
+        warn(classifier.artifact.parity_warning)
     if args.no_domain_check and not args.quiet:
         print(DOMAIN_CHECK_OFF, file=sys.stderr)
     method = choose_method(classifier, args.method)  # BundleError (exit 2) when cam is missing

@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
     # Every file the manifest names -> "ok" or why it cannot be used (the error line says it whole).
     found = {name: check_artifact(artifact) for name, artifact in bundle.artifacts.items()}
-    gate_file = str(bundle.domain["file"]) if "method" in bundle.domain else None
+    # A malformed section may name no file: check_gate says why, under a stand-in name.
+    gate_file = str(bundle.domain.get("file", "domain statistics")) \
+        if "method" in bundle.domain else None
     if gate_file is not None:
         found[gate_file] = check_gate(bundle)
     checks = {name: short_check(found[name]) for name in bundle.artifacts}
@@ -61,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
         print(text)
     bad = {name: why for name, why in found.items() if why != "ok"}
     if bad:
-        error("; ".join(f"{'artifact ' if name in bundle.artifacts else ''}{name!r}: {check}"
-                        for name, check in bad.items()) + f" - {REBUILD_BUNDLE}")
+        text = "; ".join(f"{'artifact ' if name in bundle.artifacts else ''}{name!r}: {check}"
+                         for name, check in bad.items())
+        error(text if text.endswith(REBUILD_BUNDLE) else f"{text} - {REBUILD_BUNDLE}")
         return EXIT_USAGE
     return EXIT_OK
 

@@ -18,6 +18,7 @@ from .common import (
     native_info_silenced,
     number_up_to,
     port,
+    warn,
 )
 
 EXAMPLES = """\
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with native_info_silenced():
         classifier = Classifier.from_bundle(args.bundle, artifact=args.artifact)
+    warn(classifier.artifact.parity_warning)  # also with --quiet: it logs warnings
     store = Store(data_dir)
     node = Node(config, classifier, store)
     stop = threading.Event()

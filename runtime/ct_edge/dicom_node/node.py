@@ -38,7 +38,7 @@ from typing import Any
 
 from ..errors import InputError, one_line
 from ..files import fsync_dir
-from ..store import Store, StoreError, bundle_identity
+from ..store import Store, StoreError
 from .admission import refusal
 from .config import NodeConfig
 from .contexts import (
@@ -84,7 +84,7 @@ class Node:
         self.modalities = accepted_modalities(classifier.bundle.modality)
         self.sop_classes = storage_classes(classifier.bundle.modality)
         self.transfer_syntaxes = decodable_transfer_syntaxes()
-        self.bundle_sha256 = bundle_identity(classifier.bundle.root)
+        self.bundle_sha256 = classifier.bundle.manifest_sha256  # the manifest that was loaded
         self._queue: queue.Queue[dict | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
