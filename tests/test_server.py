@@ -29,9 +29,10 @@ from test_store import damage_store
 
 from ct_edge import DISCLAIMER
 from ct_edge.classifier import Classifier
+from ct_edge.limits import DECODE_BUDGET_BYTES
 from ct_edge.preprocess import preprocess
 from ct_edge.server import Server, ServerConfig, Service, create_server
-from ct_edge.store import Store, bundle_identity
+from ct_edge.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PNG = (FIXTURES / "gray8.png").read_bytes()
@@ -76,7 +77,8 @@ def serving(classifier: Classifier, data_dir: Path, **config) -> Iterator[Runnin
     store = Store(data_dir)
     service = Service(classifier, store, workers=config.pop("workers", 2),
                       queue_size=config.pop("queue_size", 16),
-                      timeout_s=config.pop("timeout_s", 30.0))
+                      timeout_s=config.pop("timeout_s", 30.0),
+                      decode_budget=config.pop("decode_budget", DECODE_BUDGET_BYTES))
     server = create_server(ServerConfig(port=0, **config), service)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -140,7 +142,7 @@ def test_model_metadata_names_inputs_outputs_labels_and_identity(api: Running,
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
         "probabilities": "FP32", "label": "BYTES", "status": "BYTES", "reason": "BYTES"}
     assert meta["parameters"]["labels"] == list(classifier.labels)
-    assert meta["parameters"]["bundle_sha256"] == bundle_identity(tiny_bundle)
+    assert meta["parameters"]["bundle_sha256"] == Classifier.from_bundle(tiny_bundle).bundle.manifest_sha256
     assert meta["parameters"]["artifact_sha256"] == classifier.artifact.sha256
     assert api.json("GET", "/v2/models/ct-edge/versions/1")[1] == meta
 
@@ -162,7 +164,7 @@ def test_classify_returns_the_cli_json_object_plus_the_row_id(api: Running,
     row = api.store.get(result["id"])
     assert row["label"] == result["label"] and row["origin"] == "http"
     assert row["source"] == "scan one.png" and row["heatmap"] is False
-    assert row["bundle_sha256"] == bundle_identity(classifier.bundle.root)
+    assert row["bundle_sha256"] == classifier.bundle.manifest_sha256
 
 
 @pytest.mark.parametrize("name, data", [("jpeg", JPEG), ("dicom", DICOM)])

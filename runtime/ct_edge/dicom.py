@@ -30,7 +30,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from .errors import InputError, one_line
+from .errors import InputError, UnsupportedFormat, one_line
 from .limits import MAX_FILE_BYTES, STRIP_ROWS, check_jpeg_scans
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -307,7 +307,7 @@ def _colour_image(ds, pixels: np.ndarray, photometric: str, name: str,
     bytes a pixel, over limits.MEMORY_BOUND_MB at the pixel limit."""
     palette = photometric == "PALETTE COLOR" and pixels.ndim == 2
     if not palette and (pixels.ndim != 3 or pixels.shape[-1] < 3):
-        raise InputError(name, f"unsupported DICOM pixel array shape {pixels.shape}")
+        raise UnsupportedFormat(name, f"unsupported DICOM pixel array shape {pixels.shape}")
     image = Image.new("F", (pixels.shape[1], pixels.shape[0]))
     for top in range(0, pixels.shape[0], STRIP_ROWS):
         strip = pixels[top : top + STRIP_ROWS]

@@ -21,6 +21,10 @@ class InputError(CtEdgeError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class UnsupportedFormat(InputError):
+    """A well-formed file of a kind ct-edge does not read (HTTP 415, not 400)."""
+
+
 class BundleError(CtEdgeError):
     """The model bundle is missing, unknown, tampered with or unusable."""
 

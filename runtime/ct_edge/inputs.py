@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from . import IMAGE_SUFFIXES
+from .budget import ByteBudget
 from .errors import EMPTY_PATH, CtEdgeError
 from .limits import DECODE_BUDGET_BYTES
 
@@ -109,14 +110,14 @@ def predictions(classifier: Classifier, items: list[tuple[str, str | None]],
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    room = ByteBudget(budget)
     with ThreadPoolExecutor(workers, thread_name_prefix="ct-edge-decode") as pool:
         pending: deque[Future] = deque()
-        in_flight: dict[Future, int] = {}  # submitted, not finished -> estimated bytes
         for path, error in items:
             cost = item_cost(classifier, path, error, budget)
-            wait_for_room(in_flight, cost, budget)
+            room.take(cost)
             future = pool.submit(classify_one, classifier, path, error)
-            in_flight[future] = cost
+            future.add_done_callback(lambda _, cost=cost: room.give(cost))
             pending.append(future)
             # A bounded look-ahead, so Ctrl-C or a closed pipe waits for a few files, not all.
             if len(pending) >= 2 * workers:
@@ -133,17 +134,6 @@ def item_cost(classifier: Classifier, path: str, error: str | None, budget: int)
 
     cost = decode_cost(path, classifier.spec)
     return budget if cost is None else min(cost, budget)
-
-
-def wait_for_room(in_flight: dict[Future, int], cost: int, budget: int) -> None:
-    """Block until `cost` more bytes fit in `budget` beside the unfinished futures (forgetting
-    finished ones), or none is left: a file costing the whole budget waits to run alone."""
-    while in_flight:
-        for future in [f for f in in_flight if f.done()]:
-            del in_flight[future]
-        if not in_flight or sum(in_flight.values()) + cost <= budget:
-            return
-        wait(list(in_flight), return_when=FIRST_COMPLETED)
 
 
 def classify_one(classifier: Classifier, path: str, error: str | None) -> Prediction:

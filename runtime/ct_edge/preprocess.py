@@ -22,7 +22,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from . import DICOM_SUFFIXES
 from .dicom import DEFLATED_SYNTAX, META_BYTES, decoded_frame_bytes
-from .errors import EMPTY_PATH, InputError, one_line
+from .errors import EMPTY_PATH, InputError, UnsupportedFormat, one_line
 from .limits import (
     MAX_FILE_BYTES,
     MAX_PIXELS,
@@ -195,7 +195,7 @@ def decode(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> Image.Ima
             raise InputError(name, f"{width}x{height} pixels: a side is over the {MAX_SIDE} pixel "
                                    "limit (decompression bomb guard)")
         if image.format not in ("PNG", "JPEG", "MPO"):
-            raise InputError(name, f"unsupported image format {image.format}; use PNG, JPEG or DICOM")
+            raise UnsupportedFormat(name, f"unsupported image format {image.format}; use PNG, JPEG or DICOM")
         _check_single_frame(image, name)
         if image.format in ("JPEG", "MPO"):
             check_jpeg_scans(data, name)
@@ -245,26 +245,31 @@ def _check_single_frame(image: Image.Image, name: str) -> None:
         raise InputError(name, f"animated image ({frames} frames); send one frame")
 
 
-def decode_cost(source: str | Path, spec: PreprocessSpec = PreprocessSpec()) -> int | None:
+def decode_cost(source: Source, spec: PreprocessSpec = PreprocessSpec()) -> int | None:
     """Estimated peak bytes `decode(source, spec)` allocates, from the file's header alone: the
-    file's bytes, its decoded pixels and its gray image. None when the header cannot be read."""
-    path = Path(source)
+    file's bytes (a path's; bytes given are in memory already), its decoded pixels and its gray
+    image. None when the header cannot be read."""
     try:
+        if isinstance(source, bytes):
+            return _work_bytes(io.BytesIO(source), source[:256], "", spec)
+        path = Path(source)
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):  # opening a FIFO would block
             return None
         if info.st_size > MAX_FILE_BYTES:  # refused unread
             return 0
         with path.open("rb") as handle:
-            head = handle.read(256)
-            handle.seek(0)
-            if is_dicom(head) or str(path).lower().endswith(DICOM_SUFFIXES):
-                work = _dicom_work_bytes(handle)
-            else:
-                work = _image_work_bytes(handle, spec)
+            work = _work_bytes(handle, handle.read(256), str(path), spec)
     except Exception:  # a damaged or unknown file: `decode` says what is wrong with it
         return None
     return None if work is None else info.st_size + work
+
+
+def _work_bytes(handle: BinaryIO, head: bytes, name: str, spec: PreprocessSpec) -> int | None:
+    handle.seek(0)
+    if is_dicom(head) or name.lower().endswith(DICOM_SUFFIXES):
+        return _dicom_work_bytes(handle)
+    return _image_work_bytes(handle, spec)
 
 
 def _image_work_bytes(handle: BinaryIO, spec: PreprocessSpec) -> int:

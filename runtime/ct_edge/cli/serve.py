@@ -17,6 +17,7 @@ from .common import (
     native_info_silenced,
     port,
     positive_float,
+    warn,
 )
 
 ENV_TOKEN = "CT_EDGE_TOKEN"
@@ -143,6 +144,7 @@ def serve(args: argparse.Namespace, config: Any) -> int:
     data_dir = default_data_dir() if args.data_dir is None else Path(args.data_dir)
     with native_info_silenced():
         classifier = Classifier.from_bundle(args.bundle, artifact=args.artifact)
+    warn(classifier.artifact.parity_warning)
     store = Store(data_dir)
     store.remove_orphan_heatmaps()  # what a kill between a heatmap and its row left
     service = Service(classifier, store, workers=config.workers, queue_size=config.queue_size,

@@ -26,7 +26,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .. import DISCLAIMER, __version__
+from ..budget import ByteBudget
 from ..classifier import STATUSES
+from ..limits import UPLOAD_BUDGET_BYTES
 from ..store import StoreError
 from .body import DIGITS, BodyHandler, LingeringCloser
 from .metrics import Metrics
@@ -53,6 +55,7 @@ class ServerConfig:
     port: int = 8080
     token: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024
+    upload_budget_bytes: int = UPLOAD_BUDGET_BYTES
     cors_origin: str | None = None
     workers: int = 2
     queue_size: int = 16
@@ -113,6 +116,7 @@ class Server(ThreadingHTTPServer):
         self.metrics = Metrics(service.identity.to_dict(), lambda: service.queue_depth,
                                service.capacity)
         self.stopping = False
+        self.uploads = ByteBudget(config.upload_budget_bytes)
         self.assets = _load_assets()
         self._connections = 0
         self._connections_lock = threading.Lock()
@@ -191,6 +195,10 @@ class Handler(BodyHandler):
     @property
     def body_limit(self) -> int:
         return self.server.config.max_body_bytes
+
+    @property
+    def upload_room(self) -> ByteBudget:
+        return self.server.uploads
 
     def handle_one_request(self) -> None:
         # A keep-alive request refused before it is routed (414, bad headers) is not the last one.
@@ -369,7 +377,7 @@ class Handler(BodyHandler):
     def _infer(self, params: dict, query: dict, body: bytes) -> None:
         header = self.headers.get("Inference-Header-Content-Length")
         service = self.server.service
-        self._json(200, service.run(infer, service, body, header))
+        self._json(200, service.run(infer, service, body, header, hold=self.upload))
 
     # --- plain endpoints ------------------------------------------------------------------------
 
@@ -378,7 +386,8 @@ class Handler(BodyHandler):
             raise ClientError(400, "empty body; send the file's bytes as the request body")
         service = self.server.service
         source = display_name(query.get("name", "upload"), "upload", MAX_NAME)
-        result = service.run(service.classify_bytes, body, source, _truthy(query.get("explain")))
+        result = service.run(service.classify_bytes, body, source, _truthy(query.get("explain")),
+                             hold=self.upload)
         self._json(200, {**result, "disclaimer": DISCLAIMER})
 
     def _results(self, params: dict, query: dict, body: bytes) -> None:

@@ -1,5 +1,6 @@
-"""Request bodies: Content-Length and the body cap, `Expect: 100-continue`, and the lingering
-close of a connection whose request was refused with its body unread.
+"""Request bodies: Content-Length, the body cap and the bytes all bodies in memory may take,
+`Expect: 100-continue`, and the lingering close of a connection whose request was refused with
+its body unread.
 
 Closing a socket that has unread data makes the kernel reset the connection. A client still
 sending its body (http.client sends all of it before it reads) then sees a broken pipe, never
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from ..budget import ByteBudget, Hold, try_hold
 from .service import ClientError
 
 DIGITS = re.compile(r"[0-9]{1,19}")
@@ -80,6 +82,7 @@ class BodyHandler(BaseHTTPRequestHandler):
     """The request-body half of the HTTP handler; a subclass gives `body_limit`."""
 
     body_read = False  # this request's body was read (or drained)
+    upload: Hold | None = None  # the body's bytes, held against `upload_room` while it is alive
     _expect_continue = False
     _linger = False
 
@@ -87,9 +90,20 @@ class BodyHandler(BaseHTTPRequestHandler):
     def body_limit(self) -> int:
         raise NotImplementedError
 
+    @property
+    def upload_room(self) -> ByteBudget:
+        """What the bodies read and still in use, on every connection, may take together."""
+        raise NotImplementedError
+
     def handle_one_request(self) -> None:
         self.body_read = self._expect_continue = self._linger = False
-        super().handle_one_request()
+        self.upload = None
+        try:
+            super().handle_one_request()
+        finally:
+            if self.upload is not None:
+                self.upload.release()
+                self.upload = None
 
     def handle_expect_100(self) -> bool:
         # http.server answers 100 before the token and the size are checked, and a client told
@@ -113,6 +127,11 @@ class BodyHandler(BaseHTTPRequestHandler):
         length = self._content_length()
         if length < 0:
             raise ClientError(411, "a POST needs a Content-Length")
+        self.upload = try_hold(self.upload_room, length)
+        if self.upload is None:
+            raise ClientError(503, f"uploads in flight fill the server's "
+                                   f"{self.upload_room.limit >> 20} MiB for them; retry shortly",
+                              {"Retry-After": "1"})
         self._continue()
         body = self.rfile.read(length)
         if len(body) != length:

@@ -70,8 +70,8 @@ def model_metadata(service: Service) -> dict[str, Any]:
 # --- request parsing --------------------------------------------------------------------------
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    """The JSON request and the binary section after it (Inference-Header-Content-Length)."""
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The JSON request's bytes and the binary section after it (Inference-Header-Content-Length)."""
     if header_length is None:
         head, binary = body, b""
     else:
@@ -83,13 +83,26 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
             raise bad(f"Inference-Header-Content-Length {length} is outside the "
                       f"{len(body)}-byte body")
         head, binary = body[:length], body[length:]
+    return head, binary
+
+
+def json_parse_cost(head: bytes) -> int:
+    """Estimated peak bytes `json.loads(head)` allocates: the text twice (decoded, then its
+    strings), 64 KiB of small objects, and 64 bytes per element (a float with its list slot takes
+    32-46, a one-item list 110 per comma and bracket)."""
+    return (2 * len(head) + 65536
+            + 64 * (head.count(b",") + head.count(b"[") + head.count(b"{")))
+
+
+def parse_request(head: bytes) -> dict:
+    """The request object of a JSON head; ClientError (400) if it is not one."""
     try:
         request = json.loads(head)
     except (ValueError, RecursionError):
         raise bad("the request is not valid JSON") from None
     if not isinstance(request, dict):
         raise bad("the request must be a JSON object")
-    return request, binary
+    return request
 
 
 def _shape(tensor: dict) -> list[int]:
@@ -242,25 +255,39 @@ def infer(service: Service, body: bytes, header_length: str | None) -> dict[str,
     Every item is read and classified before any is stored: a request refused for one item
     stores none; an answered one has every result stored (origin 'oip') before it returns.
     """
-    request, binary_section = split_body(body, header_length)
-    inputs = request.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise bad("'inputs' must be a list holding exactly one tensor")
-    tensor = inputs[0]
-    request_parameters = _parameters(request)
+    head, binary_section = split_body(body, header_length)
+    cost, room = json_parse_cost(head), service.decode_room
+    if cost > room.limit:
+        raise ClientError(413, f"the JSON request would take about {cost >> 20} MiB to parse, over "
+                               f"the server's {room.limit >> 20} MiB; send large tensors as binary "
+                               "data (Inference-Header-Content-Length) or files to /v1/classify")
     labels = service.classifier.labels
-    outputs = _requested_outputs(request, len(labels))
-    shape = _shape(tensor)
-    binary = _Binary(binary_section)
-    datatype = tensor.get("datatype")
-    name = display_name(tensor.get("name", "input"), "input", MAX_NAME)
-    if datatype == "BYTES":
-        answered = _classify_files(service, tensor, shape, request_parameters, binary, name)
-    elif datatype == "FP32":
-        answered = _classify_fp32(service, tensor, shape, binary, name)
-    else:
-        raise bad(f"input datatype {datatype!r} is not supported; send BYTES (encoded files) "
-                  "or FP32 (preprocessed inputs)")
+    files: list[bytes] = []
+    answered: list[tuple[Prediction, str]] = []
+    # The parsed JSON is held against the decode budget until it is dropped; files in it are
+    # decoded after that, each under its own hold (holds are never nested: that could deadlock).
+    with room.holding(cost):
+        request = parse_request(head)
+        inputs = request.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            raise bad("'inputs' must be a list holding exactly one tensor")
+        tensor = inputs[0]
+        outputs = _requested_outputs(request, len(labels))
+        shape = _shape(tensor)
+        binary = _Binary(binary_section)
+        datatype = tensor.get("datatype")
+        name = display_name(tensor.get("name", "input"), "input", MAX_NAME)
+        if datatype == "BYTES":
+            files = _file_elements(tensor, shape, _parameters(request), binary, name)
+        elif datatype == "FP32":
+            answered = _classify_fp32(service, tensor, shape, binary, name)
+        else:
+            raise bad(f"input datatype {datatype!r} is not supported; send BYTES (encoded "
+                      "files) or FP32 (preprocessed inputs)")
+        request_id = request.get("id")
+        del request, inputs, tensor
+    answered += [(service.predict_encoded(data, f"{name}[{index}]"), sha256_bytes(data))
+                 for index, data in enumerate(files)]
     # Every item was read and classified: only now is anything stored, all rows in one
     # transaction (a refused batch stores nothing), committed before the answer.
     ids = service.record_all(answered, "oip")
@@ -269,24 +296,22 @@ def infer(service: Service, body: bytes, header_length: str | None) -> dict[str,
                                 "outputs": [_output(name, top, predictions, labels)
                                             for name, top in outputs],
                                 "parameters": {"result_ids": ids, "disclaimer": DISCLAIMER}}
-    if isinstance(request.get("id"), str):
-        response["id"] = request["id"]
+    if isinstance(request_id, str):
+        response["id"] = request_id
     return response
 
 
-def _classify_files(service: Service, tensor: dict, shape: list[int], request_parameters: dict,
-                    binary: _Binary, name: str) -> list[tuple[Prediction, str]]:
-    """Each BYTES item -> (prediction, sha256 of the file), none stored; ClientError on the first
-    item that cannot be read."""
+def _file_elements(tensor: dict, shape: list[int], request_parameters: dict, binary: _Binary,
+                   name: str) -> list[bytes]:
+    """The files of a BYTES tensor; ClientError for a wrong count or an empty file."""
     count = math.prod(shape)
     if not 1 <= count <= MAX_BATCH:
         raise bad(f"batch of {count} files; between 1 and {MAX_BATCH} per request")
-    answered = []
-    for index, data in enumerate(_bytes_elements(tensor, count, request_parameters, binary)):
+    files = _bytes_elements(tensor, count, request_parameters, binary)
+    for index, data in enumerate(files):
         if not data:
             raise bad(f"{name}[{index}]: empty file")
-        answered.append((service.predict_encoded(data, f"{name}[{index}]"), sha256_bytes(data)))
-    return answered
+    return files
 
 
 def _classify_fp32(service: Service, tensor: dict, shape: list[int], binary: _Binary,

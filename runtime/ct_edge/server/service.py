@@ -1,7 +1,8 @@
 """The work behind every endpoint: one Classifier, a bounded pool of worker threads, the store.
 
-Decoding and preprocessing run in the workers in parallel; the engine call is serialised by the
-backend's own lock. A request that finds every worker busy and the queue full is refused at once
+Decoding and preprocessing run in the workers in parallel, as far as their estimated memory fits
+one decode budget (limits.DECODE_BUDGET_BYTES); the engine call is serialised by the backend's
+own lock. A request that finds every worker busy and the queue full is refused at once
 (`Busy` -> 503) rather than piling up; one that waits longer than the time limit gets `TimedOut`
 (-> 504). A result is committed to the store inside the worker, before the caller answers.
 """
@@ -10,19 +11,22 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
+from ..budget import ByteBudget, Hold
 from ..classifier import Classifier, InferenceError, Prediction
-from ..errors import InputError
-from ..preprocess import is_dicom
-from ..store import Store, bundle_identity, sha256_bytes
+from ..errors import InputError, UnsupportedFormat
+from ..limits import DECODE_BUDGET_BYTES
+from ..preprocess import decode_cost, is_dicom
+from ..store import Store, sha256_bytes
 
 T = TypeVar("T")
 
@@ -54,7 +58,7 @@ def _refusal(exc: InputError, source: str) -> ClientError:
     message = f"{source}: {exc.problem}"
     if isinstance(exc, InferenceError):  # a well-formed input the model cannot classify
         return ClientError(422, message)
-    return ClientError(415 if "unsupported" in exc.problem else 400, message)
+    return ClientError(415 if isinstance(exc, UnsupportedFormat) else 400, message)
 
 
 class Busy(ClientError):
@@ -112,12 +116,14 @@ class Service:
     """Classification for the HTTP front end: bounded, timed, stored."""
 
     def __init__(self, classifier: Classifier, store: Store, workers: int = 2,
-                 queue_size: int = 16, timeout_s: float = 30.0) -> None:
+                 queue_size: int = 16, timeout_s: float = 30.0,
+                 decode_budget: int = DECODE_BUDGET_BYTES) -> None:
         self.classifier = classifier
+        self.decode_room = ByteBudget(decode_budget)
         self.store = store
         self.timeout_s = timeout_s
         self.capacity = workers + queue_size
-        self.identity = Identity(bundle_identity(classifier.bundle.root), classifier.artifact.name,
+        self.identity = Identity(classifier.bundle.manifest_sha256, classifier.artifact.name,
                                  classifier.artifact.sha256, classifier.artifact.format)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="ct-edge-worker")
         self._slots = threading.BoundedSemaphore(self.capacity)
@@ -134,16 +140,21 @@ class Service:
         """True when a new request would be refused (every worker busy, the queue full)."""
         return self._pending >= self.capacity
 
-    def run(self, work: Callable[..., T], *args: Any) -> T:
-        """Run `work(*args)` in a worker; Busy when the queue is full, TimedOut past the limit."""
+    def run(self, work: Callable[..., T], *args: Any, hold: Hold | None = None) -> T:
+        """Run `work(*args)` in a worker; Busy when the queue is full, TimedOut past the limit.
+
+        `hold` (the upload's bytes) is kept until the work ends, even if the caller stops waiting.
+        """
         if not self._slots.acquire(blocking=False):
             raise Busy()
         with self._pending_lock:
             self._pending += 1
+        if hold is not None:
+            hold.share()
         try:
-            future = self._executor.submit(self._release_after, work, *args)
+            future = self._executor.submit(self._release_after, hold, work, *args)
         except BaseException:
-            self._release()
+            self._release(hold)
             raise
         try:
             return future.result(timeout=self.timeout_s)
@@ -151,13 +162,15 @@ class Service:
             # The work still finishes (and is stored) in its worker; only the answer is lost.
             raise TimedOut(self.timeout_s) from None
 
-    def _release_after(self, work: Callable[..., T], *args: Any) -> T:
+    def _release_after(self, hold: Hold | None, work: Callable[..., T], *args: Any) -> T:
         try:
             return work(*args)
         finally:
-            self._release()
+            self._release(hold)
 
-    def _release(self) -> None:
+    def _release(self, hold: Hold | None) -> None:
+        if hold is not None:
+            hold.release()
         with self._pending_lock:
             self._pending -= 1
         self._slots.release()
@@ -168,8 +181,21 @@ class Service:
 
     # --- the work (runs in a worker thread) ----------------------------------------------------
 
+    @contextmanager
+    def decoding(self, data: bytes) -> Iterator[None]:
+        """Hold the decode budget for what decoding `data` is estimated to cost (from its
+        header; the whole budget when it cannot be read), waiting for room."""
+        cost = decode_cost(data, self.classifier.spec)
+        with self.decode_room.holding(min(cost if cost is not None else self.decode_room.limit,
+                                          self.decode_room.limit)):
+            yield
+
     def predict_encoded(self, data: bytes, source: str) -> Prediction:
         """One encoded file -> its prediction (not stored); ClientError for a file it cannot read."""
+        with self.decoding(data):
+            return self._predict_bytes(data, source)
+
+    def _predict_bytes(self, data: bytes, source: str) -> Prediction:
         if sniff(data) is None:
             raise ClientError(415, f"{source}: not a PNG, JPEG or DICOM file (the body is "
                                    "sniffed, whatever its Content-Type)")
@@ -193,8 +219,9 @@ class Service:
     def classify_bytes(self, data: bytes, source: str, explain: bool = False,
                        origin: str = "http") -> dict[str, Any]:
         """One encoded file -> the `ct-edge classify --json` object plus the stored row's id."""
-        prediction = self.predict_encoded(data, source)
-        heatmap = self._heatmap(data) if explain and prediction.label is not None else None
+        with self.decoding(data):  # one hold for both decodes: nested holds could deadlock
+            prediction = self._predict_bytes(data, source)
+            heatmap = self._heatmap(data) if explain and prediction.label is not None else None
         row_id = self.record(prediction, origin, sha256_bytes(data), heatmap)
         result = prediction.to_dict()
         result["id"] = row_id

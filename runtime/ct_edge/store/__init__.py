@@ -42,7 +42,7 @@ from .schema import (
 from .series import SERIES_COLUMNS, DicomSeriesStore
 
 __all__ = ["DB_NAME", "ENV_DATA", "HEATMAP_DIR", "HEATMAP_NAME", "MAX_PAGE", "MIGRATIONS",
-           "RESULT_COLUMNS", "SERIES_COLUMNS", "Store", "StoreError", "bundle_identity",
+           "RESULT_COLUMNS", "SERIES_COLUMNS", "Store", "StoreError",
            "default_data_dir", "migrate", "schema_version", "sha256_bytes"]
 
 ENV_DATA = "CT_EDGE_DATA"
@@ -64,11 +64,6 @@ def default_data_dir() -> Path:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def bundle_identity(bundle_root: Path) -> str:
-    """sha256 of a bundle's manifest.json: it names every model file by its own sha256."""
-    return sha256_bytes((Path(bundle_root) / "manifest.json").read_bytes())
 
 
 def _row_dict(row: tuple, path: Path) -> dict[str, Any]:

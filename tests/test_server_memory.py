@@ -1,0 +1,174 @@
+"""`ct-edge serve` inside the memory bound (limits.MEMORY_BOUND_MB): request bodies in memory,
+decodes and the JSON it parses each held against a budget, over real HTTP on 127.0.0.1; and the
+server's peak RSS under the worst uploads it accepts."""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_server import PNG, serving
+
+from ct_edge.budget import ByteBudget, Hold, try_hold
+from ct_edge.classifier import Classifier
+from ct_edge.limits import MEMORY_BOUND_MB, return_large_frees_to_the_system
+from ct_edge.preprocess import decode_cost
+from ct_edge.server import Service
+from ct_edge.server.oip import json_parse_cost
+from ct_edge.store import Store
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_bundle: Path) -> Classifier:
+    return Classifier.from_bundle(tiny_bundle)
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_budget_lets_in_what_fits_and_anything_alone() -> None:
+    budget = ByteBudget(100)
+    assert budget.try_take(60) and not budget.try_take(50) and budget.try_take(40)
+    budget.give(100)
+    assert budget.try_take(500)  # nothing held: a larger item goes alone rather than never
+    taken = threading.Event()
+    waiter = threading.Thread(target=lambda: (budget.take(1), taken.set()))
+    waiter.start()
+    assert not taken.wait(0.2)  # waits while the large one is held...
+    budget.give(500)
+    assert taken.wait(5)  # ...and goes once it is given back
+    waiter.join()
+    assert budget.held == 1
+
+
+def test_a_shared_hold_is_given_back_by_its_last_owner() -> None:
+    budget = ByteBudget(100)
+    hold = try_hold(budget, 70)
+    assert isinstance(hold, Hold) and try_hold(budget, 40) is None
+    hold.share()
+    hold.release()
+    assert budget.held == 70  # the other owner (a queued worker) still has it
+    hold.release()
+    assert budget.held == 0
+    with pytest.raises(RuntimeError):
+        hold.share()
+
+
+def test_an_upload_that_does_not_fit_beside_those_in_memory_is_503_unread(
+        classifier: Classifier, tmp_path: Path) -> None:
+    size = 700_000
+    with serving(classifier, tmp_path / "data", upload_budget_bytes=MiB) as api:
+        uploads = api.server.uploads
+        with socket.create_connection((api.host, api.port), timeout=10) as first:
+            first.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+                          "\r\n".encode() + b"x" * 100)
+            wait_until(lambda: uploads.held == size)  # held while its body is still coming
+            status, headers, body = api.request("POST", "/v1/classify", b"y" * size)
+            assert status == 503 and headers["retry-after"] == "1"
+            assert "1 MiB" in json.loads(body)["error"]
+            first.sendall(b"x" * (size - 100))
+            assert first.recv(100).startswith(b"HTTP/1.1 415 ")  # read, then refused: not a PNG
+        wait_until(lambda: uploads.held == 0)
+        assert api.request("POST", "/v1/classify", b"y" * size)[0] == 415  # room again
+        assert api.request("POST", "/v1/classify", PNG)[0] == 200
+        assert uploads.held == 0
+
+
+def test_decodes_run_together_only_as_far_as_the_decode_budget_allows(
+        classifier: Classifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cost = decode_cost(PNG, classifier.spec)
+    assert cost is not None and cost > 0
+    for budget, most in [(cost, 1), (2 * cost, 2)]:
+        service = Service(classifier, Store(tmp_path / f"data{budget}"), workers=2,
+                          decode_budget=budget)
+        active, peak, lock = [0], [0], threading.Lock()
+        decode = service.classifier.predict
+
+        def predict(data, active=active, peak=peak, decode=decode, lock=lock):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.1)
+            with lock:
+                active[0] -= 1
+            return decode(data)
+
+        monkeypatch.setattr(service.classifier, "predict", predict)
+        threads = [threading.Thread(target=service.run, args=(service.classify_bytes, PNG, "x"))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        monkeypatch.undo()
+        service.close()
+        service.store.close()
+        assert peak[0] == most, (budget, peak[0])
+
+
+@pytest.mark.parametrize("text", [
+    "[" + ", ".join(["0.123456"] * 20_000) + "]",
+    "[" + ",".join(["0"] * 40_000) + "]",
+    "[" + ",".join(["[0]"] * 20_000) + "]",
+    "[" + ",".join(["[]"] * 30_000) + "]",
+    "[" + ",".join(["{}"] * 30_000) + "]",
+    "[" + ",".join(['"a"'] * 30_000) + "]",
+    '{"inputs": [{"data": "' + "A" * 400_000 + '"}]}',
+], ids=["floats", "zeros", "one-item-lists", "empty-lists", "empty-objects", "strings", "base64"])
+def test_the_json_parse_estimate_bounds_what_parsing_allocates(text: str) -> None:
+    head = text.encode()
+    tracemalloc.start()
+    try:
+        parsed = json.loads(head)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert parsed is not None and peak <= json_parse_cost(head), (peak, json_parse_cost(head))
+
+
+def test_a_json_request_too_large_to_parse_in_the_budget_is_413_and_binary_is_not(
+        tiny_bundle: Path, tmp_path: Path) -> None:
+    classifier = Classifier.from_bundle(tiny_bundle, artifact="onnx-fp32")
+    spec = classifier.spec
+    x = np.full((1, spec.size, spec.size, spec.channels), 0.5, np.float32)
+    tensor = {"name": "x", "datatype": "FP32", "shape": list(x.shape)}
+    as_json = json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode()
+    assert json_parse_cost(as_json) > MiB
+    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}]})
+    with serving(classifier, tmp_path / "data", decode_budget=MiB) as api:
+        status, _, body = api.request("POST", "/v2/models/ct-edge/infer", as_json)
+        assert status == 413 and "binary data" in json.loads(body)["error"]
+        status, _, body = api.request(
+            "POST", "/v2/models/ct-edge/infer", head.encode() + x.tobytes(),
+            {"Inference-Header-Content-Length": str(len(head))})
+        assert status == 200, body
+        assert api.store.count() == 1 and api.server.service.decode_room.held == 0
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_large_frees_go_back_to_the_system_on_glibc() -> None:
+    assert return_large_frees_to_the_system()
+
+
+def test_peak_rss_of_serve_under_the_worst_concurrent_uploads_is_within_the_bound(
+        tiny_bundle: Path, tmp_path: Path) -> None:
+    from benchmarks.serve_memory import measure
+
+    report = measure(str(tiny_bundle), tmp_path, clients=4)
+    statuses = sorted(answer["status"] for answer in report["answers"])
+    # every upload answered (503s retried); the JSON one number-heavier than the budget: 413
+    assert statuses == [200] * 6 + [413], report["answers"]
+    assert report["peak_rss_mb"] <= MEMORY_BOUND_MB, report
