@@ -301,7 +301,6 @@ def test_an_earlier_ensemble_is_replaced_whole_and_nothing_is_left_beside_it(
 
     out = tmp_path / "ens"
     build([member], out)
-    (out / "notes.txt").write_text("from the earlier ensemble")
     before = _snapshot(out)
 
     def disk_full(path: Path, data: object) -> None:
@@ -327,3 +326,17 @@ def test_a_folder_that_is_not_an_ensemble_is_not_replaced(member: Path, capsys) 
     assert main(["--members", str(member), "--out", str(member)]) == 2
     assert "not an earlier ensemble" in capsys.readouterr().err
     assert _snapshot(member) == before
+
+
+def test_an_ensemble_folder_holding_anything_else_is_not_replaced(member: Path, tmp_path: Path,
+                                                                 capsys) -> None:
+    from training.ensemble import build, main
+
+    out = tmp_path / "ens"
+    build([member], out)
+    (out / "notes.txt").write_text("kept: --out would delete it with the folder")
+    before = _snapshot(out)
+    assert main(["--members", str(member), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not an earlier ensemble" in err and "it holds notes.txt" in err
+    assert _snapshot(out) == before

@@ -183,11 +183,19 @@ def member_dirs(arg: str) -> list[Path]:
     return [Path(p) for p in arg.split(",") if p]
 
 
+ENSEMBLE_FILES = frozenset({"model.keras", "config.json"})  # all that `build` writes
+
+
+def is_ensemble_file(path: Path) -> bool:
+    return path.name in ENSEMBLE_FILES and path.is_file()
+
+
 def is_earlier_ensemble(folder: Path) -> bool:
-    """True when `folder` holds what `build` writes (config.json with arch ENSEMBLE_ARCH)."""
+    """True when `folder` holds only what `build` writes, its config.json with arch
+    ENSEMBLE_ARCH: anything else in it (notes, member folders) would be deleted with it."""
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")) \
-            .get("arch") == ENSEMBLE_ARCH
+        return all(is_ensemble_file(path) for path in folder.iterdir()) and json.loads(
+            (folder / "config.json").read_text(encoding="utf-8")).get("arch") == ENSEMBLE_ARCH
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -199,7 +207,8 @@ def build(member_folders: Sequence[Path], out: Path, flip_tta: bool = False) -> 
     from .models import load_keras_model
 
     check_replaceable(out, is_earlier_ensemble,
-                      f"an earlier ensemble (config.json with arch {ENSEMBLE_ARCH!r})")
+                      f"an earlier ensemble (only model.keras and a config.json with arch "
+                      f"{ENSEMBLE_ARCH!r})", usual=is_ensemble_file)
     models, configs = [], []
     for folder in member_folders:
         path = folder / "model.keras"
