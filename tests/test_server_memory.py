@@ -4,9 +4,12 @@ server's peak RSS under the worst uploads it accepts."""
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import socket
+import struct
+import sys
 import threading
 import time
 import tracemalloc
@@ -14,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_server import PNG, serving
+from test_server import PNG, infer_request, serving
 
+from ct_edge import limits
 from ct_edge.budget import ByteBudget, Hold, try_hold
 from ct_edge.classifier import Classifier
 from ct_edge.limits import MEMORY_BOUND_MB, return_large_frees_to_the_system
 from ct_edge.preprocess import decode_cost
 from ct_edge.server import Service
+from ct_edge.server.body import BodyHandler
 from ct_edge.server.oip import json_parse_cost
 from ct_edge.store import Store
 
@@ -52,6 +57,28 @@ def test_a_budget_lets_in_what_fits_and_anything_alone() -> None:
     assert taken.wait(5)  # ...and goes once it is given back
     waiter.join()
     assert budget.held == 1
+
+
+def test_waiters_go_in_first_come_first_served() -> None:
+    budget = ByteBudget(100)
+    budget.take(60)
+    order: list[str] = []
+    large = threading.Thread(target=lambda: (budget.take(100), order.append("large")))
+    large.start()
+    wait_until(lambda: budget.waiting == 1)  # the large one waits
+    assert not budget.try_take(10)  # it would fit, but the large one came first
+    small = threading.Thread(target=lambda: (budget.take(10), order.append("small")))
+    small.start()
+    time.sleep(0.2)
+    assert order == []
+    budget.give(60)
+    wait_until(lambda: order == ["large"])
+    time.sleep(0.1)
+    assert order == ["large"]  # behind the large one, not beside it
+    budget.give(100)
+    small.join(5)
+    large.join(5)
+    assert order == ["large", "small"] and budget.held == 10
 
 
 def test_a_shared_hold_is_given_back_by_its_last_owner() -> None:
@@ -127,7 +154,10 @@ def test_decodes_run_together_only_as_far_as_the_decode_budget_allows(
     "[" + ",".join(["{}"] * 30_000) + "]",
     "[" + ",".join(['"a"'] * 30_000) + "]",
     '{"inputs": [{"data": "' + "A" * 400_000 + '"}]}',
-], ids=["floats", "zeros", "one-item-lists", "empty-lists", "empty-objects", "strings", "base64"])
+    '{"name": "\U0001F600", "data": "' + "A" * 400_000 + '"}',
+    '{"data": "\\ud83d\\ude00' + "A" * 400_000 + '"}',
+], ids=["floats", "zeros", "one-item-lists", "empty-lists", "empty-objects", "strings", "base64",
+        "an-emoji", "an-escaped-emoji"])
 def test_the_json_parse_estimate_bounds_what_parsing_allocates(text: str) -> None:
     head = text.encode()
     tracemalloc.start()
@@ -172,3 +202,56 @@ def test_peak_rss_of_serve_under_the_worst_concurrent_uploads_is_within_the_boun
     # every upload answered (503s retried); the JSON one number-heavier than the budget: 413
     assert statuses == [200] * 6 + [413], report["answers"]
     assert report["peak_rss_mb"] <= MEMORY_BOUND_MB, report
+
+
+class RecordingBudget(ByteBudget):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.taken: list[int] = []
+
+    def take(self, nbytes: int) -> None:
+        self.taken.append(nbytes)
+        super().take(nbytes)
+
+
+def test_a_file_copied_out_of_an_oip_request_is_counted_in_its_decode_hold(
+        classifier: Classifier, tmp_path: Path) -> None:
+    cost = decode_cost(PNG, classifier.spec)
+    element = struct.pack("<I", len(PNG)) + PNG
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(element)}}]}).encode()
+    with serving(classifier, tmp_path / "data") as api:
+        service = api.server.service
+        service.decode_room = room = RecordingBudget(service.decode_room.limit)
+        assert api.request("POST", "/v2/models/ct-edge/infer", header + element,
+                           {"Inference-Header-Content-Length": str(len(header))})[0] == 200
+        assert room.taken[-1] == cost + len(PNG)  # a view of the body, copied for decoding
+        assert api.json("POST", "/v2/models/ct-edge/infer", infer_request(PNG, PNG))[0] == 200
+        assert room.taken[-2:] == [cost + 2 * len(PNG)] * 2  # both decoded copies stay meanwhile
+        assert api.request("POST", "/v1/classify", PNG)[0] == 200
+        assert room.taken[-1] == cost  # the upload itself: counted with the upload
+        assert room.held == 0
+
+
+class FakeRequest(BodyHandler):
+    """A BodyHandler over an in-memory request, without a socket."""
+
+    body_limit = 1 << 30
+
+    def __init__(self, body: bytes) -> None:  # no socket: BaseRequestHandler's init not run
+        self.headers = {"Content-Length": str(len(body))}
+        self.rfile = io.BufferedReader(io.BytesIO(body))
+        self.reads: list[int] = []
+        read = self.rfile.read
+        self.rfile.read = lambda n=-1: (self.reads.append(n), read(n))[1]  # type: ignore[method-assign]
+
+
+def test_a_body_sent_where_none_is_used_is_drained_in_pieces() -> None:
+    request = FakeRequest(b"z" * (3 * 1024 * 1024))
+    assert request.drain_body() == b"" and request.body_read
+    assert max(request.reads) <= 64 * 1024 and request.rfile.read() == b""
+
+
+def test_the_malloc_setting_is_linux_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert limits.return_large_frees_to_the_system() is False

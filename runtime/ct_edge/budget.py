@@ -8,38 +8,52 @@ nothing is held, so one item larger than the limit runs alone rather than never.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
 class ByteBudget:
-    """A counter of bytes held against `limit`, safe to use from any thread."""
+    """A counter of bytes held against `limit`, safe to use from any thread. Waiters are let in
+    first come, first served, so a large item is not passed over for ever by small ones."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._held = 0
+        self._waiting: deque[object] = deque()
         self._changed = threading.Condition()
 
     @property
     def held(self) -> int:
         return self._held
 
+    @property
+    def waiting(self) -> int:
+        """Takers waiting for room."""
+        return len(self._waiting)
+
     def _fits(self, nbytes: int) -> bool:
         return self._held == 0 or self._held + nbytes <= self.limit
 
     def try_take(self, nbytes: int) -> bool:
-        """Take `nbytes` if they fit now; False (nothing taken) if not."""
+        """Take `nbytes` if they fit now and nobody waits; False (nothing taken) if not."""
         with self._changed:
-            if not self._fits(nbytes):
+            if self._waiting or not self._fits(nbytes):
                 return False
             self._held += nbytes
             return True
 
     def take(self, nbytes: int) -> None:
-        """Take `nbytes`, waiting until they fit."""
+        """Take `nbytes`, waiting until they fit and every earlier waiter has gone in."""
+        ticket = object()
         with self._changed:
-            self._changed.wait_for(lambda: self._fits(nbytes))
-            self._held += nbytes
+            self._waiting.append(ticket)
+            try:
+                self._changed.wait_for(lambda: self._waiting[0] is ticket and self._fits(nbytes))
+                self._held += nbytes
+            finally:
+                self._waiting.remove(ticket)
+                self._changed.notify_all()  # the next in line may fit too
 
     def give(self, nbytes: int) -> None:
         """Give back bytes taken earlier."""

@@ -50,13 +50,18 @@ def return_large_frees_to_the_system() -> bool:
     By default glibc raises its mmap threshold after the first large buffer is freed (up to
     32 MiB), and later decode buffers then stay in each thread's heap after use: `ct-edge serve`
     under four concurrent largest uploads peaked at 387 MiB with the threshold moving, 217 MiB
-    fixed at 1 MiB (benchmarks.serve_memory).
+    fixed at 1 MiB (benchmarks.serve_memory). For the long-running commands only (serve, listen):
+    it costs `classify` about 5 ms of page faults per large PNG.
     """
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
     import ctypes
 
     try:  # the process's own symbols: glibc's mallopt, without searching for the library
         return bool(ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return False
 
 

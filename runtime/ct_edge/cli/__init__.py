@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         error(f"choose a command: {', '.join(COMMANDS)} (see 'ct-edge --help')")
         return EXIT_USAGE
     from ..errors import CtEdgeError
-    from ..limits import return_large_frees_to_the_system
 
     # Every command refuses images over ct-edge's own pixel limit (far below Pillow's warning
     # threshold) with a one-line error; Pillow's two-line warning for those would only be noise.
@@ -81,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     # file reaches the user as its result or error. Set once here, for the process, because
     # warnings.catch_warnings is not thread-safe and inputs are decoded in parallel threads.
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-    return_large_frees_to_the_system()  # the memory bound holds for long-running commands too
     stdout, sys.stdout = sys.stdout, GuardedStdout(sys.stdout)  # type: ignore[assignment]
     try:
         return args.handler(args)

@@ -154,7 +154,10 @@ def run(args: argparse.Namespace) -> int:
     from .. import DISCLAIMER
     from ..classifier import Classifier
     from ..dicom_node import Node
+    from ..limits import return_large_frees_to_the_system
     from ..store import Store, default_data_dir
+
+    return_large_frees_to_the_system()  # a long-running process: keep inside the memory bound
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")

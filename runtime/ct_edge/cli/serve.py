@@ -138,8 +138,11 @@ def serve(args: argparse.Namespace, config: Any) -> int:
 
     from .. import DISCLAIMER
     from ..classifier import Classifier
+    from ..limits import return_large_frees_to_the_system
     from ..server import Service, create_server
     from ..store import Store, default_data_dir
+
+    return_large_frees_to_the_system()  # a long-running process: keep inside the memory bound
 
     data_dir = default_data_dir() if args.data_dir is None else Path(args.data_dir)
     with native_info_silenced():

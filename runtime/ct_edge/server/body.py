@@ -26,6 +26,7 @@ DIGITS = re.compile(r"[0-9]{1,19}")
 LINGER_S = 2.0  # the longest a refused upload holds its connection slot (and thread)
 LINGER_BYTES = 64 * 1024 * 1024  # about what a client on the same host sends in that time
 MAX_LINGERING = 8  # refused connections read at once in threads of their own
+DRAIN_CHUNK = 64 * 1024
 
 
 def declares_body(headers: Any) -> bool:
@@ -144,7 +145,11 @@ class BodyHandler(BaseHTTPRequestHandler):
         length = self._content_length()
         if length > 0:
             self._continue()
-            self.rfile.read(length)
+            while length > 0:  # in pieces: an unused body never takes memory (upload budget)
+                chunk = self.rfile.read(min(length, DRAIN_CHUNK))
+                if not chunk:
+                    raise ConnectionResetError("body shorter than Content-Length")
+                length -= len(chunk)
         self.body_read = True
         return b""
 

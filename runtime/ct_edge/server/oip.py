@@ -70,10 +70,11 @@ def model_metadata(service: Service) -> dict[str, Any]:
 # --- request parsing --------------------------------------------------------------------------
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    """The JSON request's bytes and the binary section after it (Inference-Header-Content-Length)."""
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON request's bytes and the binary section after it (Inference-Header-Content-Length),
+    a view of the body, not a copy."""
     if header_length is None:
-        head, binary = body, b""
+        head, binary = body, memoryview(b"")
     else:
         try:
             length = int(header_length)
@@ -82,15 +83,17 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
         if not 0 < length <= len(body):
             raise bad(f"Inference-Header-Content-Length {length} is outside the "
                       f"{len(body)}-byte body")
-        head, binary = body[:length], body[length:]
+        head, binary = body[:length], memoryview(body)[length:]
     return head, binary
 
 
 def json_parse_cost(head: bytes) -> int:
     """Estimated peak bytes `json.loads(head)` allocates: the text twice (decoded, then its
     strings), 64 KiB of small objects, and 64 bytes per element (a float with its list slot takes
-    32-46, a one-item list 110 per comma and bracket)."""
-    return (2 * len(head) + 65536
+    32-46, a one-item list 110 per comma and bracket). Python stores a string at the width of its
+    widest character: one emoji, or one escaped, makes the text 4 bytes a character."""
+    wide = not head.isascii() or b"\\u" in head
+    return (2 * len(head) * (4 if wide else 1) + 65536
             + 64 * (head.count(b",") + head.count(b"[") + head.count(b"{")))
 
 
@@ -133,12 +136,13 @@ def _parameters(obj: dict) -> dict:
 
 
 class _Binary:
-    """Triton's binary section: each binary input takes the next `binary_data_size` bytes."""
+    """Triton's binary section: each binary input takes the next `binary_data_size` bytes (views
+    of the request body, not copies)."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: memoryview) -> None:
         self.data, self.offset = data, 0
 
-    def take(self, size: Any) -> bytes:
+    def take(self, size: Any) -> memoryview:
         if type(size) is not int or size < 0 or self.offset + size > len(self.data):
             raise bad(f"binary_data_size {size!r} does not fit the binary section "
                       f"({len(self.data) - self.offset} bytes left)")
@@ -148,7 +152,7 @@ class _Binary:
 
 
 def _bytes_elements(tensor: dict, count: int, request_parameters: dict,
-                    binary: _Binary) -> list[bytes]:
+                    binary: _Binary) -> list[bytes | memoryview]:
     parameters = _parameters(tensor)
     if "binary_data_size" in parameters:
         raw = binary.take(parameters["binary_data_size"])
@@ -262,7 +266,7 @@ def infer(service: Service, body: bytes, header_length: str | None) -> dict[str,
                                f"the server's {room.limit >> 20} MiB; send large tensors as binary "
                                "data (Inference-Header-Content-Length) or files to /v1/classify")
     labels = service.classifier.labels
-    files: list[bytes] = []
+    files: list[bytes | memoryview] = []
     answered: list[tuple[Prediction, str]] = []
     # The parsed JSON is held against the decode budget until it is dropped; files in it are
     # decoded after that, each under its own hold (holds are never nested: that could deadlock).
@@ -286,8 +290,15 @@ def infer(service: Service, body: bytes, header_length: str | None) -> dict[str,
                       "files) or FP32 (preprocessed inputs)")
         request_id = request.get("id")
         del request, inputs, tensor
-    answered += [(service.predict_encoded(data, f"{name}[{index}]"), sha256_bytes(data))
-                 for index, data in enumerate(files)]
+    # Files decoded from base64 are copies, all in memory until the request ends; files in the
+    # binary section are views of the body (counted with the upload), copied one at a time.
+    copies = sum(len(file) for file in files if isinstance(file, bytes))
+    for index, file in enumerate(files):
+        data = bytes(file)
+        extra = copies if isinstance(file, bytes) else copies + len(data)
+        answered.append((service.predict_encoded(data, f"{name}[{index}]", extra),
+                         sha256_bytes(data)))
+        del data
     # Every item was read and classified: only now is anything stored, all rows in one
     # transaction (a refused batch stores nothing), committed before the answer.
     ids = service.record_all(answered, "oip")
@@ -302,7 +313,7 @@ def infer(service: Service, body: bytes, header_length: str | None) -> dict[str,
 
 
 def _file_elements(tensor: dict, shape: list[int], request_parameters: dict, binary: _Binary,
-                   name: str) -> list[bytes]:
+                   name: str) -> list[bytes | memoryview]:
     """The files of a BYTES tensor; ClientError for a wrong count or an empty file."""
     count = math.prod(shape)
     if not 1 <= count <= MAX_BATCH:

@@ -182,17 +182,19 @@ class Service:
     # --- the work (runs in a worker thread) ----------------------------------------------------
 
     @contextmanager
-    def decoding(self, data: bytes) -> Iterator[None]:
+    def decoding(self, data: bytes, extra: int = 0) -> Iterator[None]:
         """Hold the decode budget for what decoding `data` is estimated to cost (from its
-        header; the whole budget when it cannot be read), waiting for room."""
+        header; the whole budget when it cannot be read) plus `extra` bytes the caller keeps in
+        memory meanwhile, waiting for room. `data` itself is counted with its upload."""
         cost = decode_cost(data, self.classifier.spec)
-        with self.decode_room.holding(min(cost if cost is not None else self.decode_room.limit,
-                                          self.decode_room.limit)):
+        limit = self.decode_room.limit
+        with self.decode_room.holding(min((cost if cost is not None else limit) + extra, limit)):
             yield
 
-    def predict_encoded(self, data: bytes, source: str) -> Prediction:
-        """One encoded file -> its prediction (not stored); ClientError for a file it cannot read."""
-        with self.decoding(data):
+    def predict_encoded(self, data: bytes, source: str, extra: int = 0) -> Prediction:
+        """One encoded file -> its prediction (not stored); ClientError for a file it cannot read.
+        `extra`: bytes besides the upload's held meanwhile (see `decoding`)."""
+        with self.decoding(data, extra):
             return self._predict_bytes(data, source)
 
     def _predict_bytes(self, data: bytes, source: str) -> Prediction:
