@@ -56,14 +56,17 @@ def train_arch(arch: str, data: Path | None, model_dir: Path, settings: dict | N
                              **(settings or {})))
 
 
-def convert_arch(model_dir: Path, bundle_dir: Path, log: Log) -> tuple[dict, list[str]]:
-    """The project's converter; returns (manifest, gate failure reasons). A failed gate is a result."""
-    from convert.pipeline import ParityError, convert_model
+def convert_arch(model_dir: Path, bundle_dir: Path, log: Log) -> tuple[dict, list[str], Path]:
+    """The project's converter; returns (manifest, gate failure reasons, the folder the bundle is
+    in: `<bundle_dir>.rejected` when no artifact passed). A failed gate is a result."""
+    from convert.pipeline import BundleRejected, ParityError, convert_model
 
     try:
-        return convert_model(model_dir / "model.keras", bundle_dir, log=log), []
+        return convert_model(model_dir / "model.keras", bundle_dir, log=log), [], bundle_dir
+    except BundleRejected as exc:  # bundle_dir still holds an earlier bundle: not this one
+        return exc.manifest, exc.reasons, exc.folder
     except ParityError as exc:
-        return exc.manifest, exc.reasons
+        return exc.manifest, exc.reasons, bundle_dir
 
 
 def artifact_figures(manifest: dict) -> dict[str, dict]:
@@ -115,7 +118,7 @@ def measure_arch(arch: str, data: Path | None, out: Path, runs: int, warmup: int
     metrics = train_arch(arch, data, model_dir, settings, reuse)
     log(f"{arch}: test accuracy {metrics['test_accuracy']:.1%}, {metrics['params']:,} parameters; "
         f"converting into {bundle_dir}")
-    manifest, reasons = convert_arch(model_dir, bundle_dir, log)
+    manifest, reasons, bundle_dir = convert_arch(model_dir, bundle_dir, log)
     artifacts = artifact_figures(manifest)
     if reasons:
         log(f"{arch}: parity gate FAILED: " + "; ".join(reasons))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -178,10 +177,10 @@ def test_merged_ensemble_converts_with_class_maps(tiny_model: Path, tmp_path: Pa
     config = json.loads((tmp_path / "ens" / "config.json").read_text())
     assert config["arch"] == "ensemble" and config["seed"] == 0
     bundle = tmp_path / "bundle"
-    manifest = None
-    with contextlib.suppress(ParityError):
+    try:
         manifest = convert_model(tmp_path / "ens" / "model.keras", bundle)
-    manifest = manifest or json.loads((bundle / "manifest.json").read_text())
+    except ParityError as exc:  # a tiny model: its manifest is the result, wherever it went
+        manifest = exc.manifest
     assert manifest["explain"]["method"] == "cam"
     # ...and the first member's domain gate, so a foreign input is refused by the ensemble too
     assert manifest["domain"]["method"] == "mahalanobis" and (bundle / "domain.npz").is_file()
@@ -247,10 +246,10 @@ def test_the_mixture_recipe_trains_merges_calibrates_and_converts(synthetic_root
     assert [m.name for m in members] == ["member0_edge-gap-resize128", "member1_edge-gap"]
     assert model.input_shape == (None, 96, 96, 3)
     bundle = tmp_path / "bundle"
-    manifest = None
-    with contextlib.suppress(ParityError):
+    try:
         manifest = convert_model(out / "model.keras", bundle)
-    manifest = manifest or json.loads((bundle / "manifest.json").read_text())
+    except ParityError as exc:  # a tiny model: its manifest is the result, wherever it went
+        manifest = exc.manifest
     converted = {a["name"] for a in manifest["artifacts"] if a.get("sha256")}  # parity aside
     assert converted == {"tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8",
                          "onnx-fp32", "onnx-int8"}, manifest["artifacts"]
