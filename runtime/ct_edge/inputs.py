@@ -71,8 +71,16 @@ def expand_inputs(args: Iterable[str]) -> list[tuple[str, str | None]]:
 
 
 def walk_images(folder: str, onerror: Any) -> Iterator[str]:
-    """Image files below `folder`, sorted, hidden files and folders skipped (`onerror`: os.walk's)."""
-    for root, dirs, files in os.walk(folder, onerror=onerror):
+    """Image files below `folder`, sorted, hidden files and folders skipped (`onerror`: os.walk's).
+
+    Links to folders are followed, each folder searched once: a link back up (a loop) or a
+    second link to one folder adds nothing.
+    """
+    searched: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, onerror=onerror, followlinks=True):
+        if not first_visit(root, searched):
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith("."):  # also skips macOS '._scan.png' resource-fork files
@@ -81,6 +89,19 @@ def walk_images(folder: str, onerror: Any) -> Iterator[str]:
             suffix = os.path.splitext(name)[1].lower()
             if suffix in IMAGE_SUFFIXES or (not suffix and has_dicom_magic(path)):
                 yield path
+
+
+def first_visit(folder: str, searched: set[tuple[int, int]]) -> bool:
+    """Whether `folder` (its device and inode) is not in `searched`; adds it."""
+    try:
+        status = os.stat(folder)
+    except OSError:  # gone since os.walk listed it: nothing of it will be found anyway
+        return True
+    key = (status.st_dev, status.st_ino)
+    if key in searched:
+        return False
+    searched.add(key)
+    return True
 
 
 def has_dicom_magic(path: str) -> bool:

@@ -60,6 +60,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ct-edge` console script; returns the exit code."""
+    hold_closed_standard_streams()
     words = sys.argv[1:] if argv is None else argv
     # Top-level options take no value, so the first word that is not an option names the command.
     parser = build_parser(next((word for word in words if not word.startswith("-")), None))
@@ -98,6 +99,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     finally:
         sys.stdout = stdout
+
+
+def hold_closed_standard_streams() -> None:
+    """Put /dev/null on fds 0-2 where they are closed (`2>&-`), and sys.stderr on it.
+
+    Python sets sys.stderr to None then, and print(file=None) writes to stdout: error lines and
+    the disclaimer would land in --json output. A free fd 2 would also be the next file opened
+    (the store, a figure), where a native library's log lines would then be written.
+    """
+    for fd in (0, 1, 2):  # in order: each open takes the lowest free fd, the closed one
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+    if sys.stderr is None:  # kept open for the rest of the process, as Python's own would be
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace",  # noqa: SIM115
+                          closefd=False)
 
 
 class OutputError(Exception):

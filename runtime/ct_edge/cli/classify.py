@@ -20,6 +20,7 @@ from .common import (
     isatty,
     native_info_silenced,
     positive_int,
+    printable,
     warn,
     window_arg,
 )
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             progress.clear()
             if prediction.error is not None:
                 failed += 1
-                error(f"{prediction.path}: {prediction.error}")
+                error(f"{printable(prediction.path)}: {prediction.error}")
             writer.row(prediction)
             progress.update()
     finally:

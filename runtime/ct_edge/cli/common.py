@@ -85,15 +85,35 @@ def window_arg(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def printable(text: str) -> str:
+    """`text` as a terminal shows it safely: each character that is not printable (ESC, a
+    newline, a bidi override) as its escape (`\\x1b`, `\\n`, `\\u202e`), and each byte of a
+    name that was not UTF-8 (a lone surrogate, as Python decodes it) as `\\xfe`.
+
+    The one display form of file names and stored text in human-readable output and error lines.
+    """
+    return "".join(char if char.isprintable() else escaped(char) for char in text)
+
+
+def escaped(char: str) -> str:
+    """One character as a backslash escape; a surrogate-escaped byte as that byte (`\\xfe`)."""
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    return char.encode("unicode_escape").decode("ascii")
+
+
 def error(message: str) -> None:
-    """One `error: ...` line on stderr (whitespace folded, so a message is always one line)."""
-    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    """One `error: ...` line on stderr: whitespace folded, so a message is always one line, and
+    the rest made `printable` (pass paths through `printable` first, so a newline in a name is
+    shown, not folded)."""
+    print(f"error: {printable(' '.join(message.split()))}", file=sys.stderr, flush=True)
 
 
 def warn(message: str | None) -> None:
     """One `warning: ...` line on stderr; nothing when there is nothing to warn about (None)."""
     if message is not None:
-        print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        print(f"warning: {printable(' '.join(message.split()))}", file=sys.stderr, flush=True)
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from .common import (
     error,
     native_info_silenced,
     positive_int,
+    printable,
     warn,
     window_arg,
 )
@@ -81,7 +82,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..classifier import Classifier
+    from ..classifier import Classifier, Prediction
     from ..dicom import DicomError
     from ..errors import InputError
     from ..explain import choose_method, explain
@@ -126,13 +127,14 @@ def run(args: argparse.Namespace) -> int:
                 if args.json:
                     print_record({**refused.to_dict(), "output": None})
                 else:
-                    print(f"{display_path(path)}: out of domain, no label ({refused.reason}); "
+                    print(f"{printable(path)}: out of domain, no label ({refused.reason}); "
                           "no image to explain", flush=True)
                 continue
             failed += 1
-            error(f"{path}: {' '.join(exc.problem.split())}")
-            if args.json:
-                print_record({"path": path, "label": None, "output": None, "error": exc.problem})
+            error(f"{printable(path)}: {exc.problem}")
+            if args.json:  # the keys of `classify --json` for an unreadable input
+                print_record({**Prediction(path=path, label=None, probabilities={},
+                                           error=exc.problem).to_dict(), "output": None})
             continue
         result.path = path
         failed += not report(result, output, args.json)
@@ -145,7 +147,7 @@ def report(result: Any, output: str | None, as_json: bool) -> bool:
     """Write one input's figure (with -o) and print its line; False when the figure failed."""
     problem = None if output is None else write_figure(result, output)
     if problem is not None:  # this input only: the others are still explained
-        error(f"{result.path}: {problem}")
+        error(f"{printable(result.path)}: {problem}")
     if as_json:
         print_record({**result.to_dict(), "output": None if problem else output, "error": problem})
     elif problem is None:
@@ -200,11 +202,14 @@ def output_is_folder(output: str, count: int) -> bool:
 
 def folder_names(paths: list[str], folder: str) -> list[str]:
     """One unique <name>.png in `folder` per input."""
+    from collections import Counter
+
     stems = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p in paths]
+    shared = Counter(stems)
     names, used = [], set()
     for path, stem in zip(paths, stems, strict=True):
         name = stem
-        if stems.count(stem) > 1:
+        if shared[stem] > 1:
             name = f"{os.path.basename(os.path.dirname(os.path.normpath(path)))}_{stem}"
         name = "_".join(name.split()) or "image"
         unique, k = name, 2
@@ -268,7 +273,7 @@ def explain_line(result: Any, output: str | None) -> str:
         shares.append(f"in lungs {result.lung_share:.0%}")
     if result.border_share is not None:
         shares.append(f"at border {result.border_share:.0%}")
-    head = f"{display_path(output or result.path)}: "
+    head = f"{printable(output or result.path)}: "
     if result.status == "out_of_domain":
         answer = f"out of domain, no label ({result.reason})"
     else:

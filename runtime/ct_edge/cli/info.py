@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any
 
+from .. import DISCLAIMER
 from ..errors import REBUILD_BUNDLE
 from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error
 
@@ -18,8 +20,9 @@ examples:
   ct-edge info --json | python -m json.tool
 
 Shows the labels, input contract, preprocessing, calibration, every artifact (size, parity
-status and figures, whether its sha256 matches) and the provenance. Exit code 2 when the bundle
-cannot be read or a model file is missing or does not match its sha256.
+status and figures, whether its sha256 matches) and the provenance. --json prints it as one
+JSON object on one line. The disclaimer follows the text (on stderr with --json). Exit code 2
+when the bundle cannot be read or a model file is missing or does not match its sha256.
 """
 
 
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"path": str(bundle.root), "manifest": bundle.manifest, "checks": checks,
                           "domain_gate": short_check(found[gate_file]) if gate_file else None,
                           "problems": {name: why for name, why in found.items() if why != "ok"}},
-                         indent=2, ensure_ascii=False))
+                         ensure_ascii=False))
     else:
         try:
             text = render_info(bundle, checks, found.get(gate_file or ""))
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             raise BundleError(f"{bundle.root / 'manifest.json'}: malformed manifest "
                               f"({type(exc).__name__}: {exc}); {REBUILD_BUNDLE}") from None
         print(text)
+    print(DISCLAIMER, file=sys.stderr if args.json else sys.stdout)  # JSON stays pure
     bad = {name: why for name, why in found.items() if why != "ok"}
     if bad:
         text = "; ".join(f"{'artifact ' if name in bundle.artifacts else ''}{name!r}: {check}"

@@ -11,14 +11,15 @@ import shutil
 from typing import IO, TYPE_CHECKING
 
 from .. import DISCLAIMER, STATUS_WORDS
-from .common import isatty
+from .common import isatty, printable
 
 if TYPE_CHECKING:
     from ..classifier import Prediction
 
 
 def display_path(path: str) -> str:
-    """A path as valid text: bytes that are not UTF-8 (a name from another system) as `\\xff`.
+    """A path as valid text for JSON and CSV: bytes that are not UTF-8 (a name from another
+    system) as `\\xff`, as `printable` spells them; other characters are left to the format.
 
     Such names reach Python as lone surrogates, which no UTF-8 stream or JSON parser accepts.
     """
@@ -76,12 +77,13 @@ class CsvWriter(Writer):
 
 
 class TableWriter(Writer):
-    """An aligned table streamed row by row: widths come from the input list, known up front."""
+    """An aligned table streamed row by row: widths come from the input list, known up front;
+    file names are `printable`, as in the error lines."""
 
     def __init__(self, stream: IO[str], paths: list[str], labels: tuple[str, ...], top_k: int,
                  quiet: bool, note: str | None = None) -> None:
         self.stream, self.top_k, self.quiet, self.note = stream, top_k, quiet, note
-        self.file_width = max([len("FILE"), *(len(display_path(path)) for path in paths)])
+        self.file_width = max([len("FILE"), *(len(printable(path)) for path in paths)])
         if isatty(stream):  # on a terminal, keep rows on one line by shortening long paths
             room = shutil.get_terminal_size().columns - 2 * max(map(len, labels)) - 56
             self.file_width = min(self.file_width, max(24, room))
@@ -91,7 +93,7 @@ class TableWriter(Writer):
         self.rows = 0
 
     def _line(self, file: str, label: str, confidence: str, status: str, others: str) -> None:
-        file = display_path(file)
+        file = printable(file)
         if len(file) > self.file_width:
             file = "..." + file[-(self.file_width - 3):]
         line = (f"{file:<{self.file_width}}  {label:<{self.label_width}}  {confidence:>6}  "

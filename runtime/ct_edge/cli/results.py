@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import DISCLAIMER
 from .. import STATUS_WORDS as BY_STATUS
-from .common import EXIT_OK, EXIT_USAGE, RAW, error, positive_int
+from .common import EXIT_OK, EXIT_USAGE, RAW, error, positive_int, printable
 
 STATUS_WORDS = {**BY_STATUS, None: "unreadable"}
 EXAMPLES = """\
@@ -21,9 +21,12 @@ examples:
   ct-edge results --data-dir /var/lib/ct-edge
 
 Reads the store in --data-dir (default: $CT_EDGE_DATA, else $XDG_DATA_HOME/ct-edge, else
-~/.local/share/ct-edge), newest first. --json prints one JSON object per line. The disclaimer
-follows the table (on stderr with --json). Exit code 2 when there is no usable store there
-(none, damaged, or a folder this user may not write: SQLite needs to, even to read).
+~/.local/share/ct-edge), newest first, without writing to it (it may be on a read-only
+disk). --json prints one JSON object per line. Control characters in stored text (a DICOM
+series description, say) show as escapes, e.g. \\x1b, in the table. The disclaimer follows the
+table (on stderr with --json). Exit code 2 when there is no usable store there (none, empty,
+damaged, made by an older ct-edge and not yet upgraded by `serve` or `listen`, or busy in
+another process).
 """
 
 
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         error(f"no results store in {data_dir} (no {DB_NAME}); pass --data-dir DIR or set "
               "$CT_EDGE_DATA")
         return EXIT_USAGE
-    with Store(data_dir) as store:
+    with Store(data_dir, read_only=True) as store:
         if args.series:
             rows = store.list_dicom_series(limit=args.limit, status=args.status,
                                            label=args.label)
@@ -78,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    """Aligned columns; every cell `printable` (stored text comes from clients and scanners)."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
@@ -119,5 +124,6 @@ def render_series(rows: list[dict]) -> str:
 
 
 def _short(text: str, width: int) -> str:
-    text = " ".join(str(text).split())
+    """One line of at most `width` characters as shown (whitespace folded, the rest escaped)."""
+    text = printable(" ".join(str(text).split()))
     return text if len(text) <= width else text[:width - 3] + "..."

@@ -33,8 +33,11 @@ from .schema import (
     MIGRATIONS,
     RESULT_COLUMNS,
     StoreError,
+    busy_error,
     decode_json,
+    is_busy,
     migrate,
+    require_current,
     result_values,
     schema_version,
     transaction,
@@ -83,38 +86,93 @@ def prediction_fields(prediction: Any, source: str | None = None) -> dict[str, A
             "timings_ms": record["timings_ms"], "error": prediction.error}
 
 
+def error_code(exc: sqlite3.Error) -> int:
+    """The primary SQLite result code of an error (SQLITE_BUSY, SQLITE_CANTOPEN, ...)."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF
+
+
+def connect(path: Path, query: str = "") -> sqlite3.Connection:
+    """A connection in autocommit mode (every transaction is an explicit BEGIN ... COMMIT), for
+    any thread; `query` adds SQLite URI parameters (`mode=ro`)."""
+    target: str | Path = f"{path.resolve().as_uri()}?{query}" if query else path
+    return sqlite3.connect(target, uri=bool(query), timeout=BUSY_TIMEOUT_MS / 1000,
+                           isolation_level=None, check_same_thread=False)
+
+
+def wal_holds_data(path: Path) -> bool:
+    """Whether the database's write-ahead log holds pages not yet copied into it."""
+    try:
+        return path.with_name(path.name + "-wal").stat().st_size > 0
+    except OSError:
+        return False
+
+
 class Store(DicomSeriesStore):
     """A results database in a data folder. One instance may be shared by threads."""
 
-    def __init__(self, data_dir: str | Path | None = None) -> None:
+    def __init__(self, data_dir: str | Path | None = None, *, read_only: bool = False) -> None:
+        """Open the store in `data_dir`, creating or migrating it; with `read_only` (what
+        `ct-edge results` uses) it only reads: nothing is created or migrated, and a store that
+        is not this ct-edge's schema is refused."""
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.path = self.data_dir / DB_NAME
         self.heatmaps = self.data_dir / HEATMAP_DIR
+        self.read_only = read_only
         self._lock = threading.Lock()
         try:
-            self.heatmaps.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Autocommit mode: every transaction below is explicit (BEGIN ... COMMIT).
-            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
-                                       isolation_level=None, check_same_thread=False)
+            if read_only:
+                self._db = connect(self.path, "mode=ro")
+            else:
+                self.heatmaps.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._db = connect(self.path)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the results store in {self.data_dir}: {exc}") from None
         try:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            # FULL: a committed row survives a power cut too, not only a crash of the process.
-            self._db.execute("PRAGMA synchronous = FULL")
-            self.version = migrate(self._db)
+            self.version = self._check_schema() if read_only else self._migrate()
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
-                # WAL mode writes beside the database even to read it.
-                raise StoreError(f"cannot open the results store {self.path}: it is read-only "
-                                 f"here ({exc}); the folder {self.data_dir} and the database "
-                                 "must be writable, even to list results") from None
-            raise StoreError(f"{self.path}: not a usable results store ({exc})") from None
+            raise self._unusable(exc) from None
         except BaseException:
             self._db.close()
             raise
+
+    def _migrate(self) -> int:
+        """WAL mode, durable commits, the schema brought up to date; its version."""
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed row survives a power cut too, not only a crash of the process.
+        self._db.execute("PRAGMA synchronous = FULL")
+        return migrate(self._db)
+
+    def _check_schema(self) -> int:
+        """The schema version of a store opened read-only (StoreError unless it is current)."""
+        try:
+            return require_current(self._db, self.path)
+        except sqlite3.OperationalError as exc:
+            # Reading a WAL database needs its -shm index, which a read-only folder cannot get.
+            if error_code(exc) != sqlite3.SQLITE_CANTOPEN or wal_holds_data(self.path):
+                raise
+        # No log to read: the database file holds every committed row, and no writer can be
+        # using a folder where the index cannot be created; read it as a file that never changes.
+        self._db.close()
+        self._db = connect(self.path, "mode=ro&immutable=1")
+        return require_current(self._db, self.path)
+
+    def _unusable(self, exc: sqlite3.DatabaseError) -> StoreError:
+        """The StoreError for a database that opened but cannot be used as a store."""
+        if is_busy(exc):
+            return busy_error(self.path, exc)
+        if error_code(exc) == sqlite3.SQLITE_READONLY:
+            # WAL mode writes beside the database even to read it.
+            return StoreError(f"cannot open the results store {self.path}: it is read-only here "
+                              f"({exc}); the folder {self.data_dir} and the database must be "
+                              "writable to record results")
+        if self.read_only and error_code(exc) == sqlite3.SQLITE_CANTOPEN:
+            return StoreError(f"cannot read the results store {self.path} here: its write-ahead "
+                              f"log holds results, and SQLite cannot create {self.path.name}-shm "
+                              f"in {self.data_dir} to read it; copy the folder somewhere "
+                              "writable, or start `ct-edge serve` on it once")
+        return StoreError(f"{self.path}: not a usable results store ({exc})")
 
     def __enter__(self) -> Store:
         return self

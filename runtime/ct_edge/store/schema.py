@@ -32,6 +32,18 @@ class StoreError(CtEdgeError):
     """The store cannot be opened or written (unwritable folder, a newer schema, a corrupt file)."""
 
 
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether an sqlite error is another connection's lock (SQLITE_BUSY or SQLITE_LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def busy_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    """The StoreError for a store another process holds locked past the busy timeout."""
+    return StoreError(f"the results store {path} is busy in another process ({exc}); "
+                      "try again")
+
+
 class TextSafeConnection:
     """What a transaction yields: `execute`/`executemany` pass every parameter through
     `db_text`, so no write can store, or fail on, a string that is not valid Unicode."""
@@ -63,6 +75,8 @@ def transaction(db: sqlite3.Connection, lock: threading.Lock | threading.RLock,
                 db.execute("ROLLBACK")
                 raise
     except sqlite3.Error as exc:
+        if is_busy(exc):
+            raise busy_error(path, exc) from None
         raise StoreError(f"cannot write to the results store {path}: {exc}") from None
 
 
@@ -74,6 +88,8 @@ def read(db: sqlite3.Connection, lock: threading.Lock | threading.RLock, path: P
         with lock:
             return db.execute(sql, db_params(params)).fetchall()
     except sqlite3.Error as exc:
+        if is_busy(exc):
+            raise busy_error(path, exc) from None
         raise StoreError(f"cannot read the results store {path}: {exc}") from None
 
 
@@ -224,19 +240,47 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
 
 
 def schema_version(db: sqlite3.Connection) -> int:
-    """The highest migration applied (0 for an empty database)."""
+    """The highest migration applied (0 for an empty database), creating the version table."""
     db.execute("CREATE TABLE IF NOT EXISTS schema_version "
                "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    return stored_version(db)
+
+
+def stored_version(db: sqlite3.Connection) -> int:
+    """The highest migration applied, without writing (0: no version table, e.g. an empty file)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                  "AND name = 'schema_version'").fetchone() is None:
+        return 0
     row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
     return int(row[0] or 0)
+
+
+def require_known(version: int) -> None:
+    """StoreError when a store's schema is newer than this ct-edge knows."""
+    if version > len(MIGRATIONS):
+        raise StoreError(f"the results store has schema version {version}, newer than this "
+                         f"ct-edge knows ({len(MIGRATIONS)}); upgrade ct-edge")
+
+
+def require_current(db: sqlite3.Connection, path: Path) -> int:
+    """The schema version of a store opened read-only; StoreError unless it is this ct-edge's
+    (a read-only reader cannot migrate: `serve` or `listen` do, on opening it)."""
+    version = stored_version(db)
+    require_known(version)
+    if version == 0:
+        raise StoreError(f"{path}: not a results store (an empty database, or one made by "
+                         "something else)")
+    if version < len(MIGRATIONS):
+        raise StoreError(f"{path}: the results store has schema version {version}, older than "
+                         f"this ct-edge's ({len(MIGRATIONS)}); start `ct-edge serve` or "
+                         "`ct-edge listen` on it once to upgrade it")
+    return version
 
 
 def migrate(db: sqlite3.Connection) -> int:
     """Apply every migration the database lacks, each in its own transaction; the new version."""
     current = schema_version(db)
-    if current > len(MIGRATIONS):
-        raise StoreError(f"the results store has schema version {current}, newer than this "
-                         f"ct-edge knows ({len(MIGRATIONS)}); upgrade ct-edge")
+    require_known(current)
     for version in range(current + 1, len(MIGRATIONS) + 1):
         db.execute("BEGIN IMMEDIATE")
         try:
