@@ -136,7 +136,7 @@ class TestLocalCluster:
         code = cli.main(["batch", *scans.inputs, "--out", str(out), "--bundle", str(bundle),
                          "--artifact", artifact, "--actors", "2", "--part-rows", "6"])
         captured = capsys.readouterr()
-        assert code == 0, captured.err
+        assert code == 1, captured.err  # some inputs could not be read, as in classify
         summary = captured.out.strip().splitlines()[-1]
         assert summary.startswith(f"batch: {scans.count - ok_first} rows, ")
         assert f"{ok_first} already scored; {scans.count} rows in {out}" in summary
@@ -211,7 +211,7 @@ def test_multi_node_cluster_scores_on_every_node(scans, bundle_artifact, tmp_pat
         code = cli.main(["batch", str(scans.folder), "--out", str(out), "--bundle", str(bundle),
                          "--artifact", artifact, "--address", cluster.address, "--actors", "3",
                          "--part-rows", "4", "-q"])
-        assert code == 0, capsys.readouterr().err
+        assert code == 1, capsys.readouterr().err  # the bad files
         rows = rows_by_path(out)
         assert len(rows) == len(scans.good) + len(scans.bad)
         scored_on = {row["node_id"] for row in rows.values()}
@@ -246,11 +246,11 @@ def test_killed_process_then_rerun_completes_without_duplicates(bundle_artifact,
     cmd = [str(Path(sys.executable).with_name("ct-edge")), "batch", str(folder), "--out", str(out),
            "--bundle", str(bundle), "--artifact", artifact, "--actors", "1", "--part-rows", "1"]
 
-    def start_and_stop_after(parts: int, sig: int, **kwargs) -> subprocess.Popen:
+    def start_and_stop_after(count: int, sig: int, **kwargs) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 **kwargs)
         deadline = time.monotonic() + 120
-        while (len(parts.part_files(out)) < parts and proc.poll() is None
+        while (len(parts.part_files(out)) < count and proc.poll() is None
                and time.monotonic() < deadline):
             time.sleep(0.02)
         children = _children(proc.pid)
@@ -425,7 +425,7 @@ def test_a_part_that_cannot_be_written_is_one_line_and_leaves_no_temp_file(
     err = capsys.readouterr().err
     assert code == 2
     assert err == f"error: cannot write results to {out}: No space left on device\n"
-    assert sorted(p.name for p in out.iterdir()) == [parts.LOCK_NAME]
+    assert not out.exists(), "a job that wrote nothing should leave nothing"
 
 
 def test_inputs_folders_globs_and_list_files(tmp_path, monkeypatch) -> None:
@@ -487,3 +487,182 @@ def test_batch_without_ray_says_how_to_install_it(bundle_artifact, tmp_path) -> 
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: ct-edge batch needs Ray: pip install 'ct-edge[ray]' "
                                      "(ray[data] and pyarrow)")
+
+
+# --- review fixes: names, temp files, CPUs, exit codes, Ctrl-C, leftovers -----------------
+
+
+@pytest.fixture
+def ray_free(bundle_artifact, monkeypatch) -> SimpleNamespace:
+    """run_batch without Ray: a fake cluster (recording the CPUs asked for) and the actors'
+    scoring done in this process by the real Scorer."""
+    import contextlib
+
+    calls = SimpleNamespace(num_cpus=[])
+
+    @contextlib.contextmanager
+    def fake_cluster(address=None, num_cpus=None, **kwargs):
+        calls.num_cpus.append(num_cpus)
+        yield batch.Cluster(started=True, seconds=0.0, address=address,
+                            cpus=num_cpus or batch_cluster.available_cpus())
+
+    def fake_score(paths, payload, actors, options, part_rows, verbose):
+        yield rows_to_table(Scorer(payload, **options).score(paths), payload.labels)
+
+    monkeypatch.setattr(batch, "ray_cluster", fake_cluster)
+    monkeypatch.setattr(batch, "score_on_ray", fake_score)
+    return calls
+
+
+def test_a_name_that_is_not_utf8_is_an_error_row_and_the_rest_is_scored(
+        bundle_artifact, scans, ray_free, tmp_path, capsys) -> None:
+    """One such name aborted the whole batch with a UnicodeEncodeError traceback."""
+    bundle, artifact = bundle_artifact
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copyfile(scans.good[0], folder / "good.png")
+    bad = os.path.join(os.fsencode(folder), b"bad\xff.png")
+    shutil.copyfile(scans.good[0], bad)
+    out = tmp_path / "results"
+    shown = f"{folder}/bad\\xff.png"  # as classify prints it
+    for _ in range(2):  # a rerun retries the error row without tripping over it
+        code = cli.main(["batch", str(folder), "--out", str(out), "--bundle", str(bundle),
+                         "--artifact", artifact])
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err
+        assert f"error: {shown}: {batch.NOT_UTF8}" in err.splitlines()
+    rows = rows_by_path(out)
+    assert set(rows) == {str(folder / "good.png"), shown}
+    assert rows[shown]["error"] == batch.NOT_UTF8
+    assert rows[str(folder / "good.png")]["error"] is None
+
+
+def test_arrow_errors_writing_a_part_are_one_line(bundle_artifact, tmp_path, monkeypatch,
+                                                 capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bundle, artifact = bundle_artifact
+    payload = batch.ModelPayload.from_bundle(bundle, artifact)
+    with pytest.raises(batch.BatchError, match="cannot store a result row in Parquet"):
+        rows_to_table([error_row("/x\udcff.png", "no such file", payload)], payload.labels)
+
+    def invalid(table, where, **kwargs) -> None:
+        raise pa.ArrowInvalid("cannot write\nthis value")
+
+    monkeypatch.setattr(pq, "write_table", invalid)
+    out = tmp_path / "results"
+    code = cli.main(["batch", str(tmp_path / "none-*.png"), "--out", str(out),
+                     "--bundle", str(bundle), "--artifact", artifact])
+    assert code == 2
+    assert capsys.readouterr().err == f"error: cannot write results to {out}: cannot write this value\n"
+
+
+def test_only_its_own_temp_parts_are_removed_from_out(tmp_path) -> None:
+    """--out may be any folder: the user's own `.tmp-*` files in it were deleted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = [".tmp-notes.txt", ".tmp-draft.parquet", ".tmp-part-notes.txt"]
+    for name in [*theirs, ".tmp-part-20261207T175728-b3fde7-000001.parquet"]:
+        (out / name).write_bytes(b"x")
+    with parts.locked_out(out):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == sorted([*theirs, parts.LOCK_NAME])
+
+
+def test_a_local_cluster_is_sized_for_threads_above_the_cpus(bundle_artifact, scans, ray_free,
+                                                            tmp_path, capsys) -> None:
+    """`--threads N` above the CPUs, no --actors: the cluster got the machine's CPUs only, and
+    the one actor waited 10 minutes for an autoscaler a local cluster does not have."""
+    bundle, artifact = bundle_artifact
+    threads = batch_cluster.available_cpus() + 1
+    result = batch.run_batch([scans.good[0]], tmp_path / "out", bundle=bundle, artifact=artifact,
+                             threads=threads)
+    assert ray_free.num_cpus == [threads] and result.actors == 1 and result.errors == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_pool_warning_says_what_happens() -> None:
+    assert batch.pool_warning(2, 1, 2) is None and batch.pool_warning(1, 4, 0) is None
+    assert batch.pool_warning(1, 4, 2) == (
+        "1 actor x 4 threads need 4 CPUs and the cluster has 2: the job waits up to 10 minutes "
+        "for the cluster to grow (an autoscaler), then fails; use fewer --actors or --threads")
+    assert batch.pool_warning(3, 1, 2).startswith("3 actors x 1 thread need 3 CPUs")
+
+
+@pytest.mark.parametrize("quiet", [[], ["-q"]])
+def test_inputs_that_could_not_be_read_exit_1_with_their_lines(bundle_artifact, tmp_path, capsys,
+                                                               quiet) -> None:
+    """The package's contract, as classify: exit 1 and one `error:` line each, -q or not."""
+    bundle, artifact = bundle_artifact
+    pattern = str(tmp_path / "none-*.png")
+    code = cli.main(["batch", pattern, "--out", str(tmp_path / "out"), "--bundle", str(bundle),
+                     "--artifact", artifact, *quiet])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"error: {pattern}: no files match this pattern" in captured.err.splitlines()
+    assert captured.out.startswith("batch: 1 rows, 1 errors")
+
+
+class FakeRay:
+    """A Ray whose init starts two processes of the cluster and then raises: one naming the
+    temp folder on its command line (the raylet), one only writing a log in it (an agent, whose
+    command line is a title)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc, self.shutdowns, self.started = exc, [], []
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs) -> None:
+        session = Path(kwargs["_temp_dir"], "session_1")
+        session.mkdir()
+        sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+        self.started.append(subprocess.Popen([*sleep, str(session)]))
+        with open(session / "agent.log", "w") as log:
+            self.started.append(subprocess.Popen(sleep, stdout=log))
+        time.sleep(0.5)  # both are in /proc by now
+        raise self.exc
+
+    def shutdown(self, **kwargs) -> None:
+        self.shutdowns.append(kwargs)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("no")])
+def test_ray_start_cut_short_leaves_no_ray_process(monkeypatch, exc) -> None:
+    """Ctrl-C inside ray.init skipped ray.shutdown: Ray's agents ran on ~60 s after exit."""
+    fake = FakeRay(exc)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(batch_cluster, "import_ray", lambda: fake)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    try:
+        with pytest.raises(type(exc) if isinstance(exc, KeyboardInterrupt) else batch.BatchError), \
+                batch_cluster.ray_cluster():
+            pass
+        raylet, agent = fake.started
+        assert raylet.wait(timeout=10) == agent.wait(timeout=10) == -signal.SIGKILL
+        assert fake.shutdowns == [{"wait_for_processes": True}]
+        assert not Path(raylet.args[-1]).parent.exists(), "the temp dir was left behind"
+    finally:
+        for proc in fake.started:
+            proc.kill()
+
+
+def test_a_job_that_fails_before_writing_leaves_nothing(bundle_artifact, scans, tmp_path,
+                                                       monkeypatch, capsys) -> None:
+    """`--address auto` without a cluster left --out and its lock file behind."""
+    bundle, artifact = bundle_artifact
+
+    def no_cluster(*args, **kwargs):
+        raise batch.BatchError("cannot start or reach the Ray cluster at auto: none")
+
+    monkeypatch.setattr(batch, "ray_cluster", no_cluster)
+    made, mine = tmp_path / "new" / "out", tmp_path / "mine"
+    mine.mkdir()
+    for out in (made, mine):
+        code = cli.main(["batch", scans.good[0], "--out", str(out), "--address", "auto",
+                         "--bundle", str(bundle), "--artifact", artifact])
+        assert code == 2 and "at auto: none" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert list(mine.iterdir()) == [], "the user's own folder stays, empty"

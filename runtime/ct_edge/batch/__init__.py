@@ -50,6 +50,7 @@ DEFAULT_PART_ROWS = 1000
 ACTOR_START_TIMEOUT_S = 600
 # Small jobs still get a few blocks per actor, so every actor has work and a kill loses little.
 BLOCKS_PER_ACTOR = 4
+NOT_UTF8 = "the name is not valid UTF-8, so it cannot be stored in Parquet"
 
 __all__ = ["DEFAULT_PART_ROWS", "BatchError", "BatchResult", "Cluster", "ModelPayload",
            "expand_batch_inputs", "parse_runtime_env", "run_batch"]
@@ -62,8 +63,11 @@ def expand_batch_inputs(args: Sequence[str]) -> list[tuple[str, str | None]]:
     list: one image path per line (blank lines and lines starting with '#' skipped; relative
     paths are relative to the current folder). Listed paths are not checked here: on a cluster
     they are read by the actors, and a missing one becomes an error row. Paths on the command
-    line are expanded here, so a missing one is an error row at once, without Ray.
+    line are expanded here, so a missing one is an error row at once, without Ray. A name that
+    is not valid UTF-8 is an error row keyed by its display form (`\\xff` for the byte), as
+    `classify` prints it: Parquet strings are UTF-8.
     """
+    from ..cli.output import display_path
     from ..inputs import expand_inputs
 
     items: list[tuple[str, str | None]] = []
@@ -72,9 +76,12 @@ def expand_batch_inputs(args: Sequence[str]) -> list[tuple[str, str | None]]:
     def add(path: str, error: str | None) -> None:
         # The key for resuming, and what every node opens ('' stays '': abspath makes it the cwd).
         key = os.path.abspath(path) if path else ""
-        if key not in seen:
-            seen.add(key)
-            items.append((key, error))
+        if key in seen:
+            return
+        seen.add(key)
+        if not is_utf8(key):
+            key, error = display_path(key), error or NOT_UTF8
+        items.append((key, error))
 
     plain: list[str] = []
 
@@ -101,6 +108,15 @@ def expand_batch_inputs(args: Sequence[str]) -> list[tuple[str, str | None]]:
             plain.append(arg)
     flush()
     return items
+
+
+def is_utf8(text: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (lone surrogates in Python)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- the job -------------------------------------------------------------------------------
@@ -135,6 +151,23 @@ class BatchResult:
                 f"actor{'' if self.actors == 1 else 's'} "
                 f"(+{self.startup_seconds:.1f} s Ray start-up); {self.skipped} already scored; "
                 f"{self.total_rows} rows in {self.out}")
+
+
+def local_cpus(actors: int | None, threads: int) -> int:
+    """CPUs for a local cluster: the machine's, or more when the pool asks for more. A local
+    cluster has no autoscaler, so one sized below the pool would only wait, then fail."""
+    return max(available_cpus(), (actors or 1) * threads)
+
+
+def pool_warning(actors: int, threads: int, cpus: int) -> str | None:
+    """The warning for a pool larger than the cluster it joins (None when it fits)."""
+    need = actors * threads
+    if not cpus or need <= cpus:
+        return None
+    return (f"{actors} actor{'' if actors == 1 else 's'} x {threads} "
+            f"thread{'' if threads == 1 else 's'} need {need} CPUs and the cluster has {cpus}: "
+            f"the job waits up to {ACTOR_START_TIMEOUT_S // 60} minutes for the cluster to grow "
+            "(an autoscaler), then fails; use fewer --actors or --threads")
 
 
 def plan_blocks(todo: int, actors: int, part_rows: int) -> int:
@@ -202,18 +235,16 @@ def run_batch(inputs: Sequence[str], out: str | Path, *, bundle: str | Path | No
         if early:
             record(rows_to_table(early, payload.labels))
         if todo and not (stop_after_parts is not None and result.parts >= stop_after_parts):
-            want_cpus = (actors or 0) * threads
-            with ray_cluster(address, num_cpus=max(available_cpus(), want_cpus) if want_cpus else None,
+            with ray_cluster(address, num_cpus=local_cpus(actors, threads),
                              runtime_env=runtime_env, verbose=verbose) as cluster:
                 result.startup_seconds = cluster.seconds
                 if on_cluster is not None:
                     on_cluster(cluster)
                 start = time.perf_counter()
                 n_actors = actors or max(1, cluster.cpus // threads)
-                if cluster.cpus and n_actors * threads > cluster.cpus:
-                    print(f"warning: {n_actors} actors x {threads} threads need "
-                          f"{n_actors * threads} CPUs, the cluster has {cluster.cpus}; some actors "
-                          "wait for an autoscaler", file=sys.stderr)
+                warning = pool_warning(n_actors, threads, cluster.cpus)
+                if warning is not None:
+                    print(f"warning: {warning}", file=sys.stderr)
                 n_actors = min(n_actors, len(todo))
                 result.actors = n_actors
                 with quiet_ray(verbose):

@@ -7,11 +7,13 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .payload import BatchError
@@ -97,7 +99,14 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None,
         ray = import_ray()
         try:
             ray.init(**kwargs)
-        except Exception as exc:  # ConnectionError, RuntimeError, ValueError... from Ray
+        except BaseException as exc:
+            # ray.init may have started processes before it failed or Ctrl-C came: stop them.
+            with contextlib.suppress(Exception):
+                shutdown(ray, local=address is None)
+            if temp_dir:
+                kill_strays(temp_dir)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
+                raise
             where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
             raise BatchError(f"cannot start or reach {where}: "
                              f"{' '.join(str(exc).split())[:300]}") from None
@@ -105,13 +114,7 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None,
             yield Cluster(started=address is None, seconds=time.perf_counter() - start,
                           address=address, cpus=_cluster_cpus(ray), temp_dir=temp_dir)
         finally:
-            if address is None:  # wait for our raylet & co, so none writes into temp_dir after
-                try:
-                    ray.shutdown(wait_for_processes=True)
-                except TypeError:  # an older Ray
-                    ray.shutdown()
-            else:
-                ray.shutdown()
+            shutdown(ray, local=address is None)
     finally:
         if saved != {key: os.environ.get(key) for key in saved}:
             set_auth_env(saved)
@@ -121,6 +124,41 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None,
                 if not os.path.exists(temp_dir):
                     break
                 time.sleep(0.2)
+
+
+def shutdown(ray: Any, local: bool) -> None:
+    """Disconnect from Ray; for a local cluster also wait for its raylet & co to exit, so none
+    writes into its temp folder after."""
+    if not local:
+        ray.shutdown()
+        return
+    try:
+        ray.shutdown(wait_for_processes=True)
+    except TypeError:  # an older Ray
+        ray.shutdown()
+
+
+def kill_strays(temp_dir: str) -> None:
+    """Kill what a local cluster cut short in `ray.init` left running: `ray.shutdown` knows only
+    a cluster whose start finished. Its processes are the ones using its private temp folder
+    (Linux /proc); twice, for a child forked during the first pass."""
+    for _ in range(2):
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if int(proc.name) != os.getpid() and uses_folder(proc, temp_dir):
+                    os.kill(int(proc.name), signal.SIGKILL)  # Ray's agents ignore SIGTERM
+            except (OSError, ValueError):  # gone already, or not ours
+                continue
+
+
+def uses_folder(proc: Path, folder: str) -> bool:
+    """Whether the process `proc` (/proc/PID) names `folder` on its command line or has a file in
+    it open (Ray's agents replace their command line with a title, but keep their logs open)."""
+    name = os.fsencode(folder)
+    if any(arg.endswith(name) or name + b"/" in arg
+           for arg in (proc / "cmdline").read_bytes().split(b"\0")):
+        return True
+    return any(os.readlink(fd).startswith(folder + "/") for fd in (proc / "fd").iterdir())
 
 
 _TOKEN: list[str] = []

@@ -7,7 +7,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from ..files import fsync_dir
 from .payload import BatchError, ModelPayload
@@ -100,7 +100,9 @@ class PartWriter:
 
 def write_part(table: pa.Table, path: Path) -> None:
     """Write `table` to `path` whole and durably (temp file, fsync, rename, folder fsync); a
-    failed write (a full disk, say) is a BatchError naming the folder and leaves no temp file."""
+    failed write (a full disk, a value Parquet cannot hold) is a BatchError naming the folder and
+    leaves no temp file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
@@ -110,33 +112,92 @@ def write_part(table: pa.Table, path: Path) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as exc:
+    except (OSError, pa.ArrowException, UnicodeError) as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise BatchError(f"cannot write results to {path.parent}: "
-                         f"{exc.strerror or exc}") from None
+        raise BatchError(f"cannot write results to {path.parent}: {reason(exc)}") from None
+
+
+def reason(exc: BaseException) -> str:
+    """An exception as one short line: the system's words for an OSError, else its text."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 @contextlib.contextmanager
 def locked_out(out: Path) -> Iterator[None]:
-    """Create `out`, take its lock (one job per folder) and drop temp files a killed run left."""
-    import fcntl
+    """Create `out`, take its lock (one job per folder) and drop temp parts a killed run left.
 
+    A job that ends leaving `out` with nothing but the lock it created removes the lock, and the
+    folders it created: a job that failed before writing anything leaves no trace.
+    """
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
+    lock = out / LOCK_NAME
+    new_lock = not lock.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole job
     except OSError as exc:
         raise BatchError(f"cannot write to {out}: {exc.strerror or exc}") from None
-    with handle:
+    with take_lock(lock):
+        drop_temp_parts(out)
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise BatchError(f"another ct-edge batch job is writing to {out}; wait for it or "
-                             "choose another --out") from None
-        for stale in out.glob(f"{TMP_PREFIX}*"):
+            yield
+        finally:
+            if new_lock:
+                remove_if_unused(out, created)
+
+
+def remove_if_unused(out: Path, created: list[Path]) -> None:
+    """Delete the lock (while still held: see take_lock) and the folders `created`, innermost
+    first, when `out` holds nothing else."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in out.iterdir()] != [LOCK_NAME]:
+            return
+        (out / LOCK_NAME).unlink()
+        for folder in created:  # stops at the first one not empty
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def take_lock(lock: Path) -> Iterator[IO[str]]:
+    """Hold an exclusive lock on the file `lock` (created if missing), or raise BatchError.
+
+    A job that ends may delete its lock file while another job has it open; the other then
+    locks a file no longer in the folder, so it checks it locked the file the name now holds.
+    """
+    import fcntl
+
+    for _ in range(3):
+        try:
+            handle = open(lock, "a+")  # noqa: SIM115 - held for the whole job
+        except OSError as exc:
+            raise BatchError(f"cannot write to {lock.parent}: {exc.strerror or exc}") from None
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                break
+            if same_file(handle, lock):
+                yield handle
+                return
+    raise BatchError(f"another ct-edge batch job is writing to {lock.parent}; wait for it or "
+                     "choose another --out")
+
+
+def same_file(handle: IO[str], path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
+
+
+def drop_temp_parts(out: Path) -> None:
+    """Delete the temp parts a killed run left: only names write_part gives, never other files."""
+    for stale in out.glob(f"{TMP_PREFIX}{PART_PREFIX}*{PART_SUFFIX}"):
+        if stale.is_file():
             with contextlib.suppress(OSError):
                 stale.unlink()
-        yield
 
 
 def read_results(out: str | Path) -> pa.Table:

@@ -83,10 +83,15 @@ def result_schema(labels: Sequence[str]) -> pa.Schema:
 
 
 def rows_to_table(rows: list[dict[str, Any]], labels: Sequence[str]) -> pa.Table:
+    """Result rows as a table of the result schema; a value Parquet cannot hold is a BatchError."""
     import pyarrow as pa
 
     schema = result_schema(labels)
-    return pa.Table.from_pylist(rows, schema=schema)
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowException, UnicodeError) as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise BatchError(f"cannot store a result row in Parquet: {text}") from None
 
 
 def error_row(path: str, error: str, payload: ModelPayload, node_id: str | None = None) -> dict:

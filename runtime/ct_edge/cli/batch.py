@@ -10,6 +10,8 @@ from ..batch import DEFAULT_PART_ROWS  # the runner imports only the standard li
 from .common import (
     BUNDLE_HELP,
     DOMAIN_CHECK_OFF,
+    EXIT_INPUT,
+    EXIT_OK,
     RAW,
     Progress,
     error,
@@ -38,8 +40,9 @@ domain), confidence, status (ok, uncertain or out_of_domain), reason, one probab
 class, error (null, or why the input could not be read), artifact, artifact_sha256,
 bundle_sha256 (of manifest.json) and node_id (the Ray node that scored it). Run the same command
 again after a kill: it scores only inputs no part holds yet. A summary line goes to stdout.
-exit codes: 0 every input has a row (error rows included), 2 usage, bundle or cluster error,
-130 interrupted (the parts written so far are kept).
+exit codes: 0 every input scored, 1 some inputs could not be read (each has an error row and,
+for the first 20, an 'error:' line; the others are still scored), 2 usage, bundle or cluster
+error, 130 interrupted (the parts written so far are kept).
 """
 
 
@@ -79,8 +82,9 @@ def add_parser(commands: Any) -> None:
     batch.add_argument("--verbose", "-v", action="store_true",
                        help="show Ray's own logs and progress bars (default: off)")
     batch.add_argument("--quiet", "-q", action="store_true",
-                       help="no progress bar, error lines or disclaimer; the summary line is "
-                            "still printed (default: off)")
+                       help="no progress bar, parity or --no-domain-check warning, or "
+                            "disclaimer; error lines and the summary line are still printed "
+                            "(default: off)")
     batch.set_defaults(handler=run)
 
 
@@ -135,13 +139,17 @@ def run(args: Any) -> int:
             signal.signal(signal.SIGTERM, previous[0])
         if progress:
             progress[0].close()
-    if not args.quiet:
-        for path, problem in result.error_samples[:ERROR_LINES]:
-            error(f"{path}: {problem}")
-        if result.errors > ERROR_LINES:
-            error(f"... and {result.errors - ERROR_LINES} more: see the 'error' column in "
-                   f"{result.out}")
+    report_errors(result.error_samples, result.errors, result.out)
     print(result.summary(), flush=True)
     if not args.quiet:
         print(DISCLAIMER, file=sys.stderr)
-    return 0
+    return EXIT_INPUT if result.errors else EXIT_OK
+
+
+def report_errors(samples: list[tuple[str, str]], count: int, out: Any) -> None:
+    """One `error: <path>: <problem>` line per error row (the first ERROR_LINES), as `classify`
+    prints them, --quiet or not."""
+    for path, problem in samples[:ERROR_LINES]:
+        error(f"{path}: {problem}")
+    if count > ERROR_LINES:
+        error(f"... and {count - ERROR_LINES} more: see the 'error' column in {out}")
