@@ -22,6 +22,15 @@ if TYPE_CHECKING:
 DECODE_WORKERS = 2  # decode the next file while the engine runs the current one
 
 
+def display_path(path: str) -> str:
+    """A path as valid text for JSON and CSV: bytes that are not UTF-8 (a name from another
+    system) as `\\xff`, as `printable` spells them; other characters are left to the format.
+
+    Such names reach Python as lone surrogates, which no UTF-8 stream or JSON parser accepts.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def expand_inputs(args: Iterable[str]) -> list[tuple[str, str | None]]:
     """Command-line paths -> (path, error or None), in order, without duplicates.
 

@@ -67,8 +67,7 @@ def expand_batch_inputs(args: Sequence[str]) -> list[tuple[str, str | None]]:
     is not valid UTF-8 is an error row keyed by its display form (`\\xff` for the byte), as
     `classify` prints it: Parquet strings are UTF-8.
     """
-    from ..cli.output import display_path
-    from ..inputs import expand_inputs
+    from ..inputs import display_path, expand_inputs
 
     items: list[tuple[str, str | None]] = []
     seen: set[str] = set()

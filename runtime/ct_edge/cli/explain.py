@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from .. import DISCLAIMER
+from ..inputs import display_path
 from .common import (
     BUNDLE_HELP,
     DOMAIN_CHECK_OFF,
@@ -23,7 +24,6 @@ from .common import (
     warn,
     window_arg,
 )
-from .output import display_path
 
 EXAMPLES = """\
 examples:

@@ -6,24 +6,15 @@ Every format carries the same `status` ("ok", "uncertain", "out_of_domain") and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from typing import IO, TYPE_CHECKING
 
 from .. import DISCLAIMER, STATUS_WORDS
+from ..inputs import display_path
 from .common import isatty, printable
 
 if TYPE_CHECKING:
     from ..classifier import Prediction
-
-
-def display_path(path: str) -> str:
-    """A path as valid text for JSON and CSV: bytes that are not UTF-8 (a name from another
-    system) as `\\xff`, as `printable` spells them; other characters are left to the format.
-
-    Such names reach Python as lone surrogates, which no UTF-8 stream or JSON parser accepts.
-    """
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 class Writer:
