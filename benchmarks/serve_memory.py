@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,8 +26,8 @@ from ct_edge.limits import DECODE_BUDGET_BYTES, MEMORY_BOUND_MB
 from ct_edge.server.oip import json_parse_cost
 
 from .memory import limit_input
-from .proc import REPO, child_env
-from .server import rss_mb
+from .proc import REPO
+from .server import rss_mb, serve_process
 
 INFER = "/v2/models/ct-edge/infer"
 ROUNDS = 30  # 503-and-retry rounds a client makes before it gives up
@@ -85,28 +83,16 @@ def measure(bundle: str, folder: Path, clients: int = 4) -> dict:
         (INFER, fp32_json(size, near_limit), {}),
         (INFER, fp32_json(size, near_limit + 1), {}),
         (INFER, binary, binary_headers)]
-    with tempfile.TemporaryDirectory(prefix="ct-edge-bench-") as data_dir:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ct_edge.cli", "serve", "--bundle", bundle, "--port", "0",
-             "--data-dir", data_dir], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, env=child_env(), cwd=REPO)
-        try:
-            match = re.search(r"http://[0-9.]+:(\d+)", process.stdout.readline())
-            if not match:
-                raise RuntimeError("ct-edge serve did not start")
-            port = int(match.group(1))
-            idle = rss_mb(process.pid)[1]
-            answers: list[dict] = []
-            threads = [threading.Thread(target=lambda j=job: answers.append(
-                post_until_answered(port, *j))) for job in jobs]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            peak = rss_mb(process.pid)[1]
-        finally:
-            process.terminate()
-            process.wait(30)
+    with serve_process(bundle) as (process, _, port):
+        idle = rss_mb(process.pid)[1]
+        answers: list[dict] = []
+        threads = [threading.Thread(target=lambda j=job: answers.append(
+            post_until_answered(port, *j))) for job in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        peak = rss_mb(process.pid)[1]
     return {"bound_mb": MEMORY_BOUND_MB, "idle_peak_rss_mb": idle, "peak_rss_mb": peak,
             "within_bound": peak <= MEMORY_BOUND_MB, "png_bytes": len(png),
             "json_images": [near_limit, near_limit + 1], "answers": answers}

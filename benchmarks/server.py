@@ -24,7 +24,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -145,11 +146,13 @@ def _fit(classifier, image: bytes) -> np.ndarray:
     return fit(decode(image, classifier.spec), classifier.spec)
 
 
-def over_http(bundle: str, images: list[bytes], concurrency: int, seconds: float,
-              workers: int) -> dict:
+@contextmanager
+def serve_process(bundle: str, *options: str) -> Iterator[tuple[subprocess.Popen, str, int]]:
+    """`ct-edge serve` on a free loopback port with a throw-away store: (process, host, port);
+    stopped on exit. RuntimeError when it does not start."""
     with tempfile.TemporaryDirectory(prefix="ct-edge-bench-") as data_dir:
         command = [sys.executable, "-m", "ct_edge.cli", "serve", "--bundle", bundle, "--port", "0",
-                   "--data-dir", data_dir, "--workers", str(workers), "--queue", "64"]
+                   "--data-dir", data_dir, *options]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                    text=True, env=child_env(), cwd=REPO)
         try:
@@ -157,16 +160,21 @@ def over_http(bundle: str, images: list[bytes], concurrency: int, seconds: float
             match = re.search(r"http://([0-9.]+):(\d+)", line)
             if not match:
                 raise RuntimeError(f"ct-edge serve did not start: {line!r}")
-            host, port = match.group(1), int(match.group(2))
-            idle_rss = rss_mb(process.pid)[0]
-            call = poster(host, port, "/v1/classify", images)
-            run_clients(call, concurrency, min(2.0, seconds / 4))  # warm-up
-            result = run_clients(call, concurrency, seconds)
-            result["rss_mb"], result["peak_rss_mb"] = rss_mb(process.pid)
-            result["idle_rss_mb"] = idle_rss
+            yield process, match.group(1), int(match.group(2))
         finally:
             process.terminate()
             process.wait(30)
+
+
+def over_http(bundle: str, images: list[bytes], concurrency: int, seconds: float,
+              workers: int) -> dict:
+    with serve_process(bundle, "--workers", str(workers), "--queue", "64") as (process, host, port):
+        idle_rss = rss_mb(process.pid)[0]
+        call = poster(host, port, "/v1/classify", images)
+        run_clients(call, concurrency, min(2.0, seconds / 4))  # warm-up
+        result = run_clients(call, concurrency, seconds)
+        result["rss_mb"], result["peak_rss_mb"] = rss_mb(process.pid)
+        result["idle_rss_mb"] = idle_rss
     return result
 
 

@@ -51,7 +51,8 @@ def return_large_frees_to_the_system() -> bool:
     32 MiB), and later decode buffers then stay in each thread's heap after use: `ct-edge serve`
     under four concurrent largest uploads peaked at 387 MiB with the threshold moving, 217 MiB
     fixed at 1 MiB (benchmarks.serve_memory). For the long-running commands only (serve, listen):
-    it costs `classify` about 5 ms of page faults per large PNG.
+    it costs `classify` page faults on every large decode (a one-off measurement, not a benchmark:
+    about 5 ms more per 2,048² PNG).
     """
     import sys
 
