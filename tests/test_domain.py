@@ -360,3 +360,37 @@ def test_foreign_set_is_built_without_downloads(tmp_path: Path) -> None:
     assert {"blank-black.png", "noise-uniform.png", "text-page-0.png", "colour-bars.png"} <= \
         {p.name for p in rendered}
     assert all(p.stat().st_size > 0 for p in rendered)
+
+
+def test_gates_load_one_at_a_time_across_threads(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy parses .npy headers with ast.literal_eval, which CPython 3.11 cannot run in two
+    threads at once (python/cpython#106905: a SystemError in CI); a Classifier built per
+    thread must not."""
+    import ast
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    inside, most = 0, 0
+    count_lock = threading.Lock()
+    literal_eval = ast.literal_eval
+
+    def watched(text: str) -> object:
+        nonlocal inside, most
+        with count_lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.005)  # widen the window two unserialised loads would share
+        try:
+            return literal_eval(text)
+        finally:
+            with count_lock:
+                inside -= 1
+
+    bundle = Bundle.load(_gated_bundle(tmp_path / "bundle"))
+    monkeypatch.setattr(ast, "literal_eval", watched)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        gates = list(pool.map(lambda _: bundle.feature_gate(), range(16)))
+    assert all(gate is not None and gate.feature_dim == 4 for gate in gates)
+    assert most == 1, f"{most} threads parsed .npy headers at once"
