@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from ct_edge.bundle import MANIFEST, MAX_MANIFEST_BYTES
@@ -92,6 +93,15 @@ def keep_rejected(staged: Path, out: Path) -> Path:
     check_bundle_replaceable(rejected, REJECTED_NOTE)
     install(staged, rejected)
     return rejected
+
+
+def drop_rejected(out: Path) -> None:
+    """Remove `<out>.rejected` once a bundle was installed at `out`: a rejected bundle left from
+    an earlier run would be mistaken for this run's. Only an earlier bundle is removed."""
+    rejected = rejected_beside(out)
+    recover(rejected)
+    if rejected.is_dir() and not rejected.is_symlink() and is_earlier_bundle(rejected):
+        shutil.rmtree(rejected)
 
 
 def write_file(path: Path, data: bytes) -> None:

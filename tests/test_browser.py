@@ -225,3 +225,26 @@ def test_the_page_screenshot_tool_shows_every_upload(tiny_bundle: Path, syntheti
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] == 640 and 600 <= image.size[1] <= 800
         assert len(set(image.convert("L").getdata())) > 32  # a rendered page, not a blank one
+
+
+def test_the_page_warns_when_its_artifact_missed_parity(browser, tiny_bundle: Path,
+                                                        tmp_path: Path) -> None:
+    """serve warned on stderr only; whoever looks at the page must see it too."""
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    failed = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    manifest = json.loads((failed / "manifest.json").read_text())
+    entry = next(a for a in manifest["artifacts"] if a["name"] == manifest["default"])
+    entry["status"] = "failed"
+    (failed / "manifest.json").write_text(json.dumps(manifest))
+    for bundle, warned in ((tiny_bundle, False), (failed, True)):
+        with serving(bundle, tmp_path / f"data-{warned}") as url:
+            browser.get(url + "/")
+            wait_for(browser, lambda d: "classes:" in d.find_element(By.ID, "model").text)
+            warning = browser.find_element(By.ID, "parity-warning")
+            assert warning.is_displayed() == warned
+            if warned:
+                assert warning.text == (f"Warning: artifact {entry['name']!r} has parity status "
+                                        "'failed'; its answers may differ from the reference model")

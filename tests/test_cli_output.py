@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import FIXTURES, GOOD, error_lines, make_test_bundle, records, run
+from cli_helpers import FIXTURES, GOOD, console_script, error_lines, records, run, stored_results
 
 from ct_edge import DISCLAIMER
 from ct_edge.classifier import Prediction
@@ -22,35 +22,10 @@ from ct_edge.cli import common
 from ct_edge.cli.explain import folder_names
 from ct_edge.cli.output import TableWriter
 from ct_edge.inputs import expand_inputs
-from ct_edge.store import MIGRATIONS, Store
+from ct_edge.store import MIGRATIONS
 from ct_edge.store.schema import schema_version, stored_version, utc_now
 
 ESC_NAME = "red\x1b[31m.png"
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """test_cli's small real bundle (never modified)."""
-    return make_test_bundle(tmp_path_factory.mktemp("cli-output") / "bundle")
-
-
-def console_script() -> str:
-    script = Path(sys.executable).with_name("ct-edge")
-    if not script.exists():
-        pytest.skip("ct-edge console script not installed next to this interpreter")
-    return str(script)
-
-
-def stored_results(data_dir: Path, source: str = "scan.png", description: str = "") -> Path:
-    """A results store in `data_dir`: one answered row and, with `description`, one DICOM series."""
-    with Store(data_dir) as store:
-        store.add(source=source, origin="test", status="ok", label="Normal",
-                  probabilities={"COVID-19": 0.1, "Normal": 0.8, "Viral Pneumonia": 0.1})
-        if description:
-            store.add_dicom_instance(sop_instance_uid="1.2.3.1", study_uid="1.2", series_uid="1.2.3",
-                                     spool_path="x.dcm", nbytes=1, modality="CT",
-                                     description=description)
-    return data_dir
 
 
 def _closed_stderr() -> None:
@@ -96,6 +71,13 @@ def test_printable_escapes_what_a_terminal_would_act_on() -> None:
     assert common.printable("a\x1b[2Jb\nc\rd\x9b\u202ee\udcfe\x7f") == \
         "a\\x1b[2Jb\\nc\\rd\\x9b\\u202ee\\xfe\\x7f"
     assert common.printable("scan é 1.png") == "scan é 1.png"
+
+
+def test_json_lines_escape_what_a_terminal_would_act_on_and_read_back_the_same() -> None:
+    value = {"path": "a\x1b[2Jb\x9bc\u202ed\u2028e é.png", "n": [1, 2.5, None]}
+    line = common.json_line(value)
+    assert line.isprintable() and json.loads(line) == value
+    assert "\\u202e" in line and "\\u009b" in line and "é" in line  # readable, not all \\u
 
 
 def test_classify_escapes_control_characters_in_names(capsys, bundle: Path,
@@ -160,6 +142,9 @@ def test_results_tables_escape_stored_text(capsys, tmp_path: Path) -> None:
     _no_raw_controls(out, err)
     code, out, _ = run(capsys, "results", "--json", "--data-dir", data)
     assert records(out)[0]["source"] == f"upload {ESC_NAME}"  # JSON escapes it itself
+    _no_raw_controls(out)
+    code, out, _ = run(capsys, "results", "--series", "--json", "--data-dir", data)
+    assert "Chest\x1b]0;owned\x07 CT\u202e" in records(out)[0].values()  # C1, bidi: escaped too
     _no_raw_controls(out)
 
 

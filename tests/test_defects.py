@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import GOOD
 from PIL import Image
-from test_cli import GOOD, bundle  # noqa: F401  (the session bundle fixture)
 
 from ct_edge import cli
 from ct_edge import explain as explain_module
@@ -55,7 +55,7 @@ def test_window_limits_are_inclusive_and_sane() -> None:
 
 @pytest.mark.parametrize("command", ["classify", "explain", "batch"])
 @pytest.mark.parametrize("window", ["inf,0", "400,inf", "1e400,0"])
-def test_cli_window_infinite_is_a_usage_error(capsys, bundle: Path, tmp_path: Path,  # noqa: F811
+def test_cli_window_infinite_is_a_usage_error(capsys, bundle: Path, tmp_path: Path,
                                               command: str, window: str) -> None:
     extra = {"classify": [], "explain": ["--json"], "batch": ["--out", str(tmp_path / "out")]}
     code = cli.main([command, f"--window={window}", "--bundle", str(bundle), *extra[command],
@@ -75,7 +75,7 @@ def _blob_image(width: int, height: int, centre: tuple[int, int]) -> Image.Image
     return Image.fromarray(np.rint(40 + 200 * blob).astype(np.uint8), mode="L")
 
 
-def test_explain_peak_is_in_real_pixels_for_a_large_jpeg(bundle: Path, tmp_path: Path,  # noqa: F811
+def test_explain_peak_is_in_real_pixels_for_a_large_jpeg(bundle: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # The heat is the model input itself, so the peak is where the blob is.
     monkeypatch.setattr(explain_module, "occlusion_heatmap", lambda c, x, i: x[:, :, 0].copy())
@@ -125,7 +125,7 @@ def test_the_pixel_limit_covers_the_largest_detectors_only() -> None:
 @pytest.mark.parametrize("kind", ["png-16bit", "dicom-ct",  # the two largest peaks
                                   pytest.param("png-rgba", marks=pytest.mark.slow)])
 def test_peak_rss_of_the_largest_accepted_input_is_within_the_bound(
-        bundle: Path, tmp_path: Path, kind: str) -> None:  # noqa: F811
+        bundle: Path, tmp_path: Path, kind: str) -> None:
     from benchmarks.memory import artifact_memory, limit_input
 
     image = limit_input(tmp_path, kind)
@@ -145,7 +145,7 @@ def _expected_mode() -> int:
     return 0o666 & ~umask
 
 
-def test_saved_heatmap_is_readable_by_others(bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_saved_heatmap_is_readable_by_others(bundle: Path, tmp_path: Path) -> None:
     e = explain_module.explain(Classifier.from_bundle(bundle), GOOD[0], method="occlusion")
     path = explain_module.save(e, tmp_path / "heat.png")
     assert stat.S_IMODE(path.stat().st_mode) == _expected_mode()
@@ -164,7 +164,7 @@ def test_training_and_convert_outputs_are_readable_by_others(tiny_model: Path,
 # --- bundle errors on a device say what to do there (a device has no Makefile) ---------------
 
 
-def test_a_tampered_bundle_says_what_to_do_on_a_device(bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_tampered_bundle_says_what_to_do_on_a_device(bundle: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
     model = next(copy.glob("*.tflite"))
     model.write_bytes(model.read_bytes()[:-1] + b"\0")
@@ -186,7 +186,7 @@ def test_no_runtime_message_sends_a_device_user_to_make() -> None:
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def test_explain_several_inputs_with_a_png_output_is_a_usage_error(capsys, bundle: Path,  # noqa: F811
+def test_explain_several_inputs_with_a_png_output_is_a_usage_error(capsys, bundle: Path,
                                                                    tmp_path: Path) -> None:
     target = tmp_path / "two.png"
     code = cli.main(["explain", "--bundle", str(bundle), str(GOOD[0]), str(GOOD[1]),
@@ -197,7 +197,7 @@ def test_explain_several_inputs_with_a_png_output_is_a_usage_error(capsys, bundl
 
 
 @pytest.mark.parametrize("command", ["classify", "explain"])
-def test_an_empty_path_is_named_as_empty(capsys, bundle: Path, command: str) -> None:  # noqa: F811
+def test_an_empty_path_is_named_as_empty(capsys, bundle: Path, command: str) -> None:
     code = cli.main([command, "--json", "--bundle", str(bundle), ""])
     _, err = capsys.readouterr()
     assert code == 1
@@ -206,7 +206,7 @@ def test_an_empty_path_is_named_as_empty(capsys, bundle: Path, command: str) -> 
 
 
 def test_batch_reports_missing_and_empty_paths_without_starting_ray(
-        bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("pyarrow", reason="ct-edge batch needs the [ray] extra")
     from ct_edge import batch
 
@@ -234,7 +234,7 @@ def _error_and_ok_part(out: Path, bundle_dir: Path):
 
 
 def test_batch_error_rows_are_not_done_and_are_dropped_before_a_retry(
-        bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+        bundle: Path, tmp_path: Path) -> None:
     pytest.importorskip("pyarrow", reason="ct-edge batch needs the [ray] extra")
     from ct_edge.batch import parts
 
@@ -245,7 +245,7 @@ def test_batch_error_rows_are_not_done_and_are_dropped_before_a_retry(
 
 
 @pytest.mark.ray
-def test_batch_rerun_retries_a_file_fixed_after_an_error(bundle: Path,  # noqa: F811
+def test_batch_rerun_retries_a_file_fixed_after_an_error(bundle: Path,
                                                          tmp_path: Path) -> None:
     pytest.importorskip("ray")
     from ct_edge import batch
@@ -279,7 +279,7 @@ def test_docs_and_code_agree_that_bmp_and_tiff_are_refused(fmt: str) -> None:
     assert "decoded when named explicitly" not in text
 
 
-def test_explain_json_example_in_the_docs_has_todays_fields(capsys, bundle: Path) -> None:  # noqa: F811
+def test_explain_json_example_in_the_docs_has_todays_fields(capsys, bundle: Path) -> None:
     example = next(line for line in (DOCS / "explain.md").read_text().splitlines()
                    if line.startswith('{"path"'))
     assert cli.main(["explain", "--json", "-q", "--bundle", str(bundle), str(GOOD[0])]) == 0

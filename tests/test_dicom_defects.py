@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import GOOD
 from PIL import Image
-from test_cli import GOOD, bundle  # noqa: F401  (the session bundle fixture)
 
 from ct_edge.classifier import CHECK_OFF, NO_GATE, Classifier
 from ct_edge.dicom import DicomError, DicomInfo, read_dicom
@@ -91,7 +91,7 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["rgb", "jpeg-ybr"])
-def test_colour_dicom_is_out_of_domain_from_its_header_alone(bundle: Path, tmp_path: Path,  # noqa: F811
+def test_colour_dicom_is_out_of_domain_from_its_header_alone(bundle: Path, tmp_path: Path,
                                                              decodes: list[str], kind: str) -> None:
     path = tmp_path / f"{kind}.dcm"
     if kind == "rgb":
@@ -105,7 +105,7 @@ def test_colour_dicom_is_out_of_domain_from_its_header_alone(bundle: Path, tmp_p
     assert decodes == [] and list(p.timings_ms) == ["decode"]  # header only: no pixel decoded
 
 
-def test_peak_rss_of_a_small_jpeg_colour_dicom_is_within_the_bound(bundle: Path,  # noqa: F811
+def test_peak_rss_of_a_small_jpeg_colour_dicom_is_within_the_bound(bundle: Path,
                                                                    tmp_path: Path) -> None:
     from benchmarks.proc import run_child
 
@@ -152,7 +152,7 @@ def test_colour_is_converted_to_luminance_in_strips_exactly(tmp_path: Path) -> N
 # --- 2. three samples are colour whatever PhotometricInterpretation says ----------------------
 
 
-def test_three_samples_labelled_monochrome_are_colour(bundle: Path, tmp_path: Path,  # noqa: F811
+def test_three_samples_labelled_monochrome_are_colour(bundle: Path, tmp_path: Path,
                                                       decodes: list[str]) -> None:
     expected = "colour image (3 samples per pixel, labelled MONOCHROME2); this bundle accepts "
     assert metadata_reason(DicomInfo(photometric="MONOCHROME2", samples=3), "xray") \
@@ -166,7 +166,7 @@ def test_three_samples_labelled_monochrome_are_colour(bundle: Path, tmp_path: Pa
     assert decodes == []
 
 
-def test_a_decoded_colour_axis_is_colour(bundle: Path, tmp_path: Path,  # noqa: F811
+def test_a_decoded_colour_axis_is_colour(bundle: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import pydicom.pixels
 
@@ -191,7 +191,7 @@ def _png_bytes() -> bytes:
     (b"patient list\nnot an image\n" * 20, "not a PNG, JPEG or DICOM image"),
     (_png_bytes(), "not a DICOM file but a PNG image; rename it to .png"),
 ], ids=["text", "png"])
-def test_a_non_dicom_file_named_dcm_is_an_input_error(bundle: Path, tmp_path: Path,  # noqa: F811
+def test_a_non_dicom_file_named_dcm_is_an_input_error(bundle: Path, tmp_path: Path,
                                                       content: bytes, problem: str) -> None:
     path = tmp_path / "scan.dcm"
     path.write_bytes(content)
@@ -203,7 +203,7 @@ def test_a_non_dicom_file_named_dcm_is_an_input_error(bundle: Path, tmp_path: Pa
     assert (p.status, p.error) == (None, problem)
 
 
-def test_a_dicom_without_preamble_or_pixels_is_still_dicom(bundle: Path,  # noqa: F811
+def test_a_dicom_without_preamble_or_pixels_is_still_dicom(bundle: Path,
                                                            tmp_path: Path) -> None:
     from test_preprocess import make_dicom
 
@@ -216,7 +216,7 @@ def test_a_dicom_without_preamble_or_pixels_is_still_dicom(bundle: Path,  # noqa
 # --- 4. a bundle without a domain gate never answers "ok" -------------------------------------
 
 
-def test_a_bundle_without_gate_answers_uncertain_and_says_why(bundle: Path) -> None:  # noqa: F811
+def test_a_bundle_without_gate_answers_uncertain_and_says_why(bundle: Path) -> None:
     classifier = Classifier.from_bundle(bundle)
     assert classifier.gate is None  # the test bundle records no domain statistics
     noise = np.random.default_rng(0).integers(0, 256, (96, 96), dtype=np.uint8)
@@ -230,7 +230,7 @@ def test_a_bundle_without_gate_answers_uncertain_and_says_why(bundle: Path) -> N
     assert classifier.decide(confident) == (classifier.labels[0], "uncertain", NO_GATE)
 
 
-def test_no_domain_check_and_a_gate_keep_their_own_marks(bundle: Path) -> None:  # noqa: F811
+def test_no_domain_check_and_a_gate_keep_their_own_marks(bundle: Path) -> None:
     confident = np.array([0.98, 0.01, 0.01], np.float32)
     forced = Classifier.from_bundle(bundle, domain_check=False)
     assert forced.decide(confident) == (forced.labels[0], "ok", CHECK_OFF)
@@ -243,7 +243,7 @@ def test_no_domain_check_and_a_gate_keep_their_own_marks(bundle: Path) -> None: 
 # --- 5. pydicom's warnings stay off stderr ------------------------------------------------------
 
 
-def test_pydicom_warnings_do_not_reach_stderr(bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_pydicom_warnings_do_not_reach_stderr(bundle: Path, tmp_path: Path) -> None:
     # Pixel data with excess padding: pydicom warns while decoding it. Two files, so the
     # decoding threads run.
     padded = np.zeros((16, 16), np.uint16).tobytes() + bytes(128)

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
-from test_cli import bundle  # noqa: F401  (the session bundle fixture)
 
 from ct_edge import inputs
 from ct_edge.errors import InputError
@@ -219,7 +218,7 @@ def test_large_inputs_are_not_decoded_together_and_small_ones_are(
 
 
 def test_peak_rss_of_two_largest_inputs_in_one_run_is_within_the_bound(
-        bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+        bundle: Path, tmp_path: Path) -> None:
     from benchmarks.memory import limit_input
     from benchmarks.proc import run_child
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from listen_helpers import FIXTURES, receive, recorded_as, rewrite
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
-from test_listen import FIXTURES, receive, recorded_as, rewrite
 
 from ct_edge.classifier import Classifier
 from ct_edge.dicom_node import Node, NodeConfig

@@ -1,6 +1,6 @@
 """The one preprocessing function: every supported format, DICOM handling and every bad input.
 
-The bad-input makers here (`BAD_INPUTS`, `make_dicom`) are reused by test_cli.py, which checks
+The bad-input makers here (`BAD_INPUTS`, `make_dicom`) are reused by test_cli_inputs.py, which checks
 the same files give one stderr line and exit 1 from the CLI.
 """
 

@@ -51,7 +51,7 @@ def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def runtime_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_cli import make_test_bundle
+    from bundle_helpers import make_test_bundle
 
     return make_test_bundle(tmp_path_factory.mktemp("runtime-env-bundle") / "bundle")
 

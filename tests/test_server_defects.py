@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_server import PNG, TOKEN, Running, raw_exchange, serving
+from server_helpers import PNG, TOKEN, Running, raw_exchange, serving
 
 from ct_edge.classifier import Classifier, Prediction
 from ct_edge.preprocess import preprocess

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_server import PNG, infer_request, serving
+from server_helpers import PNG, infer_request, serving
 
 from ct_edge import limits
 from ct_edge.budget import ByteBudget, Hold, try_hold

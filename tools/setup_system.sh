@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the tests need beyond Python (Debian): idempotent, quiet when all are present.
 #   chromium, chromium-driver: the page's browser test (tests/test_browser.py, Selenium)
-#   dcmtk: DCMTK's storescu/echoscu/storescp, the second DICOM sender of tests/test_listen.py
+#   dcmtk: DCMTK's storescu/echoscu/storescp, the second DICOM sender of tests/test_listen_*.py
 #          and the plain receiver of benchmarks/listen.py
 # Run as root (CI is) or with sudo; a package already installed is not fetched again.
 set -euo pipefail

@@ -144,12 +144,17 @@ class BatchResult:
     def summary(self) -> str:
         if self.rows == 0:
             return (f"batch: nothing to score: all {self.inputs} inputs already scored; "
-                    f"{self.total_rows} rows in {self.out}")
-        return (f"batch: {self.rows} rows, {self.errors} errors, {self.seconds:.1f} s, "
-                f"{self.images_per_second:.1f} images/s on {self.actors} "
-                f"actor{'' if self.actors == 1 else 's'} "
-                f"(+{self.startup_seconds:.1f} s Ray start-up); {self.skipped} already scored; "
-                f"{self.total_rows} rows in {self.out}")
+                    f"{counted(self.total_rows, 'row')} in {self.out}")
+        where = (f"on {counted(self.actors, 'actor')} (+{self.startup_seconds:.1f} s Ray start-up)"
+                 if self.actors else "no actor needed (no input could be read)")
+        return (f"batch: {counted(self.rows, 'row')}, {counted(self.errors, 'error')}, "
+                f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s {where}; "
+                f"{self.skipped} already scored; {counted(self.total_rows, 'row')} in {self.out}")
+
+
+def counted(number: int, noun: str) -> str:
+    """'1 row', '2 rows', '0 rows'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def local_cpus(actors: int | None, threads: int) -> int:
@@ -163,8 +168,8 @@ def pool_warning(actors: int, threads: int, cpus: int) -> str | None:
     need = actors * threads
     if not cpus or need <= cpus:
         return None
-    return (f"{actors} actor{'' if actors == 1 else 's'} x {threads} "
-            f"thread{'' if threads == 1 else 's'} need {need} CPUs and the cluster has {cpus}: "
+    return (f"{counted(actors, 'actor')} x {counted(threads, 'thread')} need {need} CPUs and "
+            f"the cluster has {cpus}: "
             f"the job waits up to {ACTOR_START_TIMEOUT_S // 60} minutes for the cluster to grow "
             "(an autoscaler), then fails; use fewer --actors or --threads")
 

@@ -103,6 +103,16 @@ def escaped(char: str) -> str:
     return char.encode("unicode_escape").decode("ascii")
 
 
+def json_line(value: object) -> str:
+    """`value` as one line of JSON, readable (UTF-8, not `\\u` everywhere) yet safe on a terminal:
+    every character that is not printable (C1 controls, bidi overrides, U+2028) as its `\\u`
+    escape, which any JSON reader turns back into the same text."""
+    import json
+
+    text = json.dumps(value, ensure_ascii=False)
+    return "".join(char if char.isprintable() else json.dumps(char)[1:-1] for char in text)
+
+
 def error(message: str) -> None:
     """One `error: ...` line on stderr: whitespace folded, so a message is always one line, and
     the rest made `printable` (pass paths through `printable` first, so a newline in a name is

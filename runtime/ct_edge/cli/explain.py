@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -18,6 +17,7 @@ from .common import (
     EXIT_USAGE,
     RAW,
     error,
+    json_line,
     native_info_silenced,
     positive_int,
     printable,
@@ -160,7 +160,7 @@ def print_record(record: dict[str, Any]) -> None:
     for key in ("path", "output"):
         if record.get(key) is not None:
             record[key] = display_path(record[key])
-    print(json.dumps(record, ensure_ascii=False), flush=True)
+    print(json_line(record), flush=True)
 
 
 def explain_outputs(paths: list[str], output: str | None) -> list[str | None] | str:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import DISCLAIMER
 from ..errors import REBUILD_BUNDLE
-from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error
+from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error, json_line
 
 if TYPE_CHECKING:
     from ..bundle import Artifact, Bundle
@@ -37,7 +37,6 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
 
     from ..bundle import Bundle
     from ..errors import BundleError
@@ -52,10 +51,9 @@ def run(args: argparse.Namespace) -> int:
         found[gate_file] = check_gate(bundle)
     checks = {name: short_check(found[name]) for name in bundle.artifacts}
     if args.json:
-        print(json.dumps({"path": str(bundle.root), "manifest": bundle.manifest, "checks": checks,
-                          "domain_gate": short_check(found[gate_file]) if gate_file else None,
-                          "problems": {name: why for name, why in found.items() if why != "ok"}},
-                         ensure_ascii=False))
+        print(json_line({"path": str(bundle.root), "manifest": bundle.manifest, "checks": checks,
+                         "domain_gate": short_check(found[gate_file]) if gate_file else None,
+                         "problems": {name: why for name, why in found.items() if why != "ok"}}))
     else:
         try:
             text = render_info(bundle, checks, found.get(gate_file or ""))

@@ -5,13 +5,12 @@ Every format carries the same `status` ("ok", "uncertain", "out_of_domain") and 
 
 from __future__ import annotations
 
-import json
 import shutil
 from typing import IO, TYPE_CHECKING
 
 from .. import DISCLAIMER, STATUS_WORDS
 from ..inputs import display_path
-from .common import isatty, printable
+from .common import isatty, json_line, printable
 
 if TYPE_CHECKING:
     from ..classifier import Prediction
@@ -38,7 +37,7 @@ class JsonWriter(Writer):
 
     def row(self, prediction: Prediction) -> None:
         record = {**prediction.to_dict(self.top_k), "path": display_path(prediction.path)}
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.write(json_line(record) + "\n")
         self.stream.flush()
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import DISCLAIMER
 from .. import STATUS_WORDS as BY_STATUS
-from .common import EXIT_OK, EXIT_USAGE, RAW, error, positive_int, printable
+from .common import EXIT_OK, EXIT_USAGE, RAW, error, json_line, positive_int, printable
 
 STATUS_WORDS = {**BY_STATUS, None: "unreadable"}
 EXAMPLES = """\
@@ -54,7 +54,6 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from ..store import DB_NAME, Store, default_data_dir
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             total = store.count(status=args.status, label=args.label)
     if args.json:
         for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
+            print(json_line(row))
     else:
         print(render_series(rows) if args.series else render_results(rows, total))
     print(DISCLAIMER, file=sys.stderr if args.json else sys.stdout)  # JSON stays pure

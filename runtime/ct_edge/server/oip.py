@@ -62,6 +62,7 @@ def model_metadata(service: Service) -> dict[str, Any]:
             {"name": "reason", "datatype": "BYTES", "shape": [-1]},
         ],
         "parameters": {"labels": labels, **service.identity.to_dict(),
+                       "parity_warning": classifier.artifact.parity_warning,
                        "uncertain_below": classifier.bundle.uncertain_below,
                        "disclaimer": DISCLAIMER},
     }

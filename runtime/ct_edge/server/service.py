@@ -85,16 +85,19 @@ def sniff(data: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class Identity:
-    """What answered: the bundle (sha256 of its manifest) and the artifact that ran."""
+    """What answered: the bundle (sha256 of its manifest), the artifact that ran and its parity
+    status (anything but "passed" means its answers may differ from the reference model)."""
 
     bundle_sha256: str
     artifact: str
     artifact_sha256: str
     artifact_format: str
+    artifact_parity: str
 
     def to_dict(self) -> dict[str, str]:
         return {"bundle_sha256": self.bundle_sha256, "artifact": self.artifact,
-                "artifact_sha256": self.artifact_sha256, "artifact_format": self.artifact_format}
+                "artifact_sha256": self.artifact_sha256, "artifact_format": self.artifact_format,
+                "artifact_parity": self.artifact_parity}
 
 
 def overlay_png(image: np.ndarray, heatmap: np.ndarray, side: int = HEATMAP_SIDE) -> bytes:
@@ -123,8 +126,9 @@ class Service:
         self.store = store
         self.timeout_s = timeout_s
         self.capacity = workers + queue_size
-        self.identity = Identity(classifier.bundle.manifest_sha256, classifier.artifact.name,
-                                 classifier.artifact.sha256, classifier.artifact.format)
+        artifact = classifier.artifact
+        self.identity = Identity(classifier.bundle.manifest_sha256, artifact.name, artifact.sha256,
+                                 artifact.format, artifact.status)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="ct-edge-worker")
         self._slots = threading.BoundedSemaphore(self.capacity)
         self._pending = 0

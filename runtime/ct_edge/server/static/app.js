@@ -333,6 +333,9 @@ async function loadModel() {
   labels = meta.parameters.labels;
   document.getElementById("model").textContent = "Model: " + meta.parameters.artifact +
     " (bundle " + meta.parameters.bundle_sha256.slice(0, 12) + "); classes: " + labels.join(", ");
+  const warning = document.getElementById("parity-warning");
+  warning.textContent = meta.parameters.parity_warning ? "Warning: " + meta.parameters.parity_warning : "";
+  warning.hidden = !meta.parameters.parity_warning;
   return true;
 }
 
