@@ -181,8 +181,8 @@ def convert_model(model: Path, out: Path, data: Path | None = None,
     except BaseException:
         discard(staged)
         raise
-    if rejected is None:
-        staging.drop_rejected(out)
+    if rejected is None and (line := staging.drop_rejected(out)) is not None:
+        log(line)
     reasons = gate_reasons(build.outcomes)
     if rejected is not None:
         raise BundleRejected([*reasons, f"nothing installed: {shown_out} was left as it was; the "

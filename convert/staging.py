@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -95,13 +96,30 @@ def keep_rejected(staged: Path, out: Path) -> Path:
     return rejected
 
 
-def drop_rejected(out: Path) -> None:
+def drop_rejected(out: Path) -> str | None:
     """Remove `<out>.rejected` once a bundle was installed at `out`: a rejected bundle left from
-    an earlier run would be mistaken for this run's. Only an earlier bundle is removed."""
+    an earlier run would be taken for this run's. Only a rejected bundle convert wrote (no
+    default) goes, renamed out of the way first so a failed or killed removal leaves no half
+    bundle under that name (`recover` finishes it). Returns the line to log, if any."""
     rejected = rejected_beside(out)
-    recover(rejected)
-    if rejected.is_dir() and not rejected.is_symlink() and is_earlier_bundle(rejected):
-        shutil.rmtree(rejected)
+    try:
+        recover(rejected)
+        if not (rejected.is_dir() and not rejected.is_symlink() and is_earlier_bundle(rejected)
+                and _is_rejected(rejected / MANIFEST)):
+            return None
+        doomed = rejected.with_name(f".{rejected.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(rejected, doomed)
+    except OSError as exc:
+        return f"warning: could not remove the stale {rejected} ({exc.strerror or exc})"
+    shutil.rmtree(doomed, ignore_errors=True)
+    return f"removed {rejected}: an earlier run's rejected bundle"
+
+
+def _is_rejected(manifest: Path) -> bool:
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("default") is None
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
 
 
 def write_file(path: Path, data: bytes) -> None:

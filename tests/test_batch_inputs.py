@@ -72,7 +72,7 @@ def test_inputs_that_could_not_be_read_exit_1_with_their_lines(bundle_artifact, 
     assert code == 1
     assert f"error: {pattern}: no files match this pattern" in captured.err.splitlines()
     assert captured.out.startswith("batch: 1 row, 1 error, ")
-    assert "no actor needed (no input could be read)" in captured.out
+    assert "no actor started (no input could be read)" in captured.out
 
 
 def test_classify_and_help_never_import_ray(bundle_artifact) -> None:

@@ -103,3 +103,18 @@ def test_actors_honour_no_domain_check(bundle_artifact, tmp_path) -> None:
     assert row["status"] == "out_of_domain" and row["label"] is None
     (row,) = forced.score([str(noise)])
     assert row["label"] in payload.labels and "domain check off" in row["reason"]
+
+
+def test_the_summary_counts_in_words() -> None:
+    def result(**fields: object) -> batch.BatchResult:
+        base = dict(out=Path("res"), inputs=1, skipped=0, rows=1, errors=0, parts=1, seconds=2.0,
+                    startup_seconds=0.5, actors=1, total_rows=1, complete=True)
+        return batch.BatchResult(**{**base, **fields})
+
+    assert result().summary() == ("batch: 1 row, 0 errors, 2.0 s, 0.5 images/s on 1 actor "
+                                  "(+0.5 s Ray start-up); 0 already scored; 1 row in res")
+    assert result(rows=0, skipped=1).summary() == (
+        "batch: nothing to score: all 1 input already scored; 1 row in res")
+    assert result(rows=2, errors=2, actors=0, total_rows=2).summary() == (
+        "batch: 2 rows, 2 errors, no actor started (no input could be read); 0 already scored; "
+        "2 rows in res")

@@ -240,6 +240,14 @@ def test_info_json_is_one_line_and_info_has_the_disclaimer(capsys, bundle: Path)
     assert code == 0 and out.splitlines()[-1] == DISCLAIMER and err == ""
 
 
+def test_info_json_spells_a_non_utf8_bundle_path_as_classify_does(capsys, bundle: Path,
+                                                                   tmp_path: Path) -> None:
+    odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"bund\xfe"))
+    shutil.copytree(bundle, odd)
+    code, out, _ = run(capsys, "info", "--json", "--bundle", odd)
+    assert code == 0 and json.loads(out)["path"] == f"{tmp_path}/bund\\xfe"
+
+
 @pytest.mark.parametrize("command", ["classify", "explain", "info", "results"])
 def test_help_is_printable_text(capsys, command: str) -> None:
     code, out, _ = run(capsys, command, "--help")

@@ -5,6 +5,7 @@ thresholds themselves."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -112,9 +113,39 @@ def test_every_artifact_failing_keeps_the_old_bundle_and_the_new_one_beside_it(
     # A later run that installs a bundle removes the stale rejected one: it was not this run's.
     from convert.formats import FORMATS
 
-    convert_model(easy_model, out, table=FORMATS[:1], log=None)
+    lines: list[str] = []
+    convert_model(easy_model, out, table=FORMATS[:1], log=lines.append)
     assert Bundle.load(out).select().name == FORMATS[0].name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert f"removed {rejected}: an earlier run's rejected bundle" in lines
+
+
+def test_a_stale_rejected_bundle_that_cannot_be_removed_is_a_warning(
+        converted, easy_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new bundle is installed by then: a failed removal must not turn into an error."""
+    from convert.formats import FORMATS
+    from convert.pipeline import convert_model
+
+    out, rejected = tmp_path / "b", tmp_path / "b.rejected"
+    shutil.copytree(converted[0], rejected)
+    manifest = json.loads((rejected / "manifest.json").read_text())
+    manifest["default"] = None
+    (rejected / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(rejected)
+
+    rename = os.rename
+
+    def refuse_for_rejected(source: str | Path, target: str | Path) -> None:
+        if Path(source) == rejected:
+            raise PermissionError(1, "Operation not permitted")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", refuse_for_rejected)
+    lines: list[str] = []
+    convert_model(easy_model, out, table=FORMATS[:1], log=lines.append)
+    assert Bundle.load(out).select().name == FORMATS[0].name
+    assert f"warning: could not remove the stale {rejected} (Operation not permitted)" in lines
+    assert snapshot(rejected) == before
 
 
 def test_a_folder_of_another_kind_where_the_rejected_bundle_goes_is_refused_first(

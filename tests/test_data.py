@@ -170,6 +170,28 @@ def test_cache_returns_the_same_array_without_decoding_again(tmp_path: Path) -> 
     assert len(list((tmp_path / "cache" / spec.fingerprint()).glob("*.npy"))) == 6
 
 
+def test_cached_arrays_load_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_arrays reads the cache in threads; np.load must not run in two at once (CPython
+    before 3.11.8: "AST constructor recursion depth mismatch", python/cpython#106905)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from thread_helpers import watch_header_parses
+
+    root = _folder(tmp_path, per_class=4)
+    samples = data.scan_split(root / "train")
+    spec = PreprocessSpec(size=32)
+    first, _, _ = data.load_arrays(samples, spec, tmp_path / "cache")
+    most_at_once = watch_header_parses(monkeypatch)
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 4)  # threads even on a one-core runner
+    with ThreadPoolExecutor(max_workers=2) as pool:  # and two loads side by side
+        runs = list(pool.map(lambda _: data.load_arrays(samples, spec, tmp_path / "cache"),
+                             range(2)))
+    for again, _, skipped in runs:
+        assert not skipped
+        np.testing.assert_array_equal(again, first)
+    assert most_at_once() == 1, f"{most_at_once()} threads parsed .npy headers at once"
+
+
 @pytest.mark.parametrize("damage", [
     lambda path: path.write_bytes(path.read_bytes()[:90]),  # truncated in the header
     lambda path: path.write_bytes(path.read_bytes()[:-100]),  # truncated in the data

@@ -364,33 +364,15 @@ def test_foreign_set_is_built_without_downloads(tmp_path: Path) -> None:
 
 def test_gates_load_one_at_a_time_across_threads(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """numpy parses .npy headers with ast.literal_eval, which CPython 3.11 cannot run in two
-    threads at once (python/cpython#106905: a SystemError in CI); a Classifier built per
-    thread must not."""
-    import ast
-    import threading
-    import time
+    """numpy parses .npy headers with ast.literal_eval, which CPython before 3.11.8 cannot run in
+    two threads at once (a SystemError in CI); a Classifier built per thread must not."""
     from concurrent.futures import ThreadPoolExecutor
 
-    inside, most = 0, 0
-    count_lock = threading.Lock()
-    literal_eval = ast.literal_eval
-
-    def watched(text: str) -> object:
-        nonlocal inside, most
-        with count_lock:
-            inside += 1
-            most = max(most, inside)
-        time.sleep(0.005)  # widen the window two unserialised loads would share
-        try:
-            return literal_eval(text)
-        finally:
-            with count_lock:
-                inside -= 1
+    from thread_helpers import watch_header_parses
 
     bundle = Bundle.load(_gated_bundle(tmp_path / "bundle"))
-    monkeypatch.setattr(ast, "literal_eval", watched)
+    most_at_once = watch_header_parses(monkeypatch)
     with ThreadPoolExecutor(max_workers=8) as pool:
         gates = list(pool.map(lambda _: bundle.feature_gate(), range(16)))
     assert all(gate is not None and gate.feature_dim == 4 for gate in gates)
-    assert most == 1, f"{most} threads parsed .npy headers at once"
+    assert most_at_once() == 1, f"{most_at_once()} threads parsed .npy headers at once"

@@ -72,6 +72,19 @@ def test_metadata_and_metrics_name_an_artifact_that_missed_parity(tiny_bundle: P
     assert 'artifact_parity="failed"' in info
 
 
+def test_metrics_answer_when_the_manifest_holds_a_lone_surrogate(tiny_bundle: Path,
+                                                                 tmp_path: Path) -> None:
+    """A valid JSON escape (\\ud800) in a status loads; /metrics must not turn it into a 500."""
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    next(a for a in manifest["artifacts"] if a["name"] == manifest["default"])["status"] = \
+        "failed\ud800"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))  # ASCII: the escape is kept
+    with serving(Classifier.from_bundle(bundle), tmp_path / "data") as api:
+        status, _, body = api.request("GET", "/metrics")
+    assert status == 200 and 'artifact_parity="failed\\ud800"' in body.decode()
+
+
 # --- OIP v2 infer ---------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ct_edge import IMAGE_SUFFIXES, LABELS
 from ct_edge.errors import CtEdgeError, InputError
-from ct_edge.files import create_temp
+from ct_edge.files import NUMPY_LOAD_LOCK, create_temp
 from ct_edge.preprocess import PreprocessSpec, preprocess
 
 DEFAULT_CACHE = Path("artifacts") / "cache"
@@ -267,7 +267,8 @@ def _read_cached(cached: Path, spec: PreprocessSpec) -> np.ndarray | None:
     """The cached array, or None (the entry removed) when it is unreadable or not this spec's:
     a killed or full-disk write, or a damaged disk, must cost a decode, not the run."""
     try:
-        x = np.load(cached)
+        with NUMPY_LOAD_LOCK:  # loads run in threads (`load_arrays`)
+            x = np.load(cached)
     except (OSError, ValueError, EOFError):  # truncated, garbled or unreadable .npy
         x = None
     if (isinstance(x, np.ndarray) and x.dtype == np.float32

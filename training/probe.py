@@ -26,6 +26,7 @@ import numpy as np
 
 from ct_edge import LABELS
 from ct_edge.errors import CtEdgeError
+from ct_edge.files import NUMPY_LOAD_LOCK
 from ct_edge.preprocess import PreprocessSpec
 
 from . import data as data_mod
@@ -72,7 +73,8 @@ def load_or_extract(root: Path, size: int, out: Path,
     spec = PreprocessSpec(size=size)
     path = out / f"features-{size}.npz"
     if path.is_file():
-        stored = dict(np.load(path))
+        with NUMPY_LOAD_LOCK:
+            stored = dict(np.load(path))
         kept = set(stored["sha256"].tolist())
         readable = [s for s in samples if s.sha256 in kept]
         if (stored["fingerprint"].item() == spec.fingerprint()

@@ -17,7 +17,6 @@ Methods (docs/domain.md compares them on real and synthetic data):
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import BundleError
+from .files import NUMPY_LOAD_LOCK
 
 if TYPE_CHECKING:
     from .dicom import DicomInfo
@@ -248,17 +248,10 @@ def gate_entry(section: dict, where: Path) -> GateEntry:
     return entry
 
 
-# np.load parses each array header with ast.literal_eval, and CPython 3.11 keeps the AST
-# constructor's recursion depth per interpreter, not per thread: two threads loading at once can
-# fail with "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905), as a
-# Classifier built per thread did in CI. Loading is rare and small, so it is done one at a time.
-NPZ_LOAD_LOCK = threading.Lock()
-
-
 def gate_from_npz(entry: GateEntry, data: bytes, path: Path) -> FeatureGate:
     """The gate from the statistics file's verified bytes (read from `path`, named in errors)."""
     try:
-        with NPZ_LOAD_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        with NUMPY_LOAD_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, EOFError) as exc:
         raise BundleError(f"{path}: unreadable domain statistics ({exc})") from None

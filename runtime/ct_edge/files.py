@@ -2,7 +2,7 @@
 
 `tempfile.mkstemp` creates its file 0600, and the rename keeps that: heatmaps, models and reports
 written that way were unreadable to anyone else. Here the temp file is created 0666 less the
-process umask, like any file `open(path, "w")` creates.
+process umask, like any file `open(path, "w")` creates. Also the one lock numpy loads take.
 """
 
 from __future__ import annotations
@@ -10,7 +10,15 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import threading
 from pathlib import Path
+
+# np.load parses each .npy header with ast.literal_eval, and CPython before 3.11.8 keeps the AST
+# constructor's recursion depth per interpreter, not per thread: two threads loading at once can
+# fail with "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905; it
+# failed CI here, Classifiers built in several threads). Every np.load of the runtime and of
+# training holds this lock; the files are small, so one at a time costs little.
+NUMPY_LOAD_LOCK = threading.Lock()
 
 
 def create_temp(folder: str | Path, prefix: str = ".", suffix: str = ".tmp") -> tuple[int, Path]:

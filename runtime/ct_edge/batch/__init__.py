@@ -143,12 +143,15 @@ class BatchResult:
 
     def summary(self) -> str:
         if self.rows == 0:
-            return (f"batch: nothing to score: all {self.inputs} inputs already scored; "
-                    f"{counted(self.total_rows, 'row')} in {self.out}")
-        where = (f"on {counted(self.actors, 'actor')} (+{self.startup_seconds:.1f} s Ray start-up)"
-                 if self.actors else "no actor needed (no input could be read)")
-        return (f"batch: {counted(self.rows, 'row')}, {counted(self.errors, 'error')}, "
-                f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s {where}; "
+            return (f"batch: nothing to score: all {counted(self.inputs, 'input')} already "
+                    f"scored; {counted(self.total_rows, 'row')} in {self.out}")
+        if self.actors == 0:  # every new row is an error found before Ray was needed
+            scored = "no actor started (no input could be read)"
+        else:
+            scored = (f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s on "
+                      f"{counted(self.actors, 'actor')} (+{self.startup_seconds:.1f} s Ray "
+                      "start-up)")
+        return (f"batch: {counted(self.rows, 'row')}, {counted(self.errors, 'error')}, {scored}; "
                 f"{self.skipped} already scored; {counted(self.total_rows, 'row')} in {self.out}")
 
 

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bundle import Bundle
     from ..errors import BundleError
+    from ..inputs import display_path
 
     bundle = Bundle.load(args.bundle)
     # Every file the manifest names -> "ok" or why it cannot be used (the error line says it whole).
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         found[gate_file] = check_gate(bundle)
     checks = {name: short_check(found[name]) for name in bundle.artifacts}
     if args.json:
-        print(json_line({"path": str(bundle.root), "manifest": bundle.manifest, "checks": checks,
+        print(json_line({"path": display_path(str(bundle.root)), "manifest": bundle.manifest,
+                         "checks": checks,
                          "domain_gate": short_check(found[gate_file]) if gate_file else None,
                          "problems": {name: why for name, why in found.items() if why != "ok"}}))
     else:
