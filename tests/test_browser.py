@@ -230,15 +230,11 @@ def test_the_page_screenshot_tool_shows_every_upload(tiny_bundle: Path, syntheti
 def test_the_page_warns_when_its_artifact_missed_parity(browser, tiny_bundle: Path,
                                                         tmp_path: Path) -> None:
     """serve warned on stderr only; whoever looks at the page must see it too."""
-    import json
-
+    from bundle_helpers import set_default_status
     from selenium.webdriver.common.by import By
 
     failed = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
-    manifest = json.loads((failed / "manifest.json").read_text())
-    entry = next(a for a in manifest["artifacts"] if a["name"] == manifest["default"])
-    entry["status"] = "failed"
-    (failed / "manifest.json").write_text(json.dumps(manifest))
+    name = set_default_status(failed)
     for bundle, warned in ((tiny_bundle, False), (failed, True)):
         with serving(bundle, tmp_path / f"data-{warned}") as url:
             browser.get(url + "/")
@@ -246,5 +242,5 @@ def test_the_page_warns_when_its_artifact_missed_parity(browser, tiny_bundle: Pa
             warning = browser.find_element(By.ID, "parity-warning")
             assert warning.is_displayed() == warned
             if warned:
-                assert warning.text == (f"Warning: artifact {entry['name']!r} has parity status "
+                assert warning.text == (f"Warning: artifact {name!r} has parity status "
                                         "'failed'; its answers may differ from the reference model")

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from bundle_helpers import set_default_status
 from cli_helpers import (
     GOOD,
     error_lines,
@@ -94,12 +95,8 @@ def test_a_malformed_domain_section_is_one_line_and_exit_2(capsys, bundle_copy: 
 def test_each_command_that_runs_an_artifact_warns_when_it_missed_parity(
         capsys, bundle_copy: Path) -> None:
     """classify warned; explain ran such an artifact silently (so did listen and serve)."""
-    path = bundle_copy / "manifest.json"
-    manifest = json.loads(path.read_text())
-    entry = next(a for a in manifest["artifacts"] if a["name"] == manifest["default"])
-    entry["status"] = "failed"
-    path.write_text(json.dumps(manifest))
-    warning = (f"warning: artifact {entry['name']!r} has parity status 'failed'; its answers "
+    name = set_default_status(bundle_copy)
+    warning = (f"warning: artifact {name!r} has parity status 'failed'; its answers "
                "may differ from the reference model")
     for command in (["classify"], ["explain", "--json", "--method", "occlusion"]):
         code, _, err = run(capsys, *command, "--bundle", bundle_copy, GOOD[0])

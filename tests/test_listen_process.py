@@ -5,7 +5,6 @@ retention, forwarding each series' report, and the parity warning."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from bundle_helpers import set_default_status
 from listen_helpers import (
     AE,
     DCMTK,
@@ -245,11 +245,8 @@ def test_listen_warns_when_its_artifact_missed_parity(ct_bundle: Path, tmp_path:
     """`classify` warned about such an artifact; `listen` ran it silently (also with --quiet,
     which keeps warnings)."""
     bundle = Path(shutil.copytree(ct_bundle, tmp_path / "bundle"))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    entry = next(a for a in manifest["artifacts"] if a["name"] == manifest["default"])
-    entry["status"] = "failed"
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    name = set_default_status(bundle)
     with running(bundle, tmp_path / "data", "--quiet") as listener:
         log = listener.log()
-    assert (f"warning: artifact {entry['name']!r} has parity status 'failed'; its answers may "
+    assert (f"warning: artifact {name!r} has parity status 'failed'; its answers may "
             "differ from the reference model") in log.splitlines()

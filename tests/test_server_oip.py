@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from bundle_helpers import set_default_status
 from server_helpers import JPEG, PNG, Running, infer_request, serving
 
 from ct_edge import DISCLAIMER
@@ -57,16 +58,13 @@ def test_metadata_and_metrics_name_an_artifact_that_missed_parity(tiny_bundle: P
                                                                   tmp_path: Path) -> None:
     """serve warned on stderr only: a client (or the page) could not tell."""
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    entry = next(a for a in manifest["artifacts"] if a["name"] == manifest["default"])
-    entry["status"] = "failed"
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    name = set_default_status(bundle)
     with serving(Classifier.from_bundle(bundle), tmp_path / "data") as api:
         parameters = api.json("GET", "/v2/models/ct-edge")[1]["parameters"]
         metrics = api.request("GET", "/metrics")[2].decode()
     assert parameters["artifact_parity"] == "failed"
     assert parameters["parity_warning"] == (
-        f"artifact {entry['name']!r} has parity status 'failed'; its answers may differ from the "
+        f"artifact {name!r} has parity status 'failed'; its answers may differ from the "
         "reference model")
     info = next(line for line in metrics.splitlines() if line.startswith("ct_edge_bundle_info{"))
     assert 'artifact_parity="failed"' in info
@@ -76,10 +74,7 @@ def test_metrics_answer_when_the_manifest_holds_a_lone_surrogate(tiny_bundle: Pa
                                                                  tmp_path: Path) -> None:
     """A valid JSON escape (\\ud800) in a status loads; /metrics must not turn it into a 500."""
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    next(a for a in manifest["artifacts"] if a["name"] == manifest["default"])["status"] = \
-        "failed\ud800"
-    (bundle / "manifest.json").write_text(json.dumps(manifest))  # ASCII: the escape is kept
+    set_default_status(bundle, "failed\ud800")
     with serving(Classifier.from_bundle(bundle), tmp_path / "data") as api:
         status, _, body = api.request("GET", "/metrics")
     assert status == 200 and 'artifact_parity="failed\\ud800"' in body.decode()
