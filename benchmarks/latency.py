@@ -20,7 +20,7 @@ def summarize(samples_s: Sequence[float]) -> dict:
     ms = np.asarray(samples_s, dtype=np.float64) * 1e3
     return {"runs": len(ms),
             **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 95, 99)},
-            "mean_ms": float(ms.mean()), "min_ms": float(ms.min())}
+            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
 
 
 def time_calls(call: Callable[[], object], runs: int, warmup: int) -> dict:

@@ -149,6 +149,8 @@ def test_report_files(bench_run: dict) -> None:
                     "## Pi-class profile"):
         assert heading in text
     assert "not a Raspberry Pi" in text
+    runs = bench_run["results"]["plan"]["runs"]  # a smoke run: too few runs for a p99
+    assert f"(p50 / p95 / max over {runs} runs)" in text and "/ p99" not in text
     with Image.open(out / "latency_size.png") as chart:
         assert chart.width > 400
     assert json.loads(bench_run["stdout"])["schema"] == bench_run["results"]["schema"]
