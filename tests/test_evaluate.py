@@ -78,6 +78,17 @@ def test_a_tiny_cross_validation_with_an_ensemble_and_flip(synthetic_root: Path,
     assert all(np.allclose(np.mean(p["member_probabilities"], axis=0), p["probabilities"],
                            atol=2e-6) for p in predictions)
     assert run["accuracy_by_members"]["2"] == pytest.approx(cv_runs.pooled_accuracy(run))
+    # the members table agrees with the run's own figures, per fold and over all images
+    table = cv_runs.members_table({"tiny@seed0": run}).splitlines()
+    for k in ("1", "2"):
+        (row,) = [line for line in table if f"(k = {k})" in line]
+        cells = [cell.strip() for cell in row.split("|")]
+        assert sum(map(int, cells[3].split(" / "))) == int(cells[4]) == round(
+            (1 - run["accuracy_by_members"][k]) * 36)
+        if k == "2":  # all members: the ensemble the run scored, fold by fold
+            assert list(map(int, cells[3].split(" / "))) == [len(f["errors"]) for f in run["folds"]]
+    assert "each member alone" in table[-1]
+    assert cv_runs.members_table({"single": {"folds": [{"predictions": [{}]}]}}) == ""
     single = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache")
     assert "accuracy_by_members" not in single
     assert "member_probabilities" not in single["folds"][0]["predictions"][0]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ct_edge import LABELS
 from ct_edge.errors import one_line
 
 from . import abstention
@@ -167,6 +168,37 @@ def abstention_plots(runs: dict[str, dict], folder: Path) -> list[Path]:
     return written
 
 
+def members_table(runs: dict[str, dict]) -> str:
+    """Runs of K models per fold (`training.evaluate --members K`): the errors of the mean of the
+    first k members, k = 1..K, per fold and over all images, and of each member alone; '' when
+    no run recorded its members."""
+    lines = []
+    for label, run in sorted(runs.items()):
+        folds = run["folds"]
+        if not folds or "member_probabilities" not in folds[0]["predictions"][0]:
+            continue
+        by_k, alone = [], []  # errors per fold: [k][fold], [member][fold]
+        for fold in folds:
+            members = np.asarray([p["member_probabilities"] for p in fold["predictions"]])
+            truth = np.asarray([LABELS.index(p["true"]) for p in fold["predictions"]])
+            by_k.append([int((members[:, :k].mean(axis=1).argmax(axis=1) != truth).sum())
+                         for k in range(1, members.shape[1] + 1)])
+            alone.append([int((members[:, m].argmax(axis=1) != truth).sum())
+                          for m in range(members.shape[1])])
+        tested = sum(f["n_test"] for f in folds)
+        for k, errors in enumerate(zip(*by_k, strict=True), 1):
+            model = "member 1 (k = 1)" if k == 1 else f"mean of members 1-{k} (k = {k})"
+            lines.append(f"| {label} | {model} | {' / '.join(map(str, errors))} | "
+                         f"{sum(errors)} | {1 - sum(errors) / tested:.1%} |")
+        each = [sum(errors) for errors in zip(*alone, strict=True)]
+        lines.append(f"| {label} | each member alone | | {', '.join(map(str, each))} | "
+                     f"{1 - max(each) / tested:.1%}-{1 - min(each) / tested:.1%} |")
+    if not lines:
+        return ""
+    return ("| run | model | errors per fold | errors | accuracy (all images) |\n"
+            "|---|---|---|---:|---:|\n" + "\n".join(lines) + "\n")
+
+
 def load_runs(folder: Path) -> dict[str, dict]:
     """Every run of one data set's results folder, by label ('recipe' or 'recipe@seedN'); a file
     that is no training.evaluate run is named in a DataError."""
@@ -187,7 +219,8 @@ def load_runs(folder: Path) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.cv_runs",
                                      description="Print the several-seed and abstention tables "
-                                     "of stored training.evaluate runs, without training.")
+                                     "of stored training.evaluate runs (and, for runs of K "
+                                     "members, the errors of k = 1..K), without training.")
     parser.add_argument("runs", type=Path,
                         help="a training.evaluate results folder (one data set's JSON files)")
     parser.add_argument("--baseline", default="edge-gap-crop",
@@ -201,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: {args.runs}: no training.evaluate runs (*.json) there", file=sys.stderr)
         return 2
-    print(seed_table(runs, args.baseline) + "\n" + abstention_table(runs), end="")
+    members = members_table(runs)
+    print(seed_table(runs, args.baseline) + "\n" + abstention_table(runs)
+          + (f"\n{members}" if members else ""), end="")
     return 0
 
 
