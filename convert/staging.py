@@ -107,7 +107,9 @@ def drop_rejected(out: Path) -> str | None:
         if not (rejected.is_dir() and not rejected.is_symlink() and is_earlier_bundle(rejected)
                 and _is_rejected(rejected / MANIFEST)):
             return None
-        doomed = rejected.with_name(f".{rejected.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        # Named as a staging folder, which `recover` deletes (a backup, `.old-`, it would restore).
+        doomed = rejected.with_name(f".{rejected.name}.convert-{os.getpid()}-"
+                                    f"{secrets.token_hex(4)}-dropped")
         os.rename(rejected, doomed)
     except OSError as exc:
         return f"warning: could not remove the stale {rejected} ({exc.strerror or exc})"

@@ -177,3 +177,23 @@ def test_gate_thresholds() -> None:
     assert gate(drift, reference, GATE) == []
     assert ["max_abs_diff" in f for f in gate(drift, reference, FLOAT32_GATE)] == [True]
     assert gate({**ok, "max_abs_diff": None, "finite": False}, reference, FLOAT32_GATE)
+
+
+def test_a_removal_killed_after_its_rename_is_finished_not_undone(
+        converted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between the rename and the removal leaves a leftover the next run deletes; had it
+    been named a backup, `recover` would have put the stale rejected bundle back."""
+    from convert import staging
+    from training.folders import recover
+
+    out, rejected = tmp_path / "b", tmp_path / "b.rejected"
+    shutil.copytree(converted[0], rejected)
+    manifest = json.loads((rejected / "manifest.json").read_text())
+    manifest["default"] = None
+    (rejected / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(staging.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    assert staging.drop_rejected(out) == f"removed {rejected}: an earlier run's rejected bundle"
+    (leftover,) = tmp_path.iterdir()  # the kill: renamed, not yet removed
+    monkeypatch.undo()
+    recover(rejected)  # what the next run does first (this process counts as dead)
+    assert list(tmp_path.iterdir()) == [], leftover
