@@ -45,9 +45,9 @@ def _lat(entry: dict, key: str) -> str:
     stats = entry.get("latency", {}).get(key, {})
     if "p50_ms" not in stats:
         return "-"
-    tail = stats.get("max_ms") if _tail_name(stats.get("runs", 0)) == "max" else None
-    return (f"{fmt(stats['p50_ms'])} / {fmt(stats['p95_ms'])} / "
-            f"{fmt(stats['p99_ms'] if tail is None else tail)}")
+    few = _tail_name(stats.get("runs", 0)) == "max"  # results from before max_ms: "-"
+    tail = stats.get("max_ms") if few else stats["p99_ms"]
+    return f"{fmt(stats['p50_ms'])} / {fmt(stats['p95_ms'])} / {fmt(tail)}"
 
 
 def _keras_rows(keras: dict) -> list[tuple[str, dict]]:

@@ -114,6 +114,8 @@ def drop_rejected(out: Path) -> str | None:
     except OSError as exc:
         return f"warning: could not remove the stale {rejected} ({exc.strerror or exc})"
     shutil.rmtree(doomed, ignore_errors=True)
+    if doomed.exists():
+        return f"warning: could not remove all of the stale {rejected} (left as {doomed})"
     return f"removed {rejected}: an earlier run's rejected bundle"
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bundle_helpers import set_default_status
 from cli_helpers import FIXTURES, GOOD, console_script, error_lines, records, run, stored_results
 
 from ct_edge import DISCLAIMER
@@ -246,6 +247,15 @@ def test_info_json_spells_a_non_utf8_bundle_path_as_classify_does(capsys, bundle
     shutil.copytree(bundle, odd)
     code, out, _ = run(capsys, "info", "--json", "--bundle", odd)
     assert code == 0 and json.loads(out)["path"] == f"{tmp_path}/bund\\xfe"
+
+
+def test_info_shows_a_lone_surrogate_of_the_manifest_escaped(bundle_copy: Path) -> None:
+    """A valid JSON escape (\\ud800) no UTF-8 terminal can take: a traceback before."""
+    set_default_status(bundle_copy, "failed\ud800")
+    result = subprocess.run([console_script(), "info", "--bundle", str(bundle_copy)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "failed\\ud800" in result.stdout and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("command", ["classify", "explain", "info", "results"])

@@ -89,6 +89,7 @@ def test_a_tiny_cross_validation_with_an_ensemble_and_flip(synthetic_root: Path,
             assert list(map(int, cells[3].split(" / "))) == [len(f["errors"]) for f in run["folds"]]
     assert "each member alone" in table[-1]
     assert cv_runs.members_table({"single": {"folds": [{"predictions": [{}]}]}}) == ""
+    assert cv_runs.members_table({"unstored": {"folds": [{"n_test": 3}]}}) == ""
     single = evaluate.cross_validate(synthetic_root, config, folds=2, cache=tmp_path / "cache")
     assert "accuracy_by_members" not in single
     assert "member_probabilities" not in single["folds"][0]["predictions"][0]

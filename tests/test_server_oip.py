@@ -77,7 +77,7 @@ def test_metrics_answer_when_the_manifest_holds_a_lone_surrogate(tiny_bundle: Pa
     set_default_status(bundle, "failed\ud800")
     with serving(Classifier.from_bundle(bundle), tmp_path / "data") as api:
         status, _, body = api.request("GET", "/metrics")
-    assert status == 200 and 'artifact_parity="failed\\ud800"' in body.decode()
+    assert status == 200 and 'artifact_parity="failed\\\\ud800"' in body.decode()  # \\ escaped
 
 
 # --- OIP v2 infer ---------------------------------------------------------------------------------

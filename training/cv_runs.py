@@ -175,8 +175,8 @@ def members_table(runs: dict[str, dict]) -> str:
     lines = []
     for label, run in sorted(runs.items()):
         folds = run["folds"]
-        if not folds or "member_probabilities" not in folds[0]["predictions"][0]:
-            continue
+        if not all("member_probabilities" in p for f in folds for p in f.get("predictions") or [{}]):
+            continue  # a single model, or a run stored without its answers
         by_k, alone = [], []  # errors per fold: [k][fold], [member][fold]
         for fold in folds:
             members = np.asarray([p["member_probabilities"] for p in fold["predictions"]])
@@ -187,7 +187,8 @@ def members_table(runs: dict[str, dict]) -> str:
                           for m in range(members.shape[1])])
         tested = sum(f["n_test"] for f in folds)
         for k, errors in enumerate(zip(*by_k, strict=True), 1):
-            model = "member 1 (k = 1)" if k == 1 else f"mean of members 1-{k} (k = {k})"
+            # Members numbered as training.evaluate seeds them (seed + fold + 1000 x member).
+            model = "member 0 (k = 1)" if k == 1 else f"mean of members 0-{k - 1} (k = {k})"
             lines.append(f"| {label} | {model} | {' / '.join(map(str, errors))} | "
                          f"{sum(errors)} | {1 - sum(errors) / tested:.1%} |")
         each = [sum(errors) for errors in zip(*alone, strict=True)]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import DISCLAIMER
 from ..errors import REBUILD_BUNDLE
-from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error, json_line
+from .common import BUNDLE_HELP, EXIT_OK, EXIT_USAGE, RAW, error, json_line, printable
 
 if TYPE_CHECKING:
     from ..bundle import Artifact, Bundle
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             # Fields only `info` shows (provenance, parity figures) are checked here, not on load.
             raise BundleError(f"{bundle.root / 'manifest.json'}: malformed manifest "
                               f"({type(exc).__name__}: {exc}); {REBUILD_BUNDLE}") from None
-        print(text)
+        print("\n".join(printable(line) for line in text.split("\n")))
     print(DISCLAIMER, file=sys.stderr if args.json else sys.stdout)  # JSON stays pure
     bad = {name: why for name, why in found.items() if why != "ok"}
     if bad:

@@ -440,7 +440,7 @@ class Handler(BodyHandler):
                          "disclaimer": DISCLAIMER})
 
     def _metrics(self, params: dict, query: dict, body: bytes) -> None:
-        self._send(200, self.server.metrics.render().encode("utf-8", "backslashreplace"),
+        self._send(200, self.server.metrics.render().encode(),
                    "text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -14,8 +14,10 @@ METHODS = ("GET", "HEAD", "POST", "OPTIONS")
 
 
 def _escape(value: object) -> str:
-    """A Prometheus label value: backslash, double quote and newline escaped."""
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    """A Prometheus label value: backslash, double quote and newline escaped; a lone surrogate
+    (a manifest's \\ud800, which UTF-8 cannot carry) as its escaped name."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 class Metrics:
