@@ -48,17 +48,20 @@ def is_bundle_entry(path: Path) -> bool:
 def is_earlier_bundle(folder: Path) -> bool:
     """True when `folder` holds only files convert writes and its manifest is a bundle's."""
     return (all(is_bundle_entry(path) for path in folder.iterdir())
-            and _is_bundle_manifest(folder / MANIFEST))
+            and bundle_manifest(folder / MANIFEST) is not None)
 
 
-def _is_bundle_manifest(path: Path) -> bool:
+def bundle_manifest(path: Path) -> dict | None:
+    """The manifest at `path` when it is a readable bundle manifest, else None."""
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
-            return False
+            return None
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(manifest, dict) and all(key in manifest for key in MANIFEST_KEYS)
+        return None
+    if isinstance(manifest, dict) and all(key in manifest for key in MANIFEST_KEYS):
+        return manifest
+    return None
 
 
 def check_bundle_replaceable(out: Path, note: str = "") -> None:
@@ -105,7 +108,7 @@ def drop_rejected(out: Path) -> str | None:
     try:
         recover(rejected)
         if not (rejected.is_dir() and not rejected.is_symlink() and is_earlier_bundle(rejected)
-                and _is_rejected(rejected / MANIFEST)):
+                and (bundle_manifest(rejected / MANIFEST) or {"default": "?"})["default"] is None):
             return None
         # Named as a staging folder, which `recover` deletes (a backup, `.old-`, it would restore).
         doomed = rejected.with_name(f".{rejected.name}.convert-{os.getpid()}-"
@@ -117,13 +120,6 @@ def drop_rejected(out: Path) -> str | None:
     if doomed.exists():
         return f"warning: could not remove all of the stale {rejected} (left as {doomed})"
     return f"removed {rejected}: an earlier run's rejected bundle"
-
-
-def _is_rejected(manifest: Path) -> bool:
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("default") is None
-    except (OSError, ValueError, RecursionError, AttributeError):
-        return False
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -168,6 +168,17 @@ def abstention_plots(runs: dict[str, dict], folder: Path) -> list[Path]:
     return written
 
 
+def errors_by_members(predictions: list[dict]) -> tuple[list[int], list[int]]:
+    """Errors among `predictions` (with `member_probabilities`) of the mean of the first k
+    members, k = 1..K, and of each member alone."""
+    members = np.asarray([p["member_probabilities"] for p in predictions])  # (n, K, classes)
+    truth = np.asarray([LABELS.index(p["true"]) for p in predictions])
+    count = members.shape[1]
+    return ([int((members[:, :k].mean(axis=1).argmax(axis=1) != truth).sum())
+             for k in range(1, count + 1)],
+            [int((members[:, m].argmax(axis=1) != truth).sum()) for m in range(count)])
+
+
 def members_table(runs: dict[str, dict]) -> str:
     """Runs of K models per fold (`training.evaluate --members K`): the errors of the mean of the
     first k members, k = 1..K, per fold and over all images, and of each member alone; '' when
@@ -177,14 +188,8 @@ def members_table(runs: dict[str, dict]) -> str:
         folds = run["folds"]
         if not all("member_probabilities" in p for f in folds for p in f.get("predictions") or [{}]):
             continue  # a single model, or a run stored without its answers
-        by_k, alone = [], []  # errors per fold: [k][fold], [member][fold]
-        for fold in folds:
-            members = np.asarray([p["member_probabilities"] for p in fold["predictions"]])
-            truth = np.asarray([LABELS.index(p["true"]) for p in fold["predictions"]])
-            by_k.append([int((members[:, :k].mean(axis=1).argmax(axis=1) != truth).sum())
-                         for k in range(1, members.shape[1] + 1)])
-            alone.append([int((members[:, m].argmax(axis=1) != truth).sum())
-                          for m in range(members.shape[1])])
+        by_k, alone = zip(*(errors_by_members(fold["predictions"]) for fold in folds),
+                          strict=True)  # errors per fold: [fold][k], [fold][member]
         tested = sum(f["n_test"] for f in folds)
         for k, errors in enumerate(zip(*by_k, strict=True), 1):
             # Members numbered as training.evaluate seeds them (seed + fold + 1000 x member).

@@ -29,6 +29,7 @@ from . import data as data_mod
 from .cv_runs import (
     abstention_plots,
     abstention_table,
+    errors_by_members,
     hard_images,
     load_runs,
     out_of_fold,
@@ -282,10 +283,8 @@ def accuracy_by_members(results: list[dict]) -> dict[str, float]:
     """Out-of-fold accuracy of the mean of each fold's first k members, k = 1..K: what an
     ensemble of k costs nothing extra to measure once K were trained."""
     predictions = [p for r in results for p in r["predictions"]]
-    members = np.asarray([p["member_probabilities"] for p in predictions])  # (n, K, classes)
-    truth = np.asarray([LABELS.index(p["true"]) for p in predictions])
-    return {str(k): float((members[:, :k].mean(axis=1).argmax(axis=1) == truth).mean())
-            for k in range(1, members.shape[1] + 1)}
+    by_k, _ = errors_by_members(predictions)
+    return {str(k): 1 - errors / len(predictions) for k, errors in enumerate(by_k, 1)}
 
 
 def summarise(results: list[dict]) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import one_line
 from .payload import BatchError
 
 
@@ -108,8 +109,7 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None,
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
                 raise
             where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-            raise BatchError(f"cannot start or reach {where}: "
-                             f"{' '.join(str(exc).split())[:300]}") from None
+            raise BatchError(f"cannot start or reach {where}: {one_line(exc)}") from None
         try:
             yield Cluster(started=address is None, seconds=time.perf_counter() - start,
                           address=address, cpus=_cluster_cpus(ray), temp_dir=temp_dir)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from ..errors import one_line
 from ..files import fsync_dir
 from .payload import BatchError, ModelPayload
 
@@ -115,14 +116,8 @@ def write_part(table: pa.Table, path: Path) -> None:
     except (OSError, pa.ArrowException, UnicodeError) as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise BatchError(f"cannot write results to {path.parent}: {reason(exc)}") from None
-
-
-def reason(exc: BaseException) -> str:
-    """An exception as one short line: the system's words for an OSError, else its text."""
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:297] + "..."
+        raise BatchError(f"cannot write results to {path.parent}: "
+                         f"{getattr(exc, 'strerror', None) or one_line(exc)}") from None
 
 
 @contextlib.contextmanager

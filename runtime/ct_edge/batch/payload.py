@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BundleError, CtEdgeError
+from ..errors import BundleError, CtEdgeError, one_line
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -90,8 +90,7 @@ def rows_to_table(rows: list[dict[str, Any]], labels: Sequence[str]) -> pa.Table
     try:
         return pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowException, UnicodeError) as exc:
-        text = " ".join(str(exc).split())[:300]
-        raise BatchError(f"cannot store a result row in Parquet: {text}") from None
+        raise BatchError(f"cannot store a result row in Parquet: {one_line(exc)}") from None
 
 
 def error_row(path: str, error: str, payload: ModelPayload, node_id: str | None = None) -> dict:

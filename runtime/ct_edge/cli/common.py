@@ -105,11 +105,13 @@ def escaped(char: str) -> str:
 
 def json_line(value: object) -> str:
     """`value` as one line of JSON, readable (UTF-8, not `\\u` everywhere) yet safe on a terminal:
-    every character that is not printable (C1 controls, bidi overrides, U+2028) as its `\\u`
-    escape, which any JSON reader turns back into the same text."""
+    every character Python does not call printable (C1 controls, bidi overrides, U+2028) as its
+    `\\u` escape, which any JSON reader turns back into the same text."""
     import json
 
     text = json.dumps(value, ensure_ascii=False)
+    if text.isprintable():  # nearly every line: one C-level scan, no per-character loop
+        return text
     return "".join(char if char.isprintable() else json.dumps(char)[1:-1] for char in text)
 
 

@@ -37,7 +37,6 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from ..bundle import Bundle
     from ..errors import BundleError
     from ..inputs import display_path
