@@ -38,7 +38,7 @@ def test_rows_pair_the_seeds_every_member_ran(tmp_path: Path) -> None:
     for name, run in {"edge": EDGE, "edge@seed1": PROBE, "probe": PROBE, "probe@seed1": EDGE,
                       "probe@seed2": EDGE}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(run))
-    rows = mixture.mixture_rows(mixture.load_by_recipe(tmp_path), ["edge", "probe"], baseline="edge")
+    rows = mixture.mixture_rows(mixture.load_by_recipe(tmp_path), ["edge", "probe"], baseline=["edge"])
     assert [r["name"] for r in rows] == ["edge", "probe", "edge + probe"]
     mixed = rows[-1]
     assert mixed["seeds"] == [0, 1] and mixed["accuracy"] == [1.0, 1.0] and mixed["errors"] == [0, 0]
@@ -62,7 +62,7 @@ def test_a_flip_member_averages_with_the_mirrored_image(tmp_path: Path) -> None:
     # EDGE's one error (0.4 vs 0.6) becomes right once averaged with a mirrored 0.5 vs 0.25
     assert mixture.mixed_accuracy([EDGE], views=["flip"]) == (1.0, 0)
     (tmp_path / "edge.json").write_text(json.dumps(EDGE))
-    rows = mixture.mixture_rows(mixture.load_by_recipe(tmp_path), ["edge:flip"], baseline="edge")
+    rows = mixture.mixture_rows(mixture.load_by_recipe(tmp_path), ["edge:flip"], baseline=["edge"])
     assert [(r["name"], r["accuracy"]) for r in rows] == [("edge", [0.75]), ("edge:flip", [1.0])]
     plain = {"folds": [{"predictions": [{k: v for k, v in row.items()
                                          if k != "flipped_probabilities"}
@@ -89,3 +89,39 @@ def test_int8_answers_and_the_agreement_of_two_mixtures(tmp_path: Path) -> None:
         mixture.agreement(runs, ["edge"], ["edge:int8"])
     assert mixture.main(["--runs", str(tmp_path), "--members", "edge,probe",
                          "--versus", "edge,probe:int8", "--baseline", "edge"]) == 0
+
+
+def _ensemble(members: list[list[list[float]]]) -> dict:
+    """EDGE's run as an ensemble whose members answered `members` (one list per member)."""
+    run = json.loads(json.dumps(EDGE))
+    rows = [row for fold in run["folds"] for row in fold["predictions"]]
+    for i, row in enumerate(rows):
+        row["member_probabilities"] = [member[i] for member in members]
+    return run
+
+
+def test_first_members_of_ensembles_of_any_size_mix_by_pattern(tmp_path: Path) -> None:
+    right = [[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.1, 0.8, 0.1], [0.0, 0.3, 0.7]]
+    wrong = [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    # member 0 right everywhere, members 1-2 wrong: k1 is right, k3's mean is wrong everywhere
+    runs = {"edge+ens3": _ensemble([right, wrong, wrong]),
+            "edge+ens5@seed1": _ensemble([right, wrong, wrong, right, right]),
+            "probe": PROBE, "probe@seed1": PROBE}
+    for name, run in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    assert mixture.mixed_accuracy([runs["edge+ens3"]], views=["k1"]) == (1.0, 0)
+    assert mixture.mixed_accuracy([runs["edge+ens3"]], views=["k3"]) == (0.0, 4)
+    by_name = mixture.load_by_recipe(tmp_path)
+    rows = mixture.mixture_rows(by_name, ["edge+ens*:k3", "probe"], baseline=["edge+ens*:k1", "probe"])
+    assert [r["name"] for r in rows] == ["edge+ens*:k1 + probe", "edge+ens*:k3", "probe",
+                                         "edge+ens*:k3 + probe"]
+    assert rows[0]["seeds"] == [0, 1] and rows[0]["paired"] is None
+    assert rows[1]["errors"] == [4, 4]
+    with pytest.raises(mixture.MixtureError, match="no answers of 6 members"):
+        mixture.mixed_accuracy([runs["edge+ens5@seed1"]], views=["k6"])
+    with pytest.raises(mixture.MixtureError, match="unknown view"):
+        mixture.parse_member("edge:k0")
+    (tmp_path / "edge+ens2.json").write_text(json.dumps(_ensemble([right, right])))
+    with pytest.raises(mixture.MixtureError, match="matches two runs of seed 0"):
+        mixture.mixture_rows(mixture.load_by_recipe(tmp_path), ["edge+ens*:k1"], baseline=["probe"])
+    assert mixture.main(["--runs", str(tmp_path), "--members", "probe", "--baseline", "nothing*"]) == 2

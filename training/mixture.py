@@ -1,14 +1,17 @@
 """Mixtures of cross-validated recipes: the mean of their out-of-fold probabilities.
 
     python -m training.mixture --runs artifacts/evaluate/covid19-xray \\
-        --members edge-gap-crop,effnet-probe-224[:flip|:int8] [--baseline edge-gap-crop] \\
+        --members edge-gap-crop,effnet-probe-224[:flip|:int8|:kN] [--baseline edge-gap-crop] \\
         [--versus edge-gap-crop,effnet-probe-224:int8]
 
 `training.evaluate` records every test image's probabilities; runs of one seed share their
 folds whatever the recipe, so the mean of two recipes' probabilities per image is exactly what
 a one-graph ensemble of their fold models (`training.ensemble`) would have answered on those
 folds, without training anything again; `:flip` averages a recipe with its answer on the
-mirrored image (flip TTA), `:int8` takes its full-int8 TFLite answers (runs made with --int8).
+mirrored image (flip TTA), `:int8` takes its full-int8 TFLite answers (runs made with --int8),
+`:kN` the mean of its first N members' answers (runs made with --members K >= N). A `*` in a
+recipe matches several labels, one run per seed (e.g. 'edge-gap-crop+ens*:k3' takes three
+members of an ens3 run on one seed and of an ens5 run on another).
 Figures are the share of all images right per seed, mean ± std over the seeds every member
 ran, and the paired difference to the baseline; `--versus` adds the top-1 agreement per seed of
 the mixture with another (e.g. the same members in int8).
@@ -17,7 +20,9 @@ the mixture with another (e.g. the same members in int8).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -37,21 +42,38 @@ class MixtureError(CtEdgeError):
 # mirrored image's (flip TTA, as a graph that runs both), `recipe:int8` its full-int8 artifact's.
 VIEWS = {"": ("probabilities",), "flip": ("probabilities", "flipped_probabilities"),
          "int8": ("int8_probabilities",)}
+# `recipe:kN`: the mean of the first N members of an ensemble run (member_probabilities).
+MEMBERS_VIEW = re.compile(r"k([1-9][0-9]*)")
 
 
 def parse_member(spec: str) -> tuple[str, str]:
     """'recipe[:view]' -> (recipe, view)."""
     recipe, _, view = spec.partition(":")
-    if view not in VIEWS:
+    if view not in VIEWS and not MEMBERS_VIEW.fullmatch(view):
         raise MixtureError(f"{spec}: unknown view {view!r}; use one of "
-                           + ", ".join(f":{v}" for v in VIEWS if v))
+                           + ", ".join(f":{v}" for v in VIEWS if v) + " or :kN")
     return recipe, view
+
+
+def first_members(rows: list[dict], count: int) -> dict[str, tuple[int, np.ndarray]]:
+    """Per image: true class index and the mean of its first `count` members' probabilities."""
+    short = [r for r in rows if len(r.get("member_probabilities", ())) < count]
+    if not rows or short:
+        raise MixtureError(f"run has no answers of {count} members (made with fewer --members, "
+                           "or before they were recorded)")
+    return {"/".join(Path(r["path"]).parts[-2:]):
+            (LABELS.index(r["true"]),
+             np.mean(np.asarray(r["member_probabilities"][:count], np.float64), axis=0))
+            for r in rows}
 
 
 def out_of_fold_probabilities(run: dict, view: str = "") -> dict[str, tuple[int, np.ndarray]]:
     """Per image (class folder/file name): its true class index and the recipe's probabilities
-    as `view` (VIEWS) says."""
+    as `view` (VIEWS, or kN) says."""
     rows = [p for fold in run["folds"] for p in fold.get("predictions", ())]
+    members = MEMBERS_VIEW.fullmatch(view)
+    if members:
+        return first_members(rows, int(members.group(1)))
     keys = VIEWS[view]
     if not rows or any(key not in r for r in rows for key in keys):
         raise MixtureError(f"run has no per-image {' or '.join(k.replace('_', ' ') for k in keys)}"
@@ -88,12 +110,24 @@ def load_by_recipe(folder: Path) -> dict[str, dict[int, dict]]:
     return by_recipe(load_runs(folder))
 
 
+def runs_of(by_name: dict[str, dict[int, dict]], recipe: str) -> dict[int, dict]:
+    """The runs of `recipe` by seed; a `*` in it matches several labels, one run per seed."""
+    names = sorted(n for n in by_name if fnmatch.fnmatchcase(n, recipe))
+    if not names:
+        raise MixtureError(f"no runs of {recipe}; found: {', '.join(sorted(by_name))}")
+    runs: dict[int, dict] = {}
+    for name in names:
+        for seed, run in by_name[name].items():
+            if seed in runs:
+                raise MixtureError(f"{recipe} matches two runs of seed {seed} "
+                                   f"({', '.join(names)}); make the pattern narrower")
+            runs[seed] = run
+    return runs
+
+
 def _seeds(by_name: dict[str, dict[int, dict]], specs: list[str]) -> list[int]:
     recipes = {parse_member(m)[0] for m in specs}
-    missing = sorted(n for n in recipes if n not in by_name)
-    if missing:
-        raise MixtureError(f"no runs of {', '.join(missing)}; found: {', '.join(sorted(by_name))}")
-    seeds = sorted(set.intersection(*(set(by_name[n]) for n in recipes)))
+    seeds = sorted(set.intersection(*(set(runs_of(by_name, n)) for n in recipes)))
     if not seeds:
         raise MixtureError(f"{', '.join(specs)} share no seed")
     return seeds
@@ -102,7 +136,7 @@ def _seeds(by_name: dict[str, dict[int, dict]], specs: list[str]) -> list[int]:
 def _runs_and_views(by_name: dict[str, dict[int, dict]], specs: list[str], seed: int
                     ) -> tuple[list[dict], list[str]]:
     parsed = [parse_member(m) for m in specs]
-    return [by_name[r][seed] for r, _ in parsed], [v for _, v in parsed]
+    return [runs_of(by_name, r)[seed] for r, _ in parsed], [v for _, v in parsed]
 
 
 def _mixed(by_name: dict[str, dict[int, dict]], specs: list[str], seed: int
@@ -111,17 +145,19 @@ def _mixed(by_name: dict[str, dict[int, dict]], specs: list[str], seed: int
 
 
 def mixture_rows(by_name: dict[str, dict[int, dict]], members: list[str],
-                 baseline: str) -> list[dict]:
-    """One row per recipe and for the mixture: accuracy per seed on the seeds all of them ran."""
-    seeds = _seeds(by_name, [*members, baseline])
+                 baseline: list[str]) -> list[dict]:
+    """One row for the baseline (itself a mixture when it names several members), one per member
+    and one for the mixture: accuracy per seed on the seeds all of them ran."""
+    seeds = _seeds(by_name, [*members, *baseline])
 
     def score(names: list[str], seed: int) -> tuple[float, int]:
         return mixed_accuracy(*_runs_and_views(by_name, names, seed))
 
-    base = [score([baseline], s)[0] for s in seeds]
+    base = [score(baseline, s)[0] for s in seeds]
     rows = []
     mixture = [(" + ".join(members), members)] if len(members) > 1 else []
-    for label, names in [*((n, [n]) for n in dict.fromkeys([baseline, *members])), *mixture]:
+    singles = [(n, [n]) for n in dict.fromkeys(members) if [n] != baseline]
+    for label, names in [(" + ".join(baseline), baseline), *singles, *mixture]:
         scored = [score(names, s) for s in seeds]
         accuracy = [a for a, _ in scored]
         paired = [100 * (a - b) for a, b in zip(accuracy, base, strict=True)]
@@ -129,7 +165,7 @@ def mixture_rows(by_name: dict[str, dict[int, dict]], members: list[str],
                      "errors": [e for _, e in scored],
                      "mean": float(np.mean(accuracy)),
                      "std": float(np.std(accuracy, ddof=1)) if len(seeds) > 1 else 0.0,
-                     "paired": None if names == [baseline] else paired})
+                     "paired": None if names == baseline else paired})
     return rows
 
 
@@ -172,21 +208,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="a training.evaluate results folder (one data set's JSON files)")
     parser.add_argument("--members", required=True,
                         help="comma-separated recipe labels to average, each optionally with "
-                        ":flip (flip TTA) or :int8 (its full-int8 answers), e.g. "
-                        "edge-gap-crop,effnet-probe-224:flip")
+                        ":flip (flip TTA), :int8 (its full-int8 answers) or :kN (its first N "
+                        "members); '*' matches several labels, e.g. "
+                        "'edge-gap-crop+ens*:k3,effnet-probe-224:flip'")
     parser.add_argument("--baseline", default="edge-gap-crop",
-                        help="recipe the paired differences are taken to (default: edge-gap-crop)")
+                        help="recipe (or comma-separated members of a mixture, as --members) the "
+                        "paired differences are taken to (default: edge-gap-crop)")
     parser.add_argument("--versus", default=None,
                         help="another member list; prints its top-1 agreement with --members per "
                         "seed, e.g. the same members with :int8 (default: none)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     members = [m.strip() for m in args.members.split(",") if m.strip()]
-    if not members:
-        parser.error("--members needs a recipe")
+    baseline = [m.strip() for m in args.baseline.split(",") if m.strip()]
+    if not members or not baseline:
+        parser.error("--members and --baseline need a recipe")
     try:
         by_name = load_by_recipe(Path(args.runs))
-        rows = mixture_rows(by_name, members, args.baseline)
+        rows = mixture_rows(by_name, members, baseline)
         versus = [m.strip() for m in (args.versus or "").split(",") if m.strip()]
         agreed = agreement(by_name, members, versus) if versus else {}
     except (CtEdgeError, OSError, ValueError) as exc:
@@ -196,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"rows": rows, "agreement": {str(k): v[0] for k, v in agreed.items()}},
                          indent=2))
         return 0
-    print(markdown(rows, args.baseline), end="")
+    print(markdown(rows, " + ".join(baseline)), end="")
     if agreed:
         print(f"\ntop-1 agreement of {' + '.join(members)} with {' + '.join(versus)}: "
               + ", ".join(f"seed {s} {a:.1%} ({d} differ)" for s, (a, d) in agreed.items()))
