@@ -207,14 +207,16 @@ def folder_names(paths: list[str], folder: str) -> list[str]:
     stems = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p in paths]
     shared = Counter(stems)
     names, used = [], set()
+    next_suffix: dict[str, int] = {}  # per name, so n equal names cost n steps, not n^2 / 2
     for path, stem in zip(paths, stems, strict=True):
         name = stem
         if shared[stem] > 1:
             name = f"{os.path.basename(os.path.dirname(os.path.normpath(path)))}_{stem}"
         name = "_".join(name.split()) or "image"
-        unique, k = name, 2
+        unique, k = name, next_suffix.get(name, 2)
         while unique in used:
             unique, k = f"{name}_{k}", k + 1
+        next_suffix[name] = k
         used.add(unique)
         names.append(os.path.join(folder, unique + ".png"))
     return names
