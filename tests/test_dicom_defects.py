@@ -19,7 +19,7 @@ from ct_edge.dicom import DicomError, DicomInfo, read_dicom
 from ct_edge.domain import FeatureGate, metadata_reason
 from ct_edge.errors import InputError
 from ct_edge.limits import MEMORY_BOUND_MB, STRIP_ROWS
-from ct_edge.preprocess import decode
+from ct_edge.preprocess import decode, decode_cost
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -290,3 +290,36 @@ def test_an_rle_frame_is_not_taken_for_a_jpeg_scan_bomb(tmp_path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
     assert path.read_bytes().count(b"\xff\xda") > 100
     assert decode(path).size == (64, 64)
+
+
+# --- the header estimate of classify and serve, parsed in memory when it can be ---------------
+
+
+def _sources_of_header_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What pydicom.dcmread is handed, in order: 'memory' or 'file'."""
+    calls: list[str] = []
+    real = pydicom.dcmread
+
+    def counted(source, *args, **kwargs):
+        calls.append("memory" if isinstance(source, io.BytesIO) else "file")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counted)
+    return calls
+
+
+@pytest.mark.parametrize("padding", [0, 70_000])
+def test_the_header_estimate_is_the_same_in_memory_or_from_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, padding: int) -> None:
+    """A header inside the first 64 KiB is parsed from memory; a longer one whose value carries
+    Pixel Data's tag bytes early, from the file: the same estimate either way."""
+    path = write_dicom(tmp_path / "x.dcm", bytes(2 * 40 * 30), 30, 40)
+    if padding:
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00190010, "LO", "CT-EDGE TEST")
+        ds.add_new(0x00191000, "OB", b"\xe0\x7f\x10\x00" + bytes(padding))
+        ds.save_as(path, enforce_file_format=True)
+    reads = _sources_of_header_reads(monkeypatch)
+    expected = path.stat().st_size + 30 * 40 * (2 + 4)  # the file, 16-bit pixels, float32 gray
+    assert decode_cost(path) == expected
+    assert reads == (["memory", "file"] if padding else ["memory"])

@@ -47,6 +47,8 @@ _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # more than 8 bits: gray bec
 # Bytes a pixel of a Pillow image takes in memory; every other mode is stored in 4.
 _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
 _DICOM_SIZE_TAGS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation"]
+# (7FE0,0010) Pixel Data as little- and big-endian bytes: where a header ends.
+_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 _EXIF_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -291,12 +293,25 @@ def _dicom_work_bytes(handle: BinaryIO) -> int | None:
     """Bytes `decode` allocates for a DICOM besides the file's: one decoded frame, its float32
     gray and, for colour, float32 RGB. None for a deflated file: pydicom inflates the whole
     dataset to read its header, and `decode` checks the inflated size before it does."""
-    if DEFLATED_SYNTAX in handle.read(META_BYTES):
+    prefix = handle.read(META_BYTES)
+    if DEFLATED_SYNTAX in prefix:
         return None
-    handle.seek(0)
     import pydicom  # an optional extra; without it the caller's estimate is None
 
-    ds = pydicom.dcmread(handle, force=True, stop_before_pixels=True, specific_tags=_DICOM_SIZE_TAGS)
+    ds = None
+    if any(tag in prefix for tag in _PIXEL_DATA_TAGS):
+        # The header is all in the prefix: parsed in memory, since pydicom asks a file for its
+        # position some 500 times a header (a system call each).
+        try:
+            ds = pydicom.dcmread(io.BytesIO(prefix), force=True, stop_before_pixels=True,
+                                 specific_tags=_DICOM_SIZE_TAGS)
+            int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)  # the last of them in the file
+        except Exception:  # the tag's bytes were inside a value or an icon: read the file itself
+            ds = None
+    if ds is None:
+        handle.seek(0)
+        ds = pydicom.dcmread(handle, force=True, stop_before_pixels=True,
+                             specific_tags=_DICOM_SIZE_TAGS)
     pixels = int(ds.Rows) * int(ds.Columns)
     stored, samples, _ = decoded_frame_bytes(ds, int(ds.Rows), int(ds.Columns))
     return stored + pixels * (4 if samples == 1 else 4 + 4 * samples)
