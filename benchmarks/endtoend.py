@@ -62,16 +62,21 @@ def cli_command(explicit: str | None = None) -> tuple[list[str] | None, str]:
 
 def per_image(bundle_dir: str, inputs: dict[str, str], threads: int | None, repeats: int,
               artifact: str | None = None) -> dict:
-    """Median decode / preprocess / inference / total ms per input, via Classifier.predict."""
+    """Median decode / preprocess / inference / total ms per input, via Classifier.predict, and
+    the header estimate `ct-edge classify` and `serve` make before it (`decode_cost`)."""
     from ct_edge.classifier import Classifier
+    from ct_edge.preprocess import decode_cost
 
     classifier = Classifier.from_bundle(bundle_dir, artifact=artifact, threads=threads)
     out: dict = {"artifact": classifier.artifact.name, "threads": threads, "inputs": {}}
     for name, path in inputs.items():
         try:
             classifier.predict(path)  # untimed: first touch of the file and of the engine
-            samples: dict[str, list[float]] = {key: [] for key in (*STAGES, "total")}
+            samples: dict[str, list[float]] = {key: [] for key in (*STAGES, "total", "estimate")}
             for _ in range(repeats):
+                start = time.perf_counter()
+                decode_cost(path, classifier.spec)
+                samples["estimate"].append((time.perf_counter() - start) * 1e3)
                 start = time.perf_counter()
                 prediction = classifier.predict(path)
                 samples["total"].append((time.perf_counter() - start) * 1e3)

@@ -27,8 +27,8 @@ ARTIFACT_FIELDS = [
 KERAS_FIELDS = ["import_s", "load_ms", "size_bytes", "memory.peak_rss_mb",
                 *(f"{api}.latency.{t}.{k}" for api in ("call", "predict")
                   for t in ("1_thread", "all_cores") for k in ("runs", "p50_ms", "p95_ms", "p99_ms"))]
-SPLIT_FIELDS = ["decode_ms", "preprocess_ms", "inference_ms", "total_ms", "naive.decode_resize_ms",
-                "naive.inference_ms", "naive.total_ms", "speedup_x"]
+SPLIT_FIELDS = ["estimate_ms", "decode_ms", "preprocess_ms", "inference_ms", "total_ms",
+                "naive.decode_resize_ms", "naive.inference_ms", "naive.total_ms", "speedup_x"]
 PROFILE_FIELDS = ["python_start_ms", "total_s", "peak_rss_mb", "stages"]
 COLD_FIELDS = ["median_s", "median_to_first_output_s", "peak_rss_mb", "runs", "command"]
 FIELDS = [
@@ -149,6 +149,7 @@ def test_report_files(bench_run: dict) -> None:
                     "## Pi-class profile"):
         assert heading in text
     assert "not a Raspberry Pi" in text
+    assert "| Header estimate | Decode |" in text  # what classify reads before it decodes
     runs = bench_run["results"]["plan"]["runs"]  # a smoke run: too few runs for a p99
     assert f"(p50 / p95 / max over {runs} runs)" in text and "/ p99" not in text
     with Image.open(out / "latency_size.png") as chart:
