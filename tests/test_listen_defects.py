@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from bundle_helpers import set_default_status
 from listen_helpers import FIXTURES, receive, recorded_as, rewrite
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
@@ -290,3 +292,40 @@ def test_a_series_from_a_bundle_without_domain_gate_is_never_ok() -> None:
     assert aggregate([sure] * 4, labels).status == "ok"  # the slices' caveat alone is not seen
     result = aggregate([sure] * 4, labels, caveat=NO_GATE)
     assert (result.status, result.label, result.reason) == ("uncertain", "COVID-19", NO_GATE)
+
+
+# --- 6: an artifact that missed parity -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("status, stored", [
+    ("passed", "passed"),
+    ("failed: agreement 0.91 < 0.97", "failed: agreement 0.91 < 0.97"),
+    ("failed\ud800", "failed\ufffd"),  # a valid JSON escape in the manifest: no crash either
+])
+def test_slice_rows_and_the_report_state_the_parity_status_of_the_artifact(
+        status: str, stored: str, ct_bundle: Path, tmp_path: Path) -> None:
+    """`listen` warned on stderr at start only: an unattended node's slice rows and series
+    reports did not say that its artifact missed parity. A report of one that passed is as
+    before (no parity item)."""
+    bundle = Path(shutil.copytree(ct_bundle, tmp_path / "bundle"))
+    name = set_default_status(bundle, status)
+    classifier = Classifier.from_bundle(bundle)
+    with Store(tmp_path / "data") as store:
+        node = Node(NodeConfig(data_dir=tmp_path / "data"), classifier, store)
+        node.classify(receive(node))
+        (series_id,) = store.stable_dicom_series(later())
+        series = node.complete_series(series_id)
+        (row,) = store.list()
+    assert (row["origin"], row["artifact"], row["artifact_parity"]) == ("dicom", name, stored)
+    report = pydicom.dcmread(tmp_path / "data" / "reports" / series["report"])
+    meanings = [item.ConceptNameCodeSequence[0].CodeMeaning for item in report.ContentSequence]
+    texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+             for item in report.ContentSequence}
+    assert texts["Bundle"].endswith(f"artifact {name}")
+    if status == "passed":
+        assert "Parity warning" not in texts and meanings[:2] == ["Disclaimer", "Series label"]
+    else:
+        assert meanings[:3] == ["Disclaimer", "Parity warning", "Series label"]
+        assert texts["Parity warning"] == classifier.artifact.parity_warning == (
+            f"artifact {name!r} has parity status {status!r}; its answers may differ from the "
+            "reference model")

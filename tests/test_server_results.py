@@ -5,11 +5,13 @@ pages and 400/404 answers, and the disclaimer on every body with a result."""
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import pytest
+from bundle_helpers import set_default_status
 from PIL import Image
-from server_helpers import DICOM, JPEG, PNG, Running, serving
+from server_helpers import DICOM, JPEG, PNG, Running, infer_request, serving
 
 from ct_edge import DISCLAIMER
 from ct_edge.classifier import Classifier
@@ -43,6 +45,23 @@ def test_classify_returns_the_cli_json_object_plus_the_row_id(api: Running,
     assert row["label"] == result["label"] and row["origin"] == "http"
     assert row["source"] == "scan one.png" and row["heatmap"] is False
     assert row["bundle_sha256"] == classifier.bundle.manifest_sha256
+    assert (row["artifact"], row["artifact_parity"]) == (classifier.artifact.name,
+                                                        classifier.artifact.status)
+
+
+def test_stored_results_name_the_parity_status_of_the_artifact_that_answered(
+        tiny_bundle: Path, tmp_path: Path) -> None:
+    """serve named an artifact that missed parity in its metadata only: the results it stored
+    (from /v1/classify and from an OIP infer batch) did not say so."""
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    name = set_default_status(bundle, "failed: agreement 0.91 < 0.97")
+    with serving(Classifier.from_bundle(bundle), tmp_path / "data") as api:
+        assert api.json("POST", "/v1/classify", body=PNG)[0] == 200
+        assert api.json("POST", "/v2/models/ct-edge/infer", infer_request(PNG, JPEG))[0] == 200
+        status, page = api.json("GET", "/v1/results")
+    assert status == 200 and [row["origin"] for row in page["results"]] == ["oip", "oip", "http"]
+    assert {(row["artifact"], row["artifact_parity"]) for row in page["results"]} == {
+        (name, "failed: agreement 0.91 < 0.97")}
 
 
 @pytest.mark.parametrize("name, data", [("jpeg", JPEG), ("dicom", DICOM)])

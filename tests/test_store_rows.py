@@ -117,6 +117,21 @@ def test_threads_share_one_store(tmp_path: Path) -> None:
         assert len({r["id"] for r in store.list(limit=100)}) == 100
 
 
+def test_every_results_writer_records_the_artifact_parity_status(tmp_path: Path) -> None:
+    """A result of an artifact that missed parity looked like any other once stored."""
+    failed = "failed: agreement 0.91 < 0.97"
+    prediction = Prediction(path="x.png", label="Normal", status="ok", probabilities={"Normal": 1})
+    with Store(tmp_path) as store:
+        ids = [add_row(store, artifact="tflite-int8", artifact_parity=failed),
+               store.add_prediction(prediction, origin="http", artifact_parity=failed),
+               *store.add_predictions([(prediction, "ab" * 32)], origin="oip",
+                                      artifact_parity=failed)]
+        assert [store.get(i)["artifact_parity"] for i in ids] == [failed] * 3
+        assert store.get(add_row(store))["artifact_parity"] is None  # not given: unknown
+        assert store.get(add_row(store, artifact_parity="failed\ud800"))["artifact_parity"] \
+            == "failed\ufffd"
+
+
 def test_two_stores_on_one_folder(tmp_path: Path) -> None:
     with Store(tmp_path) as first, Store(tmp_path) as second:
         a = add_row(first)
@@ -174,6 +189,31 @@ def test_results_command_lists_the_store(tmp_path: Path, capsys) -> None:
                      "--status", "ok"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["source"] == "first.png" and row["probabilities"]["Normal"] == 0.8
+
+
+def test_results_command_marks_results_of_an_artifact_that_missed_parity(tmp_path: Path,
+                                                                         capsys) -> None:
+    """The table showed such a result like any other; rows that passed, or stored before the
+    status was recorded, are shown as before."""
+    from ct_edge import cli
+    from ct_edge.errors import parity_warning
+
+    failed = "failed: agreement 0.91 < 0.97"
+    with Store(tmp_path) as store:
+        add_row(store, source="unknown.png")
+        add_row(store, source="passed.png", artifact="tflite-int8", artifact_parity="passed")
+        for source in ("failed1.png", "failed2.png"):
+            add_row(store, source=source, artifact="onnx-fp32", artifact_parity=failed)
+    assert cli.main(["results", "--data-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[3]: line for line in lines[1:5]}
+    assert " ok * " in rows["failed2.png"] and " ok * " in rows["failed1.png"]
+    assert " ok " in rows["passed.png"] and "*" not in rows["passed.png"] + rows["unknown.png"]
+    assert lines[5:7] == [f"* {parity_warning('onnx-fp32', failed)}",  # once per artifact
+                          "4 of 4 shown, newest first"]
+    assert cli.main(["results", "--data-dir", str(tmp_path), "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["artifact_parity"] for row in listed] == [failed, failed, "passed", None]
 
 
 def test_results_command_without_a_store_is_one_line_exit_2(tmp_path: Path, capsys) -> None:

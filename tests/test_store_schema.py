@@ -3,6 +3,7 @@ damaged or read-only one, and where the data folder is."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -53,6 +54,40 @@ def test_failed_migration_leaves_the_previous_version(tmp_path: Path, monkeypatc
     db = sqlite3.connect(tmp_path / "results.sqlite3")
     assert schema_version(db) == len(MIGRATIONS)
     assert not db.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchall()
+
+
+def test_a_store_from_before_artifact_parity_is_migrated_keeping_its_rows(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    """A version-2 store file (what ct-edge wrote before results recorded the artifact's parity
+    status): `results` asks for an upgrade, a writer applies the missing migrations, and the old
+    row reads back as before with its parity status unknown (NULL)."""
+    from ct_edge import cli
+
+    before = MIGRATIONS.index(store_schema.v3_artifact_parity)
+    monkeypatch.setattr(store_schema, "MIGRATIONS", MIGRATIONS[:before])
+    db = sqlite3.connect(tmp_path / "results.sqlite3", isolation_level=None)
+    assert store_schema.migrate(db) == before
+    db.execute("INSERT INTO results (created_at, source, sha256, bundle_sha256, artifact, "
+               "artifact_sha256, status, label, confidence, probabilities, origin) VALUES "
+               "('2024-05-01T10:00:00.000Z', 'old.png', ?, ?, 'tflite-int8', ?, 'ok', 'Normal', "
+               "0.8, '{\"Normal\": 0.8}', 'http')", ("ab" * 32, "cd" * 32, "ef" * 32))
+    db.close()
+    monkeypatch.undo()
+    assert cli.main(["results", "--data-dir", str(tmp_path)]) == 2
+    assert "older than this ct-edge's" in capsys.readouterr().err
+    with Store(tmp_path) as store:
+        assert store.version == len(MIGRATIONS)
+        (old,) = store.list()
+        new = store.get(store.add(source="new.png", origin="http", status="ok",
+                                  artifact="tflite-int8", artifact_parity="passed"))
+    assert old["artifact_parity"] is None and new["artifact_parity"] == "passed"
+    assert (old["source"], old["artifact"], old["artifact_sha256"], old["label"]) == (
+        "old.png", "tflite-int8", "ef" * 32, "Normal")
+    assert old["probabilities"] == {"Normal": 0.8} and old["created_at"].startswith("2024-05-01")
+    assert cli.main(["results", "--data-dir", str(tmp_path), "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(row["source"], row["artifact_parity"]) for row in listed] == [
+        ("new.png", "passed"), ("old.png", None)]
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

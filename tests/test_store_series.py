@@ -35,6 +35,18 @@ def test_series_progress_counts_each_instance_once_and_live(tmp_path: Path) -> N
         assert store.dicom_series_progress([]) == {}
 
 
+def test_a_slice_result_records_the_artifact_parity_status(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        ids = [store.add_dicom_instance(sop_instance_uid=f"1.8.{n}", study_uid="1.8",
+                                        series_uid="1.8.1", spool_path=f"{n}.dcm", nbytes=1)
+               for n in range(2)]
+        failed = store.add_dicom_result(ids[0], source="a", status="ok", label="Normal",
+                                        artifact="tflite-int8", artifact_parity="failed: accuracy")
+        unknown = store.add_dicom_result(ids[1], source="b", status=None, error="cannot decode")
+        assert store.get(failed)["artifact_parity"] == "failed: accuracy"
+        assert store.get(unknown)["artifact_parity"] is None
+
+
 def test_a_slice_location_stored_as_infinity_reads_as_absent(tmp_path: Path) -> None:
     """Stores written before the header check refused infinity must not fail every JSON answer
     about the series."""

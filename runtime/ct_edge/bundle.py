@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .domain import MODALITIES, FeatureGate, gate_entry, gate_from_npz
-from .errors import REBUILD_BUNDLE, BundleError
+from .errors import REBUILD_BUNDLE, BundleError, parity_warning
 from .preprocess import PreprocessSpec
 
 SCHEMA_VERSION = 1
@@ -173,17 +173,6 @@ def resolve_bundle_dir(root: str | Path | None) -> Path:
                           f"${ENV_BUNDLE}, or install or copy a bundle there "
                           "(on the build machine: `make demo` or `make convert`)")
     return path
-
-
-def parity_warning(name: str, status: str) -> str | None:
-    """The warning for running artifact `name` of parity status `status`; None when it passed.
-
-    Every front end prints it (a warning, not a refusal: the artifact was chosen by name or as
-    the bundle's default)."""
-    if status == "passed":
-        return None
-    return (f"artifact {name!r} has parity status {status!r}; its answers may differ from the "
-            "reference model")
 
 
 def bundle_file(root: Path, file: str, what: str) -> Path:

@@ -29,6 +29,17 @@ class BundleError(CtEdgeError):
     """The model bundle is missing, unknown, tampered with or unusable."""
 
 
+def parity_warning(name: str, status: str) -> str | None:
+    """The warning for running artifact `name` of parity status `status`; None when it passed.
+
+    Every front end prints it, and `ct-edge results` and listen's reports repeat it (a
+    warning, not a refusal: the artifact was chosen by name or as the bundle's default)."""
+    if status == "passed":
+        return None
+    return (f"artifact {name!r} has parity status {status!r}; its answers may differ from the "
+            "reference model")
+
+
 def one_line(exc: BaseException) -> str:
     """An exception as one short line: library messages can span lines or be empty."""
     text = " ".join(str(exc).split()) or type(exc).__name__

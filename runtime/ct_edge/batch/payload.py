@@ -55,8 +55,8 @@ class ModelPayload:
 
     @property
     def parity_warning(self) -> str | None:
-        """The warning for running this artifact (ct_edge.bundle.parity_warning)."""
-        from ..bundle import parity_warning
+        """The warning for running this artifact (ct_edge.errors.parity_warning)."""
+        from ..errors import parity_warning
 
         return parity_warning(self.artifact, self.artifact_status)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import DISCLAIMER
 from .. import STATUS_WORDS as BY_STATUS
+from ..errors import parity_warning
 from .common import EXIT_OK, EXIT_USAGE, RAW, error, json_line, positive_int, printable
 
 STATUS_WORDS = {**BY_STATUS, None: "unreadable"}
@@ -23,10 +24,11 @@ examples:
 Reads the store in --data-dir (default: $CT_EDGE_DATA, else $XDG_DATA_HOME/ct-edge, else
 ~/.local/share/ct-edge), newest first, without writing to it (it may be on a read-only
 disk). --json prints one JSON object per line. Control characters in stored text (a DICOM
-series description, say) show as escapes, e.g. \\x1b, in the table. The disclaimer follows the
-table (on stderr with --json). Exit code 2 when there is no usable store there (none, empty,
-damaged, made by an older ct-edge and not yet upgraded by `serve` or `listen`, or busy in
-another process).
+series description, say) show as escapes, e.g. \\x1b, in the table. A `*` after a status marks a
+result of an artifact that did not pass its parity check (its warning follows the table;
+artifact_parity in --json). The disclaimer follows the table (on stderr with --json). Exit
+code 2 when there is no usable store there (none, empty, damaged, made by an older ct-edge and
+not yet upgraded by `serve` or `listen`, or busy in another process).
 """
 
 
@@ -90,19 +92,35 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_results(rows: list[dict], total: int) -> str:
+    """The table; a row whose artifact did not pass its parity check has a `*` after its status,
+    explained under the table by the warning that artifact's run printed."""
     if not rows:
         return "no results stored"
-    body = []
+    body, warnings = [], []
     for row in rows:
         answer = (f"{row['label']} {row['confidence']:.1%}" if row["label"] is not None
                   and row["confidence"] is not None else "-")
         detail = row["error"] or row["reason"] or ""
+        status = STATUS_WORDS.get(row["status"], str(row["status"]))
+        warning = _parity_warning(row)
+        if warning:
+            status += " *"
+            if warning not in warnings:
+                warnings.append(warning)
         body.append([str(row["id"]), row["created_at"].replace("T", " ").rstrip("Z"),
-                     _short(row["source"], 40), answer,
-                     STATUS_WORDS.get(row["status"], str(row["status"])), row["origin"],
+                     _short(row["source"], 40), answer, status, row["origin"],
                      _short(detail, 60)])
     table = _table(["id", "time (UTC)", "source", "result", "status", "from", "why"], body)
-    return f"{table}\n{len(rows)} of {total} shown, newest first"
+    notes = "".join(f"* {printable(warning)}\n" for warning in warnings)
+    return f"{table}\n{notes}{len(rows)} of {total} shown, newest first"
+
+
+def _parity_warning(row: dict) -> str | None:
+    """The parity warning of the artifact that answered a row; None when it passed or the row
+    does not say (written before the store recorded it)."""
+    if row.get("artifact_parity") is None:
+        return None
+    return parity_warning(row.get("artifact") or "unknown", row["artifact_parity"])
 
 
 def render_series(rows: list[dict]) -> str:

@@ -348,10 +348,10 @@ class Node:
     def _classification(self, item: dict[str, Any]) -> dict[str, Any]:
         """The results row of one spooled copy: the classifier's answer (its header check and
         domain gate decide what is out of domain), or why there is none."""
+        artifact = self.classifier.artifact
         result: dict[str, Any] = {"source": f"dicom {item['sop_instance_uid']}",
-                                  "bundle_sha256": self.bundle_sha256,
-                                  "artifact": self.classifier.artifact.name,
-                                  "artifact_sha256": self.classifier.artifact.sha256}
+                                  "bundle_sha256": self.bundle_sha256, "artifact": artifact.name,
+                                  "artifact_sha256": artifact.sha256, "artifact_parity": artifact.status}
         try:
             if item["spool_path"] is None:
                 raise FileNotFoundError("no spool file recorded")
@@ -425,7 +425,7 @@ class Node:
         """The series' Basic Text SR in `<data>/reports/`, or None when it cannot be written."""
         try:
             instances = [(s["sop_class_uid"] or "", s["sop_instance_uid"]) for s in slices]
-            ds = build_report(series, instances, self.bundle_sha256, self.classifier.artifact.name)
+            ds = build_report(series, instances, self.bundle_sha256, self.classifier.artifact)
             return save_report(ds, self.config.data_dir / REPORTS)
         except Exception as exc:  # the series result is stored anyway; the report is extra
             log.error("cannot write the report of series %s: %s", series["series_uid"],

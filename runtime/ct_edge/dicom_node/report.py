@@ -1,8 +1,9 @@
 """A series result as a DICOM Basic Text SR: what `ct-edge listen` saves and can forward.
 
 The document carries the label, the probabilities, the slice counts and the bundle's identity as
-TEXT items under a container, references every instance it was computed from, is UNVERIFIED,
-and says in its series description and its first item that it is not for diagnostic use.
+TEXT items under a container (and the parity warning of an artifact that missed its parity
+check), references every instance it was computed from, is UNVERIFIED, and says in its series
+description and its first item that it is not for diagnostic use.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import DISCLAIMER, __version__
 from ..errors import one_line
 from ..files import fsync_dir
+
+if TYPE_CHECKING:
+    from ..bundle import Artifact
 
 log = logging.getLogger("ct_edge.listen")
 
@@ -45,9 +49,10 @@ def _text(value: str, meaning: str, text: str):
 
 
 def build_report(series: dict[str, Any], instances: Sequence[tuple[str, str]],
-                 bundle_sha256: str | None, artifact: str | None):
+                 bundle_sha256: str | None, artifact: Artifact | None):
     """The SR dataset for a stored series (a `Store.get_dicom_series` dict) and its instances
-    as (SOP class UID, SOP instance UID)."""
+    as (SOP class UID, SOP instance UID); `artifact` is the one that answered. When it did not
+    pass its parity check, an item after the disclaimer says so in `parity_warning`'s words."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -83,7 +88,10 @@ def build_report(series: dict[str, Any], instances: Sequence[tuple[str, str]],
     ds.ConceptNameCodeSequence = [_code("CTE001", "ct-edge research classification")]
     counts = series.get("counts") or {}
     probabilities = series.get("probabilities") or {}
+    warning = artifact.parity_warning if artifact is not None else None
     items = [_text("CTE002", "Disclaimer", DISCLAIMER),
+             # Before the label it qualifies: a reader of the report sees nothing else of the run.
+             *([_text("CTE010", "Parity warning", warning)] if warning else []),
              _text("CTE003", "Series label", series.get("label") or "none"),
              _text("CTE004", "Status", f"{series.get('status')}"
                    + (f": {series['reason']}" if series.get("reason") else "")),
@@ -93,7 +101,7 @@ def build_report(series: dict[str, Any], instances: Sequence[tuple[str, str]],
              _text("CTE007", "Slices", ", ".join(f"{key} {value}" for key, value in counts.items()
                                                  if key != "k")),
              _text("CTE008", "Bundle", f"manifest sha256 {bundle_sha256 or 'unknown'}, "
-                                       f"artifact {artifact or 'unknown'}"),
+                                       f"artifact {artifact.name if artifact else 'unknown'}"),
              _text("CTE009", "Source series", series["series_uid"])]
     ds.ContentSequence = items
     referenced = Dataset()

@@ -248,7 +248,8 @@ class Service:
         """Commit (prediction, input sha256) pairs in one transaction, all or none; the row ids."""
         return self.store.add_predictions(
             answered, origin=origin, bundle_sha256=self.identity.bundle_sha256,
-            artifact=self.identity.artifact, artifact_sha256=self.identity.artifact_sha256)
+            artifact=self.identity.artifact, artifact_sha256=self.identity.artifact_sha256,
+            artifact_parity=self.identity.artifact_parity)
 
     def record(self, prediction: Prediction, origin: str, sha256: str,
                heatmap: bytes | None = None) -> int:
@@ -256,4 +257,5 @@ class Service:
         return self.store.add_prediction(
             prediction, origin=origin, sha256=sha256, heatmap_png=heatmap,
             bundle_sha256=self.identity.bundle_sha256, artifact=self.identity.artifact,
-            artifact_sha256=self.identity.artifact_sha256)
+            artifact_sha256=self.identity.artifact_sha256,
+            artifact_parity=self.identity.artifact_parity)

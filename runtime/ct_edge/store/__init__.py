@@ -189,7 +189,7 @@ class Store(DicomSeriesStore):
             timings_ms: Mapping[str, float] | None = None, error: str | None = None,
             sha256: str | None = None, bundle_sha256: str | None = None,
             artifact: str | None = None, artifact_sha256: str | None = None,
-            heatmap_png: bytes | None = None) -> int:
+            artifact_parity: str | None = None, heatmap_png: bytes | None = None) -> int:
         """Write one result (and its heatmap file) and commit; the new row's id."""
         heatmap = self._write_heatmap(heatmap_png) if heatmap_png is not None else None
         try:
@@ -197,7 +197,8 @@ class Store(DicomSeriesStore):
                                    probabilities=probabilities, reason=reason,
                                    timings_ms=timings_ms, error=error, sha256=sha256,
                                    bundle_sha256=bundle_sha256, artifact=artifact,
-                                   artifact_sha256=artifact_sha256, heatmap=heatmap)
+                                   artifact_sha256=artifact_sha256,
+                                   artifact_parity=artifact_parity, heatmap=heatmap)
             with transaction(self._db, self._lock, self.path) as db:
                 return int(db.execute(INSERT_RESULT, values).lastrowid)
         except BaseException:
@@ -209,20 +210,24 @@ class Store(DicomSeriesStore):
     def add_prediction(self, prediction: Any, *, origin: str, source: str | None = None,
                        sha256: str | None = None, bundle_sha256: str | None = None,
                        artifact: str | None = None, artifact_sha256: str | None = None,
+                       artifact_parity: str | None = None,
                        heatmap_png: bytes | None = None) -> int:
         """`add` for a `ct_edge.classifier.Prediction`, with the figures its JSON contract shows."""
         return self.add(**prediction_fields(prediction, source), origin=origin, sha256=sha256,
                         bundle_sha256=bundle_sha256, artifact=artifact,
-                        artifact_sha256=artifact_sha256, heatmap_png=heatmap_png)
+                        artifact_sha256=artifact_sha256, artifact_parity=artifact_parity,
+                        heatmap_png=heatmap_png)
 
     def add_predictions(self, predictions: Sequence[tuple[Any, str]], *, origin: str,
                         bundle_sha256: str | None = None, artifact: str | None = None,
-                        artifact_sha256: str | None = None) -> list[int]:
+                        artifact_sha256: str | None = None,
+                        artifact_parity: str | None = None) -> list[int]:
         """(prediction, sha256 of its input) pairs, without heatmaps, in one transaction: all are
         stored or none is (StoreError); their ids in order."""
         rows = [result_values(**prediction_fields(prediction), origin=origin, sha256=sha256,
                               bundle_sha256=bundle_sha256, artifact=artifact,
-                              artifact_sha256=artifact_sha256, heatmap=None)
+                              artifact_sha256=artifact_sha256, artifact_parity=artifact_parity,
+                              heatmap=None)
                 for prediction, sha256 in predictions]
         with transaction(self._db, self._lock, self.path) as db:
             return [int(db.execute(INSERT_RESULT, values).lastrowid) for values in rows]

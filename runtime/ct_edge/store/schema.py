@@ -21,8 +21,8 @@ T = TypeVar("T")
 
 MAX_PAGE = 1000
 RESULT_COLUMNS = ("id", "created_at", "source", "sha256", "bundle_sha256", "artifact",
-                  "artifact_sha256", "status", "reason", "label", "confidence", "probabilities",
-                  "timings_ms", "heatmap", "error", "origin")
+                  "artifact_sha256", "artifact_parity", "status", "reason", "label", "confidence",
+                  "probabilities", "timings_ms", "heatmap", "error", "origin")
 # Every column but the id, in RESULT_COLUMNS order: the one INSERT both writers of results use.
 INSERT_RESULT = (f"INSERT INTO results ({', '.join(RESULT_COLUMNS[1:])}) "
                  f"VALUES ({', '.join('?' * (len(RESULT_COLUMNS) - 1))})")
@@ -132,9 +132,10 @@ def result_values(*, source: str, origin: str, status: str | None, label: str | 
                   probabilities: Mapping[str, float] | None, reason: str | None,
                   timings_ms: Mapping[str, float] | None, error: str | None, sha256: str | None,
                   bundle_sha256: str | None, artifact: str | None, artifact_sha256: str | None,
-                  heatmap: str | None) -> tuple:
+                  artifact_parity: str | None, heatmap: str | None) -> tuple:
     """One `results` row in INSERT_RESULT's column order; StoreError for a number that is not
-    finite (NaN or infinity), which no reader of the row could send as JSON."""
+    finite (NaN or infinity), which no reader of the row could send as JSON. `artifact_parity`:
+    the artifact's parity status as its bundle's manifest records it ("passed", "failed: ...")."""
     probabilities = dict(probabilities or {})
     confidence = probabilities.get(label) if label is not None else None
     try:
@@ -143,8 +144,8 @@ def result_values(*, source: str, origin: str, status: str | None, label: str | 
     except ValueError:
         raise StoreError(f"refused the result for {source}: a number in it is not finite "
                          "(NaN or infinity)") from None
-    return (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256, status,
-            reason, label, confidence, *encoded, heatmap, error, origin)
+    return (utc_now(), str(source), sha256, bundle_sha256, artifact, artifact_sha256,
+            artifact_parity, status, reason, label, confidence, *encoded, heatmap, error, origin)
 
 
 def utc_now() -> str:
@@ -232,10 +233,17 @@ def v2_dicom(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX dicom_series_state ON dicom_series (state, last_received_at)")
 
 
+def v3_artifact_parity(db: sqlite3.Connection) -> None:
+    """The parity status of the artifact that answered, on every result: an artifact that missed
+    parity may still run (chosen by name, or as the default). NULL in rows written before it."""
+    db.execute("ALTER TABLE results ADD COLUMN artifact_parity TEXT")
+
+
 # Append only: never edit or reorder a released migration.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     v1_results,
     v2_dicom,
+    v3_artifact_parity,
 ]
 
 

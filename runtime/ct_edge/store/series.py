@@ -138,7 +138,8 @@ class DicomSeriesStore:
             reason=result.get("reason"), timings_ms=result.get("timings_ms"),
             error=result.get("error"), sha256=result.get("sha256"),
             bundle_sha256=result.get("bundle_sha256"), artifact=result.get("artifact"),
-            artifact_sha256=result.get("artifact_sha256"), heatmap=None)
+            artifact_sha256=result.get("artifact_sha256"),
+            artifact_parity=result.get("artifact_parity"), heatmap=None)
         with transaction(self._db, self._lock, self.path) as db:
             if spool_path is not None and not db.execute(
                     "SELECT 1 FROM dicom_instances WHERE id = ? AND spool_path = ?",
