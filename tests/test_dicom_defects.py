@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
 import sys
 import warnings
@@ -308,6 +309,13 @@ def _sources_of_header_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+def _element(group: int, element: int, vr: str, value: bytes) -> bytes:
+    """One explicit-VR little-endian data element, written by hand (out of order if need be)."""
+    if vr in ("OB", "OW", "UN", "SQ", "UT"):
+        return struct.pack("<HH2sHI", group, element, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
+
+
 @pytest.mark.parametrize("padding", [0, 70_000])
 def test_the_header_estimate_is_the_same_in_memory_or_from_the_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, padding: int) -> None:
@@ -323,3 +331,22 @@ def test_the_header_estimate_is_the_same_in_memory_or_from_the_file(
     expected = path.stat().st_size + 30 * 40 * (2 + 4)  # the file, 16-bit pixels, float32 gray
     assert decode_cost(path) == expected
     assert reads == (["memory", "file"] if padding else ["memory"])
+
+
+def test_a_header_whose_later_size_is_past_the_first_64_kib_is_estimated_by_it(
+        tmp_path: Path) -> None:
+    """Found in review: Pixel Data's tag bytes early in a long private value, and the true Rows
+    and Columns after it (out of order, as `decode` reads them): the in-memory parse saw only
+    the small early ones and put a 4096 x 4096 frame at 5 bytes."""
+    frame = io.BytesIO()
+    Image.new("L", (4096, 4096), 128).save(frame, "JPEG", quality=50)
+    path = write_dicom(tmp_path / "x.dcm", frame.getvalue(), 1, 1, bits=8, jpeg=True)
+    data = path.read_bytes()
+    pixel_data = data.rfind(b"\xe0\x7f\x10\x00")
+    late = (_element(0x0029, 0x0010, "LO", b"CT-EDGE ")
+            + _element(0x0029, 0x1010, "OB", b"\xe0\x7f\x10\x00" + bytes(70_000))
+            + _element(0x0028, 0x0010, "US", struct.pack("<H", 4096))
+            + _element(0x0028, 0x0011, "US", struct.pack("<H", 4096)))
+    path.write_bytes(data[:pixel_data] + late + data[pixel_data:])
+    assert decode(path).size == (4096, 4096)  # what decode reads: the later size
+    assert decode_cost(path) == path.stat().st_size + 4096 * 4096 * (1 + 4)

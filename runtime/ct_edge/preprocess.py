@@ -300,13 +300,18 @@ def _dicom_work_bytes(handle: BinaryIO) -> int | None:
 
     ds = None
     if any(tag in prefix for tag in _PIXEL_DATA_TAGS):
-        # The header is all in the prefix: parsed in memory, since pydicom asks a file for its
-        # position some 500 times a header (a system call each).
+        # Parsed in memory when the whole header is in the prefix, since pydicom asks a file for
+        # its position some 500 times a header (a system call each).
+        buffer = io.BytesIO(prefix)
         try:
-            ds = pydicom.dcmread(io.BytesIO(prefix), force=True, stop_before_pixels=True,
+            ds = pydicom.dcmread(buffer, force=True, stop_before_pixels=True,
                                  specific_tags=_DICOM_SIZE_TAGS)
-            int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)  # the last of them in the file
-        except Exception:  # the tag's bytes were inside a value or an icon: read the file itself
+        except Exception:  # a value runs past the prefix: read the file itself
+            ds = None
+        end = buffer.tell()
+        if prefix[end:end + 4] not in _PIXEL_DATA_TAGS:
+            # Stopped elsewhere than at the top-level Pixel Data (its tag bytes were inside a
+            # value or an icon): the elements after the prefix count too (a later Rows, say).
             ds = None
     if ds is None:
         handle.seek(0)
