@@ -63,7 +63,8 @@ def cli_command(explicit: str | None = None) -> tuple[list[str] | None, str]:
 def per_image(bundle_dir: str, inputs: dict[str, str], threads: int | None, repeats: int,
               artifact: str | None = None) -> dict:
     """Median decode / preprocess / inference / total ms per input, via Classifier.predict, and
-    the header estimate `ct-edge classify` and `serve` make before it (`decode_cost`)."""
+    the header estimate `serve` and a `ct-edge classify` of several files make before it
+    (`decode_cost`)."""
     from ct_edge.classifier import Classifier
     from ct_edge.preprocess import decode_cost
 

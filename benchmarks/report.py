@@ -133,8 +133,9 @@ def _per_image_table(per_image: dict, described: dict) -> list[str]:
                      fmt(naive.get("total_ms")), _x(e.get("speedup_x"))])
     table = _table(["Input", "Pixels", "File (KiB)", "Header estimate", "Decode", "Preprocess",
                     "Inference", "Total (ms)", "Pillow + Keras predict (ms)", "Speed-up"], rows)
-    return [*table, "Header estimate: the memory-bound read of `ct-edge classify` and `serve` "
-            "before decoding (not in Total, which is `Classifier.predict`).", ""]
+    return [*table, "Header estimate: the memory-bound read `serve` and a `ct-edge classify` of "
+            "several files make before decoding, timed from the file (not in Total, which is "
+            "`Classifier.predict`).", ""]
 
 
 def _cold_lines(cold: dict, profile: dict) -> list[str]:

@@ -9,9 +9,10 @@ folds whatever the recipe, so the mean of two recipes' probabilities per image i
 a one-graph ensemble of their fold models (`training.ensemble`) would have answered on those
 folds, without training anything again; `:flip` averages a recipe with its answer on the
 mirrored image (flip TTA), `:int8` takes its full-int8 TFLite answers (runs made with --int8),
-`:kN` the mean of its first N members' answers (runs made with --members K >= N). A `*` in a
-recipe matches several labels, one run per seed (e.g. 'edge-gap-crop+ens*:k3' takes three
-members of an ens3 run on one seed and of an ens5 run on another).
+`:kN` the mean of its first N members' answers (runs made with --members K >= N). A recipe
+may be a shell-style pattern matching several labels, one run per seed (e.g.
+'edge-gap-crop+ens*:k3' takes three members of an ens3 run on one seed and of an ens5 run on
+another).
 Figures are the share of all images right per seed, mean ± std over the seeds every member
 ran, and the paired difference to the baseline; `--versus` adds the top-1 agreement per seed of
 the mixture with another (e.g. the same members in int8).
@@ -55,33 +56,27 @@ def parse_member(spec: str) -> tuple[str, str]:
     return recipe, view
 
 
-def first_members(rows: list[dict], count: int) -> dict[str, tuple[int, np.ndarray]]:
-    """Per image: true class index and the mean of its first `count` members' probabilities."""
-    short = [r for r in rows if len(r.get("member_probabilities", ())) < count]
-    if not rows or short:
-        raise MixtureError(f"run has no answers of {count} members (made with fewer --members, "
-                           "or before they were recorded)")
-    return {"/".join(Path(r["path"]).parts[-2:]):
-            (LABELS.index(r["true"]),
-             np.mean(np.asarray(r["member_probabilities"][:count], np.float64), axis=0))
-            for r in rows}
-
-
 def out_of_fold_probabilities(run: dict, view: str = "") -> dict[str, tuple[int, np.ndarray]]:
     """Per image (class folder/file name): its true class index and the recipe's probabilities
     as `view` (VIEWS, or kN) says."""
     rows = [p for fold in run["folds"] for p in fold.get("predictions", ())]
     members = MEMBERS_VIEW.fullmatch(view)
     if members:
-        return first_members(rows, int(members.group(1)))
-    keys = VIEWS[view]
-    if not rows or any(key not in r for r in rows for key in keys):
-        raise MixtureError(f"run has no per-image {' or '.join(k.replace('_', ' ') for k in keys)}"
-                           " (made before they were recorded, or without --int8; run "
-                           "training.evaluate again)")
+        count = int(members.group(1))
+        if not rows or any(len(r.get("member_probabilities", ())) < count for r in rows):
+            raise MixtureError(f"run has no answers of {count} members (made with fewer "
+                               "--members, or before they were recorded)")
+        answers = [r["member_probabilities"][:count] for r in rows]
+    else:
+        keys = VIEWS[view]
+        if not rows or any(key not in r for r in rows for key in keys):
+            raise MixtureError(f"run has no per-image {' or '.join(k.replace('_', ' ') for k in keys)}"
+                               " (made before they were recorded, or without --int8; run "
+                               "training.evaluate again)")
+        answers = [[r[k] for k in keys] for r in rows]
     return {"/".join(Path(r["path"]).parts[-2:]):
-            (LABELS.index(r["true"]), np.mean([np.asarray(r[k], np.float64) for k in keys], axis=0))
-            for r in rows}
+            (LABELS.index(r["true"]), np.mean(np.asarray(a, np.float64), axis=0))
+            for r, a in zip(rows, answers, strict=True)}
 
 
 def mixed_probabilities(runs: list[dict], views: list[str] | None = None
