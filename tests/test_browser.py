@@ -244,3 +244,13 @@ def test_the_page_warns_when_its_artifact_missed_parity(browser, tiny_bundle: Pa
             if warned:
                 assert warning.text == (f"Warning: artifact {name!r} has parity status "
                                         "'failed'; its answers may differ from the reference model")
+            # The history marks a stored answer of that artifact, as `ct-edge results` does.
+            browser.find_element(By.ID, "files").send_keys(str(FIXTURES / "gray8.png"))
+            (row,) = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR,
+                                                                 "#history tbody tr"))
+            marks = row.find_elements(By.CSS_SELECTOR, ".parity-mark")
+            assert len(marks) == warned
+            if warned:
+                assert marks[0].text == "*" and marks[0].get_attribute("title") == (
+                    f"artifact {name!r} has parity status 'failed'; its answers may differ from "
+                    "the reference model")

@@ -58,6 +58,14 @@ function statusTag(status, error) {
   return el("span", { class: "tag " + key }, error ? "unreadable" : (names[status] || status));
 }
 
+function parityMark(row) {
+  // A stored answer of an artifact that missed its parity check: marked as `ct-edge results` does.
+  if (row.artifact_parity == null || row.artifact_parity === "passed") return "";
+  const why = "artifact '" + row.artifact + "' has parity status '" + row.artifact_parity +
+              "'; its answers may differ from the reference model";
+  return el("span", { class: "parity-mark", title: why, "aria-label": why }, " *");
+}
+
 async function heatmapImage(url, name) {
   const response = await api(url);
   if (!response.ok) return null;
@@ -145,7 +153,7 @@ async function loadHistory() {
                    el("td", {}, row.created_at.replace("T", " ").replace("Z", "")),
                    el("td", { class: "file" }, row.source),
                    el("td", {}, result),
-                   el("td", {}, statusTag(row.status, row.error)),
+                   el("td", {}, statusTag(row.status, row.error), parityMark(row)),
                    el("td", {}, heat)));
   }
   document.getElementById("history-empty").hidden = data.results.length > 0;
