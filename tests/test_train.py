@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -222,21 +223,28 @@ def test_an_interrupted_rerun_leaves_the_previous_model_and_its_config(
     assert not list(out.glob(".*")), "a staging folder was left behind"
 
 
-def ctrl_c() -> None:
-    """Ctrl-C at this point: the Python SIGINT handler in force runs, as CPython runs it.
-
-    Not `signal.raise_signal`: in the whole suite, with other threads alive (tqdm's monitor,
-    servers of earlier tests), CPython 3.11 ran the handler late or not at all, and both tests
-    below failed in CI (sixteenth session) while passing alone."""
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT handled as in a terminal, whatever this process inherited: started in the
+    background (`cmd &`, nohup), it ignores SIGINT, Python keeps that, and these tests failed."""
     import signal
 
-    handler = signal.getsignal(signal.SIGINT)
-    assert callable(handler)
-    handler(signal.SIGINT, None)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ctrl_c() -> None:
+    """Ctrl-C at this point: the signal itself, to this process."""
+    import signal
+
+    signal.raise_signal(signal.SIGINT)
 
 
 def test_publish_lets_ctrl_c_wait_until_every_file_is_in_place(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ctrl_c_raises: None) -> None:
     import os
 
     from training.run_files import publish, staging_folder
@@ -264,7 +272,8 @@ def test_publish_lets_ctrl_c_wait_until_every_file_is_in_place(
 
 
 def test_ctrl_c_while_publishing_finishes_the_run(
-        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+        ctrl_c_raises: None) -> None:
     """The interrupt waits for the last rename; then the run is complete and says so."""
     import os
 
